@@ -1,0 +1,33 @@
+"""Expert backends behind one interface (see interface.py). `get_backend("auto")` picks the fastest available."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from moeut_ds.experts.interface import ExpertBackend, Routing, sigmoid_topk, sort_pairs
+from moeut_ds.experts.reference import ReferenceBackend
+
+_FACTORIES: dict[str, Callable[[], ExpertBackend]] = {"reference": ReferenceBackend}
+
+
+def register_backend(name: str, factory: Callable[[], ExpertBackend]) -> None:
+    """Make a backend selectable by name (used by the Triton kernels and expert parallelism)."""
+    _FACTORIES[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def get_backend(name: str = "auto") -> ExpertBackend:
+    """'auto' = 'triton' when a CUDA GPU and the kernels are available, else 'reference'."""
+    if name == "auto":
+        name = "triton" if torch.cuda.is_available() and "triton" in _FACTORIES else "reference"
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown expert backend {name!r}; available: {', '.join(available_backends())}")
+    return _FACTORIES[name]()
+
+
+__all__ = ["ExpertBackend", "Routing", "ReferenceBackend", "get_backend", "register_backend", "available_backends",
+           "sigmoid_topk", "sort_pairs"]

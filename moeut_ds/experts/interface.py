@@ -1,0 +1,82 @@
+"""The one expert interface every MoE projection of the model goes through.
+
+Routing is expressed over *pairs*. A router scores N rows against G independent groups of n experts
+(G = 1 for the σ-MoE feed-forward, G = H heads for SwitchHead) and keeps the top-k of each group by sigmoid, giving
+S = G * k slots per row. Pair p = row * S + slot names one (row, chosen expert) combination; its global expert id is
+group * n + local id, so a weight tensor holds all G * n experts stacked on dim 0.
+
+`ExpertBackend.matmul` computes, for every pair p,  y_p = act(x_in(p) @ W[expert(p)])  and then either
+- keeps y in *expert-sorted pair layout* ([P, d_out], row j <-> pair routing.order[j]), when out_group is None, or
+- gate-weighted sums it into rows p // out_group ([P // out_group, d_out]).
+The input row is x[p // in_group], or, when in_group is None, x is itself in expert-sorted pair layout (the output
+of a previous matmul with out_group=None on the same routing). That covers all four projections:
+
+| projection          | x                    | in_group | out_group | output                |
+| FF up (+ReLU)       | tokens [N, d]        | K        | None      | sorted pairs [P, d_e] |
+| FF down             | sorted pairs         | None     | K         | tokens [N, d]         |
+| attention V         | tokens [N, d]        | H*K_A    | K_A       | heads [N*H, d_h]      |
+| attention O         | heads [N*H, d_h]     | K_A      | H*K_A     | tokens [N, d]         |
+
+Backends (reference PyTorch, Triton, expert-parallel) implement `route` and `matmul`; `mlp` (the whole FF expert
+computation) is a separate entry point so expert parallelism can ship tokens once per FF layer.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Chosen experts, their gates, and the pairs sorted by expert (what grouped matmuls need)."""
+    gate: torch.Tensor           # [N, S] sigmoid gate of each chosen expert (differentiable w.r.t. the logits)
+    expert_index: torch.Tensor   # [N, S] int64 global expert id
+    n_experts: int               # total experts addressed (G * n)
+    order: torch.Tensor          # [P] int64: pair ids sorted by expert (stable)
+    offsets: torch.Tensor        # [n_experts + 1] int64: start of each expert's pairs in `order`
+
+    @property
+    def n_pairs(self) -> int:
+        return self.expert_index.numel()
+
+
+class ExpertBackend(ABC):
+    """Runs tokens through experts. Stateless; selected by name with `moeut_ds.experts.get_backend`."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def route(self, logits: torch.Tensor, k: int) -> Routing:
+        """logits [N, G, n] (raw router scores) -> top-k per group by sigmoid, no renormalisation."""
+
+    @abstractmethod
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
+               out_group: Optional[int], activation: Optional[str] = None) -> torch.Tensor:
+        """Grouped expert matmul over pairs; see the module docstring for the layouts."""
+
+    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """σ-MoE experts: sum_k gate_k * relu(x @ W1[e_k]) @ W2[e_k] for x [N, d] -> [N, d]."""
+        k = routing.expert_index.shape[1]
+        h = self.matmul(x, w1, routing, in_group=k, out_group=None, activation="relu")
+        return self.matmul(h, w2, routing, in_group=None, out_group=k)
+
+
+def sort_pairs(expert_index: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs sorted by expert (stable) and per-expert offsets; plain PyTorch, no host sync."""
+    flat = expert_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order, offsets
+
+
+def sigmoid_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per group by sigmoid score: gates [N, G*k] and global expert ids [N, G*k]."""
+    n_rows, n_groups, n = logits.shape
+    gate, local = torch.sigmoid(logits).topk(k, dim=-1, sorted=False)
+    base = torch.arange(n_groups, device=logits.device, dtype=local.dtype).unsqueeze(-1) * n
+    return gate.reshape(n_rows, n_groups * k), (local + base).reshape(n_rows, n_groups * k)

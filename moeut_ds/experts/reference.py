@@ -1,0 +1,53 @@
+"""Reference expert backend in plain PyTorch: exact, device-agnostic, no Python loop over experts.
+
+Pairs are sorted by expert and packed into a zero-padded [E, max_count, d_in] tensor so that one `torch.bmm` does
+every expert at once. The padding costs memory (E * max_count rows) and `max_count` needs one host sync: fine for
+tests and CPU runs; the Triton backend removes both.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from moeut_ds.experts.interface import ExpertBackend, Routing, sigmoid_topk, sort_pairs
+
+
+def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, expert_sorted: torch.Tensor,
+                   offsets: torch.Tensor) -> torch.Tensor:
+    """rows [P, d_in] sorted by expert (expert_sorted [P]) times weight[expert] -> [P, d_out]."""
+    n_experts, d_in, _ = weight.shape
+    n_pairs = rows.shape[0]
+    counts = offsets[1:] - offsets[:-1]
+    capacity = int(counts.max()) if n_pairs else 0
+    position = torch.arange(n_pairs, device=rows.device) - offsets[expert_sorted]
+    padded = rows.new_zeros(n_experts, capacity, d_in)
+    padded[expert_sorted, position] = rows
+    return torch.bmm(padded, weight)[expert_sorted, position]
+
+
+class ReferenceBackend(ExpertBackend):
+    name = "reference"
+
+    def route(self, logits: torch.Tensor, k: int) -> Routing:
+        n_groups, n = logits.shape[1], logits.shape[2]
+        gate, expert_index = sigmoid_topk(logits, k)
+        order, offsets = sort_pairs(expert_index, n_groups * n)
+        return Routing(gate=gate, expert_index=expert_index, n_experts=n_groups * n, order=order, offsets=offsets)
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
+               out_group: Optional[int], activation: Optional[str] = None) -> torch.Tensor:
+        order = routing.order
+        expert_sorted = routing.expert_index.reshape(-1)[order]
+        rows = x if in_group is None else x[order // in_group]
+        y = grouped_matmul(rows, weight, expert_sorted, routing.offsets)
+        if activation == "relu":
+            y = F.relu(y)
+        elif activation is not None:
+            raise ValueError(f"unknown activation {activation!r}; supported: 'relu' or None")
+        if out_group is None:
+            return y
+        y = y * routing.gate.reshape(-1)[order].unsqueeze(1).to(y.dtype)
+        out = y.new_zeros(routing.n_pairs // out_group, y.shape[1])
+        return out.index_add(0, order // out_group, y)

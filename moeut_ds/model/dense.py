@@ -1,0 +1,53 @@
+"""The paper's dense baseline layer: pre-LN, multi-head attention (RoPE on half dims), ReLU FFN with bias."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moeut_ds.config import ModelConfig
+from moeut_ds.model.rope import apply_rope
+from moeut_ds.model.switchhead import KVCache, attend
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, inner = cfg.d_model, cfg.n_heads * cfg.d_head
+        self.n_heads, self.d_head, self.n_rotate, self.rope_base = cfg.n_heads, cfg.d_head, cfg.n_rotate, cfg.rope_base
+        self.ln_att = nn.LayerNorm(d)
+        self.w_q, self.w_k, self.w_v = (nn.Linear(d, inner, bias=False) for _ in range(3))
+        self.w_o = nn.Linear(inner, d, bias=False)
+        self.ln_ff = nn.LayerNorm(d)
+        self.ff_up = nn.Linear(d, cfg.d_ff)
+        self.ff_down = nn.Linear(cfg.d_ff, d)
+
+    @torch.no_grad()
+    def reset_parameters(self, n_layers: int) -> None:
+        for lin in (self.w_q, self.w_k, self.w_v, self.w_o, self.ff_up, self.ff_down):
+            std = math.sqrt(2.0 / (n_layers * lin.in_features))
+            nn.init.trunc_normal_(lin.weight, 0.0, std, -2 * std, 2 * std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, backend=None, router_log=None,
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[KVCache]]:
+        xn = self.ln_att(x)
+        scale = self.d_head ** -0.25
+        offset = cache["k"].shape[-2] if cache else 0
+        q = apply_rope(self._heads(self.w_q(xn) * scale), self.n_rotate, self.rope_base, offset)
+        k = apply_rope(self._heads(self.w_k(xn) * scale), self.n_rotate, self.rope_base, offset)
+        v = self._heads(self.w_v(xn))
+        if cache is not None:
+            k = torch.cat([cache["k"], k], dim=-2) if cache else k
+            v = torch.cat([cache["v"], v], dim=-2) if cache else v
+            cache = {"k": k, "v": v}
+        x = x + self.w_o(attend(q, k, v).transpose(1, 2).flatten(2))
+        x = x + self.ff_down(F.relu(self.ff_up(self.ln_ff(x))))
+        return x, cache

@@ -1,0 +1,77 @@
+"""The language model: embedding -> L layer applications (G distinct layers, "abab"/"aabb") -> LN -> LM head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from moeut_ds.config import ModelConfig
+from moeut_ds.experts import ExpertBackend, get_backend
+from moeut_ds.model.dense import DenseLayer
+from moeut_ds.model.moeut_layer import MoEUTLayer
+from moeut_ds.model.regularizer import entropy_regularizer
+from moeut_ds.model.switchhead import KVCache
+
+RouterLog = dict[str, list[torch.Tensor]]   # {"ff"|"v"|"o": router logits of each application}
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor                            # [B, T, V]
+    reg_loss: torch.Tensor                          # entropy regulariser (0 outside training and for dense)
+    cache: Optional[list[KVCache]] = None           # one KV cache per layer application
+    router_logits: Optional[list[RouterLog]] = None  # per distinct layer, when requested
+
+
+class LanguageModel(nn.Module):
+    """MoEUT (arch "moeut"; G = L with N_A = 1 is the σ-MoE baseline) or the dense baseline (arch "dense")."""
+
+    def __init__(self, cfg: ModelConfig, expert_backend: Union[str, ExpertBackend] = "auto"):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        layer_cls = MoEUTLayer if cfg.arch == "moeut" else DenseLayer
+        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.n_distinct_layers))
+        self.schedule = cfg.layer_schedule()
+        self.out_norm = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        self.set_expert_backend(expert_backend)
+        self.reset_parameters()
+
+    def set_expert_backend(self, backend: Union[str, ExpertBackend]) -> None:
+        """Swap the kernels behind every MoE projection; the weights are untouched."""
+        self.expert_backend = get_backend(backend) if isinstance(backend, str) else backend
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embedding.weight, 0.0, self.cfg.d_model ** -0.5)
+        for layer in self.layers:
+            layer.reset_parameters(self.cfg.n_layers)
+        self.out_norm.reset_parameters()
+        self.lm_head.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[list[KVCache]] = None,
+                return_router_logits: bool = False) -> LMOutput:
+        """tokens [B, T] -> logits [B, T, V]. Pass cache=[] to start incremental decoding (see generation.py)."""
+        x = self.embedding(tokens)
+        collect = self.cfg.arch == "moeut" and (self.training or return_router_logits)
+        logs: Optional[list[RouterLog]] = (
+            [{"ff": [], "v": [], "o": []} for _ in self.layers] if collect else None)
+        new_cache: Optional[list[KVCache]] = [] if cache is not None else None
+        for i, g in enumerate(self.schedule):
+            layer_cache = (cache[i] if i < len(cache) else {}) if cache is not None else None
+            x, layer_cache = self.layers[g](x, self.expert_backend, None if logs is None else logs[g], layer_cache)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        logits = self.lm_head(self.out_norm(x))
+        reg = None
+        if self.training and logs is not None:
+            reg = entropy_regularizer(logs, self.cfg.ff_entropy_reg, self.cfg.att_entropy_reg)
+        if reg is None:
+            reg = logits.new_zeros((), dtype=torch.float32)
+        return LMOutput(logits, reg, new_cache, logs if return_router_logits else None)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,38 @@
+"""σ-MoE feed-forward: sigmoid router, top-k without renormalisation, ReLU experts of width d_e, dropless."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from moeut_ds.experts import ExpertBackend
+
+
+class SigmaMoE(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, expert_size: int, k: int, expert_dropout: float = 0.0):
+        super().__init__()
+        self.n_experts, self.k, self.expert_dropout = n_experts, k, expert_dropout
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))       # up projections
+        self.w2 = nn.Parameter(torch.empty(n_experts, expert_size, d_model))       # down projections
+        self.router = nn.Parameter(torch.empty(n_experts, d_model))                # W_s
+
+    @torch.no_grad()
+    def reset_parameters(self, std_scale: float) -> None:
+        d_model, expert_size = self.w1.shape[1], self.w1.shape[2]
+        nn.init.normal_(self.w1, 0, std_scale / math.sqrt(d_model))
+        nn.init.normal_(self.w2, 0, std_scale / math.sqrt(self.n_experts * expert_size))
+        nn.init.normal_(self.router, 0, std_scale / math.sqrt(d_model))   # the training code keeps raw rows
+
+    def forward(self, x: torch.Tensor, router_in: torch.Tensor, backend: ExpertBackend,
+                router_log: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """x [B, T, d] feeds the experts, router_in [B, T, d] (LayerNorm'd under peri-LN) feeds the router."""
+        logits = nn.functional.linear(router_in, self.router).float()          # s [B, T, N_E]
+        if router_log is not None:
+            router_log.append(logits)
+        if self.training and self.expert_dropout > 0:
+            logits = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
+        routing = backend.route(logits.reshape(-1, 1, self.n_experts), self.k)
+        y = backend.mlp(x.reshape(-1, x.shape[-1]), self.w1, self.w2, routing)
+        return y.view_as(x)

@@ -1,0 +1,105 @@
+"""SwitchHead attention: dense Q and K, mixture-of-experts V and O (per-head sigmoid top-K_A), RoPE on half dims."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moeut_ds.experts import ExpertBackend
+from moeut_ds.model.rope import apply_rope
+
+KVCache = dict[str, torch.Tensor]   # {"k": rotated keys [B, H, T, d_h], "v": mixed values [B, H, T, d_h]}
+
+
+@torch.no_grad()
+def renorm_rows_keep_std(w: torch.Tensor) -> None:
+    """Rescale every row to the same L2 norm, keeping the tensor's global std (spec 1.4)."""
+    std = w.std()
+    w.div_(w.norm(dim=-1, keepdim=True))
+    w.mul_(std / w.std())
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(q.k) v with no extra scaling (1/sqrt(d_h) is already in q and k). q may be a suffix of k."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
+
+
+class SwitchHead(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, n_experts: int, k: int, n_rotate: int,
+                 rope_base: float, expert_dropout: float = 0.0):
+        super().__init__()
+        self.n_heads, self.d_head, self.n_experts, self.k = n_heads, d_head, n_experts, k
+        self.n_rotate, self.rope_base, self.expert_dropout = n_rotate, rope_base, expert_dropout
+        self.w_q = nn.Parameter(torch.empty(n_heads * d_head, d_model))
+        self.w_k = nn.Parameter(torch.empty(n_heads * d_head, d_model))
+        if n_experts > 1:
+            self.w_v = nn.Parameter(torch.empty(n_heads * n_experts, d_model, d_head))   # expert = head*N_A + e
+            self.w_o = nn.Parameter(torch.empty(n_heads * n_experts, d_head, d_model))
+            self.router_v = nn.Parameter(torch.empty(n_heads * n_experts, d_model))
+        else:   # N_A = 1: dense V and O, each head's output gated by sigmoid(xn @ router_o) (as the reference)
+            self.w_v = nn.Parameter(torch.empty(n_heads * d_head, d_model))
+            self.w_o = nn.Parameter(torch.empty(d_model, n_heads * d_head))
+            self.register_parameter("router_v", None)
+        self.router_o = nn.Parameter(torch.empty(n_heads * n_experts, d_model))
+
+    @torch.no_grad()
+    def reset_parameters(self, std_scale: float) -> None:
+        d_model = self.w_q.shape[1]
+        for w in (self.w_q, self.w_k, self.w_v):
+            nn.init.normal_(w, 0, std_scale / math.sqrt(d_model))
+        nn.init.normal_(self.w_o, 0, std_scale / math.sqrt(self.n_heads * self.d_head))
+        for w in (self.router_v, self.router_o):
+            if w is not None:
+                nn.init.normal_(w, 0, std_scale / math.sqrt(d_model))
+                renorm_rows_keep_std(w)
+
+    def _route(self, xn: torch.Tensor, router: torch.Tensor, backend: ExpertBackend,
+               router_log: Optional[list[torch.Tensor]]):
+        logits = F.linear(xn, router).float().view(*xn.shape[:-1], self.n_heads, self.n_experts)
+        if router_log is not None:
+            router_log.append(logits)
+        if self.training and self.expert_dropout > 0:
+            logits = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
+        return backend.route(logits.reshape(-1, self.n_heads, self.n_experts), self.k)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, H*d_h] -> [B, H, T, d_h]"""
+        return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
+
+    def forward(self, xn: torch.Tensor, x: torch.Tensor, backend: ExpertBackend,
+                router_log: Optional[dict[str, list[torch.Tensor]]] = None,
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[KVCache]]:
+        """xn: LayerNorm'd input (Q, K, routers); x: raw residual (V). Returns output [B, T, d] and the new cache."""
+        bsz, seq, d_model = x.shape
+        scale = self.d_head ** -0.25
+        q = self._heads(F.linear(xn, self.w_q) * scale)
+        k = self._heads(F.linear(xn, self.w_k) * scale)
+        offset = cache["k"].shape[-2] if cache else 0
+        q = apply_rope(q, self.n_rotate, self.rope_base, offset)
+        k = apply_rope(k, self.n_rotate, self.rope_base, offset)
+        if self.n_experts > 1:
+            routing_v = self._route(xn, self.router_v, backend, None if router_log is None else router_log["v"])
+            routing_o = self._route(xn, self.router_o, backend, None if router_log is None else router_log["o"])
+            group = self.n_heads * self.k
+            v = backend.matmul(x.reshape(-1, d_model), self.w_v, routing_v, in_group=group, out_group=self.k)
+            v = v.view(bsz, seq, self.n_heads, self.d_head).transpose(1, 2)
+        else:
+            o_gate = torch.sigmoid(F.linear(xn, self.router_o))                         # [B, T, H]
+            v = self._heads(F.linear(x, self.w_v))
+        if cache is not None:
+            k = torch.cat([cache["k"], k], dim=-2) if cache else k
+            v = torch.cat([cache["v"], v], dim=-2) if cache else v
+            cache = {"k": k, "v": v}
+        a = attend(q, k, v).transpose(1, 2)                                              # [B, T, H, d_h]
+        if self.n_experts > 1:
+            out = backend.matmul(a.reshape(-1, self.d_head), self.w_o, routing_o, in_group=self.k, out_group=group)
+        else:
+            out = F.linear((a * o_gate.unsqueeze(-1).to(a.dtype)).flatten(2), self.w_o)
+        return out.view(bsz, seq, d_model), cache

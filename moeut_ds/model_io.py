@@ -1,0 +1,67 @@
+"""The project's model format: a directory with config.json and model.safetensors (no pickle anywhere).
+
+Written by the importer (convert.py) and the trainer's export; read by `load_model`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeut_ds.config import ModelConfig
+from moeut_ds.experts import ExpertBackend
+from moeut_ds.model import LanguageModel
+
+FORMAT = "moeut-ds-model"
+FORMAT_VERSION = 1
+
+
+def save_model(model: LanguageModel, path: Union[str, Path], extra: dict | None = None) -> Path:
+    """Write atomically: a temporary sibling directory renamed into place, so a crash never leaves half a model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_config(path: Union[str, Path]) -> dict:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: not a moeut-ds model directory (no config.json); export a checkpoint with "
+                                f"`python -m moeut_ds.export` or convert reference weights with moeut_ds.convert")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
+                         f"{FORMAT!r} <= v{FORMAT_VERSION}; upgrade moeut-ds or re-export the model")
+    return meta
+
+
+def load_model(path: Union[str, Path], expert_backend: Union[str, ExpertBackend] = "auto",
+               device: Union[str, torch.device] = "cpu") -> LanguageModel:
+    """Load a model directory; returns an eval-mode LanguageModel whose call on [B, T] ids gives `.logits`."""
+    meta = read_config(path)
+    model = LanguageModel(ModelConfig.from_dict(meta["model"]), expert_backend=expert_backend)
+    state = load_file(str(Path(path) / "model.safetensors"), device=str(device))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
