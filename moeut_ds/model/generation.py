@@ -19,7 +19,7 @@ def generate(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int, te
     model.eval()
     out = model(prompt, cache=[])
     tokens, cache = prompt, out.cache
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         if greedy:
             nxt = logits.argmax(-1, keepdim=True)
@@ -30,7 +30,8 @@ def generate(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int, te
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         tokens = torch.cat([tokens, nxt], dim=1)
-        out = model(nxt, cache=cache)
-        cache = out.cache
+        if step + 1 < max_new_tokens:
+            out = model(nxt, cache=cache)
+            cache = out.cache
     model.train(was_training)
     return tokens

@@ -1,0 +1,209 @@
+"""σ-MoE and SwitchHead against naive per-token loops written here, plus routing and layer-structure checks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeut_ds import LanguageModel, ModelConfig
+from moeut_ds.experts import get_backend
+from moeut_ds.model.rope import apply_rope
+from moeut_ds.model.sigma_moe import SigmaMoE
+from moeut_ds.model.switchhead import SwitchHead
+
+BACKEND = get_backend("reference")
+
+
+def naive_sigma_moe(moe: SigmaMoE, x: torch.Tensor, router_in: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            scores = torch.sigmoid(router_in[b, t] @ moe.router.T)
+            for e in scores.argsort(descending=True)[: moe.k]:
+                out[b, t] += scores[e] * (torch.relu(x[b, t] @ moe.w1[e]) @ moe.w2[e])
+    return out
+
+
+def test_sigma_moe_matches_naive_loop():
+    torch.manual_seed(0)
+    moe = SigmaMoE(d_model=12, n_experts=7, expert_size=5, k=3)
+    moe.reset_parameters(1.0)
+    x, r = torch.randn(2, 6, 12), torch.randn(2, 6, 12)
+    torch.testing.assert_close(moe(x, r, BACKEND), naive_sigma_moe(moe, x, r), rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_topk_without_renormalisation():
+    torch.manual_seed(1)
+    logits = torch.randn(9, 3, 6)
+    routing = BACKEND.route(logits, 2)
+    for n in range(9):
+        for g in range(3):
+            chosen = routing.expert_index[n, g * 2:(g + 1) * 2]
+            assert set((chosen - g * 6).tolist()) == set(logits[n, g].topk(2).indices.tolist())
+            torch.testing.assert_close(routing.gate[n, g * 2:(g + 1) * 2], torch.sigmoid(logits[n, g, chosen - g * 6]))
+    assert not torch.allclose(routing.gate.view(9, 3, 2).sum(-1), torch.ones(9, 3))   # not renormalised
+    order, offsets = routing.order, routing.offsets
+    assert torch.all(routing.expert_index.reshape(-1)[order].diff() >= 0)
+    assert offsets[-1] == 9 * 3 * 2
+
+
+def naive_switchhead(att: SwitchHead, xn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    bsz, seq, d = x.shape
+    h_, dh, na, k = att.n_heads, att.d_head, att.n_experts, att.k
+    out = torch.zeros_like(x)
+    scale = dh ** -0.25
+    for b in range(bsz):
+        q = (xn[b] @ att.w_q.T * scale).view(seq, h_, dh).transpose(0, 1)
+        kk = (xn[b] @ att.w_k.T * scale).view(seq, h_, dh).transpose(0, 1)
+        q = apply_rope(q.unsqueeze(0), att.n_rotate, att.rope_base)[0]
+        kk = apply_rope(kk.unsqueeze(0), att.n_rotate, att.rope_base)[0]
+        v = torch.zeros(h_, seq, dh)
+        gv = torch.sigmoid((xn[b] @ att.router_v.T).view(seq, h_, na))
+        go = torch.sigmoid((xn[b] @ att.router_o.T).view(seq, h_, na))
+        for t in range(seq):
+            for h in range(h_):
+                for e in gv[t, h].argsort(descending=True)[:k]:
+                    v[h, t] += gv[t, h, e] * (x[b, t] @ att.w_v[h * na + e])
+        for h in range(h_):
+            for t in range(seq):
+                w = torch.softmax(q[h, t] @ kk[h, : t + 1].T, -1)    # causal, no extra scaling
+                a = w @ v[h, : t + 1]
+                for e in go[t, h].argsort(descending=True)[:k]:
+                    out[b, t] += go[t, h, e] * (a @ att.w_o[h * na + e])
+    return out
+
+
+def test_switchhead_matches_naive_loop():
+    torch.manual_seed(2)
+    att = SwitchHead(d_model=16, n_heads=3, d_head=10, n_experts=4, k=2, n_rotate=4, rope_base=10000.0)
+    att.reset_parameters(1.0)
+    xn, x = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    got, _ = att(xn, x, BACKEND)
+    torch.testing.assert_close(got, naive_switchhead(att, xn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_rotates_only_the_first_n_rot_dims_with_slice_frequencies():
+    x = torch.randn(1, 1, 5, 10)
+    y = apply_rope(x, n_rot=4, base=100.0)
+    torch.testing.assert_close(y[..., 4:], x[..., 4:])
+    pos = torch.arange(5.0)
+    for i in range(2):                      # inv_freq_i = base^(-2i / n_rot), pairs (i, i + n_rot/2)
+        ang = pos * 100.0 ** (-2 * i / 4)
+        x1, x2 = x[0, 0, :, i], x[0, 0, :, i + 2]
+        torch.testing.assert_close(y[0, 0, :, i], x1 * ang.cos() - x2 * ang.sin())
+        torch.testing.assert_close(y[0, 0, :, i + 2], x2 * ang.cos() + x1 * ang.sin())
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(arch="moeut", vocab_size=50, d_model=16, n_layers=6, group_size=2, n_heads=2, d_head=8,
+                att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=4, ff_k=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("order,expected", [("abab", [0, 1, 0, 1, 0, 1]), ("aabb", [0, 0, 0, 1, 1, 1])])
+def test_group_layers_are_shared_and_ordered(order, expected):
+    model = LanguageModel(tiny_cfg(layer_order=order), "reference")
+    calls = []
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    model(torch.randint(0, 50, (1, 5)))
+    assert calls == expected
+    assert len(model.layers) == 2   # G distinct weight sets, reused R = 3 times
+
+
+@pytest.mark.parametrize("norm", ["peri", "pre", "post"])
+def test_layernorm_placement(norm):
+    """peri: Q/K/routers read LN_att(x), V reads raw x; experts read raw x, only the FF router sees LN_ff(x)."""
+    model = LanguageModel(tiny_cfg(norm=norm, n_layers=2), "reference")
+    layer = model.layers[0]
+    seen = {}
+    layer.register_forward_hook(lambda m, a, o: seen.__setitem__("layer_in", a[0]))
+    layer.ln_att.register_forward_hook(lambda m, a, o: seen.__setitem__("ln_att", (a[0], o)))
+    layer.ln_ff.register_forward_hook(lambda m, a, o: seen.__setitem__("ln_ff", (a[0], o)))
+    layer.attention.register_forward_hook(lambda m, a, o: seen.__setitem__("att", a))
+    layer.ffn.register_forward_hook(lambda m, a, o: seen.__setitem__("ffn", a))
+    model(torch.randint(0, 50, (2, 5)))
+    att_xn, att_x = seen["att"][0], seen["att"][1]
+    ff_x, ff_router = seen["ffn"][0], seen["ffn"][1]
+    if norm == "peri":
+        assert att_xn is seen["ln_att"][1] and att_x is seen["layer_in"]
+        assert ff_router is seen["ln_ff"][1] and ff_x is seen["ln_ff"][0]
+    elif norm == "pre":
+        assert att_xn is seen["ln_att"][1] and att_x is seen["ln_att"][1]
+        assert ff_router is seen["ln_ff"][1] and ff_x is seen["ln_ff"][1]
+    else:
+        assert att_xn is seen["layer_in"] and att_x is seen["layer_in"]
+        assert ff_x is seen["ln_att"][1] and ff_router is seen["ln_att"][1]
+
+
+def test_entropy_regulariser_hand_computation():
+    """Two sequences, one FF router with 2 experts, 2 tokens, applied twice (R = 2)."""
+    from moeut_ds.model.regularizer import entropy_regularizer
+    a1 = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0]], [[0.0, 0.0], [0.0, 0.0]]])    # [B=2, T=2, E=2]
+    a2 = torch.tensor([[[0.0, math.log(3)], [0.0, 0.0]], [[10.0, -10.0], [10.0, -10.0]]])
+    # sequence 0: softmaxes (.5,.5), (.75,.25), (.25,.75), (.5,.5) -> mean (.5,.5) -> H = ln 2
+    p1 = torch.softmax(torch.tensor([10.0, -10.0]), 0)
+    mean1 = (torch.tensor([0.5, 0.5]) * 2 + p1 * 2) / 4
+    h1 = -(mean1 * mean1.log()).sum()
+    expected = -0.01 * (math.log(2) + h1) / 2
+    got = entropy_regularizer([{"ff": [a1, a2], "v": [], "o": []}], ff_coef=0.01, att_coef=0.001)
+    torch.testing.assert_close(got, expected.float())
+
+
+def test_entropy_regulariser_is_per_head_for_attention():
+    from moeut_ds.model.regularizer import mean_selection_neg_entropy
+    s = torch.zeros(1, 3, 2, 4)            # [B, T, H, N_A]
+    s[..., 1, :] = torch.tensor([5.0, -5.0, -5.0, -5.0])
+    got = mean_selection_neg_entropy([s])
+    p = torch.softmax(torch.tensor([5.0, -5.0, -5.0, -5.0]), 0)
+    expected = -(math.log(4) + -(p * p.log()).sum()) / 2
+    torch.testing.assert_close(got, expected)
+
+
+def test_regulariser_only_in_training_and_backward_reaches_every_parameter():
+    model = LanguageModel(tiny_cfg(), "reference")
+    tok = torch.randint(0, 50, (2, 9))
+    model.eval()
+    assert model(tok).reg_loss.item() == 0.0
+    model.train()
+    out = model(tok)
+    assert out.reg_loss.item() < 0
+    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), tok[:, 1:].flatten()) + out.reg_loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert out.logits.shape == (2, 9, 50)
+
+
+@pytest.mark.parametrize("arch", ["moeut", "dense", "sigma"])
+def test_kv_cache_decoding_equals_full_forward(arch):
+    torch.manual_seed(3)
+    cfg = {"moeut": tiny_cfg(), "dense": ModelConfig(arch="dense", vocab_size=50, d_model=16, n_layers=3, n_heads=2,
+                                                     d_head=8, d_ff=20),
+           "sigma": tiny_cfg(group_size=6, att_n_experts=1, att_k=1)}[arch]
+    model = LanguageModel(cfg, "reference").eval()
+    tok = torch.randint(0, 50, (2, 12))
+    full = model(tok).logits
+    out = model(tok[:, :5], cache=[])
+    steps = [out.logits]
+    cache = out.cache
+    for t in range(5, 12):
+        out = model(tok[:, t:t + 1], cache=cache)
+        cache = out.cache
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache[0]["k"].shape[-2] == 12 and cache[0]["v"].shape[-2] == 12
+
+
+def test_generate_greedy_matches_argmax_of_full_forward():
+    from moeut_ds import generate
+    torch.manual_seed(4)
+    model = LanguageModel(tiny_cfg(), "reference")
+    prompt = torch.randint(0, 50, (2, 4))
+    out = generate(model, prompt, max_new_tokens=5, greedy=True)
+    for t in range(4, 9):
+        logits = model.eval()(out[:, :t]).logits[:, -1]
+        assert torch.equal(out[:, t], logits.argmax(-1))
+    sampled = generate(model, prompt, 6, temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, 10) and torch.equal(sampled[:, :4], prompt)
