@@ -1,0 +1,10 @@
+"""Triton kernels for MoEUT-style σ-MoE layers: σ-gating with expert-sorted routing, and a dropless grouped expert
+matmul family (forward, input gradient, deterministic weight gradient). No model knowledge lives here.
+
+Set TRITON_INTERPRET=1 before importing to run everything on CPU tensors (tests).
+"""
+from moeut_kernels.grouped import GroupedMatmul, TileConfig, group_sum, grouped_matmul
+from moeut_kernels.routing import RoutingPlan, max_tiles, plan_from_sorted, sigmoid_topk_route
+
+__all__ = ["GroupedMatmul", "RoutingPlan", "TileConfig", "group_sum", "grouped_matmul", "max_tiles",
+           "plan_from_sorted", "sigmoid_topk_route"]

@@ -1,0 +1,230 @@
+"""The Triton kernels (no autograd, no model knowledge). Wrappers live in routing.py and grouped.py.
+
+Vocabulary: a *pair* p = row * S + slot is one (row, chosen expert); `order[j]` is the pair at *sorted position* j
+(pairs sorted by expert, stable); expert e owns sorted positions [offsets[e], offsets[e+1]). Matmul kernels walk
+*tiles*: BLOCK_M consecutive sorted positions inside one expert (tile_expert[t], tile_start[t]); the padding to a
+multiple of BLOCK_M lives only in this tile list, never in the data. Row offsets are int64: the per-pair buffers of
+the 1B shape exceed 2^31 elements.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_rows, n, stride_row, stride_group,
+                        K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program = BLOCK_R rows of one group: top-K by logit (= by sigmoid, monotonic), lowest index on ties.
+
+    Writes gate, global expert id (int64) and a narrow sort key per pair, and counts pairs per expert with integer
+    atomics (exact, hence deterministic).
+    """
+    pid_r = tl.program_id(0)
+    g = tl.program_id(1)
+    n_groups = tl.num_programs(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < n_rows
+    cmask = cols < n
+    ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + g * stride_group + cols[None, :]
+    vals = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
+    free = cmask[None, :] & (rows[:, None] >= 0)  # [BLOCK_R, BLOCK_N] not yet taken
+    S = n_groups * K
+    for j in tl.static_range(K):
+        cand = tl.where(free, vals, float("-inf"))
+        best = tl.max(cand, axis=1)
+        # lowest free column reaching the max (also right when a row holds -inf logits)
+        idx = tl.min(tl.where(free & (cand == best[:, None]), cols[None, :], BLOCK_N), axis=1)
+        expert = g * n + idx
+        out = rows.to(tl.int64) * S + g * K + j
+        tl.store(gate_ptr + out, tl.sigmoid(best).to(gate_ptr.dtype.element_ty), mask=rmask)
+        tl.store(index_ptr + out, expert.to(tl.int64), mask=rmask)
+        tl.store(key_ptr + out, expert.to(key_ptr.dtype.element_ty), mask=rmask)
+        tl.atomic_add(counts_ptr + expert, tl.full([BLOCK_R], 1, tl.int32), mask=rmask)
+        free = free & (cols[None, :] != idx[:, None])
+
+
+@triton.jit
+def plan_kernel(counts_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, E, n_tiles,
+                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per-expert offsets and the tile list, from the expert histogram, in one launch.
+
+    Every program recomputes the (cheap) cumsums over experts and fills BLOCK_T entries of the tile list; tiles past
+    the real count get expert E (the matmul kernels skip them). Program 0 writes offsets[0..E].
+    """
+    pid = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    emask = es < E
+    counts = tl.load(counts_ptr + es, mask=emask, other=0)
+    incl = tl.cumsum(counts, 0)
+    excl = incl - counts
+    if pid == 0:
+        tl.store(offsets_ptr + es, excl.to(tl.int64), mask=es <= E)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tincl = tl.cumsum(tiles, 0)
+    texcl = tincl - tiles
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    done = (tincl[None, :] <= t[:, None]) & emask[None, :]
+    expert = tl.sum(done.to(tl.int32), axis=1)
+    onehot = es[None, :] == expert[:, None]
+    base = tl.sum(tl.where(onehot, excl[None, :], 0), axis=1)
+    first = tl.sum(tl.where(onehot, texcl[None, :], 0), axis=1)
+    tmask = t < n_tiles
+    tl.store(tile_expert_ptr + t, expert, mask=tmask)
+    tl.store(tile_start_ptr + t, base + (t - first) * BLOCK_M, mask=tmask)
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    if FP32_DOT:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
+               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr,
+               N, K, E,
+               s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp,
+               A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
+               MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
+               FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and one BLOCK_N slice of the output.
+
+    A rows: the sorted position itself (A_GROUP == 0) or the gathered row pair // A_GROUP, loaded straight from the
+    source (no gathered copy). MASK_A: A *= (amask[pos] > 0) (ReLU backward). GATE_GRAD: writes
+    gpart[pair, pid_n] = sum_n acc * D[rows] (the gate's gradient for this output slice, no atomics). Then optional
+    ReLU, optional per-pair scale (the gate), and a store at the sorted position or at the pair id (OUT_BY_PAIR).
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile = pid // num_n
+    pid_n = pid % num_n
+    e = tl.load(tile_expert_ptr + tile)
+    valid = e < E
+    e = tl.where(valid, e, 0)
+    start = tl.load(tile_start_ptr + tile).to(tl.int64)
+    end = tl.where(valid, tl.load(offsets_ptr + e + 1), 0)  # an unused tile masks every row
+    pos = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = pos < end
+    pair = tl.load(order_ptr + pos, mask=rmask, other=0)
+    if A_GROUP > 0:
+        a_row = pair // A_GROUP
+    else:
+        a_row = pos
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < N
+    w_base = w_ptr + e.to(tl.int64) * s_we
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_hi = tl.where(valid, K, 0)
+    for k0 in range(0, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :],
+                    other=0.0)
+        if MASK_A:
+            m = tl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :] * s_mk, mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            a = tl.where(m > 0, a, 0.0)
+        w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc = _dot(a, w, acc, FP32_DOT, PRECISION)
+    omask = rmask[:, None] & nmask[None, :]
+    if GATE_GRAD:
+        if D_GROUP > 0:
+            d_row = pair // D_GROUP
+        else:
+            d_row = pos
+        d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
+        tl.store(gpart_ptr + pair * s_gp + pid_n, tl.sum(acc * d.to(tl.float32), axis=1), mask=rmask)
+    if RELU_OUT:
+        acc = tl.maximum(acc, 0.0)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * s[:, None]
+    if OUT_BY_PAIR:
+        c_row = pair
+    else:
+        c_row = pos
+    tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_ptr,
+                 K, N,
+                 s_am, s_ak, s_bm, s_bn, s_ge, s_gk, s_gn, s_mm, s_mn,
+                 A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, MASK_B: tl.constexpr,
+                 FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """gW[e, k-tile, n-tile] = sum over e's sorted rows of A^T B, in a fixed order: no atomics, bitwise repeatable.
+
+    A rows gathered (pair // A_GROUP) or sorted; B rows gathered (pair // B_GROUP, times the gate when HAS_SCALE)
+    or sorted (times the ReLU mask when MASK_B). Experts without rows get exact zeros.
+    """
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    e = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    pid_k = rest // num_n
+    pid_n = rest % num_n
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = ks < K
+    nmask = ns < N
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        pos = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        rmask = pos < end
+        pair = tl.load(order_ptr + pos, mask=rmask, other=0)
+        if A_GROUP > 0:
+            a_row = pair // A_GROUP
+        else:
+            a_row = pos
+        if B_GROUP > 0:
+            b_row = pair // B_GROUP
+        else:
+            b_row = pos
+        a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + b_row[:, None] * s_bm + ns[None, :] * s_bn, mask=rmask[:, None] & nmask[None, :],
+                    other=0.0)
+        if MASK_B:
+            m = tl.load(bmask_ptr + pos[:, None] * s_mm + ns[None, :] * s_mn, mask=rmask[:, None] & nmask[None, :],
+                        other=0.0)
+            b = tl.where(m > 0, b, 0.0)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * s[:, None]).to(b.dtype)
+        acc = _dot(tl.trans(a), b, acc, FP32_DOT, PRECISION)
+    gmask = kmask[:, None] & nmask[None, :]
+    tl.store(gw_ptr + e.to(tl.int64) * s_ge + ks[:, None] * s_gk + ns[None, :] * s_gn,
+             acc.to(gw_ptr.dtype.element_ty), mask=gmask)
+
+
+@triton.jit
+def group_sum_kernel(buf_ptr, out_ptr, scale_ptr, n_out, N, s_bm, s_bn, s_om, s_on,
+                     GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[r] = sum_j scale[r*GROUP+j] * buf[r*GROUP+j] in fixed j order, fp32 accumulation (deterministic).
+
+    buf is indexed by pair id, so a row's GROUP pairs are contiguous: every load is a coalesced row segment.
+    """
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n_out
+    mask = rmask[:, None] & (cols[None, :] < N)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(GROUP):
+        p = rows * GROUP + j
+        v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            v = v * tl.load(scale_ptr + p, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        acc += v
+    tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,209 @@
+"""Dropless grouped expert matmul over routed pairs, as an autograd Function.
+
+For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
+- Input rows: x[p // in_group] gathered inside the kernel's loads, or x in expert-sorted pair layout (in_group None).
+- Output: expert-sorted pair layout [P, d_out] (out_group None), or out[r] = sum_j gate[r*og+j] * y[r*og+j]: the
+  kernel writes y by pair id and a second, deterministic kernel sums each row's og contiguous pairs (fp32).
+Backward: the input gradient reuses the forward kernel on W^T (gathering grad rows, gate in the epilogue, the
+gate's gradient as <x_p, g_row W^T> per output slice, again without atomics); the weight gradient is one program
+per (expert, tile of W) looping over the expert's rows in a fixed order: bitwise repeatable.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+
+from moeut_kernels import _triton as K
+from moeut_kernels.routing import RoutingPlan
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block shape and pipelining of one kernel launch (chosen by shape class, never re-tuned per batch)."""
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Benchmarks may override these (keys: "gmm", "wgrad", "sum"); tests leave them alone.
+OVERRIDES: dict[str, dict] = {}
+
+
+def _pow2_clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
+
+
+def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int) -> TileConfig:
+    """Heuristic: 128-wide output slices, 64-deep K steps (32 for fp32 to fit shared memory), 3 stages."""
+    if INTERPRET:
+        cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
+    else:
+        big = dtype != torch.float32
+        cfg = TileConfig(_pow2_clamp(n, 16, 128), 64 if big else 32, 8 if block_m * min(n, 128) >= 16384 else 4,
+                         3 if big else 2)
+    return replace(cfg, **OVERRIDES.get("gmm", {}))
+
+
+def wgrad_config(k: int, n: int, dtype: torch.dtype) -> TileConfig:
+    """block_n/block_k tile W[e]; the row step (BLOCK_R) is carried in num_stages' sibling field via OVERRIDES."""
+    if INTERPRET:
+        cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
+    else:
+        big = dtype != torch.float32
+        cfg = TileConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(k, 16, 128), 8, 3 if big else 2)
+    return replace(cfg, **OVERRIDES.get("wgrad", {}))
+
+
+def _wgrad_block_r(dtype: torch.dtype) -> int:
+    if INTERPRET:
+        return 32
+    return OVERRIDES.get("wgrad_block_r", 64 if dtype != torch.float32 else 32)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's matmul setting (ieee unless TF32 is allowed); ignored for bf16/fp16."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan: RoutingPlan, out: torch.Tensor,
+         out_by_pair: bool, *, relu_out: bool = False, amask: Optional[torch.Tensor] = None,
+         scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
+         gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None) -> None:
+    """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T))."""
+    n_experts = w.shape[0]
+    if transpose_w:
+        kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
+    else:
+        kdim, ndim, s_wk, s_wn = w.shape[1], w.shape[2], w.stride(1), w.stride(2)
+    cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m)
+    n_tiles = plan.tile_expert.numel()
+    if n_tiles == 0:
+        return
+    dummy = plan.order
+    amask_t = amask if amask is not None else a
+    dsrc_t = dsrc if dsrc is not None else a
+    grid = (n_tiles * triton.cdiv(ndim, cfg.block_n),)
+    K.gmm_kernel[grid](
+        a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
+        scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
+        ndim, kdim, n_experts,
+        a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
+        amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
+        gpart.stride(0) if gpart is not None else 0,
+        A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
+        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: RoutingPlan, grad_w: torch.Tensor, *,
+           scale: Optional[torch.Tensor] = None, bmask: Optional[torch.Tensor] = None) -> None:
+    """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics)."""
+    n_experts, kdim, ndim = grad_w.shape
+    cfg = wgrad_config(kdim, ndim, a.dtype)
+    bmask_t = bmask if bmask is not None else b
+    grid = (n_experts * triton.cdiv(kdim, cfg.block_k) * triton.cdiv(ndim, cfg.block_n),)
+    K.wgrad_kernel[grid](
+        a, b, grad_w, plan.order, plan.offsets, scale if scale is not None else plan.order, bmask_t,
+        kdim, ndim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        grad_w.stride(0), grad_w.stride(1), grad_w.stride(2), bmask_t.stride(0), bmask_t.stride(1),
+        A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, MASK_B=bmask is not None,
+        FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_wgrad_block_r(a.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def group_sum(buf: torch.Tensor, group: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[R*group, d] (by pair id) -> [R, d]: out[r] = sum_j scale[r*group+j] * buf[r*group+j], fp32 accumulation."""
+    n_out, d = buf.shape[0] // group, buf.shape[1]
+    out = torch.empty(n_out, d, dtype=buf.dtype, device=buf.device)
+    if n_out == 0:
+        return out
+    if INTERPRET:
+        block_r, block_n = 64, _pow2_clamp(d, 16, 128)
+    else:
+        o = OVERRIDES.get("sum", {})
+        block_r, block_n = o.get("block_r", 16), o.get("block_n", _pow2_clamp(d, 16, 256))
+    grid = (triton.cdiv(n_out, block_r), triton.cdiv(d, block_n))
+    K.group_sum_kernel[grid](buf, out, scale if scale is not None else buf, n_out, d,
+                             buf.stride(0), buf.stride(1), out.stride(0), out.stride(1),
+                             GROUP=group, HAS_SCALE=scale is not None, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+class GroupedMatmul(torch.autograd.Function):
+    """Differentiable w.r.t. x, weight and (when out_group is set) the flat gate [P]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], plan: RoutingPlan,
+                in_group: Optional[int], out_group: Optional[int], relu: bool) -> torch.Tensor:  # type: ignore[override]
+        n_pairs = plan.n_pairs
+        d_out = weight.shape[2]
+        if out_group is not None:
+            buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
+            _gmm(x, in_group or 0, weight, False, plan, buf, True, relu_out=relu)
+            out = group_sum(buf, out_group, gate)
+        else:
+            out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
+            _gmm(x, in_group or 0, weight, False, plan, out, False, relu_out=relu)
+        ctx.save_for_backward(x, weight, gate, out if relu else None)
+        ctx.plan, ctx.in_group, ctx.out_group = plan, in_group, out_group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, weight, gate, y = ctx.saved_tensors
+        plan, ig, og = ctx.plan, ctx.in_group, ctx.out_group
+        grad_out = grad_out.to(x.dtype)
+        n_pairs, d_in = plan.n_pairs, weight.shape[1]
+        need_x, need_w, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1], og is not None and ctx.needs_input_grad[2]
+        grad_x = grad_w = grad_gate = None
+        if need_x or need_g:
+            gpart = None
+            if need_g:
+                n_slices = triton.cdiv(d_in, gmm_config(d_in, weight.shape[2], x.dtype, plan.block_m).block_n)
+                gpart = torch.empty(n_pairs, n_slices, dtype=torch.float32, device=x.device)
+            buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
+            _gmm(grad_out, og or 0, weight, True, plan, buf, ig is not None, amask=y,
+                 scale=gate if og is not None else None, dsrc=x if need_g else None, d_group=ig or 0, gpart=gpart)
+            if need_x:
+                grad_x = group_sum(buf, ig) if ig is not None else buf
+            if need_g:
+                grad_gate = gpart.sum(1).to(gate.dtype)
+        if need_w:
+            grad_w = torch.empty_like(weight)
+            _wgrad(x, ig or 0, grad_out, og or 0, plan, grad_w, scale=gate if og is not None else None, bmask=y)
+        return grad_x, grad_w, grad_gate, None, None, None, None
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, in_group: Optional[int],
+                   out_group: Optional[int], gate: Optional[torch.Tensor] = None,
+                   activation: Optional[str] = None) -> torch.Tensor:
+    """Grouped expert matmul; see the module docstring. gate [N, S] is needed (and differentiated) iff out_group.
+
+    x and weight must share a dtype (the caller resolves autocast). ReLU with out_group is not supported: the fused
+    gate gradient <x, g W^T> holds only for a linear output.
+    """
+    if activation not in (None, "relu"):
+        raise ValueError(f"unknown activation {activation!r}; supported: 'relu' or None")
+    relu = activation == "relu"
+    if relu and out_group is not None:
+        raise NotImplementedError("activation with out_group is not supported by the Triton kernels")
+    if out_group is not None and gate is None:
+        raise ValueError("out_group needs the gate")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    expect = plan.n_pairs if in_group is None else plan.n_pairs // in_group
+    if x.shape[0] != expect or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [{expect}, {weight.shape[1]}]")
+    gate_flat = gate.reshape(-1) if out_group is not None else None
+    if gate_flat is not None and gate_flat.stride(0) != 1:
+        gate_flat = gate_flat.contiguous()
+    return GroupedMatmul.apply(x, weight, gate_flat, plan, in_group, out_group, relu)

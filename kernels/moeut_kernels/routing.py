@@ -1,0 +1,114 @@
+"""σ-gating: logits -> sigmoid -> top-k per group -> pairs sorted by expert + tile list, with no host sync.
+
+Launches per routing: a memset of the histogram, the fused sigmoid/top-k/histogram kernel, torch's stable radix sort
+of a 16-bit key (2 radix passes for < 32768 experts), and the plan kernel (offsets + tile list). Every buffer is sized
+by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for the device.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from moeut_kernels import _triton as K
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class RoutingPlan:
+    """What the grouped matmuls need: the expert-sorted pairs and BLOCK_M-row tiles that never straddle experts."""
+    order: torch.Tensor        # [P] int64, pair ids sorted by expert (stable)
+    offsets: torch.Tensor      # [E + 1] int64
+    tile_expert: torch.Tensor  # [T] int32, expert of each tile; E for the unused tail of the static-size list
+    tile_start: torch.Tensor   # [T] int32, first sorted position of each tile
+    n_experts: int
+    block_m: int
+
+    @property
+    def n_pairs(self) -> int:
+        return self.order.numel()
+
+
+def max_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
+    """Static bound on the tile count: each expert wastes less than one tile; never more tiles than pairs."""
+    return min(triton.cdiv(n_pairs, block_m) + n_experts, n_pairs)
+
+
+def _plan(counts: torch.Tensor, n_pairs: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """offsets [E+1] int64, tile_expert [T] int32, tile_start [T] int32 from the int32 histogram (one launch)."""
+    device = counts.device
+    n_tiles = max_tiles(n_pairs, n_experts, block_m)
+    offsets = torch.empty(n_experts + 1, dtype=torch.int64, device=device)
+    tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=device)
+    tile_start = torch.empty(n_tiles, dtype=torch.int32, device=device)
+    block_e = triton.next_power_of_2(n_experts + 1)
+    if INTERPRET:
+        block_t = min(triton.next_power_of_2(max(n_tiles, 1)), 256)
+    else:
+        block_t = max(16, min(128, 16384 // block_e))
+    grid = (max(1, triton.cdiv(n_tiles, block_t)),)
+    K.plan_kernel[grid](counts, offsets, tile_expert, tile_start, n_experts, n_tiles,
+                        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=4)
+    return offsets, tile_expert, tile_start
+
+
+def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -> RoutingPlan:
+    """Tile list for a routing made elsewhere (e.g. by the reference backend): one kernel, no sync."""
+    n_experts = offsets.numel() - 1
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int32)
+    _, tile_expert, tile_start = _plan(counts, order.numel(), n_experts, block_m)
+    return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
+
+
+class _SigmoidTopK(torch.autograd.Function):
+    """gate = sigmoid(logits) at the top-k; backward scatters grad * g * (1 - g) into the chosen logits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, k: int, block_m: int):  # type: ignore[override]
+        n_rows, n_groups, n = logits.shape
+        if not 1 <= k <= n:
+            raise ValueError(f"top-k {k} out of range for {n} experts per group")
+        logits = logits.contiguous()
+        n_experts = n_groups * n
+        S = n_groups * k
+        device = logits.device
+        gate = torch.empty(n_rows, S, dtype=logits.dtype, device=device)
+        expert_index = torch.empty(n_rows, S, dtype=torch.int64, device=device)
+        key = torch.empty(n_rows, S, dtype=torch.int16 if n_experts < 2 ** 15 else torch.int32, device=device)
+        counts = torch.zeros(n_experts, dtype=torch.int32, device=device)
+        block_n = triton.next_power_of_2(n)
+        block_r = max(1, (16384 if INTERPRET else 4096) // block_n)
+        if n_rows:
+            K.sigmoid_topk_kernel[(triton.cdiv(n_rows, block_r), n_groups)](
+                logits, gate, expert_index, key, counts, n_rows, n, logits.stride(0), logits.stride(1),
+                K=k, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+        order = torch.argsort(key.reshape(-1), stable=True)
+        offsets, tile_expert, tile_start = _plan(counts, order.numel(), n_experts, block_m)
+        ctx.save_for_backward(gate, expert_index)
+        ctx.shape = (n_rows, n_groups, n, k)
+        ctx.mark_non_differentiable(expert_index, order, offsets, tile_expert, tile_start)
+        return gate, expert_index, order, offsets, tile_expert, tile_start
+
+    @staticmethod
+    def backward(ctx, grad_gate, *unused):  # type: ignore[override]
+        gate, expert_index = ctx.saved_tensors
+        n_rows, n_groups, n, k = ctx.shape
+        g = gate.float()
+        local = expert_index.view(n_rows, n_groups, k) - torch.arange(n_groups, device=gate.device).view(1, -1, 1) * n
+        val = (grad_gate.float() * g * (1.0 - g)).view(n_rows, n_groups, k)
+        grad = torch.zeros(n_rows, n_groups, n, dtype=torch.float32, device=gate.device).scatter_(2, local, val)
+        return grad.to(gate.dtype), None, None
+
+
+def sigmoid_topk_route(logits: torch.Tensor, k: int, block_m: int = 128
+                       ) -> tuple[torch.Tensor, torch.Tensor, RoutingPlan]:
+    """logits [N, G, n] -> gate [N, G*k] (differentiable), global expert ids [N, G*k] int64, and the plan.
+
+    Slots within a group are in descending gate order; experts are chosen by logit (ties: lowest index).
+    """
+    gate, expert_index, order, offsets, tile_expert, tile_start = _SigmoidTopK.apply(logits, k, block_m)
+    n_experts = logits.shape[1] * logits.shape[2]
+    return gate, expert_index, RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
