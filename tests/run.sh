@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv if needed, then runs the whole suite (slow tests included).
+# usage: bash tests/run.sh [pytest args]      e.g.  bash tests/run.sh -m "not slow"   for the quick subset
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$root/launch/setup_env.sh"
+cd "$root"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$root/.venv/bin/python" -m pytest -q -ra --durations=15 "$@"
