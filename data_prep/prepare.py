@@ -30,7 +30,7 @@ from . import split as splitting
 from . import tokenizer as tok
 from .errors import InputError
 from .shards import ShardPlanner, ShardWriter, init_worker, remove_temporaries
-from .sources import DOC_UNITS, InputGroup, iter_documents
+from .sources import DOC_UNITS, InputGroup, expand, iter_documents
 
 GROUP_OPTIONS = {"weight", "side", "text_field", "doc_unit", "extensions", "hf_config", "hf_split", "chunk_chars",
                  "utf8_errors"}
@@ -110,6 +110,7 @@ def _check_args(args) -> None:
     if not args.groups:
         raise InputError("no --input given: name at least one file, glob, directory or hf:DATASET")
     for g in args.groups:
+        expand(g)  # missing files and empty globs fail here, before any work
         if g.weight <= 0:
             raise InputError(f"--weight {g.weight} for {g.paths}: weights must be > 0 (drop the input instead)")
         if g.chunk_chars < 1:
@@ -146,7 +147,7 @@ def _tokenizer(args, out: str) -> tuple[str, float]:
         return path, time.perf_counter() - t0
     print(f"tokenizer: training BPE vocab {args.vocab_size} on {sum(map(len, lines)) / 1e6:.1f}M chars "
           f"({len(lines)} lines sampled from {sample.seen_chars / 1e6:.1f}M)", file=sys.stderr)
-    model = tok.train(lines, args.vocab_size, args.workers)
+    model = tok.train(lines, args.vocab_size)
     tok.load(model)
     with open(path + ".tmp", "wb") as f:
         f.write(model)

@@ -58,8 +58,11 @@ class LineSample:
         return [line for _, _, line in sorted(self.heap, key=lambda t: (-t[0], t[2]))]
 
 
-def train(lines: list[str], vocab_size: int, threads: int) -> bytes:
-    """Train a BPE model on the sample; returns the serialized .model bytes."""
+def train(lines: list[str], vocab_size: int) -> bytes:
+    """Train a BPE model on the sample; returns the serialized .model bytes.
+
+    One trainer thread: SentencePiece's result depends on its thread count, and the same inputs must give the
+    same tokenizer on every machine (training the default 24 MB sample takes a few seconds anyway)."""
     if not lines:
         raise InputError("no training text for the tokenizer: the inputs hold no train-side text")
     buf = io.BytesIO()
@@ -68,12 +71,12 @@ def train(lines: list[str], vocab_size: int, threads: int) -> bytes:
             sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
             split_digits=True, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-            character_coverage=0.9995, max_sentence_length=4 * MAX_LINE_CHARS + 16, num_threads=max(1, threads),
+            character_coverage=0.9995, max_sentence_length=4 * MAX_LINE_CHARS + 16, num_threads=1,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     except RuntimeError as e:
-        raise InputError(f"SentencePiece training failed ({str(e).strip().splitlines()[-1]}): with byte_fallback "
-                         f"the vocabulary needs 256 byte pieces plus every frequent character; raise --vocab-size "
-                         f"or give more text") from None
+        raise InputError(f"SentencePiece training failed ({str(e).strip().splitlines()[-1]}): pick a --vocab-size "
+                         f"the sample supports (with byte_fallback at least 256 byte pieces + specials + the "
+                         f"characters), give more text, or pass --tokenizer MODEL") from None
     return buf.getvalue()
 
 

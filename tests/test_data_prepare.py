@@ -1,0 +1,299 @@
+"""data_prep.prepare / validate end to end on small real text (bundled Austen), tiny vocabularies."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data_prep.prepare import main as prepare_main, prepare
+from data_prep.validate import main as validate_main
+from moeut_ds.data import DataError, WindowLoader, open_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUSTEN = os.path.join(ROOT, "data", "english", "austen_prideprejudice.txt.gz")
+VOCAB = ["--vocab-size", "400", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    with gzip.open(AUSTEN, "rt", encoding="utf-8") as f:
+        return f.read()[:120_000]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, text):
+    """A plain file, a gzip file and a small code tree."""
+    d = tmp_path_factory.mktemp("inputs")
+    half = len(text) // 2
+    (d / "a.txt").write_text(text[:half], encoding="utf-8")
+    with gzip.open(d / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text[half:])
+    code = d / "code" / "pkg"
+    code.mkdir(parents=True)
+    (code / "m.py").write_text("def f(x):\n    return x + 12345\n\n\tprint('héllo')\n", encoding="utf-8")
+    (code / "skip.bin").write_bytes(b"\xff\xfe")
+    return d
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, files):
+    out = tmp_path_factory.mktemp("ds") / "ds"
+    prepare([*VOCAB, "--input", str(files / "a.txt"), str(files / "b.txt.gz"), "--doc-unit", "paragraph",
+             "--input", str(files / "code"), "--ext", "py", "--side", "train",
+             "--val-fraction", "0.1", "--shard-size-mb", "0.03", "--out", str(out)])
+    return out
+
+
+def decode_docs(ds_dir, split):
+    ds = open_dataset(str(ds_dir), split)
+    sp = spm.SentencePieceProcessor(model_file=ds.tokenizer_path)
+    toks = ds.tokens(0, ds.num_tokens).tolist()
+    docs, cur = [], []
+    for t in toks:
+        if t == ds.eod_id:
+            docs.append(sp.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert cur == []  # the stream ends with an end-of-document token
+    return docs
+
+
+def test_round_trip_and_split(dataset, text):
+    meta = json.load(open(dataset / "metadata.json"))
+    assert meta["format_version"] == 1 and meta["dtype"] == "uint16" and meta["vocab_size"] == 400
+    assert meta["eod_id"] == 2 and meta["eod_piece"] == "</s>"
+    assert len(meta["splits"]["train"]["shards"]) > 1  # small shards: windows cross shard files
+    train, val = decode_docs(dataset, "train"), decode_docs(dataset, "val")
+    paragraphs = [p for p in text[:len(text) // 2].split("\n\n") if p.strip()] + \
+                 [p for p in text[len(text) // 2:].split("\n\n") if p.strip()]
+    code = "def f(x):\n    return x + 12345\n\n\tprint('héllo')\n"
+    assert code in train and code not in val
+    assert sorted(train + val) == sorted(paragraphs + [code])  # exact text back, nothing lost or duplicated
+    assert 0.03 < len(val) / len(paragraphs) < 0.25
+    assert not set(val) & set(train) - {p for p in paragraphs if paragraphs.count(p) > 1}
+    tok = open_dataset(str(dataset)).tokenizer_path
+    assert os.path.dirname(tok) == str(dataset)
+    assert subprocess.run([sys.executable, "-m", "data_prep.validate", str(dataset)], cwd=ROOT,
+                          capture_output=True).returncode == 0
+
+
+def test_determinism_same_seed_same_bytes(tmp_path, files, dataset):
+    args = [*VOCAB, "--input", str(files / "a.txt"), str(files / "b.txt.gz"), "--doc-unit", "paragraph",
+            "--input", str(files / "code"), "--ext", "py", "--side", "train",
+            "--val-fraction", "0.1", "--shard-size-mb", "0.03", "--workers", "1"]
+    prepare(args + ["--out", str(tmp_path / "again")])
+    for name in sorted(os.listdir(dataset)):
+        if name.endswith((".bin", ".model")):
+            assert (tmp_path / "again" / name).read_bytes() == (dataset / name).read_bytes(), name
+    prepare(args + ["--seed", "7", "--out", str(tmp_path / "seed7")])
+    assert decode_docs(tmp_path / "seed7", "val") != decode_docs(dataset, "val")
+
+
+def test_loader_on_prepared_data(dataset):
+    ds = open_dataset(str(dataset))
+    raw = np.concatenate([np.fromfile(dataset / s["file"], dtype="<u2")
+                          for s in json.load(open(dataset / "metadata.json"))["splits"]["train"]["shards"]])
+    ld = WindowLoader(ds, 64, 4, shuffle=False)
+    b = next(ld)
+    assert b.tolist() == [raw[i * 64:i * 64 + 65].tolist() for i in range(4)]
+    ds.check_vocab(400)
+    with pytest.raises(DataError, match="vocab_size 512 does not match"):
+        ds.check_vocab(512)
+    ds.check_vocab(512, allow_padding=True)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "saved", "hf"])
+def test_record_inputs(tmp_path, text, fmt):
+    rows = [{"id": i, "content": p} for i, p in enumerate(p for p in text.split("\n\n") if p.strip())][:300]
+    path = tmp_path / f"in.{fmt}"
+    if fmt.startswith("jsonl"):
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        path.write_bytes(gzip.compress(data) if fmt.endswith("gz") else data)
+        arg = str(path)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=50)
+        arg = str(path)
+    else:
+        import datasets
+        ds = datasets.Dataset.from_list(rows)
+        if fmt == "saved":
+            ds.save_to_disk(str(path))
+            arg = str(path)
+        else:  # a local folder of data files, read by datasets.load_dataset (no network)
+            path.mkdir()
+            ds.to_json(str(path / "train.jsonl"))
+            arg = f"hf:{path}"
+    out = tmp_path / "ds"
+    assert prepare_main([*VOCAB, "--input", arg, "--text-field", "content", "--val-fraction", "0",
+                         "--out", str(out)]) == 0
+    assert sorted(decode_docs(out, "train")) == sorted(r["content"] for r in rows)
+
+
+def test_weights_repeat_training_documents(tmp_path, files):
+    out = tmp_path / "w"
+    meta = prepare([*VOCAB, "--input", str(files / "a.txt"), "--doc-unit", "paragraph", "--weight", "2.5",
+                    "--input", str(files / "code"), "--ext", "py", "--val-fraction", "0", "--out", str(out)])
+    src = meta["sources"][0]
+    n = len([p for p in (files / "a.txt").read_text().split("\n\n") if p.strip()])
+    assert 2.3 * n < src["train_documents"] < 2.7 * n
+    docs = decode_docs(out, "train")
+    assert max(docs.count(d) for d in set(docs)) >= 3
+
+
+def test_split_by_input_keeps_groups_whole(tmp_path, files):
+    from data_prep.split import unit_hash
+    # a seed that sends the a.txt group to validation and keeps b.txt.gz in training
+    seed = next(s for s in range(100) if unit_hash(s, "split", "a.txt") < 0.5 <= unit_hash(s, "split", "b.txt.gz"))
+    out = tmp_path / "g"
+    meta = prepare([*VOCAB, "--input", str(files / "a.txt"), "--doc-unit", "paragraph",
+                    "--input", str(files / "b.txt.gz"), "--doc-unit", "paragraph",
+                    "--input", str(files / "code"), "--ext", "py", "--side", "val",
+                    "--split-by", "input", "--val-fraction", "0.5", "--seed", str(seed), "--out", str(out)])
+    a, b, code = meta["sources"]
+    assert a["train_documents"] == 0 and a["val_documents"] > 100
+    assert b["val_documents"] == 0 and b["train_documents"] > 100
+    assert code["val_documents"] == 1 and code["train_documents"] == 0
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"),
+    ("noglob", "matches no file"),
+    ("empty", "is empty"),
+    ("utf8", "invalid UTF-8 at byte offset 9"),
+    ("field", "unknown text field 'body'"),
+    ("parquet_field", "unknown text field 'body'"),
+    ("noinput", "no --input"),
+    ("weight", "weights must be > 0"),
+])
+def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    (tmp_path / "bad.txt").write_bytes(b"good text\xff more")
+    (tmp_path / "r.jsonl").write_text('{"text": "hi"}\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"text": "x"}]), tmp_path / "r.parquet")
+    inputs = {"missing": [str(tmp_path / "nope.txt")], "noglob": [str(tmp_path / "*.nothing")],
+              "empty": [str(tmp_path / "empty.txt")], "utf8": [str(tmp_path / "bad.txt")],
+              "field": [str(tmp_path / "r.jsonl"), "--text-field", "body"],
+              "parquet_field": [str(tmp_path / "r.parquet"), "--text-field", "body"],
+              "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"]}
+    argv = [*VOCAB, "--out", str(tmp_path / "out")]
+    if case != "noinput":
+        argv += ["--input", *inputs[case]]
+    assert prepare_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    if case == "utf8":
+        assert "bad.txt" in err
+
+
+def test_invalid_utf8_replace_option(tmp_path, dataset):
+    (tmp_path / "bad.txt").write_bytes(("good text " * 200).encode() + b"\xff more text " * 50)
+    out = tmp_path / "out"
+    assert prepare_main(["--tokenizer", str(dataset / "tokenizer.model"), "--input", str(tmp_path / "bad.txt"),
+                         "--utf8-errors", "replace",
+                         "--val-fraction", "0", "--out", str(out)]) == 0
+    assert "\ufffd more" in decode_docs(out, "train")[0]
+
+
+def test_cli_exit_status_and_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--input", str(tmp_path / "none.txt"),
+                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: ") and "none.txt" in lines[-1]
+    assert sum("error" in ln for ln in lines) == 1
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_dataset_damage_is_reported(tmp_path, dataset, capsys):
+    meta = json.load(open(dataset / "metadata.json"))
+    shard = meta["splits"]["train"]["shards"][1]["file"]
+    d = _copy(dataset, tmp_path / "corrupt")
+    data = bytearray((d / shard).read_bytes())
+    data[10] ^= 1
+    (d / shard).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{shard} is corrupt"):
+        open_dataset(str(d))
+    open_dataset(str(d), verify_checksums=False)  # sizes still fine: only the checksum catches it
+    assert validate_main([str(d)]) == 2 and "is corrupt" in capsys.readouterr().err
+
+    d = _copy(dataset, tmp_path / "truncated")
+    (d / shard).write_bytes((dataset / shard).read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        open_dataset(str(d), verify_checksums=False)
+
+    d = _copy(dataset, tmp_path / "missing")
+    os.remove(d / shard)
+    with pytest.raises(DataError, match="is missing"):
+        open_dataset(str(d))
+
+    d = _copy(dataset, tmp_path / "tok")
+    (d / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="sha256"):
+        open_dataset(str(d))
+
+    d = _copy(dataset, tmp_path / "nometa")
+    os.remove(d / "metadata.json")
+    with pytest.raises(DataError, match="did not finish"):
+        open_dataset(str(d))
+    with pytest.raises(DataError, match="does not exist"):
+        open_dataset(str(tmp_path / "nowhere"))
+    assert validate_main([str(dataset), "--model-vocab-size", "8000"]) == 2
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_rerun_resumes_and_skips_finished_shards(tmp_path, files, capsys):
+    out = tmp_path / "r"
+    args = [*VOCAB, "--input", str(files / "a.txt"), str(files / "b.txt.gz"), "--doc-unit", "paragraph",
+            "--val-fraction", "0.1", "--shard-size-mb", "0.03", "--out", str(out)]
+    prepare(args)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".bin")}
+    # Simulate a run killed mid-way: no metadata, a half-written temporary shard, one shard never renamed.
+    os.remove(out / "metadata.json")
+    (out / "train-00001.bin.tmp999").write_bytes(b"\0" * 10)
+    os.remove(out / "train-00002.bin")
+    with pytest.raises(DataError, match="did not finish"):
+        open_dataset(str(out))
+    capsys.readouterr()
+    prepare(args)
+    err = capsys.readouterr().err
+    assert "removed 1 temporary" in err and "reusing" in err
+    assert f"({len(before) - 1} reused)" in err
+    assert sorted(n for n in os.listdir(out) if ".tmp" in n) == []
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".bin")} == before
+    assert validate_main([str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_killed_process_resumes(tmp_path, text):
+    """A real kill -9 during tokenization, then a re-run: the result equals an uninterrupted run."""
+    big = tmp_path / "big.txt"
+    big.write_text((text + "\n\n") * 25)
+    base = [sys.executable, "-m", "data_prep.prepare", *VOCAB, "--input", str(big), "--doc-unit", "paragraph",
+            "--shard-size-mb", "0.2", "--workers", "1"]
+    ref = tmp_path / "ref"
+    subprocess.run(base + ["--out", str(ref)], cwd=ROOT, check=True, capture_output=True)
+    out = tmp_path / "out"
+    p = subprocess.Popen(base + ["--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:  # wait until tokenization has started, then kill
+        if "tokenizing" in line and "MB" in line or os.path.exists(out / "train-00002.bin"):
+            break
+    p.kill()
+    p.wait()
+    assert not (out / "metadata.json").exists()
+    subprocess.run(base + ["--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    for name in os.listdir(ref):
+        if name.endswith(".bin"):
+            assert (out / name).read_bytes() == (ref / name).read_bytes()
