@@ -48,9 +48,15 @@ class ExpertBackend(ABC):
 
     name: str = "abstract"
 
-    @abstractmethod
     def route(self, logits: torch.Tensor, k: int) -> Routing:
         """logits [N, G, n] (raw router scores) -> top-k per group by sigmoid, no renormalisation."""
+        gate, expert_index = sigmoid_topk(logits, k)
+        return self.routing(gate, expert_index, logits.shape[1] * logits.shape[2])
+
+    @abstractmethod
+    def routing(self, gate: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> Routing:
+        """Build the routing metadata for given gates and expert ids [N, S] (expert parallelism routes on one
+        rank and computes on another, so it needs this separately from `route`)."""
 
     @abstractmethod
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],

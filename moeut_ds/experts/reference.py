@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moeut_ds.experts.interface import ExpertBackend, Routing, sigmoid_topk, sort_pairs
+from moeut_ds.experts.interface import ExpertBackend, Routing, sort_pairs
 
 
 def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, expert_sorted: torch.Tensor,
@@ -30,11 +30,9 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, expert_sorted: torc
 class ReferenceBackend(ExpertBackend):
     name = "reference"
 
-    def route(self, logits: torch.Tensor, k: int) -> Routing:
-        n_groups, n = logits.shape[1], logits.shape[2]
-        gate, expert_index = sigmoid_topk(logits, k)
-        order, offsets = sort_pairs(expert_index, n_groups * n)
-        return Routing(gate=gate, expert_index=expert_index, n_experts=n_groups * n, order=order, offsets=offsets)
+    def routing(self, gate: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> Routing:
+        order, offsets = sort_pairs(expert_index, n_experts)
+        return Routing(gate=gate, expert_index=expert_index, n_experts=n_experts, order=order, offsets=offsets)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
                out_group: Optional[int], activation: Optional[str] = None) -> torch.Tensor:
