@@ -63,6 +63,17 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
+def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: int) -> RoutingPlan:
+    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort + histogram + plan kernel, no sync."""
+    flat = expert_index.reshape(-1)
+    key = flat.to(torch.int16 if n_experts < 2 ** 15 else torch.int32)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))   # integer adds: exact
+    offsets, tile_expert, tile_start = _plan(counts, flat.numel(), n_experts, block_m)
+    return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
+
+
 class _SigmoidTopK(torch.autograd.Function):
     """gate = sigmoid(logits) at the top-k; backward scatters grad * g * (1 - g) into the chosen logits."""
 

@@ -31,3 +31,18 @@ def get_backend(name: str = "auto") -> ExpertBackend:
 
 __all__ = ["ExpertBackend", "Routing", "ReferenceBackend", "get_backend", "register_backend", "available_backends",
            "sigmoid_topk", "sort_pairs"]
+
+
+def _triton_backend() -> ExpertBackend:
+    import importlib
+    return importlib.import_module("moeut_ds.experts.triton_backend").TritonBackend()
+
+
+def _triton_importable() -> bool:
+    """True when triton and moeut_kernels can be found, without importing either at moeut_ds import time."""
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("triton", "moeut_kernels"))
+
+
+if _triton_importable():  # get_backend("auto") then picks it on CUDA machines
+    register_backend("triton", _triton_backend)

@@ -1,0 +1,71 @@
+"""Triton expert backend: fused σ-gating and dropless grouped matmuls from `moeut_kernels`, no host syncs.
+
+Imported lazily (see experts/__init__.py) so that `import moeut_ds` never imports Triton. CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moeut_ds.experts.interface import ExpertBackend, Routing
+from moeut_kernels import RoutingPlan, grouped_matmul, plan_from_expert_index, plan_from_sorted, sigmoid_topk_route
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class TritonRouting(Routing):
+    """Routing plus the tile list (BLOCK_M rows inside one expert) the grouped matmuls walk."""
+    plan: Optional[RoutingPlan] = None
+
+
+class TritonBackend(ExpertBackend):
+    name = "triton"
+
+    def __init__(self, block_m: Optional[int] = None):
+        # 128-row tiles on the GPU (pads each expert by < 128 rows in the tile list only); small in the interpreter
+        # so that tests cross tile boundaries with tiny shapes.
+        self.block_m = block_m or (16 if _INTERPRET else 128)
+
+    def _check_device(self, t: torch.Tensor) -> None:
+        if t.device.type != "cuda" and not _INTERPRET:
+            raise RuntimeError("the triton expert backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+
+    def route(self, logits: torch.Tensor, k: int) -> Routing:
+        self._check_device(logits)
+        gate, expert_index, plan = sigmoid_topk_route(logits, k, self.block_m)
+        return TritonRouting(gate=gate, expert_index=expert_index, n_experts=plan.n_experts, order=plan.order,
+                             offsets=plan.offsets, plan=plan)
+
+    def routing(self, gate: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> Routing:
+        """Metadata for experts chosen elsewhere (expert parallelism); gate passes through untouched."""
+        self._check_device(expert_index)
+        plan = plan_from_expert_index(expert_index, n_experts, self.block_m)
+        return TritonRouting(gate=gate, expert_index=expert_index, n_experts=n_experts, order=plan.order,
+                             offsets=plan.offsets, plan=plan)
+
+    def _plan(self, routing: Routing) -> RoutingPlan:
+        plan = getattr(routing, "plan", None)
+        if plan is not None and plan.block_m == self.block_m:
+            return plan
+        return plan_from_sorted(routing.order, routing.offsets, self.block_m)  # a routing made by another backend
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
+               out_group: Optional[int], activation: Optional[str] = None) -> torch.Tensor:
+        self._check_device(x)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x, weight = x.to(dtype), weight.to(dtype)   # what autocast would do for the reference's bmm
+        plan = self._plan(routing)
+        if activation is not None and out_group is not None:
+            # Not fused (the fused gate gradient needs a linear output); no projection of the model uses it.
+            y = grouped_matmul(x, weight, plan, in_group=in_group, out_group=None, activation=activation)
+            y = y * routing.gate.reshape(-1)[routing.order].unsqueeze(1).to(y.dtype)
+            out = y.new_zeros(routing.n_pairs // out_group, y.shape[1])
+            return out.index_add(0, routing.order // out_group, y)
+        return grouped_matmul(x, weight, plan, in_group=in_group, out_group=out_group,
+                              gate=routing.gate if out_group is not None else None, activation=activation)

@@ -1,0 +1,269 @@
+"""Triton expert kernels (moeut_kernels + the "triton" backend) against the reference backend.
+
+Runs the kernels on CPU under TRITON_INTERPRET=1 (set here, before the kernels are imported). Tiny shapes, dims and
+token counts that are multiples of no block size, 16-row tiles so that experts span several tiles.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from moeut_ds.experts import get_backend  # noqa: E402
+from moeut_ds.experts.interface import Routing, sigmoid_topk, sort_pairs  # noqa: E402
+from moeut_ds.experts.reference import ReferenceBackend  # noqa: E402
+from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
+from moeut_kernels import sigmoid_topk_route  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}    # relative L2 error vs an fp32 reference on the same values
+REF = ReferenceBackend()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_logits(n_rows: int, n_groups: int, n: int, bias: str = "none", gen=None) -> torch.Tensor:
+    """Router logits with controlled load: 'none' random, 'uneven' skewed, 'empty' half the experts never chosen,
+    'one' expert 0 wins everywhere."""
+    logits = torch.randn(n_rows, n_groups, n, generator=gen)
+    if bias == "uneven":
+        logits += torch.linspace(0, 3, n)
+    elif bias == "empty":
+        logits[..., n // 2:] -= 50.0
+    elif bias == "one":
+        logits[..., 0] += 50.0
+    return logits.to(DEVICE)
+
+
+def reference_routing(logits: torch.Tensor, expert_index: torch.Tensor) -> Routing:
+    """The reference's routing for the same chosen experts (slot order is free; the reference's topk is unsorted)."""
+    n_rows, n_groups, n = logits.shape
+    k = expert_index.shape[1] // n_groups
+    local = expert_index.view(n_rows, n_groups, k) - torch.arange(n_groups, device=logits.device).view(1, -1, 1) * n
+    gate = torch.sigmoid(logits).gather(2, local).reshape(n_rows, n_groups * k)
+    order, offsets = sort_pairs(expert_index, n_groups * n)
+    return Routing(gate=gate, expert_index=expert_index, n_experts=n_groups * n, order=order, offsets=offsets)
+
+
+# ---------------------------------------------------------------- routing
+
+@pytest.mark.parametrize("n_rows,n_groups,n,k,bias", [
+    (37, 1, 7, 3, "none"), (45, 4, 5, 2, "uneven"), (29, 1, 6, 1, "one"), (33, 2, 6, 6, "none"),
+    (50, 1, 12, 4, "empty"), (1, 3, 4, 2, "none")])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_route_matches_reference(n_rows, n_groups, n, k, bias, block_m):
+    logits = make_logits(n_rows, n_groups, n, bias)
+    gate, expert_index, plan = sigmoid_topk_route(logits, k, block_m)
+    ref_gate, ref_index = sigmoid_topk(logits, k)
+    S = n_groups * k
+    # same experts and gates per row (as sets: slot order is the backends' own)
+    mine = sorted(zip(expert_index.tolist()[0], gate.tolist()[0]))
+    assert expert_index.shape == (n_rows, S) and expert_index.dtype == torch.int64
+    for r in range(n_rows):
+        a = sorted(zip(expert_index[r].tolist(), gate[r].tolist()))
+        b = sorted(zip(ref_index[r].tolist(), ref_gate[r].tolist()))
+        assert [e for e, _ in a] == [e for e, _ in b], r
+        torch.testing.assert_close(torch.tensor([g for _, g in a]), torch.tensor([g for _, g in b]))
+    assert mine
+    order, offsets = sort_pairs(expert_index, n_groups * n)
+    assert torch.equal(plan.order, order) and torch.equal(plan.offsets, offsets)
+    # the tile list covers each expert's sorted positions exactly once, never straddling experts
+    E = n_groups * n
+    covered = torch.zeros(n_rows * S, dtype=torch.int64)
+    for e, s in zip(plan.tile_expert.tolist(), plan.tile_start.tolist()):
+        if e == E:
+            continue
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        assert lo <= s < hi and (s - lo) % block_m == 0
+        covered[s:min(s + block_m, hi)] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    # unused tiles only at the end
+    used = (plan.tile_expert < E).tolist()
+    assert used == sorted(used, reverse=True)
+
+
+def test_route_backward_matches_reference():
+    logits = make_logits(41, 2, 9, "uneven").requires_grad_()
+    gate, expert_index, _ = sigmoid_topk_route(logits, 3, 16)
+    w = torch.randn_like(gate)
+    (g_mine,) = torch.autograd.grad((gate * w).sum(), logits)
+    ref = reference_routing(logits, expert_index)
+    (g_ref,) = torch.autograd.grad((ref.gate * w).sum(), logits)
+    torch.testing.assert_close(g_mine, g_ref)
+
+
+# ---------------------------------------------------------------- the four projections
+
+def run_layout(backend, layout, logits, x, w, expert_index, routing):
+    """One projection through `backend`; returns (output, routing used)."""
+    n_rows, n_groups, n = logits.shape
+    k = expert_index.shape[1] // n_groups
+    if layout == "ff_up":
+        return backend.matmul(x, w, routing, in_group=k, out_group=None, activation="relu")
+    if layout == "ff_down":
+        return backend.matmul(x, w, routing, in_group=None, out_group=k)
+    if layout == "att_v":
+        return backend.matmul(x, w, routing, in_group=n_groups * k, out_group=k)
+    if layout == "att_o":
+        return backend.matmul(x, w, routing, in_group=k, out_group=n_groups * k)
+    raise AssertionError(layout)
+
+
+LAYOUTS = {  # name: (groups, experts per group, k, d_in, d_out, x rows as a function of (N, P))
+    "ff_up": (1, 7, 3, 40, 24, lambda N, P, G, k: N),
+    "ff_down": (1, 7, 3, 24, 40, lambda N, P, G, k: P),
+    "att_v": (3, 5, 2, 40, 24, lambda N, P, G, k: N),
+    "att_o": (3, 5, 2, 24, 40, lambda N, P, G, k: N * G),
+}
+
+
+def check_against_reference(layout, dtype, n_rows, bias="none", k=None, n=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G, n_def, k_def, d_in, d_out, rows = LAYOUTS[layout]
+    n, k = n or n_def, k or k_def
+    logits = make_logits(n_rows, G, n, bias, gen).requires_grad_()
+    P = n_rows * G * k
+    x = torch.randn(rows(n_rows, P, G, k), d_in, generator=gen).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(G * n, d_in, d_out, generator=gen) / d_in ** 0.5).to(DEVICE, dtype).requires_grad_()
+    tb = TritonBackend()
+    routing = tb.route(logits, k)
+    y = run_layout(tb, layout, logits, x, w, routing.expert_index, routing)
+    assert y.dtype == dtype
+    gy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
+    grads = torch.autograd.grad(y, [x, w, logits], gy, allow_unused=True)
+    # reference in fp32 on the same (bf16-rounded) values, same chosen experts
+    logits_r = logits.detach().clone().requires_grad_()
+    x_r = x.detach().float().requires_grad_()
+    w_r = w.detach().float().requires_grad_()
+    ref_routing = reference_routing(logits_r, routing.expert_index)
+    y_r = run_layout(REF, layout, logits_r, x_r, w_r, routing.expert_index, ref_routing)
+    grads_r = torch.autograd.grad(y_r, [x_r, w_r, logits_r], gy.float(), allow_unused=True)
+    tol = TOL[dtype]
+    assert rel_err(y, y_r) < tol, ("out", rel_err(y, y_r))
+    for name, a, b in zip(("x", "w", "logits"), grads, grads_r):
+        if b is None:        # FF up does not use the gate
+            assert a is None and layout == "ff_up"
+            continue
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_reference(layout, dtype):
+    check_against_reference(layout, dtype, n_rows=37, seed=zlib.crc32(f"{layout}{dtype}".encode()) % 1000)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", ["uneven", "empty", "one_k1", "k_eq_n"])
+def test_layout_load_patterns(layout, case):
+    n_rows = 45
+    if case == "uneven":
+        check_against_reference(layout, torch.float32, n_rows, bias="uneven", seed=1)
+    elif case == "empty":
+        check_against_reference(layout, torch.float32, n_rows, bias="empty", n=8, k=2, seed=2)
+    elif case == "one_k1":   # every pair on expert 0 of its group: several full tiles of one expert, k = 1
+        check_against_reference(layout, torch.float32, n_rows, bias="one", k=1, seed=3)
+    else:                    # k = n: every expert gets every row
+        check_against_reference(layout, torch.float32, n_rows, n=4, k=4, seed=4)
+
+
+def test_mlp_matches_reference():
+    for dtype, seed in ((torch.float32, 5), (torch.bfloat16, 6)):
+        gen = torch.Generator().manual_seed(seed)
+        n_rows, n, k, d, d_e = 53, 9, 3, 40, 24
+        logits = make_logits(n_rows, 1, n, "uneven", gen).requires_grad_()
+        x = torch.randn(n_rows, d, generator=gen).to(DEVICE, dtype).requires_grad_()
+        w1 = (torch.randn(n, d, d_e, generator=gen) / d ** 0.5).to(DEVICE, dtype).requires_grad_()
+        w2 = (torch.randn(n, d_e, d, generator=gen) / d_e ** 0.5).to(DEVICE, dtype).requires_grad_()
+        tb = TritonBackend()
+        routing = tb.route(logits, k)
+        y = tb.mlp(x, w1, w2, routing)
+        gy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
+        grads = torch.autograd.grad(y, [x, w1, w2, logits], gy)
+        logits_r = logits.detach().clone().requires_grad_()
+        leaves = [t.detach().float().requires_grad_() for t in (x, w1, w2)]
+        y_r = REF.mlp(*leaves, reference_routing(logits_r, routing.expert_index))
+        grads_r = torch.autograd.grad(y_r, leaves + [logits_r], gy.float())
+        assert rel_err(y, y_r) < TOL[dtype]
+        for a, b in zip(grads, grads_r):
+            assert rel_err(a, b) < TOL[dtype]
+
+
+def test_routing_from_reference_backend_is_accepted():
+    """A plain Routing (no tile list) still works: the backend builds the tiles itself."""
+    gen = torch.Generator().manual_seed(7)
+    logits = make_logits(30, 1, 6, "none", gen)
+    x = torch.randn(30, 40, generator=gen).to(DEVICE)
+    w = torch.randn(6, 40, 24, generator=gen).to(DEVICE)
+    routing = REF.route(logits, 2)
+    y = TritonBackend().matmul(x, w, routing, in_group=2, out_group=None, activation="relu")
+    torch.testing.assert_close(y, REF.matmul(x, w, routing, in_group=2, out_group=None, activation="relu"))
+
+
+def test_routing_from_given_experts_matches_route():
+    """routing(gate, expert_index) (the expert-parallel entry) gives the same metadata as route()."""
+    logits = make_logits(39, 2, 7, "uneven")
+    tb = TritonBackend()
+    a = tb.route(logits, 3)
+    b = tb.routing(a.gate, a.expert_index, 14)
+    for name in ("order", "offsets"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert torch.equal(a.plan.tile_expert, b.plan.tile_expert) and torch.equal(a.plan.tile_start, b.plan.tile_start)
+
+
+def test_deterministic_bitwise():
+    """Every kernel (no atomics on floats) repeats bitwise, gradients included."""
+    runs = [check_against_reference("att_v", torch.bfloat16, 45, bias="uneven", seed=9) for _ in range(2)]
+    (y1, g1), (y2, g2) = runs
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_auto_backend_is_reference_without_cuda():
+    if not torch.cuda.is_available():
+        assert get_backend("auto").name == "reference"
+    assert get_backend("triton").name == "triton"
+
+
+# ---------------------------------------------------------------- the whole model
+
+def test_tiny_moeut_same_loss_and_grads_with_either_backend():
+    from moeut_ds.config import ModelConfig
+    from moeut_ds.model import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="moeut", vocab_size=50, d_model=16, n_layers=4, group_size=2, n_heads=2, d_head=8,
+                      att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=4, ff_k=2)
+    model = LanguageModel(cfg, "reference").to(DEVICE).train()
+    tokens = torch.randint(0, 50, (2, 13), device=DEVICE)
+    results = []
+    for backend in ("reference", TritonBackend()):
+        model.set_expert_backend(backend)
+        model.zero_grad()
+        out = model(tokens)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1))
+        (loss + out.reg_loss).backward()
+        results.append((loss.detach(), out.reg_loss.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, r1, g1), (l2, r2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r2, r1, rtol=1e-5, atol=1e-7)
+    assert g1.keys() == g2.keys() and any("w1" in n for n in g1)
+    for name in g1:
+        assert rel_err(g2[name], g1[name]) < 1e-4, name
