@@ -17,7 +17,7 @@
 # Environment knobs:
 #   SLURM_TEST_CPUS         CPUs declared per fake node (default: nproc)
 #   SLURM_TEST_CRED_EXPIRE  seconds; Slurm holds a requeued job this long before it may start again
-#                           (Slurm's default is 120; default here 10 to keep requeue tests short)
+#                           (Slurm's default is 120; default here 5 to keep requeue tests short)
 #   SLURM_TEST_START_TIMEOUT seconds to wait for both nodes to be idle (default 60)
 set -Eeuo pipefail
 
@@ -79,7 +79,7 @@ write_conf() {
     local host cpus ctld_port p1 p2 cred_expire
     host=$(hostname -s)
     cpus=${SLURM_TEST_CPUS:-$(nproc)}
-    cred_expire=${SLURM_TEST_CRED_EXPIRE:-10}
+    cred_expire=${SLURM_TEST_CRED_EXPIRE:-5}
     ctld_port=$(free_port); p1=$(free_port); p2=$(free_port)
     while [[ $p1 == "$ctld_port" ]]; do p1=$(free_port); done
     while [[ $p2 == "$ctld_port" || $p2 == "$p1" ]]; do p2=$(free_port); done
@@ -102,7 +102,7 @@ MpiDefault=none
 ReturnToService=2
 EnforcePartLimits=ALL
 MinJobAge=4
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf_interval=1
 MailProg=/bin/true
 SlurmdParameters=config_overrides
 StateSaveLocation=${dir}/state
