@@ -1,0 +1,212 @@
+"""Atomic checkpoints with everything an exact resume needs.
+
+Layout of `<checkpoint dir>`::
+
+    latest                      name of the newest complete checkpoint (rewritten atomically)
+    step00001000/               one complete checkpoint
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (engine.save_checkpoint)
+        trainer_state.json      step, counters, loader position, run + model config, world size, ZeRO stage
+        rng_rank<r>.json        every RNG state of rank r (python, numpy, torch CPU, CUDA)
+    .tmp-step00002000/          a save in progress (or killed mid-way): never read, removed by the next save
+
+A save writes everything into the `.tmp-` directory, fsyncs it, renames it to `stepNNNNNNNN` (atomic on POSIX) and
+then replaces `latest`. A kill at any moment leaves the previous checkpoint complete and `latest` pointing at one.
+The trainer's own files are JSON; DeepSpeed's `.pt` files are read by DeepSpeed with torch.load, which unpickles:
+only resume from checkpoints you trust (docs/TRAINING.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from moeut_ds.config import ConfigError
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+TAG_RE = re.compile(r"^step(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_durable(path: Path, obj: Any) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return TAG_RE.match(tag_dir.name) is not None and (tag_dir / STATE_FILE).is_file()
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(TAG_RE.match(p.name).group(1)))
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint `latest` names when it is complete, else the highest complete step (covers a kill between
+    the rename and the rewrite of `latest`)."""
+    found = complete_checkpoints(ckpt_dir)
+    latest = ckpt_dir / LATEST
+    if latest.is_file():
+        named = ckpt_dir / latest.read_text().strip()
+        if named.is_dir() and is_complete(named) and (not found or found[-1] == named):
+            return named
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
+    """'auto' -> newest complete checkpoint or None; 'none' -> None (refused if checkpoints exist); else a path to a
+    checkpoint directory (with `latest`) or to one checkpoint."""
+    if resume == "none":
+        if complete_checkpoints(ckpt_dir):
+            raise ConfigError(f"--resume none but {ckpt_dir} already holds checkpoints that a new run would overwrite "
+                              f"or prune: use --resume auto to continue it, or set run_dir (or checkpoint.dir) to a "
+                              f"new directory")
+        return None
+    if resume == "auto":
+        return newest_checkpoint(ckpt_dir)
+    p = Path(resume)
+    if (p / STATE_FILE).is_file():
+        return p
+    if p.is_dir():
+        found = newest_checkpoint(p)
+        if found is not None:
+            return found
+    raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}) nor a directory holding one; "
+                      f"pass a stepNNNNNNNN directory, its parent, 'auto' or 'none'")
+
+
+def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: int, where: Path) -> None:
+    """Refuse a resume that would silently train something else (or that DeepSpeed cannot load)."""
+    saved_model = state["model_config"]
+    if saved_model != model_cfg:
+        diff = sorted(k for k in set(saved_model) | set(model_cfg) if saved_model.get(k) != model_cfg.get(k))
+        detail = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {model_cfg.get(k)!r}" for k in diff)
+        raise ConfigError(f"cannot resume from {where}: the model config differs ({detail}). Resume with the saved "
+                          f"model settings, or start a new run_dir (export the checkpoint to fine-tune from it)")
+    if state["world_size"] != world_size:
+        raise ConfigError(f"cannot resume from {where}: it was saved with world size {state['world_size']}, this run "
+                          f"has {world_size}. The ZeRO optimizer state is partitioned per rank: resume with "
+                          f"{state['world_size']} ranks")
+    if state["zero_stage"] != zero_stage:
+        raise ConfigError(f"cannot resume from {where}: it was saved with ZeRO stage {state['zero_stage']}, this run "
+                          f"uses stage {zero_stage}: resume with the same ds config")
+
+
+def read_state(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / STATE_FILE).read_text())
+
+
+# ---- RNG ----
+
+def rng_state() -> dict:
+    """Every RNG the training step can touch, as JSON (no pickle)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out = {"python": [py[0], list(py[1]), py[2]],
+           "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
+
+
+# ---- save / load ----
+
+def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: int, keep_every: int) -> Path:
+    """Collective: every rank calls it. Returns the committed checkpoint directory."""
+    from moeut_ds.train.distributed import barrier
+
+    final = ckpt_dir / tag_for(step)
+    if final.is_dir() and is_complete(final):       # e.g. a preemption right after a periodic save
+        return final
+    tmp_tag = TMP_PREFIX + tag_for(step)
+    tmp = ckpt_dir / tmp_tag
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(TMP_PREFIX + "*"):   # left by a save that was killed: incomplete by design
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={}, save_latest=False)
+    write_json_durable(tmp / f"rng_rank{rank}.json", rng_state())
+    if rank == 0:
+        write_json_durable(tmp / STATE_FILE, state)
+    barrier()
+    if rank == 0:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_path(f)
+        _fsync_path(tmp)
+        os.replace(tmp, final)
+        _fsync_path(ckpt_dir)
+        latest_tmp = ckpt_dir / f"{LATEST}.tmp{os.getpid()}"
+        with open(latest_tmp, "w") as f:
+            f.write(final.name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, ckpt_dir / LATEST)
+        _fsync_path(ckpt_dir)
+        prune(ckpt_dir, keep_last, keep_every)
+    barrier()
+    return final
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest keep_last, except every keep_every-th step."""
+    found = complete_checkpoints(ckpt_dir)
+    keep = set(found[-keep_last:])
+    if keep_every:
+        keep |= {p for p in found if int(TAG_RE.match(p.name).group(1)) % keep_every == 0}
+    removed = [p for p in found if p not in keep]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+def load(engine, tag_dir: Path, rank: int) -> dict:
+    """Collective. Loads DeepSpeed's model/optimizer/scheduler state, then this rank's RNG; returns the trainer state."""
+    state = read_state(tag_dir)
+    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return state

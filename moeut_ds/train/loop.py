@@ -1,0 +1,347 @@
+"""The training loop: DeepSpeed engine, micro-batches, logging, validation, checkpoints, preemption.
+
+One optimizer step = `accumulation` micro-batches per rank; DeepSpeed scales each micro-batch loss by
+1/accumulation, reduces gradients over the data-parallel ranks, clips the global norm and steps AdamW. One
+all-reduce per step carries the loss, the regulariser and the stop/bad flags to every rank, so all ranks take the
+same decisions (stop, skip, save) at the same step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from moeut_ds.accounting import forward_macs_per_token
+from moeut_ds.config import ConfigError
+from moeut_ds.train import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from moeut_ds.train import checkpoint as ckpt
+from moeut_ds.train.config import RunConfig
+from moeut_ds.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
+from moeut_ds.train.metrics import ExpertUsage, MetricsWriter, detect_peak_tflops
+from moeut_ds.train.schedule import make_scheduler
+
+# Keys the run config owns; a ds config that sets them would be silently ignored or contradict the recipe.
+OWNED_DS_KEYS = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+                 "gradient_accumulation_steps": "train.global_batch / micro_batch", "gradient_clipping":
+                 "optim.grad_clip", "optimizer": "optim.*", "scheduler": "optim.warmup_steps / min_lr_ratio"}
+
+
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The ds config file plus what the run config owns (batch sizes, clipping, AdamW)."""
+    path = cfg.deepspeed_config_path()
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config {path}: not valid JSON ({e})") from None
+    _merge(ds, cfg.deepspeed_overrides)
+    for key, owner in OWNED_DS_KEYS.items():
+        if key in ds:
+            raise ConfigError(f"deepspeed_config {path} sets {key!r}, which the run config owns ({owner}): remove it "
+                              f"from the JSON and set {owner} in the run config")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"deepspeed_config {path} enables fp16: MoEUT trains in bf16 (torch_autocast) or fp32; use "
+                          f"ds_configs/*_bf16.json")
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.accumulation(world_size)
+    ds["train_batch_size"] = cfg.train.global_batch
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    # torch_adam: torch.optim.AdamW (no JIT-built FusedAdam); weight decay on all parameters, as the paper
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
+                                                   "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay,
+                                                   "torch_adam": True}}
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy in fp32 (logits may be bf16 under autocast)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+@torch.no_grad()
+def validation_loss(model, batches, device: torch.device) -> tuple[float, int]:
+    """Mean token cross-entropy over this rank's batches, all-reduced over ranks; returns (loss, tokens)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = list(batches) if not isinstance(batches, list) else batches
+    # Ranks may hold one batch more than others; under ZeRO-3 every forward is collective, so all ranks run the same
+    # number of forwards and the extra ones (on a throw-away batch) are not counted.
+    n = torch.tensor([len(batches)], device=device)
+    all_reduce_(n, op="max")
+    for i in range(int(n.item())):
+        batch = (batches[i] if i < len(batches) else None)
+        dummy = batch is None
+        if dummy:
+            batch = batches[0] if batches else torch.zeros(1, 2, dtype=torch.long)
+        batch = batch.to(device)
+        out = model(batch[:, :-1])
+        if not dummy:
+            total[0] += cross_entropy(out.logits, batch[:, 1:], reduction="sum").double()
+            total[1] += batch[:, 1:].numel()
+    all_reduce_(total)
+    return float(total[0] / total[1].clamp_min(1)), int(total[1])
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop finishes the current step, saves and exits PREEMPTED_EXIT_CODE."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+class Trainer:
+    """Composes model, data, engine, metrics and checkpoints. `run()` returns the process exit status."""
+
+    def __init__(self, cfg: RunConfig, resume: str = "auto"):
+        self.cfg = cfg
+        self.resume = resume
+        self.stop = StopFlag()
+        self.dist: DistInfo = init_distributed()
+        self.rank0 = self.dist.rank == 0
+
+    def log(self, msg: str) -> None:
+        if self.rank0:
+            print(f"[moeut_ds.train] {msg}", file=sys.stderr, flush=True)
+
+    def setup(self) -> None:
+        import deepspeed
+
+        from moeut_ds.data import WindowLoader, open_dataset
+        from moeut_ds.model import LanguageModel
+
+        cfg, d = self.cfg, self.dist
+        self.mcfg = cfg.model_config()
+        self.accum = cfg.accumulation(d.world_size)
+        ds_config = build_ds_config(cfg, d.world_size)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.log("resolved run config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.log(f"world size {d.world_size} ({d.backend}, {d.device.type}), accumulation {self.accum}, ZeRO stage "
+                 f"{self.zero_stage}, ds config {cfg.deepspeed_config_path()}")
+
+        self.train_ds = open_dataset(cfg.data.path, "train")
+        self.train_ds.check_vocab(self.mcfg.vocab_size)
+        self.val_ds = open_dataset(cfg.data.path, cfg.data.val_split) if (cfg.eval.every or cfg.eval.at_end) else None
+        self.loader = WindowLoader(self.train_ds, cfg.data.context, cfg.train.micro_batch, d.rank, d.world_size,
+                                   seed=cfg.seed, shuffle=cfg.data.shuffle)
+
+        torch.manual_seed(cfg.seed)                  # identical initial weights on every rank (ZeRO-3 needs it)
+        model = LanguageModel(self.mcfg, expert_backend=cfg.expert_backend)
+        self.log(f"model: {self.mcfg.arch}, {model.num_parameters():,} parameters, expert backend "
+                 f"{type(model.expert_backend).__name__}")
+        opt = cfg.optim
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config,
+            lr_scheduler=lambda o: make_scheduler(o, opt.warmup_steps, cfg.train.steps, opt.min_lr_ratio))
+        torch.manual_seed(cfg.seed + 1 + d.rank)     # dropout streams differ per rank
+        self.device = self.engine.device if hasattr(self.engine, "device") else d.device
+
+        self.step = 0
+        self.counters = {"samples": 0, "tokens": 0, "fwd_macs": 0.0, "bad_in_row": 0, "skipped": 0}
+        self.ckpt_dir = cfg.checkpoint_dir()
+        start = ckpt.resolve_resume(self.resume, self.ckpt_dir)
+        if start is not None:
+            state = ckpt.read_state(start)
+            ckpt.check_compatible(state, self.mcfg.to_dict(), d.world_size, self.zero_stage, start)
+            state = ckpt.load(self.engine, start, d.rank)
+            self.loader.load_state_dict(state["loader"])
+            self.step = state["step"]
+            self.counters.update(state["counters"])
+            self.log(f"resumed from {start} at step {self.step}")
+        elif self.resume == "auto":
+            self.log(f"no checkpoint in {self.ckpt_dir}: starting from scratch")
+
+        self.fwd_macs_per_token = forward_macs_per_token(self.mcfg, cfg.data.context)
+        self.tokens_per_step = cfg.train.global_batch * cfg.data.context
+        self.peak = cfg.log.peak_tflops or detect_peak_tflops(self.device)
+        self.usage = ExpertUsage(self.mcfg, self.device)
+        self.want_usage = self.usage.active and cfg.log.expert_stats_every > 0
+        run_dir = Path(cfg.run_dir)
+        self.metrics = MetricsWriter(run_dir, self.rank0, purge_step=self.step + 1 if start else None)
+        if self.rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.metrics.text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
+
+    # ---- one optimizer step ----
+
+    def train_step(self) -> tuple[float, float, bool, bool]:
+        """Returns (loss, reg, non-finite?, stop requested?), identical on every rank."""
+        engine, cfg = self.engine, self.cfg
+        engine.train()
+        ce_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        reg_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _ in range(self.accum):
+            batch = next(self.loader).to(self.device, non_blocking=True)
+            out = engine(batch[:, :-1], return_router_logits=self.want_usage)
+            ce = cross_entropy(out.logits, batch[:, 1:])
+            loss = ce + out.reg_loss
+            if self.step + 1 in cfg.debug.nan_steps:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+            ce_sum += ce.detach() if (self.step + 1) not in cfg.debug.nan_steps else float("nan")
+            reg_sum += out.reg_loss.detach().float()
+            if self.want_usage and out.router_logits is not None:
+                self.usage.update(out.router_logits)
+        flags = torch.stack([ce_sum / self.accum, reg_sum / self.accum,
+                             (~torch.isfinite(ce_sum)).float(),
+                             torch.tensor(float(self.stop.signum is not None), device=self.device)])
+        flags = torch.where(torch.isfinite(flags), flags, torch.full_like(flags, float("inf")))
+        all_reduce_(flags)
+        world = self.dist.world_size
+        loss, reg = float(flags[0]) / world, float(flags[1]) / world
+        bad = flags[2].item() > 0 or not math.isfinite(loss)
+        return loss, reg, bad, flags[3].item() > 0
+
+    def grad_norm(self) -> float:
+        g = self.engine.get_global_grad_norm()
+        return float(g) if g is not None else float("nan")
+
+    # ---- the loop ----
+
+    def run(self) -> int:
+        from tqdm import tqdm
+
+        self.setup()
+        cfg = self.cfg
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (self.rank0 and cfg.log.progress),
+                   dynamic_ncols=True, desc="train", file=sys.stderr)
+        window_t0, window_steps = time.perf_counter(), 0
+        status = 0
+        try:
+            while self.step < cfg.train.steps:
+                skipped_before = self.engine.skipped_steps
+                loss, reg, bad, stop = self.train_step()
+                self.step += 1
+                window_steps += 1
+                self.counters["samples"] += cfg.train.global_batch
+                self.counters["tokens"] += self.tokens_per_step
+                self.counters["fwd_macs"] += self.fwd_macs_per_token * self.tokens_per_step
+                gnorm = self.grad_norm()
+                applied = self.engine.skipped_steps == skipped_before
+                bad = bad or not applied or not math.isfinite(gnorm)
+                if bad:
+                    self.counters["skipped"] += 1
+                    self.counters["bad_in_row"] += 1
+                    self.log(f"step {self.step}: non-finite loss ({loss}) or gradient norm ({gnorm}): step skipped "
+                             f"({self.counters['bad_in_row']} in a row, limit {cfg.train.max_bad_steps})")
+                    if applied:
+                        raise Diverged(f"step {self.step}: non-finite values and the update was applied (ZeRO "
+                                       f"stage 0 does not skip non-finite steps): the weights are unusable; restart "
+                                       f"from the last checkpoint with ZeRO >= 1 or a lower lr")
+                    if self.counters["bad_in_row"] >= cfg.train.max_bad_steps:
+                        raise Diverged(f"{self.counters['bad_in_row']} non-finite steps in a row (train.max_bad_steps="
+                                       f"{cfg.train.max_bad_steps}): the run diverged. Resume from the last checkpoint "
+                                       f"with a lower optim.lr or stronger optim.grad_clip")
+                else:
+                    self.counters["bad_in_row"] = 0
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_t0
+                    self.log_step(loss, reg, gnorm, elapsed, window_steps)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens_per_step * window_steps / elapsed:.0f}",
+                                    refresh=False)
+                    window_t0, window_steps = time.perf_counter(), 0
+                if self.want_usage and self.step % cfg.log.expert_stats_every == 0:
+                    self.log_expert_usage()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                    self.validate()
+                bar.update(1)
+                if stop:
+                    self.log(f"signal received: saving a checkpoint at step {self.step} and exiting with "
+                             f"{PREEMPTED_EXIT_CODE} (requeue and resume with --resume auto)")
+                    self.save()
+                    status = PREEMPTED_EXIT_CODE
+                    break
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+                if cfg.debug.step_sleep:
+                    time.sleep(cfg.debug.step_sleep)
+            else:
+                if cfg.eval.at_end and self.val_ds is not None:
+                    self.validate()
+                self.save()
+        except Diverged as e:
+            self.log(f"stopped: {e}")
+            status = DIVERGED_EXIT_CODE
+        finally:
+            bar.close()
+            self.metrics.close()
+        barrier()
+        return status
+
+    def save(self) -> None:
+        state = {"step": self.step, "counters": self.counters, "loader": self.loader.state_dict(),
+                 "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
+                 "model_config": self.mcfg.to_dict(), "run_config": self.cfg.to_dict(), "time": time.time()}
+        path = ckpt.save(self.engine, self.ckpt_dir, self.step, state, self.dist.rank, self.cfg.checkpoint.keep_last,
+                         self.cfg.checkpoint.keep_every)
+        self.log(f"checkpoint {path}")
+
+    def log_step(self, loss: float, reg: float, gnorm: float, elapsed: float, steps: int) -> None:
+        tokens = self.tokens_per_step * steps
+        fwd_step = self.fwd_macs_per_token * self.tokens_per_step
+        flops = 2 * 3 * fwd_step * steps / max(elapsed, 1e-9)           # 1 MAC = 2 FLOPs; training = 3 x forward
+        s = {"train/loss": loss, "train/reg_loss": reg, "train/ppl": math.exp(min(loss, 50.0)),
+             "train/lr": float(self.scheduler.get_last_lr()[0]), "train/grad_norm": gnorm,
+             "train/skipped_steps": float(self.counters["skipped"]),
+             "perf/tokens_per_s": tokens / max(elapsed, 1e-9), "perf/step_time_s": elapsed / steps,
+             "progress/samples": float(self.counters["samples"]), "progress/tokens": float(self.counters["tokens"]),
+             "compute/fwd_macs_per_step": fwd_step, "compute/train_macs_per_step": 3 * fwd_step,
+             "compute/fwd_macs_total": self.counters["fwd_macs"], "compute/train_macs_total":
+                 3 * self.counters["fwd_macs"],
+             "perf/tflops": flops / 1e12,
+             "mem/host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+        if self.peak:
+            s["perf/mfu"] = flops / 1e12 / (self.peak * self.dist.world_size)
+        if self.device.type == "cuda":
+            s["mem/gpu_allocated_gib"] = torch.cuda.memory_allocated(self.device) / 2 ** 30
+            s["mem/gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        self.metrics.scalars(self.step, s)
+
+    def log_expert_usage(self) -> None:
+        scalars, images = self.usage.summarize()
+        self.metrics.scalars(self.step, scalars)
+        for tag, img in images.items():
+            self.metrics.image(tag, img, self.step)
+
+    def validate(self) -> None:
+        windows = self.val_ds.eval_windows(self.cfg.data.context, self.cfg.eval.batch, self.dist.rank,
+                                           self.dist.world_size, self.cfg.eval.max_windows)
+        self.engine.eval()
+        loss, tokens = validation_loss(self.engine, windows, self.device)
+        self.engine.train()
+        self.metrics.scalars(self.step, {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
+                                         "val/tokens": float(tokens)})
+        self.log(f"step {self.step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f} "
+                 f"({tokens} tokens)")
+
+
+def main_with(cfg: RunConfig, resume: str) -> int:
+    return Trainer(cfg, resume).run()

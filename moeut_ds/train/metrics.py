@@ -1,0 +1,123 @@
+"""Scalars to TensorBoard and to a JSONL file (same names, same values), written by global rank 0 only.
+
+Also the expert-usage statistics (per distinct layer and router: usage entropy, fraction of experts unused in the
+window, an image layers x experts) and the analytic MACs / MFU numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from moeut_ds.config import ModelConfig
+
+# bf16 dense peak per device in TFLOP/s, matched against torch.cuda.get_device_name().
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
+
+
+def detect_peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in KNOWN_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class MetricsWriter:
+    """SummaryWriter + `<run_dir>/metrics.jsonl`. A no-op object on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+        self.enabled = enabled
+        self.tb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step: after a resume, TensorBoard hides the events of steps the killed run logged past the checkpoint
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if purge_step is not None:
+            self.jsonl.write(json.dumps({"event": "resume", "step": purge_step, "time": time.time()}) + "\n")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for tag, v in values.items():
+            self.tb.add_scalar(tag, v, step)
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+
+    def image(self, tag: str, img: np.ndarray, step: int) -> None:
+        if self.enabled:
+            self.tb.add_image(tag, img, step, dataformats="HW")
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+class ExpertUsage:
+    """Counts how often each expert is chosen (top-k by sigmoid of the router logits) over a logging window."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        self.cfg = cfg
+        self.routers: dict[str, tuple[int, int]] = {}   # kind -> (experts per layer, k)
+        if cfg.arch == "moeut":
+            self.routers["ff"] = (cfg.ff_n_experts, cfg.ff_k)
+            if cfg.att_n_experts > 1:
+                self.routers["v"] = (cfg.n_heads * cfg.att_n_experts, cfg.att_k)
+                self.routers["o"] = (cfg.n_heads * cfg.att_n_experts, cfg.att_k)
+        self.counts = {kind: torch.zeros(cfg.n_distinct_layers, n, dtype=torch.float64, device=device)
+                       for kind, (n, _) in self.routers.items()}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.routers)
+
+    @torch.no_grad()
+    def update(self, router_logits: list[dict[str, list[torch.Tensor]]]) -> None:
+        for g, log in enumerate(router_logits):
+            for kind, (n, k) in self.routers.items():
+                for s in log.get(kind, []):
+                    idx = s.topk(k, dim=-1).indices                       # sigmoid is monotone: top-k of logits
+                    if s.dim() == 4:                                      # [B, T, H, N_A]: per-head experts
+                        idx = idx + torch.arange(s.shape[2], device=s.device).view(1, 1, -1, 1) * s.shape[3]
+                    self.counts[kind][g] += torch.bincount(idx.reshape(-1), minlength=n).to(torch.float64)
+
+    def summarize(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Collective (all-reduces the counts). Scalars per layer/router and one image per router; resets."""
+        from moeut_ds.train.distributed import all_reduce_
+
+        scalars: dict[str, float] = {}
+        images: dict[str, np.ndarray] = {}
+        for kind, c in self.counts.items():
+            c = all_reduce_(c.clone()).cpu()
+            total = c.sum(-1, keepdim=True).clamp_min(1)
+            p = c / total
+            ent = -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(c.shape[1])
+            for g in range(c.shape[0]):
+                scalars[f"experts/layer{g}_{kind}_usage_entropy"] = float(ent[g])
+                scalars[f"experts/layer{g}_{kind}_unused_frac"] = float((c[g] == 0).float().mean())
+            images[f"experts/usage_{kind}"] = (p / p.amax(-1, keepdim=True).clamp_min(1e-30)).numpy().astype(np.float32)
+            self.counts[kind].zero_()
+        return scalars, images
