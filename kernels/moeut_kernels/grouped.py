@@ -68,8 +68,10 @@ def _wgrad_block_r(dtype: torch.dtype) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's matmul setting (ieee unless TF32 is allowed); ignored for bf16/fp16."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 follows torch's matmul setting (ieee unless TF32 is allowed); bf16/fp16 take Triton's default."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan: RoutingPlan, out: torch.Tensor,

@@ -1,0 +1,286 @@
+"""Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
+
+    PYTHONPATH=.:kernels python bench/bench_experts.py [--sweep] [--json out.json]
+
+Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
+reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
+fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode), and with --sweep the
+per-kernel tile-config sweep used to pick the heuristics in moeut_kernels/grouped.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from moeut_ds.experts.reference import ReferenceBackend  # noqa: E402
+from moeut_ds.experts.interface import Routing, sort_pairs  # noqa: E402
+from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
+from moeut_kernels import grouped as GM  # noqa: E402
+from moeut_kernels.grouped import TileConfig  # noqa: E402
+
+TOKENS = 64 * 1024
+FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
+ATT_244M = dict(d=1024, heads=4, n_experts=10, k=2, d_h=128)
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def ms(fn, rep: int = 300) -> float:
+    return do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def peak_tflops() -> float:
+    a, b = (torch.randn(8192, 8192, device=DEV, dtype=BF16) for _ in range(2))
+    return 2 * 8192 ** 3 / ms(lambda: a @ b) / 1e9
+
+
+def count_syncs(fn) -> int:
+    """Host syncs in fn(), counted by torch's sync debug mode (one warning per synchronising call)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+# ------------------------------------------------------------------ σ-MoE FF layer
+
+def ff_inputs(shape: dict, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    d, E, d_e = shape["d"], shape["n_experts"], shape["d_e"]
+    x = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g).requires_grad_()
+    w_s = (torch.randn(E, d, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
+    w1 = (torch.randn(E, d, d_e, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
+    w2 = (torch.randn(E, d_e, d, device=DEV, generator=g) * (E * d_e) ** -0.5).to(BF16).requires_grad_()
+    gy = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
+    return x, w_s, w1, w2, gy
+
+
+def ff_layer(backend, x, w_s, w1, w2, k):
+    """Router (LN omitted: the same for every backend) + σ-gating + experts; what the model's SigmaMoE runs."""
+    logits = F.linear(x, w_s).float()
+    routing = backend.route(logits.view(-1, 1, w_s.shape[0]), k)
+    return backend.mlp(x, w1, w2, routing)
+
+
+def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> None:
+    x, w_s, w1, w2, gy = ff_inputs(shape)
+    k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
+    flops = 12 * TOKENS * k * d * d_e            # expert matmuls, fwd (2 GEMMs) + bwd (4 GEMMs)
+    params = [x, w_s, w1, w2]
+    tb, ref = TritonBackend(), ReferenceBackend()
+    if check:
+        logits = F.linear(x, w_s).float().view(-1, 1, E)
+        r = tb.route(logits, k)
+        y = tb.mlp(x, w1, w2, r)
+        grads = torch.autograd.grad(y, [x, w1, w2], gy)
+        leaves = [t.detach().float().requires_grad_() for t in (x, w1, w2)]
+        order, offsets = sort_pairs(r.expert_index, E)
+        rr = Routing(gate=r.gate.detach(), expert_index=r.expert_index, n_experts=E, order=order, offsets=offsets)
+        y_r = ref.mlp(*leaves, rr)
+        grads_r = torch.autograd.grad(y_r, leaves, gy.float())
+        err = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y, *grads], [y_r, *grads_r])]
+        print(f"[check {name} FF] rel err vs fp32 reference: out {err[0]:.2e} dx {err[1]:.2e} dW1 {err[2]:.2e} "
+              f"dW2 {err[3]:.2e}", flush=True)
+        rows.append(dict(what=f"check FF {name}", err=err))
+        del y, grads, y_r, grads_r, leaves
+    for label, backend in (("triton", tb), ("reference", ref)):
+        fwd = ms(lambda: ff_layer(backend, x, w_s, w1, w2, k))
+        step = ms(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))
+        syncs = count_syncs(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))
+        rows.append(dict(what=f"FF {name} {label}", fwd_ms=fwd, fwdbwd_ms=step, tflops=flops / step / 1e9,
+                         frac_peak=flops / step / 1e9 / peak, syncs=syncs))
+        print(rows[-1], flush=True)
+    # dense FFNs (bias + ReLU, bf16): equal active FLOPs (d_ff = K d_e) and equal total params (d_ff = N_E d_e)
+    for label, d_ff in (("dense equal-active", k * d_e), ("dense equal-params", E * d_e)):
+        W1 = (torch.randn(d_ff, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
+        W2 = (torch.randn(d, d_ff, device=DEV) * d_ff ** -0.5).to(BF16).requires_grad_()
+        b1 = torch.zeros(d_ff, device=DEV, dtype=BF16, requires_grad=True)
+        b2 = torch.zeros(d, device=DEV, dtype=BF16, requires_grad=True)
+        dense = lambda: F.linear(F.relu(F.linear(x, W1, b1)), W2, b2)  # noqa: E731
+        step = ms(lambda: torch.autograd.grad(dense(), [x, W1, W2, b1, b2], gy), rep=200)
+        dflops = 12 * TOKENS * d * d_ff
+        rows.append(dict(what=f"FF {name} {label} (d_ff {d_ff})", fwdbwd_ms=step, tflops=dflops / step / 1e9,
+                         frac_peak=dflops / step / 1e9 / peak))
+        print(rows[-1], flush=True)
+        del W1, W2, b1, b2
+
+
+# ------------------------------------------------------------------ SwitchHead V/O projections
+
+def bench_att(peak: float, rows: list, check: bool) -> None:
+    s = ATT_244M
+    d, H, n, k, d_h = s["d"], s["heads"], s["n_experts"], s["k"], s["d_h"]
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g).requires_grad_()
+    a = torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g).requires_grad_()
+    w_sv = (torch.randn(H * n, d, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
+    w_so = (torch.randn(H * n, d, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
+    w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
+    w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16).requires_grad_()
+    gv = torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g)
+    go = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
+    params = [x, a, w_sv, w_so, w_v, w_o]
+    flops = 2 * 6 * TOKENS * H * k * d * d_h     # V and O expert matmuls, fwd + bwd
+
+    def vo(backend):
+        rv = backend.route(F.linear(x, w_sv).float().view(-1, H, n), k)
+        ro = backend.route(F.linear(x, w_so).float().view(-1, H, n), k)
+        v = backend.matmul(x, w_v, rv, in_group=H * k, out_group=k)
+        o = backend.matmul(a, w_o, ro, in_group=k, out_group=H * k)
+        return v, o
+
+    def step(backend):
+        v, o = vo(backend)
+        return torch.autograd.grad([v, o], params, [gv, go])
+
+    if check:
+        tb = TritonBackend()
+        rv = tb.route(F.linear(x, w_sv).float().view(-1, H, n), k)
+        v = tb.matmul(x, w_v, rv, in_group=H * k, out_group=k)
+        dx, dw = torch.autograd.grad(v, [x, w_v], gv)
+        order, offsets = sort_pairs(rv.expert_index, H * n)
+        rr = Routing(gate=rv.gate.detach(), expert_index=rv.expert_index, n_experts=H * n, order=order, offsets=offsets)
+        xl, wl = x.detach().float().requires_grad_(), w_v.detach().float().requires_grad_()
+        v_r = ReferenceBackend().matmul(xl, wl, rr, in_group=H * k, out_group=k)
+        dx_r, dw_r = torch.autograd.grad(v_r, [xl, wl], gv.float())
+        err = [((p.float() - q).norm() / q.norm()).item() for p, q in ((v, v_r), (dx, dx_r), (dw, dw_r))]
+        print(f"[check att V] rel err vs fp32 reference: out {err[0]:.2e} dx {err[1]:.2e} dW {err[2]:.2e}")
+        rows.append(dict(what="check att V 244M", err=err))
+    for label, backend in (("triton", TritonBackend()), ("reference", ReferenceBackend())):
+        fwd = ms(lambda: vo(backend))
+        t = ms(lambda: step(backend))
+        rows.append(dict(what=f"att V+O 244M {label}", fwd_ms=fwd, fwdbwd_ms=t, tflops=flops / t / 1e9,
+                         frac_peak=flops / t / 1e9 / peak, syncs=count_syncs(lambda: step(backend))))
+        print(rows[-1], flush=True)
+    # dense-244M's V and O projections (d 1024 -> 16 x 64 and back)
+    Wv = (torch.randn(1024, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
+    Wo = (torch.randn(d, 1024, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
+    a2 = torch.randn(TOKENS, 1024, device=DEV, dtype=BF16, requires_grad=True)
+    t = ms(lambda: torch.autograd.grad([F.linear(x, Wv), F.linear(a2, Wo)], [x, a2, Wv, Wo], [go, go]))
+    dflops = 2 * 6 * TOKENS * d * 1024
+    rows.append(dict(what="att V+O dense-244M (16x64)", fwdbwd_ms=t, tflops=dflops / t / 1e9,
+                     frac_peak=dflops / t / 1e9 / peak))
+    print(rows[-1], flush=True)
+
+
+# ------------------------------------------------------------------ per-kernel sweep
+
+def sweep(shape: dict, rows: list) -> None:
+    """Time each grouped-matmul call of the FF layer alone for several tile configs (bf16, 244M shape)."""
+    x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
+    k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
+    flop1 = 2 * TOKENS * k * d * d_e
+    logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
+    P = TOKENS * k
+    for block_m in (128, 64):
+        tb = TritonBackend(block_m=block_m)
+        r = tb.route(logits, k)
+        plan, gate = r.plan, r.gate.detach().reshape(-1)
+        xd, h = x.detach(), torch.randn(P, d_e, device=DEV, dtype=BF16)
+        gh = torch.randn(P, d_e, device=DEV, dtype=BF16)
+        out_h = torch.empty(P, d_e, device=DEV, dtype=BF16)
+        buf = torch.empty(P, d, device=DEV, dtype=BF16)
+        gpart = torch.empty(P, 1, device=DEV, dtype=torch.float32)
+        calls = {
+            "up_fwd": lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=c),
+            "down_fwd": lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c),
+            "down_dx": lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=c),
+            "up_dx": lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c),
+        }
+        cfgs = [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 4),
+                TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(256, 64, 8, 3),
+                TileConfig(128, 32, 4, 4)]
+        if block_m == 64:
+            cfgs = [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 4), TileConfig(256, 64, 8, 3)]
+        for name, call in calls.items():
+            for c in cfgs:
+                if c.block_n > 128 and name in ("up_fwd", "down_dx"):
+                    continue
+                try:
+                    t = ms(lambda: call(c), rep=100)
+                    rows.append(dict(what=f"sweep {name} BM{block_m} {c}", ms=t, tflops=flop1 / t / 1e9))
+                except Exception as e:  # out of shared memory etc.
+                    rows.append(dict(what=f"sweep {name} BM{block_m} {c}", error=str(e)[:80]))
+                print(rows[-1], flush=True)
+        if block_m != 128:
+            continue
+        for o in ({"block_r": 16, "block_n": 256}, {"block_r": 32, "block_n": 256}, {"block_r": 8, "block_n": 512},
+                  {"block_r": 16, "block_n": 128}):
+            GM.OVERRIDES["sum"] = o
+            t = ms(lambda: GM.group_sum(buf, k, gate), rep=100)
+            rows.append(dict(what=f"sweep group_sum {o}", ms=t, gbps=(P * d * 2 + TOKENS * d * 2) / t / 1e6))
+            print(rows[-1], flush=True)
+        GM.OVERRIDES.pop("sum", None)
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        for c, br in ((TileConfig(128, 128, 8, 3), 64), (TileConfig(128, 128, 8, 4), 64), (TileConfig(128, 128, 8, 3), 128),
+                      (TileConfig(128, 128, 4, 3), 64), (TileConfig(64, 128, 4, 3), 64), (TileConfig(128, 128, 8, 3), 32)):
+            GM.OVERRIDES["wgrad"] = dict(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps,
+                                         num_stages=c.num_stages)
+            GM.OVERRIDES["wgrad_block_r"] = br
+            for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1, bmask=h)),
+                               ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2, scale=gate))):
+                try:
+                    t = ms(call, rep=100)
+                    rows.append(dict(what=f"sweep {name} {c} BR{br}", ms=t, tflops=flop1 / t / 1e9))
+                except Exception as e:
+                    rows.append(dict(what=f"sweep {name} {c} BR{br}", error=str(e)[:80]))
+                print(rows[-1], flush=True)
+        GM.OVERRIDES.pop("wgrad", None)
+        GM.OVERRIDES.pop("wgrad_block_r", None)
+        # routing alone
+        rows.append(dict(what="route 244M (sigmoid/top-k/sort/plan)", ms=ms(lambda: tb.route(logits, k))))
+        print(rows[-1], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--only", default="ff244,ff1b,att")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows: list = []
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               date=datetime.datetime.now().isoformat(timespec="minutes"), tokens=TOKENS)
+    print(env, flush=True)
+    peak = peak_tflops()
+    env["bf16_peak_tflops"] = peak
+    print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
+    only = args.only.split(",")
+    if args.sweep:
+        sweep(FF_SHAPES["244M"], rows)
+    if "ff244" in only:
+        bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
+    if "att" in only:
+        bench_att(peak, rows, check=not args.no_check)
+    if "ff1b" in only:
+        bench_ff("1B", FF_SHAPES["1B"], peak, rows, check=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    print("\n| what | fwd ms | fwd+bwd ms | TFLOP/s | of peak | host syncs |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "fwdbwd_ms" in r:
+            print(f"| {r['what']} | {r.get('fwd_ms', float('nan')):.2f} | {r['fwdbwd_ms']:.2f} | {r['tflops']:.0f} | "
+                  f"{r['frac_peak']:.0%} | {r.get('syncs', '')} |")
+
+
+if __name__ == "__main__":
+    main()
