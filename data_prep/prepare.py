@@ -29,7 +29,7 @@ from moeut_ds.data.format import (FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, SP
 from . import split as splitting
 from . import tokenizer as tok
 from .errors import InputError
-from .shards import ShardPlanner, ShardWriter, init_worker, remove_temporaries
+from .shards import ShardPlanner, ShardWriter, check_out_dir, init_worker, remove_temporaries
 from .sources import DOC_UNITS, InputGroup, expand, iter_documents
 
 GROUP_OPTIONS = {"weight", "side", "text_field", "doc_unit", "extensions", "hf_config", "hf_split", "chunk_chars",
@@ -163,6 +163,7 @@ def prepare(argv: Optional[Sequence[str]] = None) -> dict:
     _check_args(args)
     out = args.out
     os.makedirs(out, exist_ok=True)
+    check_out_dir(out)
     if os.path.exists(os.path.join(out, METADATA_FILE)):
         os.remove(os.path.join(out, METADATA_FILE))  # the dataset is incomplete until this run finishes
     stale = remove_temporaries(out)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 from multiprocessing.pool import Pool
 from typing import Iterator, Optional
@@ -18,6 +19,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from moeut_ds.data.format import shard_name, write_json_atomic
+
+from .errors import InputError
 
 BLOCK_CHARS = 1 << 20  # ~1 MB of text per worker task: many tasks per shard keep all cores busy
 
@@ -173,11 +176,24 @@ class ShardWriter:
         self.records.append(rec)
 
 
+OWN_FILE = re.compile(r"^(metadata\.json|tokenizer\.model(\.sample-sha256)?|(train|val)-\d{5}\.bin(\.json)?)"
+                      r"(\.tmp\d*)?$")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Refuse an output directory holding files this tool did not write: re-runs delete stale shards and
+    temporaries there, which must never touch a user's other files."""
+    foreign = sorted(n for n in os.listdir(out_dir) if not OWN_FILE.match(n))
+    if foreign:
+        raise InputError(f"--out {out_dir} holds files that are not part of a prepared dataset ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty directory")
+
+
 def remove_temporaries(out_dir: str) -> int:
-    """Delete leftovers of an interrupted run (temporary shard or metadata files)."""
+    """Delete leftovers of an interrupted run (temporary shard, tokenizer or metadata files)."""
     n = 0
     for name in os.listdir(out_dir):
-        if ".tmp" in name:
+        if OWN_FILE.match(name) and ".tmp" in name:
             os.remove(os.path.join(out_dir, name))
             n += 1
     return n

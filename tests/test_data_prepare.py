@@ -172,6 +172,7 @@ def test_split_by_input_keeps_groups_whole(tmp_path, files):
     ("parquet_field", "unknown text field 'body'"),
     ("noinput", "no --input"),
     ("weight", "weights must be > 0"),
+    ("foreign_out", "not part of a prepared dataset"),
 ])
 def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
     (tmp_path / "empty.txt").write_text("  \n\n")
@@ -184,8 +185,11 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
               "empty": [str(tmp_path / "empty.txt")], "utf8": [str(tmp_path / "bad.txt")],
               "field": [str(tmp_path / "r.jsonl"), "--text-field", "body"],
               "parquet_field": [str(tmp_path / "r.parquet"), "--text-field", "body"],
-              "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"]}
+              "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"], "foreign_out": [str(tmp_path / "r.jsonl")]}
     argv = [*VOCAB, "--out", str(tmp_path / "out")]
+    if case == "foreign_out":
+        os.makedirs(tmp_path / "out")
+        (tmp_path / "out" / "notes.bin").write_bytes(b"mine")
     if case != "noinput":
         argv += ["--input", *inputs[case]]
     assert prepare_main(argv) == 2
@@ -193,6 +197,8 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
     assert err.startswith("error: ") and message in err
     if case == "utf8":
         assert "bad.txt" in err
+    if case == "foreign_out":
+        assert (tmp_path / "out" / "notes.bin").read_bytes() == b"mine"
 
 
 def test_invalid_utf8_replace_option(tmp_path, dataset):
@@ -300,3 +306,9 @@ def test_killed_process_resumes(tmp_path, text):
     for name in os.listdir(ref):
         if name.endswith(".bin"):
             assert (out / name).read_bytes() == (ref / name).read_bytes()
+
+
+def test_token_dtype_switches_at_65535():
+    from moeut_ds.data.format import token_dtype
+    assert token_dtype(8000).name == "uint16" and token_dtype(65535).name == "uint16"
+    assert token_dtype(65536).name == "uint32"
