@@ -149,7 +149,8 @@ def set_rng_state(s: dict) -> None:
 
 # ---- save / load ----
 
-def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: int, keep_every: int) -> Path:
+def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: int, keep_every: int,
+         pause_s: float = 0.0) -> Path:
     """Collective: every rank calls it. Returns the committed checkpoint directory."""
     from moeut_ds.train.distributed import barrier
 
@@ -167,6 +168,9 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
     write_json_durable(tmp / f"rng_rank{rank}.json", rng_state())
     if rank == 0:
         write_json_durable(tmp / STATE_FILE, state)
+    if pause_s:
+        import time
+        time.sleep(pause_s)                          # test hook: a window in which to kill the save
     barrier()
     if rank == 0:
         for f in tmp.rglob("*"):

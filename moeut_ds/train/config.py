@@ -74,6 +74,7 @@ class CheckpointSection:
 class DebugSection:
     nan_steps: list[int] = field(default_factory=list)   # inject a NaN loss at these steps (tests of the skip)
     step_sleep: float = 0.0             # seconds slept after each step (tests that kill a run mid-way)
+    save_pause_step: int = 0            # pause 30 s inside the save of this step, before it is committed (kill tests)
 
 
 @dataclass

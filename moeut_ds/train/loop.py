@@ -238,6 +238,7 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 skipped_before = self.engine.skipped_steps
+                self.lr = float(self.engine.get_lr()[0])     # the lr this step uses
                 loss, reg, bad, stop = self.train_step()
                 self.step += 1
                 window_steps += 1
@@ -301,7 +302,8 @@ class Trainer:
                  "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
                  "model_config": self.mcfg.to_dict(), "run_config": self.cfg.to_dict(), "time": time.time()}
         path = ckpt.save(self.engine, self.ckpt_dir, self.step, state, self.dist.rank, self.cfg.checkpoint.keep_last,
-                         self.cfg.checkpoint.keep_every)
+                         self.cfg.checkpoint.keep_every,
+                         pause_s=30.0 if self.step == self.cfg.debug.save_pause_step else 0.0)
         self.log(f"checkpoint {path}")
 
     def log_step(self, loss: float, reg: float, gnorm: float, elapsed: float, steps: int) -> None:
@@ -309,7 +311,7 @@ class Trainer:
         fwd_step = self.fwd_macs_per_token * self.tokens_per_step
         flops = 2 * 3 * fwd_step * steps / max(elapsed, 1e-9)           # 1 MAC = 2 FLOPs; training = 3 x forward
         s = {"train/loss": loss, "train/reg_loss": reg, "train/ppl": math.exp(min(loss, 50.0)),
-             "train/lr": float(self.scheduler.get_last_lr()[0]), "train/grad_norm": gnorm,
+             "train/lr": self.lr, "train/grad_norm": gnorm,
              "train/skipped_steps": float(self.counters["skipped"]),
              "perf/tokens_per_s": tokens / max(elapsed, 1e-9), "perf/step_time_s": elapsed / steps,
              "progress/samples": float(self.counters["samples"]), "progress/tokens": float(self.counters["tokens"]),

@@ -1,0 +1,94 @@
+"""End-to-end trainer runs on CPU with gloo: ZeRO stages, logged scalars, NaN handling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dist_harness import data_dir, read_jsonl, run_train, tiny_overrides, trained_run  # noqa: F401
+
+from moeut_ds import get_preset
+from moeut_ds.accounting import forward_macs_per_token
+
+
+def _decreases(rows: dict[int, dict]) -> tuple[float, float]:
+    losses = [rows[s]["train/loss"] for s in sorted(rows) if "train/loss" in rows[s]]
+    return sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,preset", [(1, "moeut-tiny"), (3, "moeut-tiny"), (3, "dense-tiny")])
+def test_two_ranks_zero_stage_loss_decreases(tmp_path, data_dir, stage, preset):
+    extra = {"deepspeed_config": f"ds_configs/zero{stage}.json", "model.preset": preset, "train.steps": 12}
+    if preset == "dense-tiny":
+        extra.update({"model.d_model": 64, "model.d_head": 16, "model.d_ff": 128})
+        over = tiny_overrides(data_dir, tmp_path / "run", **extra)
+        over = [o for o in over if not o.startswith(("model.ff_", "model.ff"))]
+    else:
+        over = tiny_overrides(data_dir, tmp_path / "run", **extra)
+    if stage == 3:   # force real partitioning of the tiny model and re-gathering on every use of a shared layer
+        over.append("deepspeed_overrides.zero_optimization.stage3_param_persistence_threshold=0")
+    run_train(tmp_path, 2, *over)
+    first, last = _decreases(read_jsonl(tmp_path / "run"))
+    assert last < first - 0.3, (first, last)
+
+
+def test_zero2_run_scalars(trained_run):
+    rows = read_jsonl(trained_run)
+    assert sorted(rows) == list(range(1, 11))
+    first, last = _decreases(rows)
+    assert last < first - 0.3
+    cfg = get_preset("moeut-tiny").replace(vocab_size=512, d_model=64, d_head=16, ff_n_experts=8, ff_expert_size=16,
+                                           ff_k=2)
+    fwd_step = forward_macs_per_token(cfg, 32) * 8 * 32
+    for step, row in rows.items():
+        assert 0 < row["train/loss"] < math.log(512) + 1
+        assert row["compute/fwd_macs_per_step"] == pytest.approx(fwd_step)
+        assert row["compute/train_macs_per_step"] == pytest.approx(3 * fwd_step)
+        assert row["compute/fwd_macs_total"] == pytest.approx(fwd_step * step)
+        assert row["compute/train_macs_total"] == pytest.approx(3 * fwd_step * step)
+        assert row["progress/samples"] == 8 * step and row["progress/tokens"] == 8 * 32 * step
+        assert row["train/grad_norm"] > 0 and row["perf/tokens_per_s"] > 0 and row["train/lr"] > 0
+        assert row["train/ppl"] == pytest.approx(math.exp(row["train/loss"]))
+        assert row["perf/mfu"] == pytest.approx(row["perf/tflops"] / 2)
+    assert 0 < rows[5]["val/loss"] < math.log(512) + 1 and rows[10]["val/ppl"] < rows[5]["val/ppl"] * 1.05
+    for g in range(2):
+        for kind in ("ff", "v", "o"):
+            assert 0 < rows[5][f"experts/layer{g}_{kind}_usage_entropy"] <= 1
+            assert 0 <= rows[10][f"experts/layer{g}_{kind}_unused_frac"] < 1
+
+
+def test_tensorboard_events_hold_every_scalar(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    rows = read_jsonl(trained_run)
+    expected = {k for row in rows.values() for k in row if k not in ("step", "time")}
+    need = {"train/loss", "train/reg_loss", "train/ppl", "train/lr", "train/grad_norm", "perf/tokens_per_s",
+            "progress/samples", "progress/tokens", "compute/fwd_macs_per_step", "compute/train_macs_per_step",
+            "compute/fwd_macs_total", "compute/train_macs_total", "perf/tflops", "perf/mfu", "val/loss", "val/ppl",
+            "experts/layer0_ff_usage_entropy", "experts/layer1_o_unused_frac"}
+    assert need <= expected == tags
+    for tag in expected:
+        tb = {e.step: e.value for e in ea.Scalars(tag)}
+        js = {s: r[tag] for s, r in rows.items() if tag in r}
+        assert tb.keys() == js.keys()
+        assert all(tb[s] == pytest.approx(js[s], rel=1e-6) for s in js), tag
+    assert {"experts/usage_ff", "experts/usage_v", "experts/usage_o"} <= set(ea.Tags()["images"])
+    reg = [e.value for e in ea.Scalars("train/reg_loss")]
+    assert all(-1 < v < 0 for v in reg)    # -(entropy) terms, scaled by gamma/delta
+
+
+def test_nan_loss_skips_step_then_stops(tmp_path, data_dir):
+    over = tiny_overrides(data_dir, tmp_path / "run", **{"train.steps": 6, "debug.nan_steps": [3],
+                                                         "log.expert_stats_every": 0})
+    run_train(tmp_path, 1, *over, name="one")
+    rows = read_jsonl(tmp_path / "run")
+    assert rows[3]["train/skipped_steps"] == 1 and rows[6]["train/skipped_steps"] == 1
+    assert math.isfinite(rows[6]["train/loss"])
+    over = tiny_overrides(data_dir, tmp_path / "run2", **{"train.steps": 8, "debug.nan_steps": [2, 3, 4],
+                                                          "train.max_bad_steps": 3, "log.expert_stats_every": 0})
+    job = run_train(tmp_path, 1, *over, expect=3, name="stop")
+    assert "3 non-finite steps in a row" in job.output()
