@@ -1,0 +1,206 @@
+"""Expert parallelism for the σ-MoE feed-forward: dropless all-to-all dispatch behind the expert interface.
+
+Each σ-MoE layer's N_E experts are split into ep contiguous shards; rank `ep_rank` of an expert-parallel group
+holds shard `ep_rank` (`shard_bounds`). For one application of a layer:
+1. every token is sent ONCE to each rank that holds at least one of its K experts (<= min(K, ep) copies, not K),
+   with its (row, local expert, gate) pairs;
+2. the receiving rank gathers rows into pairs, runs its local experts through the local backend (reference or
+   Triton) and sums the gated outputs per received row;
+3. the per-row sums go back through the reverse all-to-all and are added into the token outputs.
+Split sizes are exchanged first (one small all-to-all, then one host sync to size the buffers: NCCL needs them);
+no capacity factor, no padding to the busiest expert. Everything is differentiable (torch.distributed.nn), so
+expert-weight gradients land on the owner and token gradients flow back to the sender.
+
+Attention experts (SwitchHead V/O) stay replicated: they are ~10% of a layer's parameters, and dispatching them
+would add two all-to-alls per layer application for little memory.
+
+The expert shards are held *outside* the nn.Module tree (`ExpertShards`), so DeepSpeed never sees them: it would
+all-reduce them over the whole world (they must be averaged only over their expert-data-parallel group) and its
+MoE checkpointing only knows its own layer class. The trainer owns their optimizer, gradient reduction and
+checkpoints (see train/ and parallel/expert_checkpoint.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moeut_ds.experts.interface import ExpertBackend, Routing
+from moeut_ds.parallel.groups import ExpertParallelGroups
+
+
+def shard_bounds(n_experts: int, ep_size: int) -> list[int]:
+    """Expert id boundaries of the ep shards: shard r holds [b[r], b[r+1]) (sizes differ by at most one)."""
+    return [(n_experts * r) // ep_size for r in range(ep_size + 1)]
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward is the reverse all_to_all of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _exchange(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, differentiable: bool):
+    if differentiable:
+        return _AllToAll.apply(x, out_splits, in_splits, group)
+    return _exchange(x, out_splits, in_splits, group)
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent through expert all-to-alls (forward: tokens out + results back) since last reset."""
+    bytes_sent: int = 0
+    rows_sent: int = 0
+    pairs: int = 0
+
+    def reset(self) -> dict[str, int]:
+        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent, "pairs": self.pairs}
+        self.bytes_sent = self.rows_sent = self.pairs = 0
+        return out
+
+
+@dataclass
+class ExpertParallelBackend(ExpertBackend):
+    """Wraps a local backend; `mlp` dispatches to the expert owners, everything else runs locally."""
+    local: ExpertBackend
+    groups: ExpertParallelGroups
+    stats: CommStats = field(default_factory=CommStats)
+    name: str = "expert-parallel"
+
+    def route(self, logits: torch.Tensor, k: int) -> Routing:
+        return self.local.route(logits, k)
+
+    def routing(self, gate: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> Routing:
+        return self.local.routing(gate, expert_index, n_experts)
+
+    def matmul(self, x, weight, routing, *, in_group, out_group, activation=None):
+        return self.local.matmul(x, weight, routing, in_group=in_group, out_group=out_group, activation=activation)
+
+    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+        ep, group = self.groups.ep_size, self.groups.ep_group
+        if not torch.is_autocast_enabled(x.device.type):     # fp32 shards beside a bf16 engine's activations
+            w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
+        n_tokens, k = routing.expert_index.shape
+        bounds = torch.tensor(shard_bounds(routing.n_experts, ep), device=x.device)
+        dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
+        need = torch.zeros(n_tokens, ep, dtype=torch.bool, device=x.device)
+        need.scatter_(1, dest, True)                                                        # token -> rank needed
+        row_in_block = torch.cumsum(need.long(), 0) - 1                                     # row index per block
+        send_rank, send_token = need.t().nonzero(as_tuple=True)                             # rows, rank-major
+        pair_order = torch.argsort(dest.reshape(-1), stable=True)                           # pairs, rank-major
+        pair_dest = dest.reshape(-1)[pair_order]
+        pair_token = pair_order // k
+        pair_meta = torch.stack([row_in_block[pair_token, pair_dest],
+                                 routing.expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1)
+        counts = torch.stack([torch.bincount(send_rank, minlength=ep), torch.bincount(pair_dest, minlength=ep)], 1)
+        recv_counts = _all_to_all(counts, [1] * ep, [1] * ep, group, differentiable=False)
+        send_rows, send_pairs = counts[:, 0].tolist(), counts[:, 1].tolist()               # one host sync
+        recv_rows, recv_pairs = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
+
+        rows = _all_to_all(x[send_token], recv_rows, send_rows, group, differentiable=True)
+        meta = _all_to_all(pair_meta, recv_pairs, send_pairs, group, differentiable=False)
+        gate = _all_to_all(routing.gate.reshape(-1)[pair_order].unsqueeze(1), recv_pairs, send_pairs, group,
+                           differentiable=True).squeeze(1)
+        # received pair rows are relative to their sender's block: shift by where that block starts
+        block_start = torch.cumsum(torch.tensor([0] + recv_rows[:-1], device=x.device), 0)
+        sender = torch.repeat_interleave(torch.arange(ep, device=x.device),
+                                         torch.tensor(recv_pairs, device=x.device))
+        row_index = meta[:, 0] + block_start[sender]
+        local = self.local.routing(gate.unsqueeze(1), meta[:, 1:2], w1.shape[0])
+        y = self.local.mlp(rows[row_index], w1, w2, local)                                  # gated, per pair
+        y_rows = y.new_zeros(rows.shape[0], y.shape[1]).index_add(0, row_index, y)
+        back = _all_to_all(y_rows, send_rows, recv_rows, group, differentiable=True)
+        out = back.new_zeros(n_tokens, back.shape[1]).index_add(0, send_token, back)
+
+        me = self.groups.ep_rank
+        remote_rows = sum(send_rows) - send_rows[me] + sum(recv_rows) - recv_rows[me]     # tokens out, results back
+        remote_pairs = sum(send_pairs) - send_pairs[me]
+        self.stats.rows_sent += len(send_token)
+        self.stats.pairs += routing.n_pairs
+        self.stats.bytes_sent += (remote_rows * x.shape[1] * x.element_size()
+                                  + remote_pairs * (pair_meta.element_size() * 2 + gate.element_size()))
+        return out
+
+
+class ExpertShards:
+    """This rank's slices of every σ-MoE layer's expert weights, kept out of the nn.Module tree (see module doc)."""
+
+    def __init__(self, model: nn.Module, groups: ExpertParallelGroups):
+        self.groups = groups
+        self.params: dict[str, torch.Tensor] = {}       # "layers.{g}.ffn.w1" -> local shard (leaf, requires_grad)
+        self.bounds: dict[str, tuple[int, int, int]] = {}   # name -> (first expert, end, total experts)
+        for g, layer in enumerate(model.layers):
+            ffn = layer.ffn
+            lo, hi = shard_bounds(ffn.n_experts, groups.ep_size)[groups.ep_rank:groups.ep_rank + 2]
+            for attr in ("w1", "w2"):
+                full = getattr(ffn, attr)
+                shard = full.detach()[lo:hi].clone().requires_grad_(full.requires_grad)   # a leaf, not a Parameter
+                del ffn._parameters[attr]             # DeepSpeed must not see (or all-reduce) expert shards
+                setattr(ffn, attr, shard)             # plain attribute: SigmaMoE.forward reads self.w1 / self.w2
+                name = f"layers.{g}.ffn.{attr}"
+                self.params[name], self.bounds[name] = shard, (lo, hi, ffn.n_experts)
+        model.set_expert_backend(ExpertParallelBackend(model.expert_backend, groups))
+
+    def to(self, device: torch.device | str) -> "ExpertShards":
+        for t in self.params.values():
+            t.data = t.data.to(device)
+        return self
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def all_reduce_gradients(self, world_size: Optional[int] = None) -> None:
+        """Average expert gradients as if over the whole data-parallel world.
+
+        The owner already holds the sum of its EP group's contributions (the all-to-all backward); summing over
+        the expert-data-parallel group and dividing by the world size gives d(mean over ranks of loss)/dw.
+        """
+        world = world_size or self.groups.world_size
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.groups.edp_size > 1:
+            dist.all_reduce(flat, group=self.groups.edp_group)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Squared L2 norm of all expert gradients of the model (every shard counted once: summed over ep)."""
+        ref = next(iter(self.params.values()))
+        sq = torch.zeros((), dtype=torch.float32, device=ref.device)
+        for p in self.params.values():
+            if p.grad is not None:
+                sq = sq + p.grad.float().pow(2).sum()
+        if self.groups.ep_size > 1:
+            dist.all_reduce(sq, group=self.groups.ep_group)
+        return sq
+
+
+def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> Optional[ExpertShards]:
+    """Split every σ-MoE layer's experts across the expert-parallel group; None when ep = 1 (nothing to do)."""
+    if groups.ep_size == 1:
+        return None
+    if getattr(model, "cfg", None) is None or model.cfg.arch != "moeut":
+        raise ValueError("expert parallelism needs an arch='moeut' model (the dense baseline has no experts)")
+    return ExpertShards(model, groups)
