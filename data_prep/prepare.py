@@ -10,7 +10,6 @@ all inputs. See docs/DATA.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import hashlib
 import multiprocessing
@@ -18,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -30,7 +29,7 @@ from . import split as splitting
 from . import tokenizer as tok
 from .errors import InputError
 from .shards import ShardPlanner, ShardWriter, check_out_dir, init_worker, remove_temporaries
-from .sources import DOC_UNITS, InputGroup, expand, iter_documents
+from .sources import DOC_UNITS, Document, InputGroup, expand, iter_documents
 
 GROUP_OPTIONS = {"weight", "side", "text_field", "doc_unit", "extensions", "hf_config", "hf_split", "chunk_chars",
                  "utf8_errors"}
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _documents(groups: list[InputGroup], args) -> "iter":
+def _documents(groups: list[InputGroup], args) -> Iterator[tuple[int, Document, str]]:
     """(group index, doc, side) over all groups in order."""
     for gi, g in enumerate(groups):
         for doc in iter_documents(g):

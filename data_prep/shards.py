@@ -185,8 +185,9 @@ def check_out_dir(out_dir: str) -> None:
     temporaries there, which must never touch a user's other files."""
     foreign = sorted(n for n in os.listdir(out_dir) if not OWN_FILE.match(n))
     if foreign:
-        raise InputError(f"--out {out_dir} holds files that are not part of a prepared dataset ({', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty directory")
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InputError(f"--out {out_dir} holds files that are not part of a prepared dataset ({shown}): "
+                         f"choose a new or empty directory")
 
 
 def remove_temporaries(out_dir: str) -> int:

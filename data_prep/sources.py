@@ -230,6 +230,12 @@ def _tree_files(root: str, exts: tuple[str, ...]) -> list[str]:
     return found
 
 
+def _tree_docs(root: str, g: InputGroup, unit: str) -> Iterator[Document]:
+    base = _stable_name(root)
+    for f in _tree_files(root, g.extensions):
+        yield from _text_docs(f, base + "/" + os.path.relpath(f, root).replace(os.sep, "/"), g, unit)
+
+
 def iter_documents(group: InputGroup) -> Iterator[Document]:
     """All documents of a group, in a fixed order. Raises InputError if the group yields none."""
     count = 0
@@ -238,14 +244,7 @@ def iter_documents(group: InputGroup) -> Iterator[Document]:
             label = f"hf:{_stable_name(path)}" if kind == "hf" else _stable_name(path)
             docs = _hf_docs(kind, path, label, group)
         elif kind == "tree":
-            base = _stable_name(path)
-            unit = "file" if group.doc_unit == "auto" else group.doc_unit
-
-            def tree_docs(path: str = path, base: str = base, unit: str = unit) -> Iterator[Document]:
-                for f in _tree_files(path, group.extensions):
-                    rel = base + "/" + os.path.relpath(f, path).replace(os.sep, "/")
-                    yield from _text_docs(f, rel, group, unit)
-            docs = tree_docs()
+            docs = _tree_docs(path, group, "file" if group.doc_unit == "auto" else group.doc_unit)
         else:
             label = _stable_name(path)
             fmt = _file_format(path)
