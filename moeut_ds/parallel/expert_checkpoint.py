@@ -1,0 +1,81 @@
+"""Save and load expert shards with their AdamW state, independent of the expert-parallel size.
+
+DeepSpeed never sees the expert shards (expert_parallel.py), so the checkpoint holds them beside DeepSpeed's files:
+
+    <checkpoint>/experts/shard<i>-of-<ep>.safetensors   experts [lo, hi) of every σ-MoE layer: the weight and its
+                                                          AdamW exp_avg / exp_avg_sq, named "<param>", "<param>.exp_avg",
+                                                          "<param>.exp_avg_sq"; metadata: bounds and the AdamW step
+
+Only the first expert-data-parallel replica of each shard writes (replicas are identical). A load at any other
+expert-parallel size reads, for each parameter, the slices of the saved shards that overlap the new shard.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moeut_ds.parallel.expert_parallel import ExpertShards
+
+EXPERT_DIR = "experts"
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def save_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+    """Collective-free; call on every rank (ranks that are not the shard's first replica write nothing)."""
+    if shards.groups.rank >= shards.groups.ep_size:          # expert-data-parallel replica of ranks 0..ep-1
+        return
+    tensors, step = {}, 0.0
+    for name, p in shards.params.items():
+        tensors[name] = p.detach().float().cpu().contiguous()
+        state = optimizer.state.get(p, {})
+        for key in STATE_KEYS:
+            if key in state:
+                tensors[f"{name}.{key}"] = state[key].detach().float().cpu().contiguous()
+        step = float(state.get("step", step))
+    meta = {"bounds": json.dumps({n: list(b) for n, b in shards.bounds.items()}), "step": repr(step)}
+    out = Path(checkpoint) / EXPERT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / f"shard{shards.groups.ep_rank}-of-{shards.groups.ep_size}.safetensors"), meta)
+
+
+def load_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+    """Fill this rank's shards (and their AdamW state) from a checkpoint saved at any expert-parallel size."""
+    files = sorted((Path(checkpoint) / EXPERT_DIR).glob("shard*-of-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no {EXPERT_DIR}/shard*.safetensors: this checkpoint was saved "
+                                f"without expert parallelism; resume it with expert_parallel_size=1")
+    saved = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
+            saved.append((f, json.loads(meta["bounds"]), float(meta["step"])))
+    step = saved[0][2]
+    for name, p in shards.params.items():
+        lo, hi, total = shards.bounds[name]
+        pieces: dict[str, list[torch.Tensor]] = {"": [], **{k: [] for k in STATE_KEYS}}
+        covered = lo
+        for f, bounds, _ in sorted(saved, key=lambda s: s[1][name][0]):
+            if name not in bounds or bounds[name][2] != total:
+                raise ValueError(f"{f}: {name} holds {bounds.get(name, [0, 0, '?'])[2]} experts, the model has "
+                                 f"{total}: the checkpoint is from another model")
+            s_lo, s_hi, _ = bounds[name]
+            a, b = max(lo, s_lo), min(hi, s_hi)
+            if a >= b:
+                continue
+            with safe_open(str(f), framework="pt") as h:
+                for key in pieces:
+                    tname = f"{name}.{key}" if key else name
+                    if tname in h.keys():
+                        pieces[key].append(h.get_slice(tname)[a - s_lo:b - s_lo])
+            covered = b
+        if covered != hi or not pieces[""]:
+            raise ValueError(f"{checkpoint}: the saved expert shards do not cover experts [{lo}, {hi}) of {name}")
+        with torch.no_grad():
+            p.copy_(torch.cat(pieces[""]).to(p.dtype))
+        if all(pieces[k] for k in STATE_KEYS):
+            optimizer.state[p] = {"step": torch.tensor(step),
+                                  **{k: torch.cat(pieces[k]).to(p.device) for k in STATE_KEYS}}
