@@ -1,0 +1,114 @@
+"""The launch/ scripts outside Slurm: local.sh with 2 CPU processes (torchrun and the deepspeed launcher),
+signal forwarding and the exit-code contract, and the errors of slurm_task.sh and hostfile.sh.
+The training processes are tests/slurm/standin_trainer.py (real gloo all_reduce, checkpoint on SIGUSR1/SIGTERM,
+exit 75); test_slurm.py and test_launch_train.py run the real trainer."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = "tests/slurm/standin_trainer.py"
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "MOEUT_"))}
+    env.update(MOEUT_PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def test_slurm_task_outside_a_job_names_the_problem():
+    proc = subprocess.run(["bash", "launch/slurm_task.sh", "python", "-c", "pass"], cwd=ROOT, env=_env(),
+                          text=True, capture_output=True, timeout=30)
+    assert proc.returncode == 1
+    assert "not inside a Slurm job step" in proc.stderr
+    assert "SLURM_JOB_ID SLURM_PROCID SLURM_NTASKS SLURM_LOCALID" in proc.stderr
+    assert "sbatch launch/slurm.sbatch" in proc.stderr and "launch/local.sh" in proc.stderr
+
+
+def test_slurm_sbatch_outside_a_job_names_the_problem():
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", "cfg.yaml"], cwd=ROOT, env=_env(), text=True,
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 1 and "not inside a Slurm job" in proc.stderr and "sbatch" in proc.stderr
+
+
+def test_hostfile_errors_name_the_problem(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("steps: 1\n")
+    missing = subprocess.run(["bash", "launch/hostfile.sh", str(tmp_path / "nope"), str(cfg)], cwd=ROOT,
+                             env=_env(), text=True, capture_output=True, timeout=30)
+    assert missing.returncode == 1 and "hostfile" in missing.stderr and "not found" in missing.stderr
+    bad = tmp_path / "hosts"
+    bad.write_text("node-a 4\n")
+    proc = subprocess.run(["bash", "launch/hostfile.sh", str(bad), str(cfg)], cwd=ROOT, env=_env(), text=True,
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 1 and "expected 'HOSTNAME slots=N'" in proc.stderr
+
+
+def test_local_bad_options_are_named(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("steps: 1\n")
+    for args, msg in [(["--launcher", "mpirun", str(cfg)], "--launcher must be torchrun or deepspeed"),
+                      (["--nproc", "0", str(cfg)], "--nproc must be a positive integer"),
+                      ([str(tmp_path / "missing.yaml")], "not found"),
+                      ([], "missing CONFIG.yaml")]:
+        proc = subprocess.run(["bash", "launch/local.sh", *args], cwd=ROOT, env=_env(), text=True,
+                              capture_output=True, timeout=30)
+        assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_local_two_cpu_processes(launcher, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("steps: 5\nstep_seconds: 0.05\n")
+    proc = subprocess.run(["bash", "launch/local.sh", "--launcher", launcher, "--nproc", "2", str(cfg),
+                           f"run_dir={tmp_path}/run"], cwd=ROOT, env=_env(MOEUT_TRAIN_SCRIPT=STANDIN), text=True,
+                          capture_output=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "cpu x2 (gloo)" in out
+    assert "standin: rank 0/2 local_rank 0" in out and "standin: rank 1/2 local_rank 1" in out
+    assert "final loss" in out
+
+
+@pytest.mark.slow
+def test_local_sigterm_checkpoints_and_resume_matches(tmp_path):
+    """SIGTERM to local.sh (SIGUSR1 goes the same way; test_slurm.py covers it) reaches the ranks; they checkpoint and exit 75 (the deepspeed launcher passes
+    the status through); the same command then resumes and ends on the uninterrupted result."""
+    sig = signal.SIGTERM
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("steps: 25\nstep_seconds: 0.1\n")
+    env = _env(MOEUT_TRAIN_SCRIPT=STANDIN)
+    base = ["bash", "launch/local.sh", "--launcher", "deepspeed", "--nproc", "2", str(cfg)]
+    ref = subprocess.run(base + [f"run_dir={tmp_path}/ref"], cwd=ROOT, env=env, text=True, capture_output=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen(base + [f"run_dir={run_dir}"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while not (run_dir / "progress").exists():
+            assert time.time() - t0 < 120 and p.poll() is None, "no progress"
+            time.sleep(0.1)
+        p.send_signal(sig)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 75, out
+    assert re.search(rf"got {sig.name}, checkpoint at step \d+, exit 75", out), out
+    again = subprocess.run(base + [f"run_dir={run_dir}"], cwd=ROOT, env=env, text=True, capture_output=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from step" in again.stdout
+    final = lambda s: re.findall(r"final loss (\S+)", s)[-1]  # noqa: E731
+    assert final(again.stdout) == final(ref.stdout)
