@@ -46,18 +46,20 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int) -> TileConfig:
         cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
     else:
         big = dtype != torch.float32
-        cfg = TileConfig(_pow2_clamp(n, 16, 128), 64 if big else 32, 8 if block_m * min(n, 128) >= 16384 else 4,
-                         3 if big else 2)
+        # H200 sweep (docs/KERNELS.md): 8 warps for the short-K calls (K = d_e), 4 for the long-K ones (K = d).
+        warps = 8 if block_m * min(n, 128) >= 16384 and k < 512 else 4
+        cfg = TileConfig(_pow2_clamp(n, 16, 128), 64 if big else 32, warps, 3 if big else 2)
     return replace(cfg, **OVERRIDES.get("gmm", {}))
 
 
 def wgrad_config(k: int, n: int, dtype: torch.dtype) -> TileConfig:
-    """block_n/block_k tile W[e]; the row step (BLOCK_R) is carried in num_stages' sibling field via OVERRIDES."""
+    """block_n x block_k tiles of W[e]; the row step is _wgrad_block_r."""
     if INTERPRET:
         cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
     else:
         big = dtype != torch.float32
-        cfg = TileConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(k, 16, 128), 8, 3 if big else 2)
+        # H200 sweep: 4 warps beat 8 by ~1.45x on both FF weight gradients (docs/KERNELS.md)
+        cfg = TileConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(k, 16, 128), 4, 3 if big else 2)
     return replace(cfg, **OVERRIDES.get("wgrad", {}))
 
 
