@@ -1,0 +1,184 @@
+"""Held-out perplexity and zero-shot BLiMP of a trained model.
+
+    python -m moeut_ds.evaluate CHECKPOINT_OR_MODEL_DIR --data DIR [--split validation] [--blimp PATH]
+
+BLiMP as in the paper: a minimal pair counts as correct when the summed token log-probability of the good
+sentence exceeds the bad one's (not length-normalised); accuracy per paradigm and the mean over paradigms.
+Each sentence is scored after the end-of-document token, the boundary the model saw between training documents.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BLIMP = REPO_ROOT / "data" / "blimp" / "BLiMP.zip"
+
+
+def load_any(path: str, expert_backend: str = "auto", device: str = "cpu"):
+    """A model directory (moeut_ds format) or a trainer checkpoint/run directory -> (model, tokenizer path or None)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        from moeut_ds.model_io import load_model
+
+        tok = p / "tokenizer.model"
+        return load_model(p, expert_backend=expert_backend, device=device), (str(tok) if tok.is_file() else None)
+    from moeut_ds.export import load_from_checkpoint
+
+    model, state = load_from_checkpoint(p, expert_backend=expert_backend)
+    tok = Path(state["run_config"]["data"]["path"]) / "tokenizer.model"
+    return model.to(device), (str(tok) if tok.is_file() else None)
+
+
+@torch.no_grad()
+def perplexity(model, data_dir: str, split: str = "val", context: int = 1024, batch_size: int = 8,
+               max_windows: Optional[int] = None, device: str = "cpu") -> tuple[float, int]:
+    """exp(mean token cross-entropy) over non-overlapping held-out windows (no context carry-over)."""
+    from moeut_ds.data import open_dataset
+
+    ds = open_dataset(data_dir, split)
+    ds.check_vocab(model.cfg.vocab_size)
+    total, count = 0.0, 0
+    for batch in ds.eval_windows(context, batch_size, max_windows=max_windows):
+        batch = batch.to(device)
+        logits = model(batch[:, :-1]).logits.float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count), count
+
+
+def read_blimp(path: str | Path, max_pairs: Optional[int] = None) -> dict[str, list[tuple[str, str]]]:
+    """{paradigm: [(good, bad), ...]} from the BLiMP zip (data/<paradigm>.jsonl) or a directory of .jsonl files."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"BLiMP data {p} not found: pass --blimp PATH (the zip from "
+                                f"https://github.com/alexwarstadt/blimp or a directory of its .jsonl files)")
+    files: dict[str, str] = {}
+    if p.is_dir():
+        for f in sorted(p.rglob("*.jsonl")):
+            if f.name.startswith("._") or "__MACOSX" in f.parts:
+                continue
+            files[f.stem] = f.read_text(encoding="utf-8")
+    else:
+        with zipfile.ZipFile(p) as z:
+            for name in sorted(z.namelist()):
+                if name.endswith(".jsonl") and not name.startswith("__MACOSX/") and \
+                        not Path(name).name.startswith("._"):      # macOS resource forks in the archive
+                    files[Path(name).stem] = z.read(name).decode("utf-8")
+    out = {}
+    for paradigm, text in files.items():
+        pairs = []
+        for line in text.splitlines():
+            if line.strip():
+                r = json.loads(line)
+                pairs.append((r["sentence_good"], r["sentence_bad"]))
+        out[paradigm] = pairs[:max_pairs] if max_pairs else pairs
+    return out
+
+
+@torch.no_grad()
+def sentence_logprobs(model, ids: list[list[int]], bos: int, batch_size: int = 128, device: str = "cpu") -> list[float]:
+    """Sum of log p(token | bos, previous tokens) over each sentence's tokens."""
+    scores: list[float] = []
+    for i in range(0, len(ids), batch_size):
+        chunk = [[bos] + s for s in ids[i:i + batch_size]]
+        width = max(len(s) for s in chunk)
+        x = torch.full((len(chunk), width), bos, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
+        for r, s in enumerate(chunk):
+            x[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s) - 1] = True
+        x = x.to(device)
+        logp = torch.log_softmax(model(x[:, :-1]).logits.float(), -1)
+        tok = logp.gather(-1, x[:, 1:, None]).squeeze(-1).cpu()
+        scores.extend((tok * mask).sum(-1).tolist())
+    return scores
+
+
+def blimp(model, tokenizer_path: str, blimp_path: str | Path = DEFAULT_BLIMP, max_pairs: Optional[int] = None,
+          batch_size: int = 128, device: str = "cpu") -> dict[str, float]:
+    """Accuracy per paradigm plus 'average' (mean over paradigms)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    bos = sp.eos_id() if sp.eos_id() >= 0 else 0
+    data = read_blimp(blimp_path, max_pairs)
+    acc = {}
+    for paradigm, pairs in data.items():
+        good = sentence_logprobs(model, sp.encode([g for g, _ in pairs]), bos, batch_size, device)
+        bad = sentence_logprobs(model, sp.encode([b for _, b in pairs]), bos, batch_size, device)
+        acc[paradigm] = sum(g > b for g, b in zip(good, bad)) / len(pairs)
+    acc["average"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moeut_ds.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="exported model directory, run directory or trainer checkpoint")
+    p.add_argument("--data", help="prepared dataset for perplexity (and its tokenizer for BLiMP)")
+    p.add_argument("--split", default="val", help="split for perplexity (train/val/validation)")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the training context, or 1024)")
+    p.add_argument("--max-windows", type=int, default=None, help="limit the held-out windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--blimp", default=str(DEFAULT_BLIMP), help="BLiMP zip or directory ('none' to skip)")
+    p.add_argument("--blimp-max-pairs", type=int, default=None, help="first N pairs per paradigm (quick runs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    from moeut_ds.data import DataError
+
+    try:
+        model, tok = load_any(args.model, device=args.device)
+        results: dict = {"model": args.model}
+        if args.data:
+            context = args.context or _train_context(args.model) or 1024
+            ppl, n = perplexity(model, args.data, args.split, context, args.batch_size, args.max_windows, args.device)
+            results.update(perplexity=ppl, tokens=n, split=args.split, context=context)
+            print(f"perplexity ({args.split}, context {context}, {n} tokens): {ppl:.3f}")
+            if tok is None:
+                tok = str(Path(args.data) / "tokenizer.model")
+        if args.blimp != "none":
+            if tok is None or not Path(tok).is_file():
+                raise FileNotFoundError("no tokenizer for BLiMP: pass --data DIR (its tokenizer.model is used) or "
+                                        "export the model with its tokenizer")
+            acc = blimp(model, tok, args.blimp, args.blimp_max_pairs, device=args.device)
+            results["blimp"] = acc
+            for paradigm, a in acc.items():
+                if paradigm != "average":
+                    print(f"  blimp {paradigm:45s} {a:.3f}")
+            print(f"BLiMP accuracy (mean over {len(acc) - 1} paradigms): {acc['average']:.4f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    except (FileNotFoundError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train_context(path: str) -> Optional[int]:
+    """The context the model was trained with, when the run config is at hand."""
+    try:
+        from moeut_ds.export import find_checkpoint
+        from moeut_ds.train.checkpoint import read_state
+
+        return int(read_state(find_checkpoint(path))["run_config"]["data"]["context"])
+    except (FileNotFoundError, KeyError, ValueError):
+        meta = Path(path) / "config.json"
+        if meta.is_file():
+            ctx = json.loads(meta.read_text()).get("train_context")
+            return int(ctx) if ctx else None
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
