@@ -198,3 +198,87 @@ def test_unresolvable_master_is_named(slurm_cluster, tmp_path):
     assert proc.returncode != 0, log
     assert "MASTER_ADDR 'n1' (the first node of job" in log and "does not resolve" in log
     assert "MOEUT_MASTER_ADDR" in log
+
+
+# ---------------------------------------------------------------- the real trainer (moeut_ds.train) through Slurm
+
+def _trainer_overrides(data_dir, run_dir, **extra):
+    from dist_harness import tiny_overrides
+
+    base = {"train.steps": 12, "checkpoint.every": 6, "log.progress": False}
+    base.update(extra)
+    return tiny_overrides(data_dir, run_dir, **base)
+
+
+@pytest.fixture(scope="module")
+def trainer_data(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    from dist_harness import prepared_data
+
+    return prepared_data(tmp_path_factory.getbasetemp() / "trainer-shared")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(slurm_cluster, trainer_data, tmp_path_factory):
+    """2 nodes x 1 process, CPU/gloo, tiny MoEUT, ZeRO-2, 12 steps, checkpoints every 6: through sbatch."""
+    tmp = tmp_path_factory.mktemp("slurm-train")
+    out, run_dir = tmp / "job.out", tmp / "run"
+    proc, job = slurm_cluster.sbatch(out, ["configs/smoke.yaml", *_trainer_overrides(trainer_data, run_dir)],
+                                     slurm_cluster.job_env(), timeout=600)
+    log = _log(out)
+    print(log)
+    assert proc.returncode == 0, f"sbatch --wait: {proc.returncode} {proc.stderr}\n{log}"
+    return job, log, run_dir
+
+
+def test_two_node_zero2_training(slurm_cluster, uninterrupted_run):
+    from dist_harness import read_jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    job, log, run_dir = uninterrupted_run
+    assert "node n1 RANK=0/2" in log and "node n2 RANK=1/2" in log
+    assert "world size 2 (gloo, cpu)" in log and "ZeRO stage 2" in log
+    assert "training finished (exit 0)" in log
+    rows = read_jsonl(run_dir)
+    assert sorted(rows) == list(range(1, 13))
+    losses = [rows[s]["train/loss"] for s in sorted(rows)]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tb = {e.step: e.value for e in ea.Scalars("train/loss")}
+    assert sorted(tb) == list(range(1, 13)) and tb[12] == pytest.approx(losses[-1], rel=1e-6)
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step00000012"
+    assert (ckpt / "step00000012").is_dir() and any((ckpt / "step00000012").iterdir())
+
+
+def test_preempted_training_resumes_to_same_loss(slurm_cluster, trainer_data, uninterrupted_run, tmp_path):
+    """Same run, SIGUSR1 to the batch shell mid-run (what --signal=B:USR1@N does): the trainer checkpoints and
+    exits 75, the job requeues itself, resumes from that checkpoint and ends on the uninterrupted run's loss."""
+    from dist_harness import read_jsonl
+
+    _, _, ref_dir = uninterrupted_run
+    out, run_dir = tmp_path / "job.out", tmp_path / "run"
+    over = _trainer_overrides(trainer_data, run_dir, **{"debug.step_sleep": 1.0})
+    proc, job = slurm_cluster.sbatch(out, ["configs/smoke.yaml", *over], slurm_cluster.job_env(), wait=False)
+    assert proc.returncode == 0, proc.stderr
+    metrics = run_dir / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and sum('"train/loss"' in ln for ln in metrics.read_text().splitlines()) >= 3):
+        assert time.time() - t0 < 300, f"job {job} made no progress:\n{_log(out)}"
+        time.sleep(0.3)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    slurm_cluster.wait_gone(job, timeout=600)
+    log = _log(out)
+    print(log)
+    assert "received SIGUSR1: forwarding to the training tasks" in log
+    assert "exited 75: requeueing job" in log and f"job {job} (moeut) restart 1" in log
+    assert "training finished (exit 0)" in log
+    assert slurm_cluster.job_field(job, "Restarts") == "1"
+    assert slurm_cluster.job_field(job, "JobState") == "COMPLETED"
+    m = re.search(r"checkpoint \S*/checkpoints/step0*(\d+)\n(?:.*\n)*?slurm\.sbatch \[[^]]*\] trainer saved", log)
+    assert m and 3 <= int(m.group(1)) < 12, "no preemption checkpoint before the requeue"
+    rows, ref = read_jsonl(run_dir), read_jsonl(ref_dir)
+    assert sorted(rows) == list(range(1, 13))
+    # Exact resume on CPU/fp32: every step's loss equals the uninterrupted run's, the last one included.
+    assert [rows[s]["train/loss"] for s in range(1, 13)] == [ref[s]["train/loss"] for s in range(1, 13)]
