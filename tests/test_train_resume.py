@@ -1,0 +1,99 @@
+"""Exact resume after kill -9 (also during a save), SIGTERM -> checkpoint + exit 75, resume refusals."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from dist_harness import Ranks, data_dir, read_jsonl, run_train, tiny_overrides, train_argv  # noqa: F401
+
+from moeut_ds.train import PREEMPTED_EXIT_CODE
+from moeut_ds.train import checkpoint as ckpt
+
+STEPS = 10
+
+
+def _over(data_dir, run, **extra):
+    base = {"train.steps": STEPS, "checkpoint.every": 3, "checkpoint.keep_last": 5, "log.expert_stats_every": 0,
+            "optim.grad_clip": 0.5}
+    base.update(extra)
+    return tiny_overrides(data_dir, run, **base)
+
+
+def _wait_for(pred, job: Ranks, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not pred():
+        assert time.time() - t0 < timeout, job.output()
+        assert all(p.poll() is None for p in job.procs), f"exited early:\n{job.output()}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_kill9_mid_save_then_resume_reproduces_losses_bitwise(tmp_path, data_dir):
+    run_train(tmp_path, 2, *_over(data_dir, tmp_path / "ref"), name="ref")
+    ref = read_jsonl(tmp_path / "ref")
+
+    run = tmp_path / "run"
+    cdir = run / "checkpoints"
+    with Ranks(train_argv(None, *_over(data_dir, run, **{"debug.save_pause_step": 6})), 2, tmp_path / "a") as job:
+        _wait_for(lambda: (cdir / ".tmp-step00000006" / ckpt.STATE_FILE).is_file(), job)
+        job.kill()                                    # kill -9 every rank in the middle of the step-6 save
+    assert (cdir / ckpt.LATEST).read_text() == "step00000003"
+    assert ckpt.newest_checkpoint(cdir).name == "step00000003"
+    assert not (cdir / "step00000006").exists()
+    run_train(tmp_path, 2, *_over(data_dir, run), name="b")          # --resume auto
+    got = read_jsonl(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step]["train/loss"] == ref[step]["train/loss"], step        # bitwise (fp32 CPU)
+        assert got[step]["train/grad_norm"] == ref[step]["train/grad_norm"], step
+    assert got[STEPS]["compute/fwd_macs_total"] == ref[STEPS]["compute/fwd_macs_total"]
+    assert "resumed from" in (tmp_path / "b" / "rank0.log").read_text()
+    assert [p.name for p in ckpt.complete_checkpoints(cdir)] == ["step00000003", "step00000006", "step00000009",
+                                                                 "step00000010"]
+
+
+@pytest.mark.slow
+def test_kill9_mid_step_and_sigterm_exit_75(tmp_path, data_dir):
+    run = tmp_path / "run"
+    over = _over(data_dir, run, **{"debug.step_sleep": 0.5, "train.steps": 40})
+    with Ranks(train_argv(None, *over), 2, tmp_path / "a") as job:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_jsonl(run)) >= 4, job)
+        job.kill()                                    # kill -9 between checkpoints
+    assert ckpt.newest_checkpoint(run / "checkpoints").name == "step00000003"
+    with Ranks(train_argv(None, *over), 2, tmp_path / "b") as job:
+        _wait_for(lambda: max(read_jsonl(run)) >= 5, job)
+        job.signal(signal.SIGTERM, ranks=[1])        # one rank told; all must stop at the same step
+        rcs = job.wait(120)
+    assert rcs == [PREEMPTED_EXIT_CODE] * 2, job.output()
+    last = max(read_jsonl(run))
+    newest = ckpt.newest_checkpoint(run / "checkpoints")
+    assert newest.name == ckpt.tag_for(last) and ckpt.read_state(newest)["step"] == last
+    assert "exiting with 75" in job.output()
+
+
+def test_resume_refusals(tmp_path, data_dir, trained_run):
+    cdir = trained_run / "checkpoints"
+    with pytest.raises(Exception, match="model config differs .*d_model: saved 64 vs now 96"):
+        st = ckpt.read_state(ckpt.newest_checkpoint(cdir))
+        ckpt.check_compatible(st, {**st["model_config"], "d_model": 96}, 2, 2, cdir)
+    with pytest.raises(Exception, match="saved with world size 2, this run has 1"):
+        ckpt.check_compatible(st, st["model_config"], 1, 2, cdir)
+    with pytest.raises(Exception, match="ZeRO stage 2, this run uses stage 3"):
+        ckpt.check_compatible(st, st["model_config"], 2, 3, cdir)
+    with pytest.raises(Exception, match="--resume none but .* already holds checkpoints"):
+        ckpt.resolve_resume("none", cdir)
+    with pytest.raises(Exception, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path), cdir)
+    # end to end: the CLI prints the message and exits 2 (one rank, so also a world-size mismatch after the model)
+    over = tiny_overrides(data_dir, trained_run, **{"model.d_model": 96, "model.d_head": 24})
+    job = run_train(tmp_path, 1, *over, expect=2, name="mismatch")
+    assert "the model config differs" in job.output()
+    job = run_train(tmp_path, 1, *tiny_overrides(data_dir, trained_run), expect=2, name="world")
+    assert "saved with world size 2, this run has 1" in job.output()
+
+
+from dist_harness import trained_run  # noqa: E402,F401
