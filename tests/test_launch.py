@@ -112,3 +112,21 @@ def test_local_sigterm_checkpoints_and_resume_matches(tmp_path):
     assert "resumed from step" in again.stdout
     final = lambda s: re.findall(r"final loss (\S+)", s)[-1]  # noqa: E731
     assert final(again.stdout) == final(ref.stdout)
+
+
+@pytest.mark.slow
+def test_local_two_cpu_processes_real_trainer(tmp_path, tmp_path_factory):
+    """The real trainer: 2 CPU ranks under torchrun, tiny MoEUT with ZeRO-2, metrics and a checkpoint."""
+    pytest.importorskip("deepspeed")
+    from dist_harness import prepared_data, read_jsonl, tiny_overrides
+
+    data = prepared_data(tmp_path_factory.getbasetemp() / "trainer-shared")   # shared with the trainer tests
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(data, run_dir, **{"train.steps": 6, "checkpoint.every": 6})
+    proc = subprocess.run(["bash", "launch/local.sh", "--cpu", "--nproc", "2", "configs/smoke.yaml", *over], cwd=ROOT,
+                          env=_env(), text=True, capture_output=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "torchrun, cpu x2 (gloo)" in out and "world size 2 (gloo, cpu)" in out
+    assert sorted(read_jsonl(run_dir)) == list(range(1, 7))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000006"

@@ -282,3 +282,16 @@ def test_preempted_training_resumes_to_same_loss(slurm_cluster, trainer_data, un
     assert sorted(rows) == list(range(1, 13))
     # Exact resume on CPU/fp32: every step's loss equals the uninterrupted run's, the last one included.
     assert [rows[s]["train/loss"] for s in range(1, 13)] == [ref[s]["train/loss"] for s in range(1, 13)]
+
+
+def test_world_size_mismatch_is_named(slurm_cluster, trainer_data, tmp_path):
+    """2 tasks x micro_batch 3 does not divide global_batch 8: the trainer says so, the job fails, no requeue."""
+    out = tmp_path / "job.out"
+    over = _trainer_overrides(trainer_data, tmp_path / "run", **{"train.micro_batch": 3})
+    proc, job = slurm_cluster.sbatch(out, ["configs/smoke.yaml", *over], slurm_cluster.job_env())
+    log = _log(out)
+    assert proc.returncode != 0, log
+    assert "train.global_batch=8 is not a multiple of train.micro_batch=3 x world size 2" in log, log
+    assert "not requeueing" in log
+    assert slurm_cluster.job_field(job, "JobState") == "FAILED"
+    assert slurm_cluster.job_field(job, "Restarts") == "0"
