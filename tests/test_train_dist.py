@@ -52,12 +52,13 @@ from moeut_ds.train.loop import Trainer
 cfg = load_run_config(None, json.loads(sys.argv[1]))
 t = Trainer(cfg, "none")
 assert t.run() == 0
-x = next(iter(t.val_ds.eval_windows(cfg.data.context, 4)))[:, :-1]
+from moeut_ds.data import open_dataset
+x = next(iter(open_dataset(cfg.data.path, "val").eval_windows(cfg.data.context, 4)))[:, :-1]
 t.engine.eval()
 with torch.no_grad():
     logits = t.engine(x).logits
 if t.dist.rank == 0:
-    save_file({"x": x, "logits": logits.contiguous()}, sys.argv[2])
+    save_file({"x": x.contiguous(), "logits": logits.contiguous()}, sys.argv[2])
 '''
 
 

@@ -197,7 +197,8 @@ class Trainer:
         engine.train()
         ce_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         reg_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _ in range(self.accum):
+        self.stage0_norm = None
+        for micro in range(self.accum):
             batch = next(self.loader).to(self.device, non_blocking=True)
             out = engine(batch[:, :-1], return_router_logits=self.want_usage)
             ce = cross_entropy(out.logits, batch[:, 1:])
@@ -205,6 +206,8 @@ class Trainer:
             if self.step + 1 in cfg.debug.nan_steps:
                 loss = loss * float("nan")
             engine.backward(loss)
+            if self.zero_stage == 0 and micro == self.accum - 1:
+                self.stage0_norm = self._stage0_grad_norm()
             engine.step()
             ce_sum += ce.detach() if (self.step + 1) not in cfg.debug.nan_steps else float("nan")
             reg_sum += out.reg_loss.detach().float()
@@ -220,7 +223,19 @@ class Trainer:
         bad = flags[2].item() > 0 or not math.isfinite(loss)
         return loss, reg, bad, flags[3].item() > 0
 
+    def _stage0_grad_norm(self) -> float:
+        """ZeRO-0 neither reports nor checks the norm: compute it before the update, refuse a non-finite one."""
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        if not math.isfinite(norm):
+            raise Diverged(f"step {self.step + 1}: non-finite gradient norm under ZeRO stage 0, which cannot skip a "
+                           f"step; stopped before the update (weights intact). Use a ds config with ZeRO >= 1 to "
+                           f"skip such steps, or resume from the last checkpoint with a lower lr")
+        return norm
+
     def grad_norm(self) -> float:
+        if self.stage0_norm is not None:
+            return self.stage0_norm
         g = self.engine.get_global_grad_norm()
         return float(g) if g is not None else float("nan")
 
@@ -253,10 +268,6 @@ class Trainer:
                     self.counters["bad_in_row"] += 1
                     self.log(f"step {self.step}: non-finite loss ({loss}) or gradient norm ({gnorm}): step skipped "
                              f"({self.counters['bad_in_row']} in a row, limit {cfg.train.max_bad_steps})")
-                    if applied:
-                        raise Diverged(f"step {self.step}: non-finite values and the update was applied (ZeRO "
-                                       f"stage 0 does not skip non-finite steps): the weights are unusable; restart "
-                                       f"from the last checkpoint with ZeRO >= 1 or a lower lr")
                     if self.counters["bad_in_row"] >= cfg.train.max_bad_steps:
                         raise Diverged(f"{self.counters['bad_in_row']} non-finite steps in a row (train.max_bad_steps="
                                        f"{cfg.train.max_bad_steps}): the run diverged. Resume from the last checkpoint "
