@@ -1,0 +1,72 @@
+"""Run-config errors name the key and the fix; overrides; schedule."""
+from __future__ import annotations
+
+import pytest
+
+from moeut_ds.config import ConfigError
+from moeut_ds.train.config import REPO_ROOT, load_run_config
+from moeut_ds.train.schedule import lr_factor
+
+OK = ["data.path=/some/data"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ([], "data.path is empty"),
+    (OK + ["train.stepz=3"], "unknown config key 'train.stepz'"),
+    (OK + ["bogus=1"], "unknown config key 'bogus'"),
+    (OK + ["train.steps=ten"], "train.steps='ten': expected int"),
+    (OK + ["train.steps=0"], "train.steps=0: must be a positive integer"),
+    (OK + ["train.micro_batch=128"], "train.micro_batch=128 > train.global_batch=64"),
+    (OK + ["optim.betas=[0.9, 1.5]"], "optim.betas"),
+    (OK + ["optim.lr=-1"], "optim.lr=-1.0: must be > 0"),
+    (OK + ["checkpoint.keep_last=0"], "checkpoint.keep_last=0"),
+    (OK + ["deepspeed_config=nope.json"], "deepspeed_config='nope.json': no such file"),
+    (OK + ["model.preset=moeut-huge"], "unknown preset 'moeut-huge'"),
+    (OK + ["model.n_layers=5"], "n_layers=5 is not divisible by group_size=2"),
+    (OK + ["model.colour=3"], "model: .*colour"),
+    (OK + ["train.steps"], "is not key=value"),
+])
+def test_invalid_config_messages(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)
+
+
+def test_accumulation_must_divide(tmp_path):
+    cfg = load_run_config(None, OK + ["train.global_batch=8", "train.micro_batch=2"])
+    assert cfg.accumulation(2) == 2 and cfg.accumulation(4) == 1
+    with pytest.raises(ConfigError, match="global_batch=8 is not a multiple of train.micro_batch=2 x world size 3"):
+        cfg.accumulation(3)
+
+
+def test_yaml_plus_overrides_and_ds_config_ownership(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("data: {path: /d, context: 32}\nmodel: {preset: dense-tiny}\ntrain: {steps: 7}\n")
+    cfg = load_run_config(str(y), ["train.steps=9", "model.d_ff=256", "optim.betas=[0.8, 0.9]"])
+    assert cfg.train.steps == 9 and cfg.data.context == 32 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model_config().arch == "dense" and cfg.model_config().d_ff == 256
+    from moeut_ds.train.loop import build_ds_config
+
+    ds = build_ds_config(cfg, 1)
+    assert ds["gradient_clipping"] == 0.25 and ds["optimizer"]["params"]["torch_adam"] is True
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_batch_size": 32, "zero_optimization": {"stage": 1}}')
+    cfg = load_run_config(str(y), [f"deepspeed_config={bad}"])
+    with pytest.raises(ConfigError, match="sets 'train_batch_size', which the run config owns"):
+        build_ds_config(cfg, 1)
+    with pytest.raises(ConfigError, match="--config .*: no such file"):
+        load_run_config(str(tmp_path / "missing.yaml"))
+
+
+def test_shipped_configs_load():
+    for y in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        cfg = load_run_config(str(y))
+        cfg.model_config()
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    assert lr_factor(0, 4, 100, 0.1) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(99, 4, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 0, 100, 0.1) == pytest.approx(1.0)
+    mid = lr_factor(4 + 95 // 2, 4, 100, 0.1)
+    assert 0.5 < mid < 0.6
