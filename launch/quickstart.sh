@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Quickstart: set up what is missing, prepare the bundled English corpus, train a small MoEUT (CPU when there is no
+# GPU), evaluate it (perplexity + BLiMP), export it and generate a sample.
+#
+#   bash launch/quickstart.sh            # a few minutes on CPU
+#   bash launch/quickstart.sh --smoke    # a minute or two
+#
+# Everything goes under runs/ (runs/data/english, runs/quickstart or runs/smoke). Re-running resumes the training
+# run from its newest checkpoint (--resume auto) and keeps the prepared data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=0
+for a in "$@"; do
+  case "$a" in
+    --smoke) SMOKE=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "unknown argument $a (use --smoke)" >&2; exit 2 ;;
+  esac
+done
+
+PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  $PY -m venv .venv
+fi
+PY=.venv/bin/python
+if ! $PY -c "import torch" 2>/dev/null; then
+  if ! python3 -c "import torch; assert torch.version.cuda" 2>/dev/null; then
+    echo "== installing CPU torch (no torch importable, no GPU torch on the system)"
+    $PY -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+if ! $PY -c "import deepspeed, sentencepiece, tensorboard, moeut_ds" 2>/dev/null; then
+  echo "== installing requirements and moeut-ds"
+  $PY -m pip install -q -r requirements.txt
+  $PY -m pip install -q --no-deps -e .
+fi
+
+if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then DEVICE=gpu; else DEVICE=cpu; fi
+NPROC=$($PY -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$NPROC}
+
+DATA=runs/data/english
+if [ ! -f "$DATA/metadata.json" ]; then
+  echo "== preparing the bundled English corpus -> $DATA"
+  $PY -m data_prep.prepare --input 'data/english/*.txt.gz' --out "$DATA" --vocab-size 4000 --workers "$NPROC"
+fi
+
+if [ "$SMOKE" = 1 ]; then
+  CONFIG=configs/smoke.yaml; RUN=runs/smoke; EXTRA=(train.steps=40); PAIRS=20
+else
+  CONFIG=configs/quickstart_cpu.yaml; RUN=runs/quickstart; EXTRA=(); PAIRS=200
+fi
+if [ "$DEVICE" = gpu ]; then EXTRA+=(deepspeed_config=ds_configs/zero2_bf16.json); fi
+
+echo "== training ($DEVICE): $CONFIG"
+set +e
+$PY -m moeut_ds.train --config "$CONFIG" --resume auto run_dir="$RUN" data.path="$DATA" "${EXTRA[@]}"
+rc=$?
+set -e
+if [ $rc -ne 0 ]; then echo "training exited with status $rc (75 = preempted: re-run to resume)" >&2; exit $rc; fi
+
+echo "== evaluating"
+$PY -m moeut_ds.evaluate "$RUN" --data "$DATA" --max-windows 64 --blimp-max-pairs "$PAIRS" \
+  --json "$RUN/eval.json" | tail -n 3
+
+echo "== exporting and sampling"
+rm -rf "$RUN/model.previous"; [ -d "$RUN/model" ] && mv "$RUN/model" "$RUN/model.previous"
+$PY -m moeut_ds.export "$RUN" --out "$RUN/model"
+$PY -m moeut_ds.generate "$RUN/model" --prompt "It is a truth universally acknowledged" --max-new-tokens 60 \
+  --top-k 40 --temperature 0.8 | tee "$RUN/sample.txt"
+
+cat <<MSG
+
+Done.
+  TensorBoard logs : $RUN/tensorboard   (tensorboard --logdir $RUN/tensorboard)
+  scalars (JSONL)  : $RUN/metrics.jsonl
+  checkpoints      : $RUN/checkpoints   (resume: re-run, or python -m moeut_ds.train --config $CONFIG --resume auto)
+  evaluation       : $RUN/eval.json
+  exported model   : $RUN/model         (moeut_ds.load_model("$RUN/model"))
+  sample           : $RUN/sample.txt
+MSG
