@@ -1,0 +1,101 @@
+"""Trainer overhead on one GPU: a step of dense-244M and MoEUT-244M (64 x 1024 tokens, bf16 autocast) through the
+full trainer (DeepSpeed engine, data loader, logging) vs a plain PyTorch loop of the same model and numerics
+(fp32 weights, bf16 autocast, torch AdamW, global-norm clipping, same micro-batch and accumulation).
+
+    python bench/bench_trainer.py --data DIR [--models dense-244m moeut-244m] [--steps 12] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, context: int = 1024) -> list[float]:
+    from moeut_ds import LanguageModel, get_preset
+    from moeut_ds.data import WindowLoader, open_dataset
+
+    ds = open_dataset(data, "train")
+    cfg = get_preset(preset).replace(vocab_size=ds.vocab_size)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                            foreach=None)
+    loader = WindowLoader(ds, context, micro, seed=0)
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(accum):
+            b = next(loader).cuda(non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(b[:, :-1])
+            loss = F.cross_entropy(out.logits.float().reshape(-1, cfg.vocab_size), b[:, 1:].reshape(-1)) + out.reg_loss
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del model, opt
+    torch.cuda.empty_cache()
+    return times
+
+
+def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path) -> tuple[list[float], dict]:
+    arch = preset.split("-")[0]
+    over = [f"run_dir={run_dir}", f"data.path={data}", f"train.steps={steps}", f"train.micro_batch={micro}",
+            "eval.every=0", "eval.at_end=false", "checkpoint.every=0", "log.every=1", "log.progress=false",
+            "log.expert_stats_every=100", "--resume", "none"]
+    ds_vocab = json.loads((Path(data) / "metadata.json").read_text())["vocab_size"]
+    over.append(f"model.vocab_size={ds_vocab}")
+    cmd = [sys.executable, "-m", "moeut_ds.train", "--config", str(REPO / f"configs/{arch}_244m_gpu.yaml")] + over
+    subprocess.run(cmd, check=True, cwd=REPO)
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "perf/step_time_s" in r]
+    return [r["perf/step_time_s"] for r in rows], rows[-1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--models", nargs="+", default=["dense-244m", "moeut-244m"])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--micro", type=int, default=16)
+    p.add_argument("--out", default="bench_trainer.json")
+    args = p.parse_args()
+    accum = 64 // args.micro
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
+               "micro_batch": args.micro, "accumulation": accum, "date": time.strftime("%Y-%m-%d")}
+    try:
+        import deepspeed
+        results["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    skip = 3
+    for preset in args.models:
+        plain = plain_loop(preset, args.data, args.steps, args.micro, accum)
+        tr, last = trainer_run(preset, args.data, args.steps, args.micro, Path(f"/tmp/bench_{preset}"))
+        pm, tm = statistics.median(plain[skip:]), statistics.median(tr[skip:])
+        results[preset] = {"plain_ms": pm * 1e3, "trainer_ms": tm * 1e3, "overhead": tm / pm - 1,
+                           "trainer_tokens_per_s": 65536 / tm, "trainer_mfu": last.get("perf/mfu"),
+                           "trainer_gpu_peak_gib": last.get("mem/gpu_peak_gib"),
+                           "plain_all_ms": [round(t * 1e3, 1) for t in plain],
+                           "trainer_all_ms": [round(t * 1e3, 1) for t in tr]}
+        print(json.dumps({preset: results[preset]}), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
