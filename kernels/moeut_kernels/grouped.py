@@ -142,49 +142,100 @@ def group_sum(buf: torch.Tensor, group: int, scale: Optional[torch.Tensor] = Non
     return out
 
 
-class GroupedMatmul(torch.autograd.Function):
-    """Differentiable w.r.t. x, weight and (when out_group is set) the flat gate [P]."""
+def _n_slices(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
+    """Output slices of the input-gradient launch = columns of the gate-gradient partial buffer."""
+    return triton.cdiv(d_in, gmm_config(d_in, d_out, dtype, block_m).block_n)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], plan: RoutingPlan,
-                in_group: Optional[int], out_group: Optional[int], relu: bool) -> torch.Tensor:  # type: ignore[override]
-        n_pairs = plan.n_pairs
-        d_out = weight.shape[2]
-        if out_group is not None:
-            buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
-            _gmm(x, in_group or 0, weight, False, plan, buf, True, relu_out=relu)
-            out = group_sum(buf, out_group, gate)
-        else:
-            out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
-            _gmm(x, in_group or 0, weight, False, plan, out, False, relu_out=relu)
-        ctx.save_for_backward(x, weight, gate, out if relu else None)
-        ctx.plan, ctx.in_group, ctx.out_group = plan, in_group, out_group
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, weight, gate, y = ctx.saved_tensors
-        plan, ig, og = ctx.plan, ctx.in_group, ctx.out_group
-        grad_out = grad_out.to(x.dtype)
-        n_pairs, d_in = plan.n_pairs, weight.shape[1]
-        need_x, need_w, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1], og is not None and ctx.needs_input_grad[2]
-        grad_x = grad_w = grad_gate = None
-        if need_x or need_g:
-            gpart = None
-            if need_g:
-                n_slices = triton.cdiv(d_in, gmm_config(d_in, weight.shape[2], x.dtype, plan.block_m).block_n)
-                gpart = torch.empty(n_pairs, n_slices, dtype=torch.float32, device=x.device)
-            buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
-            _gmm(grad_out, og or 0, weight, True, plan, buf, ig is not None, amask=y,
-                 scale=gate if og is not None else None, dsrc=x if need_g else None, d_group=ig or 0, gpart=gpart)
-            if need_x:
-                grad_x = group_sum(buf, ig) if ig is not None else buf
-            if need_g:
-                grad_gate = gpart.sum(1).to(gate.dtype)
-        if need_w:
-            grad_w = torch.empty_like(weight)
-            _wgrad(x, ig or 0, grad_out, og or 0, plan, grad_w, scale=gate if og is not None else None, bmask=y)
-        return grad_x, grad_w, grad_gate, None, None, None, None
+@torch.library.custom_op("moeut::grouped_matmul", mutates_args=())
+def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
+            offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
+            out_group: int, relu: bool) -> torch.Tensor:
+    """Forward: [P, d_out] in sorted pair layout (out_group 0) or [P // out_group, d_out] gate-weighted row sums.
+    in_group / out_group 0 mean None (sorted pair layout)."""
+    plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
+    n_pairs, d_out = order.numel(), weight.shape[2]
+    if out_group:
+        buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
+        _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu)
+        return group_sum(buf, out_group, gate.contiguous())
+    out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
+    _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu)
+    return out
+
+
+@_gmm_op.register_fake
+def _gmm_fake(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
+              offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
+              out_group: int, relu: bool) -> torch.Tensor:
+    n_pairs = order.shape[0]
+    return x.new_empty(n_pairs // out_group if out_group else n_pairs, weight.shape[2])
+
+
+GradOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("moeut::grouped_matmul_backward", mutates_args=())
+def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
+                y: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
+                tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
+                need_g: bool) -> GradOut:
+    """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved ReLU
+    output (its mask is applied in the loads), None without ReLU."""
+    plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
+    ig, og = in_group, out_group
+    grad_out = grad_out.to(x.dtype)
+    gate = gate.contiguous() if gate is not None else None
+    n_pairs, d_in = plan.n_pairs, weight.shape[1]
+    need_g = need_g and og > 0
+    grad_x = grad_w = grad_gate = x.new_empty(0)
+    if need_x or need_g:
+        gpart = None
+        if need_g:
+            gpart = torch.empty(n_pairs, _n_slices(d_in, weight.shape[2], x.dtype, block_m), dtype=torch.float32,
+                                device=x.device)
+        buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
+        _gmm(grad_out, og, weight, True, plan, buf, ig > 0, amask=y, scale=gate if og else None,
+             dsrc=x if need_g else None, d_group=ig, gpart=gpart)
+        if need_x:
+            grad_x = group_sum(buf, ig) if ig else buf
+        if need_g:
+            grad_gate = gpart.sum(1).to(gate.dtype)
+    if need_w:
+        grad_w = torch.empty_like(weight)
+        _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if og else None, bmask=y)
+    return grad_x, grad_w, grad_gate
+
+
+@_gmm_bwd_op.register_fake
+def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
+                  y: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
+                  tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
+                  need_g: bool) -> GradOut:
+    grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    grad_w = torch.empty_like(weight) if need_w else x.new_empty(0)
+    grad_gate = gate.new_empty(order.shape[0]) if need_g and out_group and gate is not None else x.new_empty(0)
+    return grad_x, grad_w, grad_gate
+
+
+def _gmm_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, gate, order, offsets, tile_expert, tile_start, block_m, in_group, out_group, relu = inputs
+    ctx.save_for_backward(x, weight, gate, output if relu else None, order, offsets, tile_expert, tile_start)
+    ctx.ints = (block_m, in_group, out_group)
+
+
+def _gmm_backward(ctx, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    x, weight, gate, y, order, offsets, tile_expert, tile_start = ctx.saved_tensors
+    block_m, ig, og = ctx.ints
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_g = bool(og) and gate is not None and ctx.needs_input_grad[2]
+    grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
+        grad_out, x, weight, gate, y, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w, need_g)
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
+            None, None, None, None, None, None, None, None)
+
+
+_gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, in_group: Optional[int],
@@ -210,4 +261,5 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
     gate_flat = gate.reshape(-1) if out_group is not None else None
     if gate_flat is not None and gate_flat.stride(0) != 1:
         gate_flat = gate_flat.contiguous()
-    return GroupedMatmul.apply(x, weight, gate_flat, plan, in_group, out_group, relu)
+    return torch.ops.moeut.grouped_matmul(x, weight, gate_flat, plan.order, plan.offsets, plan.tile_expert,
+                                          plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu)

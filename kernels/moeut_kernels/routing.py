@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -33,12 +34,17 @@ class RoutingPlan:
 
 
 def max_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
-    """Static bound on the tile count: each expert wastes less than one tile; never more tiles than pairs."""
-    return min(triton.cdiv(n_pairs, block_m) + n_experts, n_pairs)
+    """Static bound on the tile count: each expert wastes less than one tile; never more tiles than pairs.
+
+    Plain integer arithmetic (also on the symbolic sizes of torch.compile's fake tensors)."""
+    return torch.sym_min((n_pairs + block_m - 1) // block_m + n_experts, n_pairs)
 
 
-def _plan(counts: torch.Tensor, n_pairs: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+@torch.library.custom_op("moeut::plan", mutates_args=())
+def _plan_op(counts: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """offsets [E+1] int64, tile_expert [T] int32, tile_start [T] int32 from the int32 histogram (one launch)."""
+    counts = counts.contiguous()
+    n_experts = counts.numel()
     device = counts.device
     n_tiles = max_tiles(n_pairs, n_experts, block_m)
     offsets = torch.empty(n_experts + 1, dtype=torch.int64, device=device)
@@ -53,6 +59,20 @@ def _plan(counts: torch.Tensor, n_pairs: int, n_experts: int, block_m: int) -> t
     K.plan_kernel[grid](counts, offsets, tile_expert, tile_start, n_experts, n_tiles,
                         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=4)
     return offsets, tile_expert, tile_start
+
+
+@_plan_op.register_fake
+def _plan_fake(counts: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_experts = counts.shape[0]
+    n_tiles = max_tiles(n_pairs, n_experts, block_m)
+    return (counts.new_empty(n_experts + 1, dtype=torch.int64), counts.new_empty(n_tiles, dtype=torch.int32),
+            counts.new_empty(n_tiles, dtype=torch.int32))
+
+
+def _plan(counts: torch.Tensor, n_pairs: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """offsets, tile_expert, tile_start for the histogram `counts` [n_experts] (the moeut::plan op)."""
+    assert counts.numel() == n_experts
+    return torch.ops.moeut.plan(counts, n_pairs, block_m)
 
 
 def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -> RoutingPlan:
@@ -74,44 +94,69 @@ def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: 
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
-class _SigmoidTopK(torch.autograd.Function):
-    """gate = sigmoid(logits) at the top-k; backward scatters grad * g * (1 - g) into the chosen logits."""
+RouteOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, k: int, block_m: int):  # type: ignore[override]
-        n_rows, n_groups, n = logits.shape
-        if not 1 <= k <= n:
-            raise ValueError(f"top-k {k} out of range for {n} experts per group")
-        logits = logits.contiguous()
-        n_experts = n_groups * n
-        S = n_groups * k
-        device = logits.device
-        gate = torch.empty(n_rows, S, dtype=logits.dtype, device=device)
-        expert_index = torch.empty(n_rows, S, dtype=torch.int64, device=device)
-        key = torch.empty(n_rows, S, dtype=torch.int16 if n_experts < 2 ** 15 else torch.int32, device=device)
-        counts = torch.zeros(n_experts, dtype=torch.int32, device=device)
-        block_n = triton.next_power_of_2(n)
-        block_r = max(1, (16384 if INTERPRET else 4096) // block_n)
-        if n_rows:
-            K.sigmoid_topk_kernel[(triton.cdiv(n_rows, block_r), n_groups)](
-                logits, gate, expert_index, key, counts, n_rows, n, logits.stride(0), logits.stride(1),
-                K=k, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
-        order = torch.argsort(key.reshape(-1), stable=True)
-        offsets, tile_expert, tile_start = _plan(counts, order.numel(), n_experts, block_m)
-        ctx.save_for_backward(gate, expert_index)
-        ctx.shape = (n_rows, n_groups, n, k)
-        ctx.mark_non_differentiable(expert_index, order, offsets, tile_expert, tile_start)
-        return gate, expert_index, order, offsets, tile_expert, tile_start
 
-    @staticmethod
-    def backward(ctx, grad_gate, *unused):  # type: ignore[override]
-        gate, expert_index = ctx.saved_tensors
-        n_rows, n_groups, n, k = ctx.shape
-        g = gate.float()
-        local = expert_index.view(n_rows, n_groups, k) - torch.arange(n_groups, device=gate.device).view(1, -1, 1) * n
-        val = (grad_gate.float() * g * (1.0 - g)).view(n_rows, n_groups, k)
-        grad = torch.zeros(n_rows, n_groups, n, dtype=torch.float32, device=gate.device).scatter_(2, local, val)
-        return grad.to(gate.dtype), None, None
+@torch.library.custom_op("moeut::sigmoid_topk_route", mutates_args=())
+def _route_op(logits: torch.Tensor, k: int, block_m: int) -> RouteOut:
+    """logits [N, G, n] -> gate [N, G*k], expert_index [N, G*k] int64, order [P] int64, offsets [E+1] int64,
+    tile_expert [T] int32, tile_start [T] int32. Differentiable w.r.t. logits through the gate only."""
+    n_rows, n_groups, n = logits.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"top-k {k} out of range for {n} experts per group")
+    logits = logits.contiguous()
+    n_experts = n_groups * n
+    S = n_groups * k
+    device = logits.device
+    gate = torch.empty(n_rows, S, dtype=logits.dtype, device=device)
+    expert_index = torch.empty(n_rows, S, dtype=torch.int64, device=device)
+    key = torch.empty(n_rows, S, dtype=torch.int16 if n_experts < 2 ** 15 else torch.int32, device=device)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=device)
+    block_n = triton.next_power_of_2(n)
+    block_r = max(1, (16384 if INTERPRET else 4096) // block_n)
+    if n_rows:
+        K.sigmoid_topk_kernel[(triton.cdiv(n_rows, block_r), n_groups)](
+            logits, gate, expert_index, key, counts, n_rows, n, logits.stride(0), logits.stride(1),
+            K=k, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+    order = torch.argsort(key.reshape(-1), stable=True)
+    offsets, tile_expert, tile_start = _plan_op(counts, order.numel(), block_m)
+    return gate, expert_index, order, offsets, tile_expert, tile_start
+
+
+@_route_op.register_fake
+def _route_fake(logits: torch.Tensor, k: int, block_m: int) -> RouteOut:
+    n_rows, n_groups, n = logits.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"top-k {k} out of range for {n} experts per group")
+    S, n_experts = n_groups * k, n_groups * n
+    n_pairs = n_rows * S
+    n_tiles = max_tiles(n_pairs, n_experts, block_m)
+    i64, i32 = torch.int64, torch.int32
+    return (logits.new_empty(n_rows, S), logits.new_empty(n_rows, S, dtype=i64), logits.new_empty(n_pairs, dtype=i64),
+            logits.new_empty(n_experts + 1, dtype=i64), logits.new_empty(n_tiles, dtype=i32),
+            logits.new_empty(n_tiles, dtype=i32))
+
+
+def _route_setup(ctx, inputs: tuple, output: RouteOut) -> None:
+    logits, k, _ = inputs
+    ctx.save_for_backward(output[0], output[1])
+    ctx.shape = (logits.shape[0], logits.shape[1], logits.shape[2], k)
+
+
+def _route_backward(ctx, grad_gate: Optional[torch.Tensor], *unused) -> tuple[Optional[torch.Tensor], None, None]:
+    """grad_logits: grad * g * (1 - g) scattered into the chosen logits (plain torch ops: traceable)."""
+    gate, expert_index = ctx.saved_tensors
+    n_rows, n_groups, n, k = ctx.shape
+    if grad_gate is None:
+        return None, None, None
+    g = gate.float()
+    local = expert_index.view(n_rows, n_groups, k) - torch.arange(n_groups, device=gate.device).view(1, -1, 1) * n
+    val = (grad_gate.float() * g * (1.0 - g)).view(n_rows, n_groups, k)
+    grad = torch.zeros(n_rows, n_groups, n, dtype=torch.float32, device=gate.device).scatter_(2, local, val)
+    return grad.to(gate.dtype), None, None
+
+
+_route_op.register_autograd(_route_backward, setup_context=_route_setup)
 
 
 def sigmoid_topk_route(logits: torch.Tensor, k: int, block_m: int = 128
@@ -120,6 +165,7 @@ def sigmoid_topk_route(logits: torch.Tensor, k: int, block_m: int = 128
 
     Slots within a group are in descending gate order; experts are chosen by logit (ties: lowest index).
     """
-    gate, expert_index, order, offsets, tile_expert, tile_start = _SigmoidTopK.apply(logits, k, block_m)
+    gate, expert_index, order, offsets, tile_expert, tile_start = torch.ops.moeut.sigmoid_topk_route(
+        logits, k, block_m)
     n_experts = logits.shape[1] * logits.shape[2]
     return gate, expert_index, RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
