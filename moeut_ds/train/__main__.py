@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto (newest complete checkpoint of the run, else start fresh), none, or a checkpoint path")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=200 model.preset=dense-tiny")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)     # options may come after key=value overrides
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     import torch
