@@ -19,6 +19,8 @@
 # MOEUT_MASTER_ADDR: set it when the node names of the allocation are not resolvable host names (e.g. the
 # fake nodes of tests/slurm/cluster.sh, which all live on one machine: use 127.0.0.1 there), or to pick a
 # specific interface of the first node (e.g. its InfiniBand address).
+# MOEUT_MASTER_WAIT: seconds ranks > 0 wait for rank 0's port to accept connections before giving up with a
+# message naming the address (default 600).
 # MOEUT_LAUNCH_VERBOSE=1 prints the mapping of every task (otherwise rank 0 only).
 set -euo pipefail
 
@@ -79,6 +81,23 @@ else
     MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 12000 ))
 fi
 export MASTER_PORT
+
+# Ranks other than 0 first wait until rank 0's rendezvous port accepts connections, so that an unreachable master
+# (wrong address, firewall, rank 0 dead) fails with this message after MOEUT_MASTER_WAIT seconds (default 600),
+# not with a bare socket timeout inside torch.
+if [[ $RANK -ne 0 ]]; then
+    wait_s=${MOEUT_MASTER_WAIT:-600}
+    t0=$SECONDS
+    until timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null; do
+        if (( SECONDS - t0 >= wait_s )); then
+            die "rank $RANK on node ${SLURMD_NODENAME:-$(hostname)} cannot reach the master $MASTER_ADDR:$MASTER_PORT (rank 0 on the first node) after ${wait_s}s.
+  Check that rank 0 started (its errors are in the job log), that $MASTER_ADDR is an address of the first node
+  reachable from this one (else set MOEUT_MASTER_ADDR, e.g. the first node's IP on the cluster network), and that
+  no firewall blocks port $MASTER_PORT (or choose another with MOEUT_MASTER_PORT)."
+        fi
+        sleep 1
+    done
+fi
 
 # Accelerator: GPUs if nvidia-smi lists any, else CPU processes with gloo.
 ngpus=0

@@ -295,3 +295,19 @@ def test_world_size_mismatch_is_named(slurm_cluster, trainer_data, tmp_path):
     assert "not requeueing" in log
     assert slurm_cluster.job_field(job, "JobState") == "FAILED"
     assert slurm_cluster.job_field(job, "Restarts") == "0"
+
+
+def test_unreachable_master_is_named(slurm_cluster, tmp_path):
+    """An address that resolves but where nothing listens (TEST-NET-1): rank 1 gives up with a message naming it,
+    srun ends the job after the grace time, the job fails and is not requeued."""
+    (tmp_path / "cfg.yaml").write_text("steps: 3\n")
+    env = slurm_cluster.job_env(MOEUT_TRAIN_SCRIPT=STANDIN, MOEUT_MASTER_ADDR="192.0.2.1", MOEUT_MASTER_WAIT=4,
+                                MOEUT_TASK_EXIT_GRACE=3)
+    out = tmp_path / "um.out"
+    proc, job = slurm_cluster.sbatch(out, [tmp_path / "cfg.yaml", f"run_dir={tmp_path}/um"], env, timeout=180)
+    log = _log(out)
+    assert proc.returncode != 0, log
+    assert re.search(r"rank 1 on node n2 cannot reach the master 192\.0\.2\.1:\d+ \(rank 0 on the first node\) "
+                     r"after 4s", log), log
+    assert "not requeueing" in log
+    assert slurm_cluster.job_field(job, "Restarts") == "0"
