@@ -95,6 +95,8 @@ def slurm_cluster():
         stop = subprocess.run(["bash", str(CLUSTER_SH), "stop", directory], text=True, capture_output=True,
                               timeout=120)
         print(stop.stdout, stop.stderr, file=sys.stderr)
+        if stop.returncode == 0 and os.environ.get("MOEUT_KEEP_SLURM_DIR") != "1":
+            shutil.rmtree(directory, ignore_errors=True)   # logs stay when stopping failed or when asked to keep
 
 
 def _log(path: Path) -> str:
