@@ -1,0 +1,279 @@
+"""Full training step on one GPU: MoEUT (triton expert backend) vs the dense baseline, eager and torch.compile.
+
+    PYTHONPATH=.:kernels python bench/bench_step.py [--sizes 244m,1b] [--budget-s 300] [--out DIR]
+
+One step = forward + backward of cross-entropy (+ the entropy regulariser, training mode) over 64 x 1024 tokens
+under bf16 autocast with fp32 master weights, then a fused AdamW step and zero_grad. Plain PyTorch, no DeepSpeed.
+If 64 sequences do not fit in memory, the step runs as 2 or 4 micro-batches with gradient accumulation (the table
+says which). Per variant: median ms/step over the timed steps (CUDA events, after warm-up; compile time reported
+separately), tokens/s, steady-state peak memory (torch.cuda.max_memory_allocated), host syncs in one steady step
+(torch.cuda.set_sync_debug_mode). Also: a quick correctness check (triton vs reference backend forward loss; eager
+vs compiled loss and gradient norm), and a torch.profiler breakdown of one eager MoEUT step (top kernels).
+Variants run in order of importance and stop when --budget-s is spent.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from moeut_ds import LanguageModel, get_preset  # noqa: E402
+
+BATCH, SEQ = 64, 1024
+DEV = "cuda"
+T0 = time.time()
+torch._dynamo.config.automatic_dynamic_shapes = False   # static shapes: every variant compiles for its own shapes
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def make_batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (never zeros): inputs [B, T] and next-token targets [B, T]."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    ids = torch.randint(0, vocab, (BATCH, SEQ + 1), device=DEV, generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def lm_loss(model: Callable, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    out = model(inp)
+    return F.cross_entropy(out.logits.flatten(0, 1).float(), tgt.flatten()) + out.reg_loss
+
+
+class Trainer:
+    """model (fp32 weights) + fused AdamW; step() = accumulate over micro-batches under bf16 autocast, then update."""
+
+    def __init__(self, preset: str, backend: str, compile_model: bool, micro: int):
+        torch.manual_seed(0)
+        self.model = LanguageModel(get_preset(preset), expert_backend=backend).to(DEV).train()
+        self.fn: Callable = torch.compile(self.model) if compile_model else self.model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        self.micro = micro
+        self.inp, self.tgt = make_batch(self.model.cfg.vocab_size)
+
+    def step(self, record: Optional[dict] = None) -> None:
+        """One optimizer step; with `record`, also store the loss and the gradient norm (host syncs: first step)."""
+        n = BATCH // self.micro
+        total = 0.0
+        for i in range(n):
+            sl = slice(i * self.micro, (i + 1) * self.micro)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = lm_loss(self.fn, self.inp[sl], self.tgt[sl])
+            (loss / n).backward()
+            if record is not None:
+                total += loss.item() / n
+        if record is not None:
+            grads = [p.grad.float().norm() for p in self.model.parameters() if p.grad is not None]
+            record.update(loss=total, grad_norm=torch.linalg.vector_norm(torch.stack(grads)).item())
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def count_syncs(fn: Callable[[], None]) -> int:
+    """Synchronising calls in one fn() (torch's sync debug mode warns once per call; its own one-time notice about
+    the prototype feature is not a sync)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("called a synchronizing" in str(w.message) for w in caught)
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: int, steps: int) -> dict:
+    """Time one variant; raises torch.OutOfMemoryError if the micro-batch does not fit."""
+    torch._dynamo.reset()               # no graphs (or automatic dynamic shapes) carried over from another model
+    tr = Trainer(preset, backend, compile_model, micro)
+    first: dict = {}
+    try:
+        t = time.time()
+        tr.step(first)                  # compile (if any), optimizer state allocation; loss and grad norm
+        torch.cuda.synchronize()
+        first_s = time.time() - t
+        for _ in range(warmup - 1):
+            tr.step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            tr.step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        syncs = count_syncs(tr.step)
+        med = statistics.median(times)
+        return dict(preset=preset, backend=backend, mode="compiled" if compile_model else "eager", micro=micro,
+                    ms=med, ms_min=min(times), ms_max=max(times), tok_s=BATCH * SEQ / med * 1e3, peak_gib=peak,
+                    syncs=syncs, first_step_s=first_s, first_loss=first["loss"], first_grad_norm=first["grad_norm"],
+                    params_m=sum(p.numel() for p in tr.model.parameters()) / 1e6)
+    finally:
+        del tr
+        free()
+
+
+def bench_fit(preset: str, backend: str, compile_model: bool, micros: list[int], warmup: int, steps: int
+              ) -> Optional[dict]:
+    """bench() at the largest micro-batch that fits."""
+    for micro in micros:
+        try:
+            r = bench(preset, backend, compile_model, micro, warmup, steps)
+            log(f"{preset} {r['mode']}: micro {micro}, {r['ms']:.1f} ms/step ({r['ms_min']:.1f}-{r['ms_max']:.1f}), "
+                f"{r['tok_s']:,.0f} tok/s, peak {r['peak_gib']:.1f} GiB, syncs {r['syncs']}, "
+                f"first step {r['first_step_s']:.1f} s")
+            return r
+        except torch.OutOfMemoryError:
+            log(f"{preset} {'compiled' if compile_model else 'eager'}: OOM at micro-batch {micro}")
+            free()
+    return None
+
+
+def check(preset: str) -> dict:
+    """Forward loss with the triton vs the reference backend on the same weights (4 sequences, bf16 autocast).
+    Eager vs compiled agreement is checked in the table's runs: same init, same batch, first-step loss/grad norm."""
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset(preset), expert_backend="triton").to(DEV).train()
+    inp, tgt = make_batch(model.cfg.vocab_size, seed=1)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        lt = lm_loss(model, inp[:4], tgt[:4]).item()
+        model.set_expert_backend("reference")
+        lr = lm_loss(model, inp[:4], tgt[:4]).item()
+    del model
+    free()
+    return dict(loss_triton=lt, loss_reference=lr)
+
+
+def profile_step(preset: str, micro: int, top: int = 15) -> str:
+    """Top kernels by self CUDA time over one steady eager MoEUT step."""
+    from torch.profiler import ProfilerActivity, profile
+    tr = Trainer(preset, "triton", False, micro)
+    for _ in range(2):
+        tr.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        tr.step()
+        torch.cuda.synchronize()
+    avgs = prof.key_averages()
+    events = [e for e in avgs if "CUDA" in str(getattr(e, "device_type", "")) and e.self_device_time_total > 0]
+    if not events:   # older profilers: no device_type on the averages
+        events = [e for e in avgs if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"one eager {preset} step, kernel time total {total / 1e3:.1f} ms (self CUDA time)",
+             "| kernel | calls | ms | % |", "|---|---|---|---|"]
+    for e in events[:top]:
+        lines.append(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.2f} | "
+                     f"{100 * e.self_device_time_total / total:.1f} |")
+    del tr
+    free()
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="244m,1b")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--budget-s", type=float, default=300.0, help="start no new variant after this many seconds")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for bench_step.json and profile.md")
+    args = ap.parse_args()
+    out = Path(args.out) if args.out else None
+    import triton
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat(), tokens=BATCH * SEQ)
+    log(str(info))
+    results: dict = dict(info=info, rows=[])
+
+    def save() -> None:
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench_step.json").write_text(json.dumps(results, indent=1))
+
+    sizes = args.sizes.split(",")
+    results["check"] = check(f"moeut-{sizes[0]}")
+    log(f"check: {results['check']}")
+    save()
+    micros = [BATCH, BATCH // 2, BATCH // 4]
+    plan = []
+    for size in sizes:
+        plan += [(f"moeut-{size}", "triton", False), (f"dense-{size}", "reference", False)]
+        if size == sizes[0]:
+            plan.append(("profile", None, None))
+        if not args.no_compile:
+            plan += [(f"moeut-{size}", "triton", True), (f"dense-{size}", "reference", True)]
+    fitted: dict[str, int] = {}
+    for preset, backend, comp in plan:
+        if time.time() - T0 > args.budget_s:
+            log(f"budget spent: skipping {preset} {'compiled' if comp else 'eager'}")
+            results.setdefault("skipped", []).append(f"{preset} {'compiled' if comp else 'eager'}")
+            continue
+        if preset == "profile":
+            p = f"moeut-{sizes[0]}"
+            results["profile"] = profile_step(p, fitted.get(p, BATCH))
+            print(results["profile"], flush=True)
+            if out:
+                (out / "profile.md").write_text(results["profile"] + "\n")
+            continue
+        start = micros.index(fitted[preset]) if preset in fitted else 0
+        try:
+            r = bench_fit(preset, backend, comp, micros[start:], args.warmup, args.steps)
+        except Exception as e:  # a variant that fails (e.g. compile) is reported, the rest still run
+            log(f"{preset} {'compiled' if comp else 'eager'} failed: {type(e).__name__}: {str(e)[:800]}")
+            results.setdefault("failed", []).append(f"{preset} compiled={comp}: {type(e).__name__}: {str(e)[:800]}")
+            free()
+            continue
+        if r:
+            fitted.setdefault(preset, r["micro"])
+            results["rows"].append(r)
+        save()
+
+    rows = results["rows"]
+    print("\n| model | mode | micro-batch x accum | ms/step (min-max) | tokens/s | peak GiB | host syncs | first step s "
+          "| first loss / grad norm |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} ({r['params_m']:.0f}M) | {r['mode']} | {r['micro']} x {BATCH // r['micro']} | "
+              f"{r['ms']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {r['tok_s']:,.0f} | {r['peak_gib']:.1f} | "
+              f"{r['syncs']} | {r['first_step_s']:.1f} | {r['first_loss']:.4f} / {r['first_grad_norm']:.4f} |")
+    by = {(r["preset"], r["mode"]): r["ms"] for r in rows}
+    ratios = {}
+    for size in sizes:
+        for mm, dm in (("eager", "eager"), ("compiled", "compiled"), ("eager", "compiled")):
+            m, d = by.get((f"moeut-{size}", mm)), by.get((f"dense-{size}", dm))
+            if m and d:
+                ratios[f"{size} moeut {mm} / dense {dm}"] = m / d
+                print(f"MoEUT-{size} {mm} / dense-{size} {dm}: {m / d:.2f}x")
+    results["ratios"] = ratios
+    save()
+
+
+if __name__ == "__main__":
+    main()
