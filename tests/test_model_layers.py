@@ -29,7 +29,7 @@ def test_sigma_moe_matches_naive_loop():
     moe = SigmaMoE(d_model=12, n_experts=7, expert_size=5, k=3)
     moe.reset_parameters(1.0)
     x, r = torch.randn(2, 6, 12), torch.randn(2, 6, 12)
-    torch.testing.assert_close(moe(x, r, BACKEND), naive_sigma_moe(moe, x, r), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x, r, BACKEND)[0], naive_sigma_moe(moe, x, r), rtol=1e-5, atol=1e-6)
 
 
 def test_sigmoid_topk_without_renormalisation():
@@ -78,7 +78,7 @@ def test_switchhead_matches_naive_loop():
     att = SwitchHead(d_model=16, n_heads=3, d_head=10, n_experts=4, k=2, n_rotate=4, rope_base=10000.0)
     att.reset_parameters(1.0)
     xn, x = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
-    got, _ = att(xn, x, BACKEND)
+    got, _, _ = att(xn, x, BACKEND)
     torch.testing.assert_close(got, naive_switchhead(att, xn, x), rtol=1e-5, atol=1e-5)
 
 

@@ -72,10 +72,7 @@ def _run_worker(tmp_path, source: str, world: int, overrides: list[str]) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,reg", [(2, True), (3, False),
-                                       pytest.param(3, True, marks=pytest.mark.xfail(strict=True, reason=(
-                                           "known: under ZeRO-3 the entropy regulariser's gradient (router logits "
-                                           "returned beside the module outputs) differs; docs/TRAINING.md")))])
+@pytest.mark.parametrize("stage,reg", [(2, True), (3, False), (3, True)])
 def test_data_parallel_gradients_equal_single_process(tmp_path, data_dir, stage, reg):
     over = tiny_overrides(data_dir, tmp_path / "run", **{"deepspeed_config": f"ds_configs/zero{stage}.json",
                                                          "train.global_batch": 4, "optim.grad_clip": 0.0})

@@ -36,8 +36,9 @@ class DenseLayer(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, backend=None, router_log=None,
-                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[KVCache]]:
+    def forward(self, x: torch.Tensor, backend=None, cache: Optional[KVCache] = None
+                ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
+        """Same signature as MoEUTLayer (no routers: the logits dict is empty)."""
         xn = self.ln_att(x)
         scale = self.d_head ** -0.25
         offset = cache["k"].shape[-2] if cache else 0
@@ -50,4 +51,4 @@ class DenseLayer(nn.Module):
             cache = {"k": k, "v": v}
         x = x + self.w_o(attend(q, k, v).transpose(1, 2).flatten(2))
         x = x + self.ff_down(F.relu(self.ff_up(self.ln_ff(x))))
-        return x, cache
+        return x, cache, {}

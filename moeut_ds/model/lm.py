@@ -62,7 +62,10 @@ class LanguageModel(nn.Module):
         new_cache: Optional[list[KVCache]] = [] if cache is not None else None
         for i, g in enumerate(self.schedule):
             layer_cache = (cache[i] if i < len(cache) else {}) if cache is not None else None
-            x, layer_cache = self.layers[g](x, self.expert_backend, None if logs is None else logs[g], layer_cache)
+            x, layer_cache, logits = self.layers[g](x, self.expert_backend, layer_cache)
+            if logs is not None:
+                for key, value in logits.items():
+                    logs[g][key].append(value)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         logits = self.lm_head(self.out_norm(x))

@@ -31,21 +31,23 @@ class MoEUTLayer(nn.Module):
         for ln in (self.ln_att, self.ln_ff):
             ln.reset_parameters()
 
-    def forward(self, x: torch.Tensor, backend: ExpertBackend,
-                router_log: Optional[dict[str, list[torch.Tensor]]] = None,
-                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[KVCache]]:
-        ff_log = None if router_log is None else router_log["ff"]
+    def forward(self, x: torch.Tensor, backend: ExpertBackend, cache: Optional[KVCache] = None
+                ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
+        """Returns the new residual, the KV cache and the raw router logits {"ff", "v", "o"} of this application."""
         if self.norm == "peri":     # LN only in front of what feeds a softmax/sigmoid; V and experts read raw x
             xn = self.ln_att(x)
-            att, cache = self.attention(xn, x, backend, router_log, cache)
+            att, cache, logits = self.attention(xn, x, backend, cache)
             x = x + att
-            return x + self.ffn(x, self.ln_ff(x), backend, ff_log), cache
+            ff, logits["ff"] = self.ffn(x, self.ln_ff(x), backend)
+            return x + ff, cache, logits
         if self.norm == "pre":
             xn = self.ln_att(x)
-            att, cache = self.attention(xn, xn, backend, router_log, cache)
+            att, cache, logits = self.attention(xn, xn, backend, cache)
             x = x + att
             xn = self.ln_ff(x)
-            return x + self.ffn(xn, xn, backend, ff_log), cache
-        att, cache = self.attention(x, x, backend, router_log, cache)      # post-LN
+            ff, logits["ff"] = self.ffn(xn, xn, backend)
+            return x + ff, cache, logits
+        att, cache, logits = self.attention(x, x, backend, cache)      # post-LN
         x = self.ln_att(x + att)
-        return self.ln_ff(x + self.ffn(x, x, backend, ff_log)), cache
+        ff, logits["ff"] = self.ffn(x, x, backend)
+        return self.ln_ff(x + ff), cache, logits

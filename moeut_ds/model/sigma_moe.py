@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
@@ -25,14 +23,16 @@ class SigmaMoE(nn.Module):
         nn.init.normal_(self.w2, 0, std_scale / math.sqrt(self.n_experts * expert_size))
         nn.init.normal_(self.router, 0, std_scale / math.sqrt(d_model))   # the training code keeps raw rows
 
-    def forward(self, x: torch.Tensor, router_in: torch.Tensor, backend: ExpertBackend,
-                router_log: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
-        """x [B, T, d] feeds the experts, router_in [B, T, d] (LayerNorm'd under peri-LN) feeds the router."""
-        logits = nn.functional.linear(router_in, self.router).float()          # s [B, T, N_E]
-        if router_log is not None:
-            router_log.append(logits)
+    def forward(self, x: torch.Tensor, router_in: torch.Tensor,
+                backend: ExpertBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, d] feeds the experts, router_in [B, T, d] (LayerNorm'd under peri-LN) feeds the router.
+
+        Returns the output and the raw router logits s [B, T, N_E] (for the regulariser). The logits are a module
+        output, not a side channel, so that ZeRO-3's backward hooks see the regulariser's gradient path."""
+        logits = nn.functional.linear(router_in, self.router).float()
+        selection = logits
         if self.training and self.expert_dropout > 0:
-            logits = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
-        routing = backend.route(logits.reshape(-1, 1, self.n_experts), self.k)
+            selection = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
+        routing = backend.route(selection.reshape(-1, 1, self.n_experts), self.k)
         y = backend.mlp(x.reshape(-1, x.shape[-1]), self.w1, self.w2, routing)
-        return y.view_as(x)
+        return y.view_as(x), logits

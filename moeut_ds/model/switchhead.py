@@ -60,23 +60,23 @@ class SwitchHead(nn.Module):
                 nn.init.normal_(w, 0, std_scale / math.sqrt(d_model))
                 renorm_rows_keep_std(w)
 
-    def _route(self, xn: torch.Tensor, router: torch.Tensor, backend: ExpertBackend,
-               router_log: Optional[list[torch.Tensor]]):
+    def _route(self, xn: torch.Tensor, router: torch.Tensor, backend: ExpertBackend):
+        """Raw logits [B, T, H, N_A] (for the regulariser) and the per-head sigmoid top-K_A routing."""
         logits = F.linear(xn, router).float().view(*xn.shape[:-1], self.n_heads, self.n_experts)
-        if router_log is not None:
-            router_log.append(logits)
+        selection = logits
         if self.training and self.expert_dropout > 0:
-            logits = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
-        return backend.route(logits.reshape(-1, self.n_heads, self.n_experts), self.k)
+            selection = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
+        return logits, backend.route(selection.reshape(-1, self.n_heads, self.n_experts), self.k)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, H*d_h] -> [B, H, T, d_h]"""
         return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, xn: torch.Tensor, x: torch.Tensor, backend: ExpertBackend,
-                router_log: Optional[dict[str, list[torch.Tensor]]] = None,
-                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[KVCache]]:
-        """xn: LayerNorm'd input (Q, K, routers); x: raw residual (V). Returns output [B, T, d] and the new cache."""
+    def forward(self, xn: torch.Tensor, x: torch.Tensor, backend: ExpertBackend, cache: Optional[KVCache] = None
+                ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
+        """xn: LayerNorm'd input (Q, K, routers); x: raw residual (V).
+
+        Returns the output [B, T, d], the new cache and the raw router logits {"v", "o"} (empty when N_A = 1)."""
         bsz, seq, d_model = x.shape
         scale = self.d_head ** -0.25
         q = self._heads(F.linear(xn, self.w_q) * scale)
@@ -84,9 +84,10 @@ class SwitchHead(nn.Module):
         offset = cache["k"].shape[-2] if cache else 0
         q = apply_rope(q, self.n_rotate, self.rope_base, offset)
         k = apply_rope(k, self.n_rotate, self.rope_base, offset)
+        logits: dict[str, torch.Tensor] = {}
         if self.n_experts > 1:
-            routing_v = self._route(xn, self.router_v, backend, None if router_log is None else router_log["v"])
-            routing_o = self._route(xn, self.router_o, backend, None if router_log is None else router_log["o"])
+            logits["v"], routing_v = self._route(xn, self.router_v, backend)
+            logits["o"], routing_o = self._route(xn, self.router_o, backend)
             group = self.n_heads * self.k
             v = backend.matmul(x.reshape(-1, d_model), self.w_v, routing_v, in_group=group, out_group=self.k)
             v = v.view(bsz, seq, self.n_heads, self.d_head).transpose(1, 2)
@@ -102,4 +103,4 @@ class SwitchHead(nn.Module):
             out = backend.matmul(a.reshape(-1, self.d_head), self.w_o, routing_o, in_group=self.k, out_group=group)
         else:
             out = F.linear((a * o_gate.unsqueeze(-1).to(a.dtype)).flatten(2), self.w_o)
-        return out.view(bsz, seq, d_model), cache
+        return out.view(bsz, seq, d_model), cache, logits
