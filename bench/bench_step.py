@@ -256,8 +256,8 @@ def main() -> None:
         save()
 
     rows = results["rows"]
-    print("\n| model | mode | micro-batch x accum | ms/step (min-max) | tokens/s | peak GiB | host syncs | first step s "
-          "| first loss / grad norm |")
+    print("\n| model | mode | micro-batch x accum | ms/step (min-max) | tokens/s | peak GiB | host syncs "
+          "| first step s | first loss / grad norm |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} ({r['params_m']:.0f}M) | {r['mode']} | {r['micro']} x {BATCH // r['micro']} | "

@@ -1,4 +1,5 @@
-"""Dropless grouped expert matmul over routed pairs, as an autograd Function.
+"""Dropless grouped expert matmul over routed pairs, as torch.library custom ops (moeut::grouped_matmul and its
+backward; fake impls and registered autograd, so torch.compile traces through them without graph breaks).
 
 For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
 - Input rows: x[p // in_group] gathered inside the kernel's loads, or x in expert-sorted pair layout (in_group None).

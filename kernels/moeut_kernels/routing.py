@@ -2,7 +2,8 @@
 
 Launches per routing: a memset of the histogram, the fused sigmoid/top-k/histogram kernel, torch's stable radix sort
 of a 16-bit key (2 radix passes for < 32768 experts), and the plan kernel (offsets + tile list). Every buffer is sized
-by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for the device.
+by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for the device. Routing and plan are
+torch.library custom ops (moeut::sigmoid_topk_route, moeut::plan) with fake impls, so torch.compile traces them.
 """
 from __future__ import annotations
 
