@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from moeut_ds.config import ModelConfig
+from moeut_ds.parallel.expert_checkpoint import has_expert_shards, read_full_experts
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -59,7 +60,10 @@ def load_from_checkpoint(path: str | Path, expert_backend: str = "auto"):
     tag_dir = find_checkpoint(path)
     state = ckpt.read_state(tag_dir)
     model = LanguageModel(ModelConfig.from_dict(state["model_config"]), expert_backend=expert_backend)
-    model.load_state_dict(consolidated_state_dict(tag_dir), strict=True)
+    weights = consolidated_state_dict(tag_dir)
+    if has_expert_shards(tag_dir):          # expert-parallel run: the experts live beside DeepSpeed's files
+        weights.update(read_full_experts(tag_dir))
+    model.load_state_dict(weights, strict=True)
     return model.eval(), state
 
 

@@ -42,40 +42,60 @@ def save_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, c
     save_file(tensors, str(out / f"shard{shards.groups.ep_rank}-of-{shards.groups.ep_size}.safetensors"), meta)
 
 
-def load_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
-    """Fill this rank's shards (and their AdamW state) from a checkpoint saved at any expert-parallel size."""
+def has_expert_shards(checkpoint: Path) -> bool:
+    return any((Path(checkpoint) / EXPERT_DIR).glob("shard*-of-*.safetensors"))
+
+
+def _saved_shards(checkpoint: Path) -> list[tuple[Path, dict[str, list[int]], float]]:
     files = sorted((Path(checkpoint) / EXPERT_DIR).glob("shard*-of-*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{checkpoint}: no {EXPERT_DIR}/shard*.safetensors: this checkpoint was saved "
-                                f"without expert parallelism; resume it with expert_parallel_size=1")
+                                f"without expert parallelism")
     saved = []
     for f in files:
         with safe_open(str(f), framework="pt") as h:
             meta = h.metadata()
             saved.append((f, json.loads(meta["bounds"]), float(meta["step"])))
+    return saved
+
+
+def _read_range(saved, name: str, key: str, lo: int, hi: int, total: int) -> torch.Tensor | None:
+    """Experts [lo, hi) of `name` (or of its optimizer state `key`) from the saved shards that overlap them."""
+    pieces, covered = [], lo
+    for f, bounds, _ in sorted(saved, key=lambda s: s[1].get(name, [0])[0]):
+        if name not in bounds or bounds[name][2] != total:
+            raise ValueError(f"{f}: {name} holds {bounds.get(name, [0, 0, None])[2]} experts, the model has {total}: "
+                             f"the checkpoint is from another model")
+        s_lo, s_hi, _ = bounds[name]
+        a, b = max(lo, s_lo), min(hi, s_hi)
+        if a >= b:
+            continue
+        tname = f"{name}.{key}" if key else name
+        with safe_open(str(f), framework="pt") as h:
+            if tname not in h.keys():
+                return None
+            pieces.append(h.get_slice(tname)[a - s_lo:b - s_lo])
+        covered = b
+    if covered != hi:
+        raise ValueError(f"the saved expert shards do not cover experts [{lo}, {hi}) of {name}")
+    return torch.cat(pieces)
+
+
+def load_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+    """Fill this rank's shards (and their AdamW state) from a checkpoint saved at any expert-parallel size."""
+    saved = _saved_shards(checkpoint)
     step = saved[0][2]
     for name, p in shards.params.items():
         lo, hi, total = shards.bounds[name]
-        pieces: dict[str, list[torch.Tensor]] = {"": [], **{k: [] for k in STATE_KEYS}}
-        covered = lo
-        for f, bounds, _ in sorted(saved, key=lambda s: s[1][name][0]):
-            if name not in bounds or bounds[name][2] != total:
-                raise ValueError(f"{f}: {name} holds {bounds.get(name, [0, 0, '?'])[2]} experts, the model has "
-                                 f"{total}: the checkpoint is from another model")
-            s_lo, s_hi, _ = bounds[name]
-            a, b = max(lo, s_lo), min(hi, s_hi)
-            if a >= b:
-                continue
-            with safe_open(str(f), framework="pt") as h:
-                for key in pieces:
-                    tname = f"{name}.{key}" if key else name
-                    if tname in h.keys():
-                        pieces[key].append(h.get_slice(tname)[a - s_lo:b - s_lo])
-            covered = b
-        if covered != hi or not pieces[""]:
-            raise ValueError(f"{checkpoint}: the saved expert shards do not cover experts [{lo}, {hi}) of {name}")
         with torch.no_grad():
-            p.copy_(torch.cat(pieces[""]).to(p.dtype))
-        if all(pieces[k] for k in STATE_KEYS):
-            optimizer.state[p] = {"step": torch.tensor(step),
-                                  **{k: torch.cat(pieces[k]).to(p.device) for k in STATE_KEYS}}
+            p.copy_(_read_range(saved, name, "", lo, hi, total).to(p.dtype))
+        state = {k: _read_range(saved, name, k, lo, hi, total) for k in STATE_KEYS}
+        if all(v is not None for v in state.values()):
+            optimizer.state[p] = {"step": torch.tensor(step), **{k: v.to(p.device) for k, v in state.items()}}
+
+
+def read_full_experts(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every expert weight, whole (for export): {"layers.{g}.ffn.w1": [N_E, d, d_e], ...}."""
+    saved = _saved_shards(checkpoint)
+    names = {n: b[2] for _, bounds, _ in saved for n, b in bounds.items()}
+    return {n: _read_range(saved, n, "", 0, total, total) for n, total in names.items()}

@@ -97,6 +97,8 @@ class ExpertParallelBackend(ExpertBackend):
         ep, group = self.groups.ep_size, self.groups.ep_group
         if not torch.is_autocast_enabled(x.device.type):     # fp32 shards beside a bf16 engine's activations
             w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
+        if ep == 1:                                          # one shard holds every expert: nothing to send
+            return self.local.mlp(x, w1, w2, routing)
         n_tokens, k = routing.expert_index.shape
         bounds = torch.tensor(shard_bounds(routing.n_experts, ep), device=x.device)
         dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
@@ -156,7 +158,8 @@ class ExpertShards:
                 setattr(ffn, attr, shard)             # plain attribute: SigmaMoE.forward reads self.w1 / self.w2
                 name = f"layers.{g}.ffn.{attr}"
                 self.params[name], self.bounds[name] = shard, (lo, hi, ffn.n_experts)
-        model.set_expert_backend(ExpertParallelBackend(model.expert_backend, groups))
+        self.model_backend = ExpertParallelBackend(model.expert_backend, groups)
+        model.set_expert_backend(self.model_backend)
 
     def to(self, device: torch.device | str) -> "ExpertShards":
         for t in self.params.values():
@@ -197,10 +200,9 @@ class ExpertShards:
         return sq
 
 
-def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> Optional[ExpertShards]:
-    """Split every σ-MoE layer's experts across the expert-parallel group; None when ep = 1 (nothing to do)."""
-    if groups.ep_size == 1:
-        return None
+def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> ExpertShards:
+    """Split every σ-MoE layer's experts across the expert-parallel group (ep = 1: one shard holding all of them,
+    still owned outside DeepSpeed, which is how a checkpoint saved with ep > 1 resumes on fewer ranks)."""
     if getattr(model, "cfg", None) is None or model.cfg.arch != "moeut":
         raise ValueError("expert parallelism needs an arch='moeut' model (the dense baseline has no experts)")
     return ExpertShards(model, groups)

@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -103,18 +103,29 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
                       f"pass a stepNNNNNNNN directory, its parent, 'auto' or 'none'")
 
 
-def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: int, where: Path) -> None:
-    """Refuse a resume that would silently train something else (or that DeepSpeed cannot load)."""
+def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: int, where: Path,
+                     experts_sharded: bool = False) -> None:
+    """Refuse a resume that would silently train something else (or that DeepSpeed cannot load).
+
+    A different world size is fine for ZeRO-1/2: DeepSpeed's own files are converted to its universal checkpoint
+    format (`universal_checkpoint`) and expert shards are re-sliced (parallel/expert_checkpoint.py)."""
     saved_model = state["model_config"]
     if saved_model != model_cfg:
         diff = sorted(k for k in set(saved_model) | set(model_cfg) if saved_model.get(k) != model_cfg.get(k))
         detail = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {model_cfg.get(k)!r}" for k in diff)
         raise ConfigError(f"cannot resume from {where}: the model config differs ({detail}). Resume with the saved "
                           f"model settings, or start a new run_dir (export the checkpoint to fine-tune from it)")
-    if state["world_size"] != world_size:
+    if state.get("experts_sharded", False) != experts_sharded:
+        raise ConfigError(f"cannot resume from {where}: it was saved "
+                          f"{'with' if state.get('experts_sharded') else 'without'} expert parallelism and this run "
+                          f"is {'with' if experts_sharded else 'without'} it; the optimizer state layouts differ. "
+                          f"Resume with expert_parallel_size > 1 if it was saved so, or export the checkpoint "
+                          f"(python -m moeut_ds.export) and start a new run from its weights")
+    if state["world_size"] != world_size and zero_stage not in (1, 2):
         raise ConfigError(f"cannot resume from {where}: it was saved with world size {state['world_size']}, this run "
                           f"has {world_size}. The ZeRO optimizer state is partitioned per rank: resume with "
-                          f"{state['world_size']} ranks")
+                          f"{state['world_size']} ranks (ZeRO-1/2 checkpoints can change the number of ranks; ZeRO-0/3 "
+                          f"ones cannot)")
     if state["zero_stage"] != zero_stage:
         raise ConfigError(f"cannot resume from {where}: it was saved with ZeRO stage {state['zero_stage']}, this run "
                           f"uses stage {zero_stage}: resume with the same ds config")
@@ -150,8 +161,9 @@ def set_rng_state(s: dict) -> None:
 # ---- save / load ----
 
 def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: int, keep_every: int,
-         pause_s: float = 0.0) -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint directory."""
+         pause_s: float = 0.0, extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Collective: every rank calls it; `extra(tmp_dir)` writes more files (expert shards) before the commit.
+    Returns the committed checkpoint directory."""
     from moeut_ds.train.distributed import barrier
 
     final = ckpt_dir / tag_for(step)
@@ -166,6 +178,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={}, save_latest=False)
     write_json_durable(tmp / f"rng_rank{rank}.json", rng_state())
+    if extra is not None:
+        extra(tmp)
     if rank == 0:
         write_json_durable(tmp / STATE_FILE, state)
     if pause_s:
@@ -203,10 +217,37 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     return removed
 
 
-def load(engine, tag_dir: Path, rank: int) -> dict:
-    """Collective. Loads DeepSpeed's model/optimizer/scheduler state, then this rank's RNG; returns the trainer state."""
+UNIVERSAL = "universal"
+
+
+def universal_checkpoint(tag_dir: Path, rank: int) -> Path:
+    """Collective. DeepSpeed's files of `tag_dir` in its universal format (per-parameter, any number of ranks),
+    converted once by rank 0 into `tag_dir/universal` (atomically: a temporary name, then a rename)."""
+    import subprocess
+    import sys
+
+    from moeut_ds.train.distributed import barrier
+
+    out = tag_dir / UNIVERSAL
+    if rank == 0 and not out.is_dir():
+        tmp = tag_dir / f"{TMP_PREFIX}{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state",
+                            "--num_extract_workers", "1", "--num_merge_workers", "1"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"converting {tag_dir} to DeepSpeed's universal format failed:\n{r.stderr[-3000:]}")
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def load(engine, tag_dir: Path, rank: int, universal: bool = False) -> dict:
+    """Collective. Loads DeepSpeed's model/optimizer/scheduler state, then this rank's RNG; returns the trainer state.
+    universal=True reads `tag_dir/universal` (the engine must be configured with checkpoint.load_universal)."""
     state = read_state(tag_dir)
-    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+    load_dir, tag = (tag_dir, UNIVERSAL) if universal else (tag_dir.parent, tag_dir.name)
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")

@@ -83,6 +83,7 @@ class RunConfig:
     seed: int = 0
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "moeut-tiny"})
     expert_backend: str = "auto"
+    expert_parallel_size: int = 1       # ranks that split each σ-MoE layer's experts (needs ZeRO-1/2; 1 = off)
     deepspeed_config: str = "ds_configs/zero2.json"
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)   # merged into the ds config (nested keys)
     data: DataSection = field(default_factory=DataSection)
@@ -143,6 +144,12 @@ class RunConfig:
             sec, name = key.split(".")
             val = getattr(getattr(self, sec), name)
             need(isinstance(val, int) and val >= 0, f"{key}={val!r}: must be an integer >= 0")
+        need(isinstance(self.expert_parallel_size, int) and self.expert_parallel_size >= 1,
+             f"expert_parallel_size={self.expert_parallel_size!r}: must be a positive integer (1 = no expert "
+             f"parallelism)")
+        need(self.expert_parallel_size == 1 or self.model_config().arch == "moeut",
+             f"expert_parallel_size={self.expert_parallel_size} needs a MoEUT / σ-MoE model: the dense baseline has "
+             f"no experts")
         need(isinstance(self.log.every, int) and self.log.every >= 1, f"log.every={self.log.every!r}: must be >= 1")
         need(self.checkpoint.keep_last >= 1, f"checkpoint.keep_last={self.checkpoint.keep_last}: must be >= 1 "
                                              f"(the newest checkpoint is what --resume auto needs)")

@@ -25,7 +25,9 @@ from moeut_ds.accounting import forward_macs_per_token
 from moeut_ds.config import ConfigError
 from moeut_ds.train import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from moeut_ds.train import checkpoint as ckpt
+from moeut_ds.parallel.expert_checkpoint import has_expert_shards
 from moeut_ds.train.config import RunConfig
+from moeut_ds.train.experts import ExpertTraining
 from moeut_ds.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from moeut_ds.train.metrics import ExpertUsage, MetricsWriter, detect_peak_tflops
 from moeut_ds.train.schedule import make_scheduler
@@ -155,21 +157,38 @@ class Trainer:
         model = LanguageModel(self.mcfg, expert_backend=cfg.expert_backend)
         self.log(f"model: {self.mcfg.arch}, {model.num_parameters():,} parameters, expert backend "
                  f"{type(model.expert_backend).__name__}")
+        self.ckpt_dir = cfg.checkpoint_dir()
+        start = ckpt.resolve_resume(self.resume, self.ckpt_dir)
+        # Expert shards are owned outside DeepSpeed when ep > 1, and also at ep = 1 when resuming such a run.
+        sharded = cfg.expert_parallel_size > 1 or (start is not None and has_expert_shards(start))
+        self.experts = ExpertTraining.create(model, cfg.expert_parallel_size, self.zero_stage, cfg) if sharded else None
+        if self.experts:
+            self.log(f"expert parallelism: {cfg.expert_parallel_size} ranks per expert group, "
+                     f"{sum(p.numel() for p in self.experts.shards.parameters()):,} expert parameters on this rank")
+        saved = ckpt.read_state(start) if start is not None else None
+        if saved is not None:
+            ckpt.check_compatible(saved, self.mcfg.to_dict(), d.world_size, self.zero_stage, start,
+                                  experts_sharded=sharded)
+        # Another number of ranks: read DeepSpeed's state through its universal checkpoint format (ZeRO-1/2).
+        self.universal = saved is not None and saved["world_size"] != d.world_size
+        if self.universal:
+            ckpt.universal_checkpoint(start, d.rank)
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         opt = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config,
             lr_scheduler=lambda o: make_scheduler(o, opt.warmup_steps, cfg.train.steps, opt.min_lr_ratio))
         torch.manual_seed(cfg.seed + 1 + d.rank)     # dropout streams differ per rank
         self.device = self.engine.device if hasattr(self.engine, "device") else d.device
+        if self.experts:
+            self.experts.attach(self.engine)
 
         self.step = 0
         self.counters = {"samples": 0, "tokens": 0, "fwd_macs": 0.0, "bad_in_row": 0, "skipped": 0}
-        self.ckpt_dir = cfg.checkpoint_dir()
-        start = ckpt.resolve_resume(self.resume, self.ckpt_dir)
         if start is not None:
-            state = ckpt.read_state(start)
-            ckpt.check_compatible(state, self.mcfg.to_dict(), d.world_size, self.zero_stage, start)
-            state = ckpt.load(self.engine, start, d.rank)
+            state = ckpt.load(self.engine, start, d.rank, universal=self.universal)
+            if self.experts:
+                self.experts.load(start, state["step"])
             self.loader.load_state_dict(state["loader"])
             self.step = state["step"]
             self.counters.update(state["counters"])
@@ -208,7 +227,13 @@ class Trainer:
             engine.backward(loss)
             if self.zero_stage == 0 and micro == self.accum - 1:
                 self.stage0_norm = self._stage0_grad_norm()
+            last = micro == self.accum - 1
+            if self.experts and last:
+                self.experts.before_step()
+                skipped = engine.skipped_steps
             engine.step()
+            if self.experts and last:
+                self.experts.after_step(engine.get_global_grad_norm(), applied=engine.skipped_steps == skipped)
             ce_sum += ce.detach() if (self.step + 1) not in cfg.debug.nan_steps else float("nan")
             reg_sum += out.reg_loss.detach().float()
             if self.want_usage and out.router_logits is not None:
@@ -311,10 +336,12 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "counters": self.counters, "loader": self.loader.state_dict(),
                  "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
+                 "experts_sharded": self.experts is not None, "expert_parallel_size": self.cfg.expert_parallel_size,
                  "model_config": self.mcfg.to_dict(), "run_config": self.cfg.to_dict(), "time": time.time()}
         path = ckpt.save(self.engine, self.ckpt_dir, self.step, state, self.dist.rank, self.cfg.checkpoint.keep_last,
                          self.cfg.checkpoint.keep_every,
-                         pause_s=30.0 if self.step == self.cfg.debug.save_pause_step else 0.0)
+                         pause_s=30.0 if self.step == self.cfg.debug.save_pause_step else 0.0,
+                         extra=self.experts.save if self.experts else None)
         self.log(f"checkpoint {path}")
 
     def log_step(self, loss: float, reg: float, gnorm: float, elapsed: float, steps: int) -> None:
@@ -331,6 +358,8 @@ class Trainer:
                  3 * self.counters["fwd_macs"],
              "perf/tflops": flops / 1e12,
              "mem/host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+        if self.experts:
+            s["comm/expert_alltoall_bytes_per_step"] = self.experts.comm_bytes() / steps
         if self.peak:
             s["perf/mfu"] = flops / 1e12 / (self.peak * self.dist.world_size)
         if self.device.type == "cuda":
