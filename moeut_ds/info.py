@@ -1,4 +1,7 @@
-"""Print a preset's size and cost: python -m moeut_ds.info PRESET [--context T] [--json]"""
+"""Print a preset's size and cost: python -m moeut_ds.info PRESET [--context T] [--json]
+
+With any of --ep/--zero/--gpus/--micro-batch/--gpu-mem-gib it also estimates the training memory per GPU
+(moeut_ds/memory.py, docs/PARALLEL.md): python -m moeut_ds.info moeut-8b --ep 8 --zero 2 --gpus 8 --micro-batch 8"""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +10,15 @@ import sys
 
 from moeut_ds.accounting import active_parameters, count_parameters, forward_macs_per_token, paper_macs_per_token
 from moeut_ds.config import ConfigError
+from moeut_ds.memory import GIB, H200_GIB, estimate_memory
 from moeut_ds.presets import get_preset
 
 
-def describe(name: str, context: int = 1024) -> dict:
+def describe(name: str, context: int = 1024, memory: dict | None = None) -> dict:
+    """memory: keyword arguments of memory.estimate_memory (gpus, ep, zero, micro_batch, gpu_mem_gib) or None."""
     cfg = get_preset(name)
     params = count_parameters(cfg)
-    return {
+    out = {
         "preset": name, "arch": cfg.arch, "config": cfg.to_dict(),
         "params": params["total"], "params_per_group_member": params["per_layer"],
         "params_embedding_and_head": params["embedding_and_head"],
@@ -22,6 +27,35 @@ def describe(name: str, context: int = 1024) -> dict:
         "macs_per_token": paper_macs_per_token(cfg, context),
         "macs_per_token_exact": forward_macs_per_token(cfg, context),
     }
+    if memory is not None:
+        out["memory"] = estimate_memory(cfg, context=context, params_total=params["total"], **memory).to_dict()
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def print_memory(m: dict) -> None:
+    ds, ex, act = m["deepspeed"], m["experts"], m["activations"]
+    print(f"memory per GPU: {m['gpus']} GPU(s), ZeRO-{m['zero']}, ep {m['ep']}, micro-batch {m['micro_batch']} x "
+          f"{m['context']} tokens (estimate: moeut_ds/memory.py)")
+    what = "all parameters (experts included, ep 1)" if m["experts_in_deepspeed"] else "non-expert parameters"
+    print(f"  DeepSpeed, {what}: {m['params_total'] - (0 if m['experts_in_deepspeed'] else m['params_expert']):,}")
+    for k in ("params", "grads", "optimizer"):
+        print(f"    {k + ' (fp32)':<34} {_gib(ds[k])}")
+    if not m["experts_in_deepspeed"]:
+        print(f"  expert shard (1/{m['ep']} of {m['params_expert']:,} σ-MoE expert parameters, torch AdamW)")
+        for k in ("params", "grads", "optimizer"):
+            print(f"    {k + ' (fp32)':<34} {_gib(ex[k])}")
+    print(f"  {'DeepSpeed reduce buckets':<36} {_gib(m['buckets'])}")
+    print(f"  activations (bf16 autocast, Triton experts, {sum(m['per_token_layer'].values()):,} B/token/layer "
+          f"x {m['context'] * m['micro_batch']:,} tokens x L)")
+    for k, v in act.items():
+        print(f"    {k.replace('_', ' '):<34} {_gib(v)}")
+    verdict = "fits" if m["fits"] else "does NOT fit"
+    print(f"  {'total':<36} {_gib(m['total_bytes'])}  {verdict} in {m['gpu_mem_gib']:g} GiB "
+          f"(largest micro-batch that fits: {m['max_micro_batch']}; leave a few GiB for CUDA/NCCL/fragmentation)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("preset")
     ap.add_argument("--context", type=int, default=1024, help="tokens per sequence for the MACs (default 1024)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    mem = ap.add_argument_group("memory estimate per GPU (any of these turns it on)")
+    mem.add_argument("--gpus", type=int, help="data-parallel ranks (GPUs) in the run (default 1)")
+    mem.add_argument("--ep", type=int, help="expert_parallel_size: ranks that split each σ-MoE layer's experts "
+                                            "(default 1; > 1 needs --zero 1 or 2)")
+    mem.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)")
+    mem.add_argument("--micro-batch", type=int, help="sequences per GPU per forward/backward (default 8)")
+    mem.add_argument("--gpu-mem-gib", type=float, help=f"GPU memory to fit in, GiB (default {H200_GIB:g}, an H200)")
     a = ap.parse_args(argv)
+    memory = None
+    if any(v is not None for v in (a.gpus, a.ep, a.zero, a.micro_batch, a.gpu_mem_gib)):
+        memory = {"gpus": 1 if a.gpus is None else a.gpus, "ep": 1 if a.ep is None else a.ep,
+                  "zero": 2 if a.zero is None else a.zero, "micro_batch": 8 if a.micro_batch is None else a.micro_batch,
+                  "gpu_mem_gib": H200_GIB if a.gpu_mem_gib is None else a.gpu_mem_gib}
     try:
-        info = describe(a.preset, a.context)
+        info = describe(a.preset, a.context, memory)
     except ConfigError as e:
         print(f"moeut_ds.info: error: {e}", file=sys.stderr)
         return 2
@@ -49,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'active params / token':<26} {info['active_params_per_token']:,}")
     print(f"  {'fwd MACs/token (paper)':<26} {info['macs_per_token'] / 1e6:.1f}M at T={a.context}")
     print(f"  {'fwd MACs/token (exact)':<26} {info['macs_per_token_exact'] / 1e6:.1f}M (causal, LM head, all routers)")
+    if "memory" in info:
+        print_memory(info["memory"])
     return 0
 
 

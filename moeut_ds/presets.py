@@ -1,4 +1,5 @@
-"""Named model configurations: every row of the spec's tables (docs/ARCHITECTURE.md lists them)."""
+"""Named model configurations: every row of the spec's tables (docs/ARCHITECTURE.md lists them), plus MoEUT-4B and
+MoEUT-8B past the paper (docs/PARALLEL.md)."""
 from __future__ import annotations
 
 from moeut_ds.config import ConfigError, ModelConfig
@@ -11,6 +12,12 @@ _MOEUT = {
     "319m": (1024, 24, 3, 4, 128, 10, 2, 338, 16),
     "728m": (1280, 36, 4, 5, 128, 13, 2, 467, 20),
     "1b": (1536, 36, 4, 6, 128, 12, 2, 565, 24),
+    # Past the paper (docs/PARALLEL.md): the 1B row's ratios kept: d_e 128, K = 2d/128 (K*d_e = 2d), G 4, d_h 128,
+    # K_A 2, H = d/256 (H*d_h = d/2), N_A 12; d chosen so that N_E ~ 0.36-0.41 d as in the paper's rows
+    # (244M 0.38, 728M 0.36, 1B 0.37), then N_E solved from the spec's parameter formula for 4.0e9 / 8.0e9 total.
+    # Depth (compute and activations only, not parameters) grows slowly with width: L 40 (R 10) and 48 (R 12).
+    "4b": (3072, 40, 4, 12, 128, 12, 2, 1095, 48),     # 4,001.5M parameters
+    "8b": (4096, 48, 4, 16, 128, 12, 2, 1676, 64),     # 8,001.4M parameters
 }
 # name: (d, L, H, d_h, d_ff)
 _DENSE = {
@@ -58,7 +65,8 @@ def _build() -> dict[str, ModelConfig]:
 
 
 PRESETS: dict[str, ModelConfig] = _build()
-ALIASES = {"moeut-1.04b": "moeut-1b", "dense-1.04b": "dense-1b"}
+ALIASES = {"moeut-1.04b": "moeut-1b", "dense-1.04b": "dense-1b", "moeut-4.0b": "moeut-4b",
+           "moeut-8.0b": "moeut-8b"}
 
 
 def get_preset(name: str) -> ModelConfig:
