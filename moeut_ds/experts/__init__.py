@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import warnings
+
 import torch
 
 from moeut_ds.experts.interface import ExpertBackend, Routing, sigmoid_topk, sort_pairs
@@ -24,6 +26,10 @@ def get_backend(name: str = "auto") -> ExpertBackend:
     """'auto' = 'triton' when a CUDA GPU and the kernels are available, else 'reference'."""
     if name == "auto":
         name = "triton" if torch.cuda.is_available() and "triton" in _FACTORIES else "reference"
+        if torch.cuda.is_available() and name == "reference":
+            warnings.warn("CUDA is available but the Triton expert kernels are not importable (triton or "
+                          "moeut_kernels missing: `pip install -e .`, or put <repo>/kernels on PYTHONPATH); using the "
+                          "slow reference expert backend", stacklevel=2)
     if name not in _FACTORIES:
         raise ValueError(f"unknown expert backend {name!r}; available: {', '.join(available_backends())}")
     return _FACTORIES[name]()

@@ -1,0 +1,120 @@
+"""Expert parallelism on the GPUs of one host: throughput per GPU, step time, memory, communication share.
+
+    python bench/bench_expert_parallel.py --preset moeut-1b --micro 8                    # one GPU (baseline)
+    torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 1   # data parallel
+    torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 2   # expert parallel
+
+A plain PyTorch step (bf16 autocast, fp32 weights, AdamW, Triton experts) around the project's expert-parallel
+dispatch (moeut_ds/parallel): non-expert gradients are averaged with DDP, expert shards with
+ExpertShards.all_reduce_gradients. Random token ids (the routing is then not a trained model's: the bytes moved are
+close to the worst case of spread-out routing). The trainer adds DeepSpeed ZeRO on top (tested on CPU); this
+isolates what expert parallelism itself costs. Prints one JSON line per run (rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def comm_share(step, steps: int = 1) -> dict[str, float]:
+    """Fraction of GPU kernel time in NCCL all-to-all (SendRecv) and all-reduce kernels over `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    total = a2a = ar = 0.0
+    for e in prof.key_averages():
+        t = e.device_time_total
+        total += t
+        name = e.key.lower()
+        if "nccl" in name and ("sendrecv" in name or "alltoall" in name):
+            a2a += t
+        elif "nccl" in name and "allreduce" in name:
+            ar += t
+    return {"alltoall_share": a2a / max(total, 1e-9), "allreduce_share": ar / max(total, 1e-9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="moeut-1b")
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--micro", type=int, default=8, help="sequences per GPU per step")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo, reference experts)")
+    a = ap.parse_args()
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from moeut_ds import LanguageModel, get_preset
+    from moeut_ds.accounting import count_parameters
+    from moeut_ds.parallel import build_expert_parallel_groups, shard_experts
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device("cpu") if a.cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not a.cpu:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("gloo" if a.cpu else "nccl")
+    cfg = get_preset(a.preset)
+    torch.manual_seed(0)
+    with device:
+        model = LanguageModel(cfg, expert_backend="reference" if a.cpu else "triton")
+    shards = shard_experts(model, build_expert_parallel_groups(a.ep)) if a.ep > 1 else None
+    params = list(model.parameters()) + (shards.parameters() if shards else [])
+    n_local = sum(p.numel() for p in params)
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=not a.cpu)
+    gen = torch.Generator(device=device).manual_seed(1 + rank)
+    sync = (lambda: None) if a.cpu else torch.cuda.synchronize
+
+    def step() -> torch.Tensor:
+        tokens = torch.randint(0, cfg.vocab_size, (a.micro, a.context + 1), device=device, generator=gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = ddp(tokens[:, :-1])
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + out.reg_loss
+        loss.backward()
+        if shards:
+            shards.all_reduce_gradients()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(a.warmup):
+        step()
+    sync()
+    if not a.cpu:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    bytes_per_step = shards.model_backend.stats.reset()["bytes_sent"] / (a.steps + a.warmup) if shards else 0
+    share = comm_share(step) if world > 1 and not a.cpu else {}
+    ms = statistics.median(times) * 1e3
+    res = {"preset": a.preset, "gpus": world, "ep": a.ep, "micro": a.micro, "context": a.context,
+           "params_total": count_parameters(cfg)["total"], "params_on_gpu": n_local, "step_ms": ms,
+           "tokens_per_s_per_gpu": a.micro * a.context / ms * 1e3,
+           "peak_gib": 0.0 if a.cpu else torch.cuda.max_memory_allocated() / 2 ** 30,
+           "a2a_bytes_sent_per_step": bytes_per_step, **share}
+    if rank == 0:
+        print("RESULT " + json.dumps(res), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
