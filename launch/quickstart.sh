@@ -18,23 +18,8 @@ for a in "$@"; do
   esac
 done
 
-PY=python3
-if [ ! -x .venv/bin/python ]; then
-  echo "== creating .venv"
-  $PY -m venv .venv
-fi
+bash launch/setup_env.sh          # creates/refreshes .venv from requirements.txt (fast when up to date)
 PY=.venv/bin/python
-if ! $PY -c "import torch" 2>/dev/null; then
-  if ! python3 -c "import torch; assert torch.version.cuda" 2>/dev/null; then
-    echo "== installing CPU torch (no torch importable, no GPU torch on the system)"
-    $PY -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-  fi
-fi
-if ! $PY -c "import deepspeed, sentencepiece, tensorboard, moeut_ds" 2>/dev/null; then
-  echo "== installing requirements and moeut-ds"
-  $PY -m pip install -q -r requirements.txt
-  $PY -m pip install -q --no-deps -e .
-fi
 
 if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then DEVICE=gpu; else DEVICE=cpu; fi
 NPROC=$($PY -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
