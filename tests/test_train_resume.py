@@ -98,3 +98,22 @@ def test_resume_refusals(tmp_path, data_dir, trained_run):
 
 
 from dist_harness import trained_run  # noqa: E402,F401
+
+
+@pytest.mark.slow
+def test_zero2_resume_on_another_number_of_ranks_continues_the_same_losses(tmp_path, data_dir, trained_run):
+    """The shared 2-rank ZeRO-2 run saved at step 5; resume it on 1 rank (DeepSpeed's universal format) and compare
+    steps 6-10 with the uninterrupted run (same global batch: 1 rank accumulates twice as many micro-batches)."""
+    import shutil
+
+    run = tmp_path / "one-rank"
+    shutil.copytree(trained_run / "checkpoints" / "step00000005", run / "checkpoints" / "step00000005")
+    (run / "checkpoints" / "latest").write_text("step00000005")
+    run_train(tmp_path, 1, *tiny_overrides(data_dir, run, **{"eval.every": 5, "checkpoint.every": 5,
+                                                             "log.peak_tflops": 1.0}))
+    want, got = read_jsonl(trained_run), read_jsonl(run)
+    assert sorted(s for s in got if "train/loss" in got[s]) == list(range(6, 11))
+    for step in range(6, 11):
+        for key in ("train/loss", "train/grad_norm", "train/lr"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    assert (run / "checkpoints" / "step00000005" / "universal").is_dir()     # converted once, kept beside the original

@@ -323,7 +323,8 @@ class Trainer:
             else:
                 if cfg.eval.at_end and self.val_ds is not None:
                     self.validate()
-                self.save()
+                if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):   # not saved just now
+                    self.save()
         except Diverged as e:
             self.log(f"stopped: {e}")
             status = DIVERGED_EXIT_CODE
