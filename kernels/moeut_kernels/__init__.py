@@ -3,9 +3,9 @@ matmul family (forward, input gradient, deterministic weight gradient). No model
 
 Set TRITON_INTERPRET=1 before importing to run everything on CPU tensors (tests).
 """
-from moeut_kernels.grouped import TileConfig, group_sum, grouped_matmul
+from moeut_kernels.grouped import TileConfig, group_sum, grouped_matmul, segment_sum
 from moeut_kernels.routing import (RoutingPlan, max_tiles, plan_from_expert_index, plan_from_sorted,
                                    sigmoid_topk_route)
 
 __all__ = ["RoutingPlan", "TileConfig", "group_sum", "grouped_matmul", "max_tiles",
-           "plan_from_expert_index", "plan_from_sorted", "sigmoid_topk_route"]
+           "plan_from_expert_index", "plan_from_sorted", "segment_sum", "sigmoid_topk_route"]

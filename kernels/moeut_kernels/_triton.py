@@ -85,7 +85,7 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr,
+               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr,
                N, K, E,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
@@ -94,8 +94,9 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and one BLOCK_N slice of the output.
 
-    A rows: the sorted position itself (A_GROUP == 0) or the gathered row pair // A_GROUP, loaded straight from the
-    source (no gathered copy). MASK_A: A *= (amask[pos] > 0) (ReLU backward). GATE_GRAD: writes
+    A rows: the sorted position itself (A_GROUP == 0), the gathered row pair // A_GROUP (A_GROUP > 0) or aidx[pair]
+    (A_GROUP < 0: an explicit pair -> row index), loaded straight from the source (no gathered copy). D rows
+    (GATE_GRAD) likewise with D_GROUP / didx. MASK_A: A *= (amask[pos] > 0) (ReLU backward). GATE_GRAD: writes
     gpart[pair, pid_n] = sum_n acc * D[rows] (the gate's gradient for this output slice, no atomics). Then optional
     ReLU, optional per-pair scale (the gate), and a store at the sorted position or at the pair id (OUT_BY_PAIR).
     """
@@ -113,6 +114,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     pair = tl.load(order_ptr + pos, mask=rmask, other=0)
     if A_GROUP > 0:
         a_row = pair // A_GROUP
+    elif A_GROUP < 0:
+        a_row = tl.load(aidx_ptr + pair, mask=rmask, other=0).to(tl.int64)
     else:
         a_row = pos
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,6 +139,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     if GATE_GRAD:
         if D_GROUP > 0:
             d_row = pair // D_GROUP
+        elif D_GROUP < 0:
+            d_row = tl.load(didx_ptr + pair, mask=rmask, other=0).to(tl.int64)
         else:
             d_row = pos
         d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
@@ -153,7 +158,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
 
 
 @triton.jit
-def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_ptr,
+def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_ptr, aidx_ptr, bidx_ptr,
                  K, N,
                  s_am, s_ak, s_bm, s_bn, s_ge, s_gk, s_gn, s_mm, s_mn,
                  A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, MASK_B: tl.constexpr,
@@ -161,8 +166,9 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """gW[e, k-tile, n-tile] = sum over e's sorted rows of A^T B, in a fixed order: no atomics, bitwise repeatable.
 
-    A rows gathered (pair // A_GROUP) or sorted; B rows gathered (pair // B_GROUP, times the gate when HAS_SCALE)
-    or sorted (times the ReLU mask when MASK_B). Experts without rows get exact zeros.
+    A rows gathered (pair // A_GROUP, or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP,
+    or bidx[pair] when B_GROUP < 0; times the gate when HAS_SCALE) or sorted (times the ReLU mask when MASK_B).
+    Experts without rows get exact zeros.
     """
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -184,10 +190,14 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_
         pair = tl.load(order_ptr + pos, mask=rmask, other=0)
         if A_GROUP > 0:
             a_row = pair // A_GROUP
+        elif A_GROUP < 0:
+            a_row = tl.load(aidx_ptr + pair, mask=rmask, other=0).to(tl.int64)
         else:
             a_row = pos
         if B_GROUP > 0:
             b_row = pair // B_GROUP
+        elif B_GROUP < 0:
+            b_row = tl.load(bidx_ptr + pair, mask=rmask, other=0).to(tl.int64)
         else:
             b_row = pos
         a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :],
@@ -228,3 +238,38 @@ def group_sum_kernel(buf_ptr, out_ptr, scale_ptr, n_out, N, s_bm, s_bn, s_om, s_
             v = v * tl.load(scale_ptr + p, mask=rmask, other=0.0).to(tl.float32)[:, None]
         acc += v
     tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def segment_sum_kernel(buf_ptr, out_ptr, scale_ptr, seg_ptr, perm_ptr, n_out, N, s_bm, s_bn, s_om, s_on,
+                       HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """out[r] = sum_j scale[p_j] * buf[p_j] over j in [seg[r], seg[r+1]), p_j = perm[j] or j, in increasing j with
+    fp32 accumulation: the variable-length sibling of group_sum_kernel (deterministic, no atomics).
+
+    A block of BLOCK_R rows loops to its longest segment; shorter rows are masked (segments of one expert-parallel
+    dispatch have 1..K pairs, so the waste is bounded by K per block). Empty segments give exact zeros.
+    """
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n_out
+    cmask = cols < N
+    start = tl.load(seg_ptr + rows, mask=rmask, other=0)
+    length = tl.load(seg_ptr + rows + 1, mask=rmask, other=0) - start
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for j in range(0, tl.max(length, axis=0)):
+        live = rmask & (j < length)
+        q = start + j
+        if HAS_PERM:
+            p = tl.load(perm_ptr + q, mask=live, other=0)
+        else:
+            p = q
+        v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn, mask=live[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            v = v * tl.load(scale_ptr + p, mask=live, other=0.0).to(tl.float32)[:, None]
+        acc += v
+    tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])

@@ -5,8 +5,12 @@ For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
 - Input rows: x[p // in_group] gathered inside the kernel's loads, or x in expert-sorted pair layout (in_group None).
 - Output: expert-sorted pair layout [P, d_out] (out_group None), or out[r] = sum_j gate[r*og+j] * y[r*og+j]: the
   kernel writes y by pair id and a second, deterministic kernel sums each row's og contiguous pairs (fp32).
+- Explicit rows (expert parallelism, where a received row has a variable number of pairs): in_index [P] gives the
+  input row of each pair (read in the kernel's loads instead of p // in_group), out_offsets [R+1] gives CSR
+  segments of contiguous pair ids summed into each output row (instead of fixed groups of out_group).
 Backward: the input gradient reuses the forward kernel on W^T (gathering grad rows, gate in the epilogue, the
-gate's gradient as <x_p, g_row W^T> per output slice, again without atomics); the weight gradient is one program
+gate's gradient as <x_p, g_row W^T> per output slice, again without atomics; with in_index the per-pair input
+gradients are summed per input row through a stable sort of in_index, in a fixed order); the weight gradient is one program
 per (expert, tile of W) looping over the expert's rows in a fixed order: bitwise repeatable.
 """
 from __future__ import annotations
@@ -80,8 +84,10 @@ def _precision(dtype: torch.dtype) -> str:
 def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan: RoutingPlan, out: torch.Tensor,
          out_by_pair: bool, *, relu_out: bool = False, amask: Optional[torch.Tensor] = None,
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
-         gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None) -> None:
-    """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T))."""
+         gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
+         a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None) -> None:
+    """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id)
+    replace a_group / d_group when given."""
     n_experts = w.shape[0]
     if transpose_w:
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
@@ -94,10 +100,15 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     dummy = plan.order
     amask_t = amask if amask is not None else a
     dsrc_t = dsrc if dsrc is not None else a
+    if a_index is not None:
+        a_group = -1
+    if d_index is not None:
+        d_group = -1
     grid = (n_tiles * triton.cdiv(ndim, cfg.block_n),)
     K.gmm_kernel[grid](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
+        a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
         ndim, kdim, n_experts,
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
@@ -109,14 +120,19 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
 
 
 def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: RoutingPlan, grad_w: torch.Tensor, *,
-           scale: Optional[torch.Tensor] = None, bmask: Optional[torch.Tensor] = None) -> None:
-    """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics)."""
+           scale: Optional[torch.Tensor] = None, bmask: Optional[torch.Tensor] = None,
+           a_index: Optional[torch.Tensor] = None, b_index: Optional[torch.Tensor] = None) -> None:
+    """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics). a_index /
+    b_index (int64, by pair id) replace a_group / b_group when given."""
     n_experts, kdim, ndim = grad_w.shape
+    a_group = -1 if a_index is not None else a_group
+    b_group = -1 if b_index is not None else b_group
     cfg = wgrad_config(kdim, ndim, a.dtype)
     bmask_t = bmask if bmask is not None else b
     grid = (n_experts * triton.cdiv(kdim, cfg.block_k) * triton.cdiv(ndim, cfg.block_n),)
     K.wgrad_kernel[grid](
         a, b, grad_w, plan.order, plan.offsets, scale if scale is not None else plan.order, bmask_t,
+        a_index if a_index is not None else plan.order, b_index if b_index is not None else plan.order,
         kdim, ndim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         grad_w.stride(0), grad_w.stride(1), grad_w.stride(2), bmask_t.stride(0), bmask_t.stride(1),
         A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, MASK_B=bmask is not None,
@@ -143,6 +159,43 @@ def group_sum(buf: torch.Tensor, group: int, scale: Optional[torch.Tensor] = Non
     return out
 
 
+def segment_sum(buf: torch.Tensor, seg_offsets: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[P, d] -> [R, d] with R = len(seg_offsets) - 1: out[r] = sum over j in [seg[r], seg[r+1]) of
+    scale[p] * buf[p], p = perm[j] (or j), in increasing j with fp32 accumulation. Empty segments give zeros."""
+    n_out, d = seg_offsets.numel() - 1, buf.shape[1]
+    out = torch.empty(n_out, d, dtype=buf.dtype, device=buf.device)
+    if n_out == 0 or d == 0:
+        return out
+    if INTERPRET:
+        block_r, block_n = 64, _pow2_clamp(d, 16, 128)
+    else:
+        o = OVERRIDES.get("sum", {})
+        block_r, block_n = o.get("block_r", 16), o.get("block_n", _pow2_clamp(d, 16, 256))
+    grid = (triton.cdiv(n_out, block_r), triton.cdiv(d, block_n))
+    seg = seg_offsets.to(torch.int64).contiguous()
+    K.segment_sum_kernel[grid](buf, out, scale if scale is not None else buf, seg, perm if perm is not None else seg,
+                               n_out, d, buf.stride(0), buf.stride(1), out.stride(0), out.stride(1),
+                               HAS_SCALE=scale is not None, HAS_PERM=perm is not None, BLOCK_R=block_r,
+                               BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def segment_ids(seg_offsets: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """[P] int64: the segment (output row) of each pair id, from CSR offsets; empty segments are skipped. No sync."""
+    pairs = torch.arange(n_pairs, device=seg_offsets.device, dtype=torch.int64)
+    return torch.searchsorted(seg_offsets[1:].to(torch.int64).contiguous(), pairs, right=True)
+
+
+def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[P, d] by pair id -> [n_rows, d]: row r sums its pairs (in_index[p] == r) in increasing p. A stable sort of
+    the index gives each row's pairs as one segment, so the sum is fixed-order (deterministic), without atomics."""
+    perm = torch.argsort(in_index, stable=True)
+    rows = torch.arange(n_rows + 1, device=in_index.device, dtype=torch.int64)
+    seg = torch.searchsorted(in_index[perm].contiguous(), rows)
+    return segment_sum(buf, seg, perm=perm)
+
+
 def _n_slices(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
     """Output slices of the input-gradient launch = columns of the gate-gradient partial buffer."""
     return triton.cdiv(d_in, gmm_config(d_in, d_out, dtype, block_m).block_n)
@@ -151,25 +204,32 @@ def _n_slices(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
 @torch.library.custom_op("moeut::grouped_matmul", mutates_args=())
 def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
             offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
-            out_group: int, relu: bool) -> torch.Tensor:
-    """Forward: [P, d_out] in sorted pair layout (out_group 0) or [P // out_group, d_out] gate-weighted row sums.
-    in_group / out_group 0 mean None (sorted pair layout)."""
+            out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
+            out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward: [P, d_out] in sorted pair layout (out_group 0, no out_offsets), [P // out_group, d_out] or
+    [len(out_offsets) - 1, d_out] gate-weighted row sums. in_group / out_group 0 mean None (sorted pair layout);
+    in_index / out_offsets (int64) take precedence over them."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     n_pairs, d_out = order.numel(), weight.shape[2]
-    if out_group:
+    if out_group or out_offsets is not None:
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
-        _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu)
+        _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu, a_index=in_index)
+        if out_offsets is not None:
+            return segment_sum(buf, out_offsets, gate.contiguous())
         return group_sum(buf, out_group, gate.contiguous())
     out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
-    _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu)
+    _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, a_index=in_index)
     return out
 
 
 @_gmm_op.register_fake
 def _gmm_fake(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
               offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
-              out_group: int, relu: bool) -> torch.Tensor:
+              out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
+              out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     n_pairs = order.shape[0]
+    if out_offsets is not None:
+        return x.new_empty(out_offsets.shape[0] - 1, weight.shape[2])
     return x.new_empty(n_pairs // out_group if out_group else n_pairs, weight.shape[2])
 
 
@@ -180,7 +240,8 @@ GradOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
                 y: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
                 tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
-                need_g: bool) -> GradOut:
+                need_g: bool, in_index: Optional[torch.Tensor] = None,
+                out_offsets: Optional[torch.Tensor] = None) -> GradOut:
     """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved ReLU
     output (its mask is applied in the loads), None without ReLU."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
@@ -188,7 +249,10 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     grad_out = grad_out.to(x.dtype)
     gate = gate.contiguous() if gate is not None else None
     n_pairs, d_in = plan.n_pairs, weight.shape[1]
-    need_g = need_g and og > 0
+    gathered_in = bool(ig) or in_index is not None      # x rows gathered (else x is in sorted pair layout)
+    summed_out = bool(og) or out_offsets is not None    # output rows are gate-weighted sums of pairs
+    out_index = segment_ids(out_offsets, n_pairs) if out_offsets is not None else None   # grad row of each pair
+    need_g = need_g and summed_out
     grad_x = grad_w = grad_gate = x.new_empty(0)
     if need_x or need_g:
         gpart = None
@@ -196,15 +260,19 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
             gpart = torch.empty(n_pairs, _n_slices(d_in, weight.shape[2], x.dtype, block_m), dtype=torch.float32,
                                 device=x.device)
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
-        _gmm(grad_out, og, weight, True, plan, buf, ig > 0, amask=y, scale=gate if og else None,
-             dsrc=x if need_g else None, d_group=ig, gpart=gpart)
+        _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
+             dsrc=x if need_g else None, d_group=ig, gpart=gpart, a_index=out_index, d_index=in_index)
         if need_x:
-            grad_x = group_sum(buf, ig) if ig else buf
+            if in_index is not None:
+                grad_x = _rows_sum(buf, in_index, x.shape[0])
+            else:
+                grad_x = group_sum(buf, ig) if ig else buf
         if need_g:
             grad_gate = gpart.sum(1).to(gate.dtype)
     if need_w:
         grad_w = torch.empty_like(weight)
-        _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if og else None, bmask=y)
+        _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if summed_out else None, bmask=y, a_index=in_index,
+               b_index=out_index)
     return grad_x, grad_w, grad_gate
 
 
@@ -212,28 +280,33 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
 def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
                   y: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
                   tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
-                  need_g: bool) -> GradOut:
+                  need_g: bool, in_index: Optional[torch.Tensor] = None,
+                  out_offsets: Optional[torch.Tensor] = None) -> GradOut:
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_w else x.new_empty(0)
-    grad_gate = gate.new_empty(order.shape[0]) if need_g and out_group and gate is not None else x.new_empty(0)
+    summed_out = bool(out_group) or out_offsets is not None
+    grad_gate = gate.new_empty(order.shape[0]) if need_g and summed_out and gate is not None else x.new_empty(0)
     return grad_x, grad_w, grad_gate
 
 
 def _gmm_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, gate, order, offsets, tile_expert, tile_start, block_m, in_group, out_group, relu = inputs
-    ctx.save_for_backward(x, weight, gate, output if relu else None, order, offsets, tile_expert, tile_start)
+    (x, weight, gate, order, offsets, tile_expert, tile_start, block_m, in_group, out_group, relu, in_index,
+     out_offsets) = inputs
+    ctx.save_for_backward(x, weight, gate, output if relu else None, order, offsets, tile_expert, tile_start,
+                          in_index, out_offsets)
     ctx.ints = (block_m, in_group, out_group)
 
 
 def _gmm_backward(ctx, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-    x, weight, gate, y, order, offsets, tile_expert, tile_start = ctx.saved_tensors
+    x, weight, gate, y, order, offsets, tile_expert, tile_start, in_index, out_offsets = ctx.saved_tensors
     block_m, ig, og = ctx.ints
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_g = bool(og) and gate is not None and ctx.needs_input_grad[2]
+    need_g = (bool(og) or out_offsets is not None) and gate is not None and ctx.needs_input_grad[2]
     grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
-        grad_out, x, weight, gate, y, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w, need_g)
+        grad_out, x, weight, gate, y, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w, need_g,
+        in_index, out_offsets)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
@@ -241,26 +314,46 @@ _gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, in_group: Optional[int],
                    out_group: Optional[int], gate: Optional[torch.Tensor] = None,
-                   activation: Optional[str] = None) -> torch.Tensor:
-    """Grouped expert matmul; see the module docstring. gate [N, S] is needed (and differentiated) iff out_group.
+                   activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
+                   out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Grouped expert matmul; see the module docstring. gate [N, S] is needed (and differentiated) iff the output
+    rows are sums (out_group or out_offsets).
 
-    x and weight must share a dtype (the caller resolves autocast). ReLU with out_group is not supported: the fused
-    gate gradient <x, g W^T> holds only for a linear output.
+    in_index [P] (input row of each pair, any order; excludes in_group) and out_offsets [R+1] (CSR segments of
+    contiguous pair ids, offsets[0] = 0, offsets[R] = P; excludes out_group) are integer tensors on x's device;
+    nothing here reads their values on the host. x and weight must share a dtype (the caller resolves autocast).
+    ReLU with a summed output is not supported: the fused gate gradient <x, g W^T> holds only for a linear output.
     """
     if activation not in (None, "relu"):
         raise ValueError(f"unknown activation {activation!r}; supported: 'relu' or None")
+    if in_index is not None and in_group is not None:
+        raise ValueError("give in_group or in_index, not both")
+    if out_offsets is not None and out_group is not None:
+        raise ValueError("give out_group or out_offsets, not both")
+    summed = out_group is not None or out_offsets is not None
     relu = activation == "relu"
-    if relu and out_group is not None:
+    if relu and summed:
         raise NotImplementedError("activation with out_group is not supported by the Triton kernels")
-    if out_group is not None and gate is None:
+    if summed and gate is None:
         raise ValueError("out_group needs the gate")
     if x.dtype != weight.dtype:
         raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    expect = plan.n_pairs if in_group is None else plan.n_pairs // in_group
+    if in_index is not None:
+        if in_index.numel() != plan.n_pairs:
+            raise ValueError(f"in_index has {in_index.numel()} entries, expected one per pair ({plan.n_pairs})")
+        in_index = in_index.reshape(-1).to(torch.int64).contiguous()
+        expect = x.shape[0]
+    else:
+        expect = plan.n_pairs if in_group is None else plan.n_pairs // in_group
     if x.shape[0] != expect or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected [{expect}, {weight.shape[1]}]")
-    gate_flat = gate.reshape(-1) if out_group is not None else None
+    if out_offsets is not None:
+        if out_offsets.dim() != 1 or out_offsets.numel() < 1:
+            raise ValueError("out_offsets must be a 1-d tensor of R + 1 segment starts")
+        out_offsets = out_offsets.to(torch.int64).contiguous()
+    gate_flat = gate.reshape(-1) if summed else None
     if gate_flat is not None and gate_flat.stride(0) != 1:
         gate_flat = gate_flat.contiguous()
     return torch.ops.moeut.grouped_matmul(x, weight, gate_flat, plan.order, plan.offsets, plan.tile_expert,
-                                          plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu)
+                                          plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu,
+                                          in_index, out_offsets)

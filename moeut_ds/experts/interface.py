@@ -17,6 +17,12 @@ of a previous matmul with out_group=None on the same routing). That covers all f
 | attention V         | tokens [N, d]        | H*K_A    | K_A       | heads [N*H, d_h]      |
 | attention O         | heads [N*H, d_h]     | K_A      | H*K_A     | tokens [N, d]         |
 
+Explicit rows (expert parallelism): a rank that receives R token rows with a variable number of pairs each cannot
+use fixed groups. `in_index` [P] (the input row of each pair, used instead of p // in_group) and `out_offsets`
+[R+1] (CSR segments of contiguous pair ids, gate-weighted summed into each output row, used instead of fixed
+out_group) describe that layout; `mlp_rows` is the FF expert computation on it. The received rows are gathered
+inside the grouped matmul, so no [P, d] copy of them is made (or saved for backward).
+
 Backends (reference PyTorch, Triton, expert-parallel) implement `route` and `matmul`; `mlp` (the whole FF expert
 computation) is a separate entry point so expert parallelism can ship tokens once per FF layer.
 """
@@ -60,14 +66,32 @@ class ExpertBackend(ABC):
 
     @abstractmethod
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
-               out_group: Optional[int], activation: Optional[str] = None) -> torch.Tensor:
-        """Grouped expert matmul over pairs; see the module docstring for the layouts."""
+               out_group: Optional[int], activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
+               out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Grouped expert matmul over pairs; see the module docstring for the layouts. in_index (excludes
+        in_group) and out_offsets (excludes out_group; offsets[0] = 0, offsets[-1] = P) are the explicit-rows
+        forms of the two groupings."""
 
     def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
         """σ-MoE experts: sum_k gate_k * relu(x @ W1[e_k]) @ W2[e_k] for x [N, d] -> [N, d]."""
         k = routing.expert_index.shape[1]
         h = self.matmul(x, w1, routing, in_group=k, out_group=None, activation="relu")
         return self.matmul(h, w2, routing, in_group=None, out_group=k)
+
+    def mlp_rows(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing,
+                 row_index: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+        """σ-MoE experts over rows with variable pair counts: x [R, d], routing over P pairs, row_index [P] the
+        row of each pair and row_offsets [R+1] its CSR form (row r owns pairs [row_offsets[r], row_offsets[r+1]),
+        so row_index must be non-decreasing). Returns [R, d] = sum over r's pairs of gate * relu(x_r W1) W2.
+        Both forms are passed because the caller has them for free and either would cost a pass to derive."""
+        h = self.matmul(x, w1, routing, in_group=None, out_group=None, activation="relu", in_index=row_index)
+        return self.matmul(h, w2, routing, in_group=None, out_group=None, out_offsets=row_offsets)
+
+
+def segment_ids(offsets: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """[P] int64 segment of each pair id from CSR offsets [R+1] (empty segments skipped); no host sync."""
+    pairs = torch.arange(n_pairs, device=offsets.device, dtype=torch.int64)
+    return torch.searchsorted(offsets[1:].to(torch.int64).contiguous(), pairs, right=True)
 
 
 def sort_pairs(expert_index: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moeut_ds.experts.interface import ExpertBackend, Routing, sort_pairs
+from moeut_ds.experts.interface import ExpertBackend, Routing, segment_ids, sort_pairs
 
 
 def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, expert_sorted: torch.Tensor,
@@ -35,17 +35,28 @@ class ReferenceBackend(ExpertBackend):
         return Routing(gate=gate, expert_index=expert_index, n_experts=n_experts, order=order, offsets=offsets)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
-               out_group: Optional[int], activation: Optional[str] = None) -> torch.Tensor:
+               out_group: Optional[int], activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
+               out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if in_index is not None and in_group is not None:
+            raise ValueError("give in_group or in_index, not both")
+        if out_offsets is not None and out_group is not None:
+            raise ValueError("give out_group or out_offsets, not both")
         order = routing.order
         expert_sorted = routing.expert_index.reshape(-1)[order]
-        rows = x if in_group is None else x[order // in_group]
+        if in_index is not None:
+            rows = x[in_index.reshape(-1)[order]]
+        else:
+            rows = x if in_group is None else x[order // in_group]
         y = grouped_matmul(rows, weight, expert_sorted, routing.offsets)
         if activation == "relu":
             y = F.relu(y)
         elif activation is not None:
             raise ValueError(f"unknown activation {activation!r}; supported: 'relu' or None")
-        if out_group is None:
+        if out_group is None and out_offsets is None:
             return y
         y = y * routing.gate.reshape(-1)[order].unsqueeze(1).to(y.dtype)
+        if out_offsets is not None:
+            out = y.new_zeros(out_offsets.numel() - 1, y.shape[1])
+            return out.index_add(0, segment_ids(out_offsets, routing.n_pairs)[order], y)
         out = y.new_zeros(routing.n_pairs // out_group, y.shape[1])
         return out.index_add(0, order // out_group, y)

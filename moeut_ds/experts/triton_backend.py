@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from moeut_ds.experts.interface import ExpertBackend, Routing
+from moeut_ds.experts.interface import ExpertBackend, Routing, segment_ids
 from moeut_kernels import RoutingPlan, grouped_matmul, plan_from_expert_index, plan_from_sorted, sigmoid_topk_route
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -55,17 +55,24 @@ class TritonBackend(ExpertBackend):
         return plan_from_sorted(routing.order, routing.offsets, self.block_m)  # a routing made by another backend
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
-               out_group: Optional[int], activation: Optional[str] = None) -> torch.Tensor:
+               out_group: Optional[int], activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
+               out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_device(x)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x, weight = x.to(dtype), weight.to(dtype)   # what autocast would do for the reference's bmm
         plan = self._plan(routing)
-        if activation is not None and out_group is not None:
+        summed = out_group is not None or out_offsets is not None
+        if activation is not None and summed:
             # Not fused (the fused gate gradient needs a linear output); no projection of the model uses it.
-            y = grouped_matmul(x, weight, plan, in_group=in_group, out_group=None, activation=activation)
+            y = grouped_matmul(x, weight, plan, in_group=in_group, out_group=None, activation=activation,
+                               in_index=in_index)
             y = y * routing.gate.reshape(-1)[routing.order].unsqueeze(1).to(y.dtype)
+            if out_offsets is not None:
+                out = y.new_zeros(out_offsets.numel() - 1, y.shape[1])
+                return out.index_add(0, segment_ids(out_offsets, routing.n_pairs)[routing.order], y)
             out = y.new_zeros(routing.n_pairs // out_group, y.shape[1])
             return out.index_add(0, routing.order // out_group, y)
         return grouped_matmul(x, weight, plan, in_group=in_group, out_group=out_group,
-                              gate=routing.gate if out_group is not None else None, activation=activation)
+                              gate=routing.gate if summed else None, activation=activation, in_index=in_index,
+                              out_offsets=out_offsets)

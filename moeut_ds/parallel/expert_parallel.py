@@ -4,8 +4,10 @@ Each σ-MoE layer's N_E experts are split into ep contiguous shards; rank `ep_ra
 holds shard `ep_rank` (`shard_bounds`). For one application of a layer:
 1. every token is sent ONCE to each rank that holds at least one of its K experts (<= min(K, ep) copies, not K),
    with its (row, local expert, gate) pairs;
-2. the receiving rank gathers rows into pairs, runs its local experts through the local backend (reference or
-   Triton) and sums the gated outputs per received row;
+2. the receiving rank runs its local experts on the received rows through the local backend's `mlp_rows`
+   (reference or Triton): each received pair names its row (`row_index`), the pairs of one row are contiguous
+   (sorted by sender, then token), so the gated outputs are summed over CSR segments (`row_offsets`). The rows are
+   gathered inside the grouped matmul: no [pairs, d] copy is made or saved for backward;
 3. the per-row sums go back through the reverse all-to-all and are added into the token outputs.
 Split sizes are exchanged first (one small all-to-all, then one host sync to size the buffers: NCCL needs them);
 no capacity factor, no padding to the busiest expert. Everything is differentiable (torch.distributed.nn), so
@@ -90,8 +92,11 @@ class ExpertParallelBackend(ExpertBackend):
     def routing(self, gate: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> Routing:
         return self.local.routing(gate, expert_index, n_experts)
 
-    def matmul(self, x, weight, routing, *, in_group, out_group, activation=None):
-        return self.local.matmul(x, weight, routing, in_group=in_group, out_group=out_group, activation=activation)
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
+               out_group: Optional[int], activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
+               out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.local.matmul(x, weight, routing, in_group=in_group, out_group=out_group, activation=activation,
+                                 in_index=in_index, out_offsets=out_offsets)
 
     def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
         ep, group = self.groups.ep_size, self.groups.ep_group
@@ -124,10 +129,10 @@ class ExpertParallelBackend(ExpertBackend):
         block_start = torch.cumsum(torch.tensor([0] + recv_rows[:-1], device=x.device), 0)
         sender = torch.repeat_interleave(torch.arange(ep, device=x.device),
                                          torch.tensor(recv_pairs, device=x.device))
-        row_index = meta[:, 0] + block_start[sender]
+        row_index = meta[:, 0] + block_start[sender]                    # non-decreasing: by sender, then token
+        row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=x.device))
         local = self.local.routing(gate.unsqueeze(1), meta[:, 1:2], w1.shape[0])
-        y = self.local.mlp(rows[row_index], w1, w2, local)                                  # gated, per pair
-        y_rows = y.new_zeros(rows.shape[0], y.shape[1]).index_add(0, row_index, y)
+        y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)          # gated sum per row
         back = _all_to_all(y_rows, send_rows, recv_rows, group, differentiable=True)
         out = back.new_zeros(n_tokens, back.shape[1]).index_add(0, send_token, back)
 
