@@ -97,10 +97,10 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, ep: int = 1) -> dict[str,
         "attention_routers": 2 * 3 * FP32 * hna,
         # LN_ff input (fp32); bf16 LN'd x for the router; router logits, sigmoid, regulariser softmax (fp32)
         "ff_router": FP32 * d + BF16 * d + 3 * FP32 * cfg.ff_n_experts,
-        # expert inputs: the token once (ep = 1: the kernel gathers rows by pair) or, with ep > 1, one bf16 row per
-        # received (token, expert) pair (the owner expands rows to pairs on arrival; balanced load: K pairs per
-        # local token); plus the ReLU output of every pair (bf16, K x d_e)
-        "ff_experts": (BF16 * d if ep == 1 else BF16 * k * d) + BF16 * k * de,
+        # expert inputs: the token once (ep = 1: the kernel gathers rows by pair) or, with ep > 1, the received copies
+        # of it: one per destination rank (<= min(K, ep); the kernels read the received rows through a pair -> row
+        # index, so nothing of size K x d is kept); plus the ReLU output of every pair (bf16, K x d_e)
+"ff_experts": BF16 * d * min(k, ep) + BF16 * k * de,
         "routing_metadata": PAIR_METADATA * (k + 2 * h * cfg.att_k),
     }
     return parts

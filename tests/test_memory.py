@@ -28,12 +28,12 @@ def test_tiny_estimate_equals_hand_computation():
                        + 5 * 2 * 64                        # SDPA q k v out + contiguous out, H*d_h = 64
                        + 2 * 3 * 4 * 8                     # V/O routers, H*N_A = 8: logits, sigmoid, softmax
                        + (4 * 128 + 2 * 128 + 3 * 4 * 16)  # LN_ff input, bf16 router input, N_E logits x 3
-                       + (2 * 4 * 128 + 2 * 4 * 32)        # ep > 1: bf16 row per pair (K = 4) + ReLU output
+                       + (2 * 2 * 128 + 2 * 4 * 32)        # ep = 2: a received copy per rank (min(K, ep) = 2) + ReLU
                        + 20 * (4 + 2 * 2 * 2))             # pair metadata: K + 2 H K_A pairs
-    assert sum(e.per_token_layer.values()) == per_token_layer == 5104
+    assert sum(e.per_token_layer.values()) == per_token_layer == 4592
     tokens = 2 * 16
     assert e.activations == {
-        "layers": tokens * 4 * 5104,
+        "layers": tokens * 4 * 4592,
         "head_and_loss": tokens * (6 * 128 + 12 * 8000),
         "dense_weights_once": 2 * (2 * (2 * 128 * 64 + 2 * 8 * 128 + 16 * 128) + 8000 * 128),
         "expert_weights_per_application": 2 * (2 * 8 * 128 * 32 + 2 * 8 * 128 * 32) * 4,
