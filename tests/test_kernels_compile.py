@@ -6,12 +6,8 @@ backend (Dynamo + AOTAutograd, no Inductor codegen), which is what decides graph
 """
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from kernel_testing import DEVICE  # noqa: E402  (sets TRITON_INTERPRET before the kernels are imported)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,7 +16,6 @@ pytest.importorskip("triton")
 
 from moeut_kernels import sigmoid_topk_route  # noqa: E402
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 BLOCK_M = 16
 
 

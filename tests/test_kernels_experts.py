@@ -5,13 +5,9 @@ token counts that are multiples of no block size, 16-row tiles so that experts s
 """
 from __future__ import annotations
 
-import os
-import sys
 import zlib
-from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from kernel_testing import DEVICE, REF, TOL, rel_err  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,20 +16,8 @@ pytest.importorskip("triton")
 
 from moeut_ds.experts import get_backend  # noqa: E402
 from moeut_ds.experts.interface import Routing, sigmoid_topk, sort_pairs  # noqa: E402
-from moeut_ds.experts.reference import ReferenceBackend  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
 from moeut_kernels import sigmoid_topk_route  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}    # relative L2 error vs an fp32 reference on the same values
-REF = ReferenceBackend()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_logits(n_rows: int, n_groups: int, n: int, bias: str = "none", gen=None) -> torch.Tensor:

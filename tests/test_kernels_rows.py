@@ -7,12 +7,10 @@ parallelism with the Triton backend on two gloo processes against one process.
 """
 from __future__ import annotations
 
-import os
-import sys
+
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from kernel_testing import DEVICE, REF, TOL, rel_err  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,21 +18,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from moeut_ds.experts.interface import Routing, sort_pairs  # noqa: E402
-from moeut_ds.experts.reference import ReferenceBackend  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}    # relative L2 error vs an fp32 reference on the same values
-REF = ReferenceBackend()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert a.shape == b.shape and torch.isfinite(a).all()
-    if b.numel() == 0 or b.norm() == 0:
-        return a.norm().item()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def segments(case: str, gen: torch.Generator) -> torch.Tensor:
