@@ -28,9 +28,10 @@ computation) is a separate entry point so expert parallelism can ship tokens onc
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 
@@ -58,6 +59,11 @@ class ExpertBackend(ABC):
         """logits [N, G, n] (raw router scores) -> top-k per group by sigmoid, no renormalisation."""
         gate, expert_index = sigmoid_topk(logits, k)
         return self.routing(gate, expert_index, logits.shape[1] * logits.shape[2])
+
+    def forward_context(self) -> ContextManager:
+        """Entered by the model around one forward pass: a backend may keep per-pass state in it (the Triton backend
+        keeps one low-precision copy of each expert weight for all applications of a shared layer)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def routing(self, gate: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> Routing:

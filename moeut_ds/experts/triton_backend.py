@@ -5,9 +5,10 @@ tensors under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -30,6 +31,31 @@ class TritonBackend(ExpertBackend):
         # 128-row tiles on the GPU (pads each expert by < 128 rows in the tile list only); small in the interpreter
         # so that tests cross tile boundaries with tiny shapes.
         self.block_m = block_m or (16 if _INTERPRET else 128)
+        self._casts: Optional[dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor, int]]] = None
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """Within one forward pass, cast each expert weight to the autocast dtype once, not once per application of
+        its shared layer: one bf16 copy is saved for backward instead of R, and R casts (and R fp32 gradient
+        accumulations) become one. autocast does the same for nn.Linear weights; as there, the R weight-gradient
+        contributions are then summed in bf16 before the single cast back to fp32."""
+        outer = self._casts
+        self._casts = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._casts = outer
+
+    def _cast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if weight.dtype == dtype or self._casts is None or torch.compiler.is_compiling():
+            return weight.to(dtype)
+        key = (id(weight), dtype)
+        hit = self._casts.get(key)
+        if hit is not None and hit[0] is weight and hit[2] == weight._version:
+            return hit[1]
+        cast = weight.to(dtype)
+        self._casts[key] = (weight, cast, weight._version)
+        return cast
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type != "cuda" and not _INTERPRET:
@@ -60,7 +86,7 @@ class TritonBackend(ExpertBackend):
         self._check_device(x)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        x, weight = x.to(dtype), weight.to(dtype)   # what autocast would do for the reference's bmm
+        x, weight = x.to(dtype), self._cast(weight, dtype)   # what autocast does for the reference's bmm
         plan = self._plan(routing)
         summed = out_group is not None or out_offsets is not None
         if activation is not None and summed:

@@ -1,6 +1,7 @@
 """The language model: embedding -> L layer applications (G distinct layers, "abab"/"aabb") -> LN -> LM head."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -60,14 +61,16 @@ class LanguageModel(nn.Module):
         logs: Optional[list[RouterLog]] = (
             [{"ff": [], "v": [], "o": []} for _ in self.layers] if collect else None)
         new_cache: Optional[list[KVCache]] = [] if cache is not None else None
-        for i, g in enumerate(self.schedule):
-            layer_cache = (cache[i] if i < len(cache) else {}) if cache is not None else None
-            x, layer_cache, logits = self.layers[g](x, self.expert_backend, layer_cache)
-            if logs is not None:
-                for key, value in logits.items():
-                    logs[g][key].append(value)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
+        # per-pass backend state (e.g. one bf16 copy of each shared expert weight); none inside a traced graph
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else self.expert_backend.forward_context():
+            for i, g in enumerate(self.schedule):
+                layer_cache = (cache[i] if i < len(cache) else {}) if cache is not None else None
+                x, layer_cache, logits = self.layers[g](x, self.expert_backend, layer_cache)
+                if logs is not None:
+                    for key, value in logits.items():
+                        logs[g][key].append(value)
+                if new_cache is not None:
+                    new_cache.append(layer_cache)
         logits = self.lm_head(self.out_norm(x))
         reg = None
         if self.training and logs is not None:

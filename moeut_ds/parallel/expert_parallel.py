@@ -86,6 +86,9 @@ class ExpertParallelBackend(ExpertBackend):
     stats: CommStats = field(default_factory=CommStats)
     name: str = "expert-parallel"
 
+    def forward_context(self):
+        return self.local.forward_context()
+
     def route(self, logits: torch.Tensor, k: int) -> Routing:
         return self.local.route(logits, k)
 
