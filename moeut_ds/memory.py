@@ -17,9 +17,8 @@
    token and per layer application (there are L applications: shared layers save their activations every time),
    for the Triton expert backend under bf16 autocast with the fp32 residual stream the trainer uses
    (`activation_bytes_per_token_layer`), plus the LM head and loss, plus the bf16 weight copies that are saved for
-   backward (autocast caches one copy of each dense weight per forward; the expert backend casts its expert
-   weights on every call, so those copies are saved once per layer application: at 4B/8B and ep = 1 this is the
-   largest activation term). Transient buffers (the backward's activation gradients of one layer, all-to-all
+   backward (autocast caches one copy of each dense weight per forward, and the Triton expert backend keeps one
+   copy of each expert weight per forward pass, `ExpertBackend.forward_context`). Transient buffers (the backward's activation gradients of one layer, all-to-all
    buffers, allocator fragmentation) and the CUDA context / NCCL are not counted: leave a few GiB.
 
 Checked against measured peaks (docs/PARALLEL.md): plain PyTorch loop on one H200, Triton backend, eager:
@@ -112,12 +111,12 @@ def weight_copy_bytes(cfg: ModelConfig, ep: int = 1) -> dict[str, int]:
     if cfg.arch == "dense":
         per_layer = 4 * d * cfg.n_heads * cfg.d_head + 2 * d * cfg.d_ff
         return {"dense_weights_once": BF16 * (cfg.n_distinct_layers * per_layer + v * d),
-                "expert_weights_per_application": 0}
+                "expert_weights_once": 0}
     h, dh, na = cfg.n_heads, cfg.d_head, cfg.att_n_experts
     dense = cfg.n_distinct_layers * (2 * d * h * dh + 2 * h * na * d + cfg.ff_n_experts * d) + v * d
     experts = 2 * h * na * d * dh + 2 * max_shard_experts(cfg, ep) * d * cfg.ff_expert_size
     return {"dense_weights_once": BF16 * dense,                               # autocast cache: Q, K, routers, head
-            "expert_weights_per_application": BF16 * experts * cfg.n_layers}  # V/O and FF experts, every call
+            "expert_weights_once": BF16 * experts * cfg.n_distinct_layers}     # V/O and FF experts, one copy a pass
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, context: int, ep: int = 1) -> dict[str, int]:

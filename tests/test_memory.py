@@ -36,7 +36,7 @@ def test_tiny_estimate_equals_hand_computation():
         "layers": tokens * 4 * 4592,
         "head_and_loss": tokens * (6 * 128 + 12 * 8000),
         "dense_weights_once": 2 * (2 * (2 * 128 * 64 + 2 * 8 * 128 + 16 * 128) + 8000 * 128),
-        "expert_weights_per_application": 2 * (2 * 8 * 128 * 32 + 2 * 8 * 128 * 32) * 4,
+        "expert_weights_once": 2 * (2 * 8 * 128 * 32 + 2 * 8 * 128 * 32) * 2,    # one copy per distinct layer
     }
     assert e.total == (sum(e.deepspeed.values()) + sum(e.experts.values()) + e.buckets
                        + sum(e.activations.values()))
@@ -56,8 +56,8 @@ def test_more_gpus_and_ep_lower_per_gpu_memory():
     ep8 = estimate_memory(cfg, gpus=8, ep=8, zero=2)
     full = 16 * expert_parameters(cfg)
     assert sum(ep8.experts.values()) == full * 137 // 1095
-    # per-application bf16 weight copies: the FF shard shrinks 8x, the replicated V/O experts do not
-    assert ep8.activations["expert_weights_per_application"] < one.activations["expert_weights_per_application"] / 4
+    # bf16 expert weight copies: the FF shard shrinks 8x, the replicated V/O experts do not
+    assert ep8.activations["expert_weights_once"] < one.activations["expert_weights_once"] / 4
     ep2 = estimate_memory(cfg, gpus=2, ep=2, zero=2)
     assert sum(ep8.experts.values()) < sum(ep2.experts.values()) / 3.9
     assert ep8.total < ep2.total
@@ -66,8 +66,8 @@ def test_more_gpus_and_ep_lower_per_gpu_memory():
     states = [sum(estimate_memory(cfg, gpus=8, zero=z).deepspeed.values()) for z in (0, 1, 2, 3)]
     assert states == sorted(states, reverse=True) and states[3] == pytest.approx(states[0] / 8, rel=1e-6)
     a4, a8 = (estimate_memory(cfg, micro_batch=b).activations for b in (4, 8))
-    assert a8["layers"] == 2 * a4["layers"] and a8["expert_weights_per_application"] == a4[
-        "expert_weights_per_application"]
+    assert a8["layers"] == 2 * a4["layers"] and a8["expert_weights_once"] == a4[
+        "expert_weights_once"]
 
 
 @pytest.mark.parametrize("name,target", [("moeut-4b", 4e9), ("moeut-8b", 8e9)])
