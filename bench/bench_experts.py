@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +27,8 @@ from moeut_ds.experts.reference import ReferenceBackend  # noqa: E402
 from moeut_ds.experts.interface import Routing, sort_pairs  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
 from moeut_kernels import grouped as GM  # noqa: E402
+
+from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
 
 TOKENS = 64 * 1024
@@ -44,22 +45,6 @@ def ms(fn, rep: int = 300) -> float:
 def peak_tflops() -> float:
     a, b = (torch.randn(8192, 8192, device=DEV, dtype=BF16) for _ in range(2))
     return 2 * 8192 ** 3 / ms(lambda: a @ b) / 1e9
-
-
-def count_syncs(fn) -> int:
-    """Host syncs in a steady-state fn() (after one uncounted call), by torch's sync debug mode (one warning per
-    synchronising call)."""
-    fn()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # the mode's own one-time "prototype feature ... synchronizing operations" notice is not a sync
-    return sum("called a synchronizing" in str(w.message) for w in caught)
 
 
 # ------------------------------------------------------------------ σ-MoE FF layer

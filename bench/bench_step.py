@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,6 +31,8 @@ import torch._dynamo  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from moeut_ds import LanguageModel, get_preset  # noqa: E402
+
+from bench_utils import count_syncs  # noqa: E402
 
 BATCH, SEQ = 64, 1024
 DEV = "cuda"
@@ -84,21 +85,6 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-def count_syncs(fn: Callable[[], None]) -> int:
-    """Synchronising calls in one fn() (torch's sync debug mode warns once per call; its own one-time notice about
-    the prototype feature is not a sync)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return sum("called a synchronizing" in str(w.message) for w in caught)
-
-
 def free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -128,7 +114,7 @@ def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: in
             b.synchronize()
             times.append(a.elapsed_time(b))
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        syncs = count_syncs(tr.step)
+        syncs = count_syncs(tr.step, warm=False)
         med = statistics.median(times)
         return dict(preset=preset, backend=backend, mode="compiled" if compile_model else "eager", micro=micro,
                     ms=med, ms_min=min(times), ms_max=max(times), tok_s=BATCH * SEQ / med * 1e3, peak_gib=peak,

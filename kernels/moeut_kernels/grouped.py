@@ -142,17 +142,21 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _sum_blocks(d: int) -> tuple[int, int]:
+    """(rows, columns) per program of the fixed-order sum kernels."""
+    if INTERPRET:
+        return 64, _pow2_clamp(d, 16, 128)
+    o = OVERRIDES.get("sum", {})
+    return o.get("block_r", 16), o.get("block_n", _pow2_clamp(d, 16, 256))
+
+
 def group_sum(buf: torch.Tensor, group: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[R*group, d] (by pair id) -> [R, d]: out[r] = sum_j scale[r*group+j] * buf[r*group+j], fp32 accumulation."""
     n_out, d = buf.shape[0] // group, buf.shape[1]
     out = torch.empty(n_out, d, dtype=buf.dtype, device=buf.device)
     if n_out == 0:
         return out
-    if INTERPRET:
-        block_r, block_n = 64, _pow2_clamp(d, 16, 128)
-    else:
-        o = OVERRIDES.get("sum", {})
-        block_r, block_n = o.get("block_r", 16), o.get("block_n", _pow2_clamp(d, 16, 256))
+    block_r, block_n = _sum_blocks(d)
     grid = (triton.cdiv(n_out, block_r), triton.cdiv(d, block_n))
     K.group_sum_kernel[grid](buf, out, scale if scale is not None else buf, n_out, d,
                              buf.stride(0), buf.stride(1), out.stride(0), out.stride(1),
@@ -168,11 +172,7 @@ def segment_sum(buf: torch.Tensor, seg_offsets: torch.Tensor, scale: Optional[to
     out = torch.empty(n_out, d, dtype=buf.dtype, device=buf.device)
     if n_out == 0 or d == 0:
         return out
-    if INTERPRET:
-        block_r, block_n = 64, _pow2_clamp(d, 16, 128)
-    else:
-        o = OVERRIDES.get("sum", {})
-        block_r, block_n = o.get("block_r", 16), o.get("block_n", _pow2_clamp(d, 16, 256))
+    block_r, block_n = _sum_blocks(d)
     grid = (triton.cdiv(n_out, block_r), triton.cdiv(d, block_n))
     seg = seg_offsets.to(torch.int64).contiguous()
     K.segment_sum_kernel[grid](buf, out, scale if scale is not None else buf, seg, perm if perm is not None else seg,
