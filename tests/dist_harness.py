@@ -7,6 +7,7 @@ directory shared by all trainer tests (and by pytest-xdist workers) via a lock.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import signal
@@ -70,6 +71,9 @@ class Ranks:
                 os.killpg(p.pid, signal.SIGKILL)      # own session: the rank and anything it started
         for p in self.procs:
             p.wait()
+        # DeepSpeed's CPU shared-memory all-reduce segments of killed (or trainer-less) ranks: ~66 MB of RAM each
+        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{self.port}_*"):
+            os.unlink(f)
 
     def output(self, rank: int = 0) -> str:
         return self.logs[rank].read_text(errors="replace")[-6000:]

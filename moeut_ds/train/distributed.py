@@ -6,6 +6,7 @@ A plain `python -m moeut_ds.train` with none of them set is a world of one. gloo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -84,3 +85,13 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+def release_cpu_shm_buffer(rank: int) -> None:
+    """Remove this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce (~66 MB, named
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>): DeepSpeed never unlinks it, so every CPU
+    run would leave one per rank behind until /dev/shm (RAM) is full. Call after a barrier: peers map each other's
+    segments while collectives run."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from moeut_ds.train import checkpoint as ckpt
 from moeut_ds.parallel.expert_checkpoint import has_expert_shards
 from moeut_ds.train.config import RunConfig
 from moeut_ds.train.experts import ExpertTraining
-from moeut_ds.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
+from moeut_ds.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, release_cpu_shm_buffer
 from moeut_ds.train.metrics import ExpertUsage, MetricsWriter, detect_peak_tflops
 from moeut_ds.train.schedule import make_scheduler
 
@@ -332,6 +332,7 @@ class Trainer:
             bar.close()
             self.metrics.close()
         barrier()
+        release_cpu_shm_buffer(self.dist.rank)
         return status
 
     def save(self) -> None:
