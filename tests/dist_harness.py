@@ -10,6 +10,7 @@ import fcntl
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,6 +111,14 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
             "checkpoint.every": 0, "deepspeed_config": "ds_configs/zero2.json"}
     base.update(extra)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def seed_run_from(checkpoint: Path, run_dir: Path) -> None:
+    """Start run_dir's checkpoints/ with a copy of one checkpoint (named by `latest`), so --resume auto picks it."""
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoint, ckpts / checkpoint.name)
+    (ckpts / "latest").write_text(checkpoint.name)
 
 
 def read_jsonl(run_dir: Path) -> dict[int, dict]:

@@ -1,7 +1,6 @@
 """Expert parallelism through the trainer (CPU, gloo): equal to ep=1, resharded resume, export."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_harness import REPO, data_dir, read_jsonl, run_train, tiny_overrides  # noqa: F401
+from dist_harness import REPO, data_dir, read_jsonl, run_train, seed_run_from, tiny_overrides  # noqa: F401
 
 STEPS = 4
 
@@ -49,9 +48,7 @@ def test_ep2_losses_and_clipping_norm_equal_ep1(runs):
 def test_resume_at_another_ep_and_dp_size_continues_the_same_losses(runs, data_dir, world, ep, tmp_path):
     """Save at ep=2 on 2 ranks (step 2), resume on `world` ranks at ep, compare steps 3-4 with the uninterrupted run."""
     run = tmp_path / "resumed"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(runs / "ep2" / "checkpoints" / "step00000002", run / "checkpoints" / "step00000002")
-    (run / "checkpoints" / "latest").write_text("step00000002")
+    seed_run_from(runs / "ep2" / "checkpoints" / "step00000002", run)
     micro = 8 // (world * 2) if world < 4 else 2
     run_train(tmp_path, world, *_over(data_dir, run, expert_parallel_size=ep, **{"train.micro_batch": micro}))
     want, got = read_jsonl(runs / "ep2"), read_jsonl(run)

@@ -1,14 +1,12 @@
 """Exact resume after kill -9 (also during a save), SIGTERM -> checkpoint + exit 75, resume refusals."""
 from __future__ import annotations
 
-import json
 import signal
-import sys
 import time
 
 import pytest
 
-from dist_harness import Ranks, data_dir, read_jsonl, run_train, tiny_overrides, train_argv  # noqa: F401
+from dist_harness import Ranks, data_dir, read_jsonl, run_train, seed_run_from, tiny_overrides, train_argv  # noqa: F401
 
 from moeut_ds.train import PREEMPTED_EXIT_CODE
 from moeut_ds.train import checkpoint as ckpt
@@ -104,11 +102,8 @@ from dist_harness import trained_run  # noqa: E402,F401
 def test_zero2_resume_on_another_number_of_ranks_continues_the_same_losses(tmp_path, data_dir, trained_run):
     """The shared 2-rank ZeRO-2 run saved at step 5; resume it on 1 rank (DeepSpeed's universal format) and compare
     steps 6-10 with the uninterrupted run (same global batch: 1 rank accumulates twice as many micro-batches)."""
-    import shutil
-
     run = tmp_path / "one-rank"
-    shutil.copytree(trained_run / "checkpoints" / "step00000005", run / "checkpoints" / "step00000005")
-    (run / "checkpoints" / "latest").write_text("step00000005")
+    seed_run_from(trained_run / "checkpoints" / "step00000005", run)
     run_train(tmp_path, 1, *tiny_overrides(data_dir, run, **{"eval.every": 5, "checkpoint.every": 5,
                                                              "log.peak_tflops": 1.0}))
     want, got = read_jsonl(trained_run), read_jsonl(run)

@@ -70,11 +70,10 @@ class CommStats:
     """Bytes this rank sent through expert all-to-alls (forward: tokens out + results back) since last reset."""
     bytes_sent: int = 0
     rows_sent: int = 0
-    pairs: int = 0
 
     def reset(self) -> dict[str, int]:
-        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent, "pairs": self.pairs}
-        self.bytes_sent = self.rows_sent = self.pairs = 0
+        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent}
+        self.bytes_sent = self.rows_sent = 0
         return out
 
 
@@ -143,7 +142,6 @@ class ExpertParallelBackend(ExpertBackend):
         remote_rows = sum(send_rows) - send_rows[me] + sum(recv_rows) - recv_rows[me]     # tokens out, results back
         remote_pairs = sum(send_pairs) - send_pairs[me]
         self.stats.rows_sent += len(send_token)
-        self.stats.pairs += routing.n_pairs
         self.stats.bytes_sent += (remote_rows * x.shape[1] * x.element_size()
                                   + remote_pairs * (pair_meta.element_size() * 2 + gate.element_size()))
         return out
