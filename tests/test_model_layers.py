@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from moeut_ds import LanguageModel, ModelConfig
 from moeut_ds.experts import get_backend
 from moeut_ds.model.rope import apply_rope
-from moeut_ds.model.sigma_moe import SigmaMoE
+from moeut_ds.model.sigma_moe import SigmaMoE, router_logits
 from moeut_ds.model.switchhead import SwitchHead
 
 BACKEND = get_backend("reference")
@@ -30,6 +30,24 @@ def test_sigma_moe_matches_naive_loop():
     moe.reset_parameters(1.0)
     x, r = torch.randn(2, 6, 12), torch.randn(2, 6, 12)
     torch.testing.assert_close(moe(x, r, BACKEND)[0], naive_sigma_moe(moe, x, r), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_out", [387, 40, 1])
+def test_router_logits_padding_is_invisible(n_out):
+    """The router GEMM pads its rows to a multiple of 8 for aligned cuBLAS kernels: same logits and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(n_out, 16, requires_grad=True)
+    got = router_logits(x, w)
+    assert got.shape == (2, 5, n_out) and got.dtype == torch.float32
+    want = F.linear(x, w)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(want)
+    gx, gw = torch.autograd.grad(got, (x, w), g)
+    wx, ww = torch.autograd.grad(want, (x, w), g)
+    assert gw.shape == w.shape
+    torch.testing.assert_close(gx, wx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-6)
 
 
 def test_sigmoid_topk_without_renormalisation():

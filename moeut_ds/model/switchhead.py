@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from moeut_ds.experts import ExpertBackend
 from moeut_ds.model.rope import apply_rope
+from moeut_ds.model.sigma_moe import router_logits
 
 KVCache = dict[str, torch.Tensor]   # {"k": rotated keys [B, H, T, d_h], "v": mixed values [B, H, T, d_h]}
 
@@ -62,7 +63,7 @@ class SwitchHead(nn.Module):
 
     def _route(self, xn: torch.Tensor, router: torch.Tensor, backend: ExpertBackend):
         """Raw logits [B, T, H, N_A] (for the regulariser) and the per-head sigmoid top-K_A routing."""
-        logits = F.linear(xn, router).float().view(*xn.shape[:-1], self.n_heads, self.n_experts)
+        logits = router_logits(xn, router).view(*xn.shape[:-1], self.n_heads, self.n_experts)
         selection = logits
         if self.training and self.expert_dropout > 0:
             selection = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
