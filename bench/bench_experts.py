@@ -26,6 +26,7 @@ from triton.testing import do_bench  # noqa: E402
 from moeut_ds.experts.reference import ReferenceBackend  # noqa: E402
 from moeut_ds.experts.interface import Routing, sort_pairs  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
+from moeut_ds.model.sigma_moe import router_logits  # noqa: E402
 from moeut_kernels import grouped as GM  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
@@ -62,7 +63,7 @@ def ff_inputs(shape: dict, seed: int = 0):
 
 def ff_layer(backend, x, w_s, w1, w2, k):
     """Router (LN omitted: the same for every backend) + σ-gating + experts; what the model's SigmaMoE runs."""
-    logits = F.linear(x, w_s).float()
+    logits = router_logits(x, w_s)
     routing = backend.route(logits.view(-1, 1, w_s.shape[0]), k)
     return backend.mlp(x, w1, w2, routing)
 
