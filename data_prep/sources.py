@@ -223,6 +223,7 @@ def _hf_docs(kind: str, path: str, label: str, g: InputGroup) -> Iterator[Docume
 
 def _tree_files(root: str, exts: tuple[str, ...]) -> list[str]:
     wanted = tuple("." + e.lstrip(".") for e in exts)
+    wanted += tuple(w + ".gz" for w in wanted)       # gzip'd files of those types (emma.txt.gz) count too
     found = []
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))

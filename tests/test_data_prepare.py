@@ -312,3 +312,11 @@ def test_token_dtype_switches_at_65535():
     from moeut_ds.data.format import token_dtype
     assert token_dtype(8000).name == "uint16" and token_dtype(65535).name == "uint16"
     assert token_dtype(65536).name == "uint32"
+
+
+def test_directory_input_reads_gzipped_files_of_the_wanted_types(files, text):
+    """A folder of .txt.gz books (like data/english) is text, not an empty input."""
+    from data_prep.sources import InputGroup, iter_documents
+    docs = list(iter_documents(InputGroup([str(files)], extensions=("txt",))))
+    assert [d.source.split("/")[-1] for d in docs] == ["a.txt", "b.txt.gz"]
+    assert "".join(d.text for d in docs) == text
