@@ -14,9 +14,10 @@ def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     cuBLAS has no aligned bf16 kernel for an output width like N_E = 387 and falls back to slow unaligned ones
     (~1.6 ms per σ-MoE layer forward+backward at 244M on an H200); the padded columns are sliced off again."""
     n_out = router.shape[0]
-    if n_out % 8:
-        router = nn.functional.pad(router, (0, 0, 0, -n_out % 8))
-    return nn.functional.linear(x, router)[..., :n_out].float()
+    if n_out % 8 == 0:
+        return nn.functional.linear(x, router).float()
+    padded = nn.functional.pad(router, (0, 0, 0, -n_out % 8))
+    return nn.functional.linear(x, padded)[..., :n_out].float().contiguous()   # a copy, not a view of the GEMM
 
 
 class SigmaMoE(nn.Module):

@@ -174,6 +174,16 @@ class Trainer:
         if self.universal:
             ckpt.universal_checkpoint(start, d.rank)
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if cfg.train.compile:
+            if self.zero_stage == 3 or self.experts:
+                raise ConfigError("train.compile=true works with ZeRO stages 0-2 and expert_parallel_size=1 (ZeRO-3's "
+                                  "parameter hooks and the expert all-to-all's host sync break the graph): set "
+                                  "train.compile=false or use ds_configs/zero1*/zero2*.json without expert parallelism")
+            if self.mcfg.arch != "dense" and model.expert_backend.name == "reference":
+                raise ConfigError("train.compile=true needs the triton expert backend (expert_backend=triton or auto "
+                                  "on a GPU): the reference backend's data-dependent shapes break the graph, and "
+                                  "torch's CPU Inductor crashes on the pieces; set train.compile=false")
+            model.compile()          # in place: parameter names and checkpoints stay those of the eager model
         opt = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config,
