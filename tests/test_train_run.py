@@ -92,3 +92,32 @@ def test_nan_loss_skips_step_then_stops(tmp_path, data_dir):
                                                           "train.max_bad_steps": 3, "log.expert_stats_every": 0})
     job = run_train(tmp_path, 1, *over, expect=3, name="stop")
     assert "3 non-finite steps in a row" in job.output()
+
+
+def test_expert_usage_counts_every_choice_of_every_application():
+    """ExpertUsage counts the top-k experts of each token in each application (R per shared layer) exactly."""
+    import torch
+
+    from moeut_ds.train.metrics import ExpertUsage
+
+    cfg = get_preset("moeut-tiny")
+    usage = ExpertUsage(cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    n_ff, n_att = cfg.ff_n_experts, cfg.att_n_experts
+    logs = [{"ff": [torch.randn(2, 5, n_ff, generator=gen) for _ in range(3)],
+             "v": [torch.randn(2, 5, cfg.n_heads, n_att, generator=gen) for _ in range(3)], "o": []}
+            for _ in range(cfg.n_distinct_layers)]
+    usage.update(logs)
+    for g, log in enumerate(logs):
+        want_ff = torch.zeros(n_ff, dtype=torch.float64)
+        for s in log["ff"]:
+            for row in s.reshape(-1, n_ff):
+                want_ff[row.argsort(descending=True)[:cfg.ff_k]] += 1
+        want_v = torch.zeros(cfg.n_heads * n_att, dtype=torch.float64)
+        for s in log["v"]:
+            for tok in s.reshape(-1, cfg.n_heads, n_att):
+                for h in range(cfg.n_heads):
+                    want_v[h * n_att + tok[h].argsort(descending=True)[:cfg.att_k]] += 1
+        assert torch.equal(usage.counts["ff"][g], want_ff)
+        assert torch.equal(usage.counts["v"][g], want_v)
+        assert usage.counts["o"][g].sum() == 0

@@ -98,11 +98,13 @@ class ExpertUsage:
     def update(self, router_logits: list[dict[str, list[torch.Tensor]]]) -> None:
         for g, log in enumerate(router_logits):
             for kind, (n, k) in self.routers.items():
-                for s in log.get(kind, []):
-                    idx = s.topk(k, dim=-1).indices                       # sigmoid is monotone: top-k of logits
-                    if s.dim() == 4:                                      # [B, T, H, N_A]: per-head experts
-                        idx = idx + torch.arange(s.shape[2], device=s.device).view(1, 1, -1, 1) * s.shape[3]
-                    self.counts[kind][g] += torch.bincount(idx.reshape(-1), minlength=n).to(torch.float64)
+                if not log.get(kind):
+                    continue
+                s = torch.cat(log[kind], dim=1)     # the R applications of a shared layer: one top-k, not R
+                idx = s.topk(k, dim=-1).indices                           # sigmoid is monotone: top-k of logits
+                if s.dim() == 4:                                          # [B, T, H, N_A]: per-head experts
+                    idx = idx + torch.arange(s.shape[2], device=s.device).view(1, 1, -1, 1) * s.shape[3]
+                self.counts[kind][g] += torch.bincount(idx.reshape(-1), minlength=n).to(torch.float64)
 
     def summarize(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Collective (all-reduces the counts). Scalars per layer/router and one image per router; resets."""
