@@ -86,37 +86,39 @@ def read_blimp(path: str | Path, max_pairs: Optional[int] = None) -> dict[str, l
 
 
 @torch.no_grad()
-def sentence_logprobs(model, ids: list[list[int]], bos: int, batch_size: int = 128, device: str = "cpu") -> list[float]:
-    """Sum of log p(token | bos, previous tokens) over each sentence's tokens."""
-    scores: list[float] = []
-    for i in range(0, len(ids), batch_size):
-        chunk = [[bos] + s for s in ids[i:i + batch_size]]
-        width = max(len(s) for s in chunk)
-        x = torch.full((len(chunk), width), bos, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
-        for r, s in enumerate(chunk):
-            x[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s) - 1] = True
-        x = x.to(device)
-        logp = torch.log_softmax(model(x[:, :-1]).logits.float(), -1)
-        tok = logp.gather(-1, x[:, 1:, None]).squeeze(-1).cpu()
-        scores.extend((tok * mask).sum(-1).tolist())
+def sentence_logprobs(model, ids: list[list[int]], bos: int, max_tokens: int = 32768,
+                      device: str = "cpu") -> list[float]:
+    """Summed log p(token | bos, previous) per sentence; length-sorted <= max_tokens batches: few costly MoE calls."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))     # longest first: a batch's first row is its widest
+    scores = [0.0] * len(ids)
+    start = 0
+    while start < len(order) and ids[order[start]]:                 # empty sentences keep score 0
+        width = len(ids[order[start]])
+        rows = order[start:start + max(1, max_tokens // width)]
+        start += len(rows)
+        lens = torch.tensor([len(ids[i]) for i in rows])
+        real = torch.arange(width) < lens[:, None]                  # [B, W]: real (non-padding) target positions
+        tgt = torch.full((len(rows), width), -100, dtype=torch.long)  # ignore_index; right padding: causally unseen
+        tgt[real] = torch.tensor([t for i in rows for t in ids[i]], dtype=torch.long)
+        x = torch.cat([torch.full((len(rows), 1), bos, dtype=torch.long), tgt[:, :-1].clamp(min=0)], 1).to(device)
+        logits = model(x).logits
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten().to(device), reduction="none")
+        for i, s in zip(rows, (-nll.view(len(rows), width).sum(-1)).tolist()):
+            scores[i] = s
     return scores
 
 
 def blimp(model, tokenizer_path: str, blimp_path: str | Path = DEFAULT_BLIMP, max_pairs: Optional[int] = None,
-          batch_size: int = 128, device: str = "cpu") -> dict[str, float]:
-    """Accuracy per paradigm plus 'average' (mean over paradigms)."""
+          max_tokens: int = 32768, device: str = "cpu") -> dict[str, float]:
+    """Accuracy per paradigm plus 'average' (mean over paradigms); all sentences scored in one length-sorted pass."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     bos = sp.eos_id() if sp.eos_id() >= 0 else 0
     data = read_blimp(blimp_path, max_pairs)
-    acc = {}
-    for paradigm, pairs in data.items():
-        good = sentence_logprobs(model, sp.encode([g for g, _ in pairs]), bos, batch_size, device)
-        bad = sentence_logprobs(model, sp.encode([b for _, b in pairs]), bos, batch_size, device)
-        acc[paradigm] = sum(g > b for g, b in zip(good, bad)) / len(pairs)
+    scores = iter(sentence_logprobs(model, sp.encode([s for pairs in data.values() for pair in pairs for s in pair]),
+                                    bos, max_tokens, device))
+    acc = {paradigm: sum(next(scores) > next(scores) for _ in pairs) / len(pairs) for paradigm, pairs in data.items()}
     acc["average"] = sum(acc.values()) / len(acc)
     return acc
 
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--blimp", default=str(DEFAULT_BLIMP), help="BLiMP zip or directory ('none' to skip)")
     p.add_argument("--blimp-max-pairs", type=int, default=None, help="first N pairs per paradigm (quick runs)")
+    p.add_argument("--blimp-max-tokens", type=int, default=32768, help="padded tokens per BLiMP forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             if tok is None or not Path(tok).is_file():
                 raise FileNotFoundError("no tokenizer for BLiMP: pass --data DIR (its tokenizer.model is used) or "
                                         "export the model with its tokenizer")
-            acc = blimp(model, tok, args.blimp, args.blimp_max_pairs, device=args.device)
+            acc = blimp(model, tok, args.blimp, args.blimp_max_pairs, args.blimp_max_tokens, args.device)
             results["blimp"] = acc
             for paradigm, a in acc.items():
                 if paradigm != "average":
