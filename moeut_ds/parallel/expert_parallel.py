@@ -9,7 +9,8 @@ holds shard `ep_rank` (`shard_bounds`). For one application of a layer:
    (sorted by sender, then token), so the gated outputs are summed over CSR segments (`row_offsets`). The rows are
    gathered inside the grouped matmul: no [pairs, d] copy is made or saved for backward;
 3. the per-row sums go back through the reverse all-to-all and are added into the token outputs.
-Split sizes are exchanged first (one small all-to-all, then one host sync to size the buffers: NCCL needs them);
+Split sizes are exchanged first (one small all-to-all, then the one host sync of an application, to size the buffers:
+NCCL needs them; everything else is sized from those host counts, so nothing else waits for the GPU);
 no capacity factor, no padding to the busiest expert. Everything is differentiable (torch.distributed.nn), so
 expert-weight gradients land on the owner and token gradients flow back to the sender.
 
@@ -84,9 +85,17 @@ class ExpertParallelBackend(ExpertBackend):
     groups: ExpertParallelGroups
     stats: CommStats = field(default_factory=CommStats)
     name: str = "expert-parallel"
+    _bounds_cache: dict = field(default_factory=dict, repr=False)
 
     def forward_context(self):
         return self.local.forward_context()
+
+    def _bounds(self, n_experts: int, ep: int, device: torch.device) -> torch.Tensor:
+        """Shard boundaries as a device tensor, made once (a host->device copy per call would sync)."""
+        key = (n_experts, ep, str(device))
+        if key not in self._bounds_cache:
+            self._bounds_cache[key] = torch.tensor(shard_bounds(n_experts, ep), device=device)
+        return self._bounds_cache[key]
 
     def route(self, logits: torch.Tensor, k: int) -> Routing:
         return self.local.route(logits, k)
@@ -107,32 +116,37 @@ class ExpertParallelBackend(ExpertBackend):
         if ep == 1:                                          # one shard holds every expert: nothing to send
             return self.local.mlp(x, w1, w2, routing)
         n_tokens, k = routing.expert_index.shape
-        bounds = torch.tensor(shard_bounds(routing.n_experts, ep), device=x.device)
+        dev = x.device
+        bounds = self._bounds(routing.n_experts, ep, dev)
         dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
-        need = torch.zeros(n_tokens, ep, dtype=torch.bool, device=x.device)
+        need = torch.zeros(n_tokens, ep, dtype=torch.bool, device=dev)
         need.scatter_(1, dest, True)                                                        # token -> rank needed
         row_in_block = torch.cumsum(need.long(), 0) - 1                                     # row index per block
-        send_rank, send_token = need.t().nonzero(as_tuple=True)                             # rows, rank-major
         pair_order = torch.argsort(dest.reshape(-1), stable=True)                           # pairs, rank-major
         pair_dest = dest.reshape(-1)[pair_order]
         pair_token = pair_order // k
         pair_meta = torch.stack([row_in_block[pair_token, pair_dest],
                                  routing.expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1)
-        counts = torch.stack([torch.bincount(send_rank, minlength=ep), torch.bincount(pair_dest, minlength=ep)], 1)
+        # counts without bincount/nonzero (each would sync with the host to size its output)
+        pairs_per_rank = torch.zeros(ep, dtype=torch.long, device=dev).index_add_(
+            0, pair_dest, torch.ones_like(pair_dest))
+        counts = torch.stack([need.sum(0), pairs_per_rank], 1)
         recv_counts = _all_to_all(counts, [1] * ep, [1] * ep, group, differentiable=False)
-        send_rows, send_pairs = counts[:, 0].tolist(), counts[:, 1].tolist()               # one host sync
-        recv_rows, recv_pairs = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
+        both = torch.cat([counts, recv_counts]).tolist()                                    # the one host sync
+        send_rows, send_pairs = [c[0] for c in both[:ep]], [c[1] for c in both[:ep]]
+        recv_rows, recv_pairs = [c[0] for c in both[ep:]], [c[1] for c in both[ep:]]
+        send_token = torch.nonzero_static(need.t(), size=sum(send_rows))[:, 1]             # rows, rank-major
 
         rows = _all_to_all(x[send_token], recv_rows, send_rows, group, differentiable=True)
         meta = _all_to_all(pair_meta, recv_pairs, send_pairs, group, differentiable=False)
         gate = _all_to_all(routing.gate.reshape(-1)[pair_order].unsqueeze(1), recv_pairs, send_pairs, group,
                            differentiable=True).squeeze(1)
         # received pair rows are relative to their sender's block: shift by where that block starts
-        block_start = torch.cumsum(torch.tensor([0] + recv_rows[:-1], device=x.device), 0)
-        sender = torch.repeat_interleave(torch.arange(ep, device=x.device),
-                                         torch.tensor(recv_pairs, device=x.device))
+        block_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
+        sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, 1],
+                                         output_size=sum(recv_pairs))
         row_index = meta[:, 0] + block_start[sender]                    # non-decreasing: by sender, then token
-        row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=x.device))
+        row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
         local = self.local.routing(gate.unsqueeze(1), meta[:, 1:2], w1.shape[0])
         y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)          # gated sum per row
         back = _all_to_all(y_rows, send_rows, recv_rows, group, differentiable=True)
