@@ -76,6 +76,18 @@ def plan_kernel(counts_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, E, n_t
 
 
 @triton.jit
+def _source_rows(pair, pos, idx_ptr, rmask, GROUP: tl.constexpr):
+    """The operand row of each pair: pair // GROUP (GROUP > 0), idx[pair] (GROUP < 0), or the sorted position."""
+    if GROUP > 0:
+        rows = pair // GROUP
+    elif GROUP < 0:
+        rows = tl.load(idx_ptr + pair, mask=rmask, other=0).to(tl.int64)
+    else:
+        rows = pos
+    return rows
+
+
+@triton.jit
 def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
     if FP32_DOT:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
@@ -112,12 +124,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     pos = start + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = pos < end
     pair = tl.load(order_ptr + pos, mask=rmask, other=0)
-    if A_GROUP > 0:
-        a_row = pair // A_GROUP
-    elif A_GROUP < 0:
-        a_row = tl.load(aidx_ptr + pair, mask=rmask, other=0).to(tl.int64)
-    else:
-        a_row = pos
+    a_row = _source_rows(pair, pos, aidx_ptr, rmask, A_GROUP)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < N
     w_base = w_ptr + e.to(tl.int64) * s_we
@@ -137,12 +144,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         acc = _dot(a, w, acc, FP32_DOT, PRECISION)
     omask = rmask[:, None] & nmask[None, :]
     if GATE_GRAD:
-        if D_GROUP > 0:
-            d_row = pair // D_GROUP
-        elif D_GROUP < 0:
-            d_row = tl.load(didx_ptr + pair, mask=rmask, other=0).to(tl.int64)
-        else:
-            d_row = pos
+        d_row = _source_rows(pair, pos, didx_ptr, rmask, D_GROUP)
         d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
         tl.store(gpart_ptr + pair * s_gp + pid_n, tl.sum(acc * d.to(tl.float32), axis=1), mask=rmask)
     if RELU_OUT:
@@ -188,18 +190,8 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_
         pos = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         rmask = pos < end
         pair = tl.load(order_ptr + pos, mask=rmask, other=0)
-        if A_GROUP > 0:
-            a_row = pair // A_GROUP
-        elif A_GROUP < 0:
-            a_row = tl.load(aidx_ptr + pair, mask=rmask, other=0).to(tl.int64)
-        else:
-            a_row = pos
-        if B_GROUP > 0:
-            b_row = pair // B_GROUP
-        elif B_GROUP < 0:
-            b_row = tl.load(bidx_ptr + pair, mask=rmask, other=0).to(tl.int64)
-        else:
-            b_row = pos
+        a_row = _source_rows(pair, pos, aidx_ptr, rmask, A_GROUP)
+        b_row = _source_rows(pair, pos, bidx_ptr, rmask, B_GROUP)
         a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :],
                     other=0.0)
         b = tl.load(b_ptr + b_row[:, None] * s_bm + ns[None, :] * s_bn, mask=rmask[:, None] & nmask[None, :],
