@@ -2,7 +2,7 @@
 full trainer (DeepSpeed engine, data loader, logging) vs a plain PyTorch loop of the same model and numerics
 (fp32 weights, bf16 autocast, torch AdamW, global-norm clipping, same micro-batch and accumulation).
 
-    python bench/bench_trainer.py --data DIR [--models dense-244m moeut-244m] [--steps 12] [--out results.json]
+    python bench/bench_trainer.py --data DIR [--models dense-244m moeut-244m] [--steps 16] [--micro 16] [--out results.json]
         [--ds-configs ds_configs/zero2_bf16.json ds_configs/zero1_bf16.json ...] [--override KEY=VALUE ...]
 
 Each model runs the plain loop once and the trainer once per ds config (ZeRO stage and options matter on one GPU:
