@@ -79,6 +79,12 @@ class Ranks:
     def output(self, rank: int = 0) -> str:
         return self.logs[rank].read_text(errors="replace")[-6000:]
 
+    def report(self, rcs: Sequence[int], expect: int = 0) -> str:
+        """Exit codes and the log tails of the ranks that did not exit with `expect` (rank 0's if all did)."""
+        bad = [r for r, rc in enumerate(rcs) if rc != expect] or [0]
+        return f"exit codes {list(rcs)}, expected {expect}\n" + "\n".join(
+            f"--- rank {r} ---\n{self.output(r)}" for r in bad)
+
     def __enter__(self) -> "Ranks":
         return self
 
@@ -97,7 +103,7 @@ def run_train(tmp: Path, world: int, *overrides: str, resume: str = "auto", time
               expect: int = 0, name: str = "logs") -> Ranks:
     with Ranks(train_argv(None, *overrides, resume=resume), world, tmp / name) as job:
         rcs = job.wait(timeout)
-        assert all(rc == expect for rc in rcs), f"exit codes {rcs}, expected {expect}:\n{job.output()}"
+        assert all(rc == expect for rc in rcs), job.report(rcs, expect)
     return job
 
 

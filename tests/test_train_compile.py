@@ -17,7 +17,8 @@ def test_compiled_training_matches_eager(tmp_path, data_dir):
             "train.steps": 2, "train.compile": mode, "expert_backend": "triton", "eval.at_end": "false",
             "log.expert_stats_every": 0, "deepspeed_config": "ds_configs/zero1.json"})
         with Ranks(train_argv(None, *over), 1, tmp_path / f"logs_{mode}", {"TRITON_INTERPRET": "1"}) as job:
-            assert job.wait(900) == [0], job.output()
+            rcs = job.wait(900)
+            assert rcs == [0], job.report(rcs)
         rows = read_jsonl(tmp_path / mode)
         curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"]) for s in sorted(rows)]
     assert len(curves["true"]) == 2

@@ -19,6 +19,7 @@ from moeut_ds.model import LanguageModel
 from moeut_ds.data import WindowLoader
 from moeut_ds.train.config import load_run_config
 from moeut_ds.train.loop import Trainer, cross_entropy
+from moeut_ds.train.distributed import barrier, release_cpu_shm_buffer
 
 cfg = load_run_config(None, json.loads(sys.argv[1]))
 t = Trainer(cfg, "none"); t.setup()
@@ -40,6 +41,9 @@ if t.dist.rank == 0:
     worst = max(rel.values())
     ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()])).item()
     json.dump({"worst_rel": worst, "norm": norm, "ref_norm": ref_norm}, open(sys.argv[2], "w"))
+# end the way the trainer does: no rank tears down its process group while a peer is still working
+barrier()
+release_cpu_shm_buffer(t.dist.rank)
 '''
 
 EXPORT_WORKER = r'''
@@ -68,7 +72,7 @@ def _run_worker(tmp_path, source: str, world: int, overrides: list[str]) -> None
     with Ranks([sys.executable, str(script), json.dumps(overrides), str(tmp_path / "result")], world,
                tmp_path / "logs") as job:
         rcs = job.wait(240)
-        assert rcs == [0] * world, job.output()
+        assert rcs == [0] * world, job.report(rcs)
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_kill9_mid_step_and_sigterm_exit_75(tmp_path, data_dir):
         _wait_for(lambda: max(read_jsonl(run)) >= 5, job)
         job.signal(signal.SIGTERM, ranks=[1])        # one rank told; all must stop at the same step
         rcs = job.wait(120)
-    assert rcs == [PREEMPTED_EXIT_CODE] * 2, job.output()
+    assert rcs == [PREEMPTED_EXIT_CODE] * 2, job.report(rcs, PREEMPTED_EXIT_CODE)
     last = max(read_jsonl(run))
     newest = ckpt.newest_checkpoint(run / "checkpoints")
     assert newest.name == ckpt.tag_for(last) and ckpt.read_state(newest)["step"] == last
