@@ -97,6 +97,17 @@ def test_init_statistics_follow_the_spec():
     assert torch.all(layer.ln_att.weight == 1) and torch.all(layer.ln_ff.bias == 0)
 
 
+@pytest.mark.parametrize("name", ["moeut-tiny", "dense-tiny", "sigma-moe-44m"])
+def test_model_is_built_on_the_default_device(name):
+    """The trainer builds the model under `with device:` (an 8B model is then initialised on the GPU, not in host
+    RAM): every parameter and buffer must follow the default device, none may be made on the CPU explicitly."""
+    with torch.device("meta"):
+        model = LanguageModel(get_preset(name), "reference")
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and {t.device.type for t in tensors} == {"meta"}
+    assert model.num_parameters() == LanguageModel(get_preset(name), "reference").num_parameters()
+
+
 def test_dense_init_truncated_normal():
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(arch="dense", vocab_size=100, d_model=256, n_layers=8, n_heads=4, d_head=64,
