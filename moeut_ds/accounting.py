@@ -53,7 +53,7 @@ def forward_macs_per_token(cfg: ModelConfig, context: int = 1024) -> float:
 
 def active_parameters(cfg: ModelConfig) -> int:
     """Parameters one token touches in one application of every distinct layer, plus its embedding row, the final
-    LayerNorm and the LM head (shared layers counted once, as the distinct weights a token can reach per pass)."""
+    LayerNorm (none in post-LN) and the LM head (shared layers counted once, as the distinct weights a token can reach per pass)."""
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
     if cfg.arch == "dense":
         per_layer = 4 * d * h * dh + 2 * d * cfg.d_ff + cfg.d_ff + d + 4 * d
@@ -64,4 +64,5 @@ def active_parameters(cfg: ModelConfig) -> int:
             vo = 2 * h * d * dh + h * d
         ff = 2 * cfg.ff_k * d * cfg.ff_expert_size + cfg.ff_n_experts * d
         per_layer = 2 * d * h * dh + vo + ff + 4 * d
-    return per_layer * cfg.n_distinct_layers + d + 2 * d + d * cfg.vocab_size + cfg.vocab_size
+    final_norm = 0 if cfg.arch == "moeut" and cfg.norm == "post" else 2 * d      # post-LN has none
+    return per_layer * cfg.n_distinct_layers + d + final_norm + d * cfg.vocab_size + cfg.vocab_size

@@ -112,12 +112,34 @@ def test_dense_init_truncated_normal():
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(arch="dense", vocab_size=100, d_model=256, n_layers=8, n_heads=4, d_head=64,
                                       d_ff=1024), "reference")
-    up = model.layers[0].ff_up
-    std = math.sqrt(2 / (8 * 256))
-    assert up.weight.abs().max() <= 2 * std + 1e-7
-    assert torch.all(up.bias == 0)
-    # truncation at 2 std shrinks the std by ~12%
-    assert up.weight.std().item() == pytest.approx(std * 0.8796, rel=0.03)
+    for lin in (model.layers[0].ff_up, model.layers[0].ff_down, model.layers[1].w_q):
+        std = math.sqrt(2 / (8 * lin.in_features))
+        # truncated at 2 sigma, then rescaled to the exact target std (the authors' reset_prenorm_params)
+        assert lin.weight.std().item() == pytest.approx(std, rel=1e-5)
+        assert lin.weight.abs().max() <= 2 / 0.85 * std
+    assert torch.all(model.layers[0].ff_up.bias == 0)
+
+
+def test_post_ln_follows_the_authors_training_code():
+    """Post-LN ablation: embeddings x sqrt(d) -> LayerNorm without weights -> layers (init scale 1, not sqrt(2/L))
+    -> no final LayerNorm -> head."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, d_model=256, n_layers=8, group_size=2, n_heads=4, d_head=64, att_n_experts=6,
+                      att_k=2, ff_n_experts=40, ff_expert_size=128, ff_k=4, norm="post")
+    model = LanguageModel(cfg, "reference").eval()
+    assert model.layers[0].ffn.w1.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
+    assert not any("norm" in n for n, _ in model.named_parameters() if not n.startswith("layers."))
+    tokens = torch.randint(0, 300, (2, 7))
+    seen = {}
+    model.layers[0].register_forward_pre_hook(lambda m, a: None if "first_in" in seen else    # 1st application
+                                              seen.__setitem__("first_in", a[0]))
+    model.lm_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("head_in", a[0]))
+    model.layers[1].register_forward_hook(lambda m, a, o: seen.__setitem__("last_out", o[0]))
+    model(tokens)
+    emb = model.embedding(tokens) * 16.0
+    expected = (emb - emb.mean(-1, keepdim=True)) / torch.sqrt(emb.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(seen["first_in"], expected)
+    assert seen["head_in"] is seen["last_out"]
 
 
 @pytest.mark.parametrize("changes,field", [

@@ -36,7 +36,11 @@ class LanguageModel(nn.Module):
         layer_cls = MoEUTLayer if cfg.arch == "moeut" else DenseLayer
         self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.n_distinct_layers))
         self.schedule = cfg.layer_schedule()
-        self.out_norm = nn.LayerNorm(cfg.d_model)
+        # The post-LN ablation as the authors' training code runs it: embeddings x sqrt(d) through a LayerNorm
+        # without weights into the first layer, and no final LayerNorm (every layer already ends with one).
+        self.post_ln = cfg.arch == "moeut" and cfg.norm == "post"
+        self.in_norm = nn.LayerNorm(cfg.d_model, elementwise_affine=False) if self.post_ln else nn.Identity()
+        self.out_norm = nn.Identity() if self.post_ln else nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
         self.set_expert_backend(expert_backend)
         self.reset_parameters()
@@ -50,13 +54,16 @@ class LanguageModel(nn.Module):
         nn.init.normal_(self.embedding.weight, 0.0, self.cfg.d_model ** -0.5)
         for layer in self.layers:
             layer.reset_parameters(self.cfg.n_layers)
-        self.out_norm.reset_parameters()
+        if not self.post_ln:
+            self.out_norm.reset_parameters()
         self.lm_head.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, cache: Optional[list[KVCache]] = None,
                 return_router_logits: bool = False) -> LMOutput:
         """tokens [B, T] -> logits [B, T, V]. Pass cache=[] to start incremental decoding (see generation.py)."""
         x = self.embedding(tokens)
+        if self.post_ln:
+            x = self.in_norm(x * self.cfg.d_model ** 0.5)
         collect = self.cfg.arch == "moeut" and (self.training or return_router_logits)
         logs: Optional[list[RouterLog]] = (
             [{"ff": [], "v": [], "o": []} for _ in self.layers] if collect else None)

@@ -25,7 +25,8 @@ class MoEUTLayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, n_layers: int) -> None:
-        std_scale = math.sqrt(2.0 / n_layers)
+        # sqrt(2 / L) for peri- and pre-LN; the authors' post-LN runs keep 1 (their training code's choice)
+        std_scale = 1.0 if self.norm == "post" else math.sqrt(2.0 / n_layers)
         self.attention.reset_parameters(std_scale)
         self.ffn.reset_parameters(std_scale)
         for ln in (self.ln_att, self.ln_ff):
