@@ -1,6 +1,7 @@
 """End-to-end trainer runs on CPU with gloo: ZeRO stages, logged scalars, NaN handling."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -56,6 +57,17 @@ def test_zero2_run_scalars(trained_run):
         for kind in ("ff", "v", "o"):
             assert 0 < rows[5][f"experts/layer{g}_{kind}_usage_entropy"] <= 1
             assert 0 <= rows[10][f"experts/layer{g}_{kind}_unused_frac"] < 1
+
+
+def test_profile_of_one_step_per_rank(trained_run):
+    """log.profile_step=3: every rank writes a Chrome trace and a top-op table of that step, and only of it."""
+    files = sorted(p.name for p in (trained_run / "profile").iterdir())
+    assert files == [f"step000003_rank{r}.{ext}" for r in (0, 1) for ext in ("json", "txt")]
+    trace = json.loads((trained_run / "profile" / "step000003_rank1.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert "aten::mm" in names or "aten::bmm" in names           # the model's matmuls ran inside the profile
+    table = (trained_run / "profile" / "step000003_rank0.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
 
 
 def test_tensorboard_events_hold_every_scalar(trained_run):

@@ -61,6 +61,7 @@ class LogSection:
     expert_stats_every: int = 100       # expert usage entropy / unused / image every N steps (0 = off)
     peak_tflops: Optional[float] = None  # per device, for MFU; None = detect (known GPUs) or no MFU
     progress: bool = True               # tqdm line on rank 0
+    profile_step: int = 0               # torch.profiler trace + top-op table of this step, every rank (0 = off)
 
 
 @dataclass
@@ -140,8 +141,8 @@ class RunConfig:
         need(self.train.micro_batch <= self.train.global_batch,
              f"train.micro_batch={self.train.micro_batch} > train.global_batch={self.train.global_batch}: the micro "
              f"batch is per rank and must not exceed the global batch")
-        for key in ("eval.every", "log.expert_stats_every", "checkpoint.every", "checkpoint.keep_every",
-                    "optim.warmup_steps"):
+        for key in ("eval.every", "log.expert_stats_every", "log.profile_step", "checkpoint.every",
+                    "checkpoint.keep_every", "optim.warmup_steps"):
             sec, name = key.split(".")
             val = getattr(getattr(self, sec), name)
             need(isinstance(val, int) and val >= 0, f"{key}={val!r}: must be an integer >= 0")

@@ -30,6 +30,7 @@ from moeut_ds.train.config import RunConfig
 from moeut_ds.train.experts import ExpertTraining
 from moeut_ds.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, release_cpu_shm_buffer
 from moeut_ds.train.metrics import ExpertUsage, MetricsWriter, detect_peak_tflops
+from moeut_ds.train.profiling import profile_step
 from moeut_ds.train.schedule import make_scheduler
 
 # Keys the run config owns; a ds config that sets them would be silently ignored or contradict the recipe.
@@ -292,7 +293,12 @@ class Trainer:
             while self.step < cfg.train.steps:
                 skipped_before = self.engine.skipped_steps
                 self.lr = float(self.engine.get_lr()[0])     # the lr this step uses
-                loss, reg, bad, stop = self.train_step()
+                if self.step + 1 == cfg.log.profile_step:
+                    with profile_step(Path(cfg.run_dir) / "profile", self.step + 1, self.dist.rank, self.device):
+                        loss, reg, bad, stop = self.train_step()
+                    self.log(f"profile of step {self.step + 1}: {Path(cfg.run_dir) / 'profile'}")
+                else:
+                    loss, reg, bad, stop = self.train_step()
                 self.step += 1
                 window_steps += 1
                 self.counters["samples"] += cfg.train.global_batch
