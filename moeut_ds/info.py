@@ -15,7 +15,8 @@ from moeut_ds.presets import get_preset
 
 
 def describe(name: str, context: int = 1024, memory: dict | None = None) -> dict:
-    """memory: keyword arguments of memory.estimate_memory (gpus, ep, zero, micro_batch, gpu_mem_gib) or None."""
+    """memory: keyword arguments of memory.estimate_memory (gpus, ep, zero, micro_batch, activation_checkpointing,
+    gpu_mem_gib) or None."""
     cfg = get_preset(name)
     params = count_parameters(cfg)
     out = {
@@ -38,8 +39,9 @@ def _gib(n: int) -> str:
 
 def print_memory(m: dict) -> None:
     ds, ex, act = m["deepspeed"], m["experts"], m["activations"]
+    ac = ", activation checkpointing" if m["activation_checkpointing"] else ""
     print(f"memory per GPU: {m['gpus']} GPU(s), ZeRO-{m['zero']}, ep {m['ep']}, micro-batch {m['micro_batch']} x "
-          f"{m['context']} tokens (estimate: moeut_ds/memory.py)")
+          f"{m['context']} tokens{ac} (estimate: moeut_ds/memory.py)")
     what = "all parameters (experts included, ep 1)" if m["experts_in_deepspeed"] else "non-expert parameters"
     print(f"  DeepSpeed, {what}: {m['params_total'] - (0 if m['experts_in_deepspeed'] else m['params_expert']):,}")
     for k in ("params", "grads", "optimizer"):
@@ -49,8 +51,11 @@ def print_memory(m: dict) -> None:
         for k in ("params", "grads", "optimizer"):
             print(f"    {k + ' (fp32)':<34} {_gib(ex[k])}")
     print(f"  {'DeepSpeed reduce buckets':<36} {_gib(m['buckets'])}")
-    print(f"  activations (bf16 autocast, Triton experts, {sum(m['per_token_layer'].values()):,} B/token/layer "
-          f"x {m['context'] * m['micro_batch']:,} tokens x L)")
+    per_layer, tokens = sum(m["per_token_layer"].values()), m["context"] * m["micro_batch"]
+    how = (f"{m['checkpointed_per_token_layer']:,} B/token kept per layer application x L + one application "
+           f"recomputed at {per_layer:,} B/token" if m["activation_checkpointing"] else f"{per_layer:,} B/token/layer "
+           f"x L")
+    print(f"  activations (bf16 autocast, Triton experts, {tokens:,} tokens: {how})")
     for k, v in act.items():
         print(f"    {k.replace('_', ' '):<34} {_gib(v)}")
     verdict = "fits" if m["fits"] else "does NOT fit"
@@ -70,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)")
     mem.add_argument("--micro-batch", type=int, help="sequences per GPU per forward/backward (default 8)")
     mem.add_argument("--gpu-mem-gib", type=float, help=f"GPU memory to fit in, GiB (default {H200_GIB:g}, an H200)")
+    mem.add_argument("--activation-checkpointing", action="store_true",
+                     help="with train.activation_checkpointing=true (layer applications recomputed in backward)")
     a = ap.parse_args(argv)
     memory = None
-    if any(v is not None for v in (a.gpus, a.ep, a.zero, a.micro_batch, a.gpu_mem_gib)):
+    if any(v is not None for v in (a.gpus, a.ep, a.zero, a.micro_batch, a.gpu_mem_gib)) or a.activation_checkpointing:
         memory = {"gpus": 1 if a.gpus is None else a.gpus, "ep": 1 if a.ep is None else a.ep,
                   "zero": 2 if a.zero is None else a.zero, "micro_batch": 8 if a.micro_batch is None else a.micro_batch,
+                  "activation_checkpointing": a.activation_checkpointing,
                   "gpu_mem_gib": H200_GIB if a.gpu_mem_gib is None else a.gpu_mem_gib}
     try:
         info = describe(a.preset, a.context, memory)

@@ -20,6 +20,9 @@
    backward (autocast caches one copy of each dense weight per forward, and the Triton expert backend keeps one
    copy of each expert weight per forward pass, `ExpertBackend.forward_context`). Transient buffers (the backward's activation gradients of one layer, all-to-all
    buffers, allocator fragmentation) and the CUDA context / NCCL are not counted: leave a few GiB.
+   With activation checkpointing (`train.activation_checkpointing`), each application keeps only its fp32 input
+   and its router logits (+ the regulariser's softmax), and one application at a time is recomputed with everything
+   it saves (`checkpointed_bytes_per_token_layer`); the weight copies stay counted as an upper bound.
 
 Checked against measured peaks (docs/PARALLEL.md): plain PyTorch loop on one H200, Triton backend, eager:
 MoEUT-244M 64 x 1024 tokens measured 50.5 GiB, MoEUT-1B 32 x 1024 measured 94.0 GiB (docs/PERFORMANCE.md).
@@ -119,15 +122,27 @@ def weight_copy_bytes(cfg: ModelConfig, ep: int = 1) -> dict[str, int]:
             "expert_weights_once": BF16 * experts * cfg.n_distinct_layers}     # V/O and FF experts, one copy a pass
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch: int, context: int, ep: int = 1) -> dict[str, int]:
+def checkpointed_bytes_per_token_layer(cfg: ModelConfig) -> int:
+    """With activation checkpointing, what one layer application keeps per token until backward: its fp32 input,
+    and (MoEUT) its fp32 router logits plus the regulariser's softmax of them, which live outside the recomputed
+    region."""
+    routers = 0 if cfg.arch == "dense" else cfg.ff_n_experts + 2 * cfg.n_heads * cfg.att_n_experts
+    return FP32 * cfg.d_model + 2 * FP32 * routers
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, context: int, ep: int = 1,
+                     checkpointing: bool = False) -> dict[str, int]:
     tokens = micro_batch * context
-    per_layer = activation_bytes_per_token_layer(cfg, ep)
+    per_layer = sum(activation_bytes_per_token_layer(cfg, ep).values())
     d, v = cfg.d_model, cfg.vocab_size
-    out = {"layers": tokens * cfg.n_layers * sum(per_layer.values()),
+    # checkpointing: every application keeps its input; one at a time is recomputed with everything it saves
+    layers = (cfg.n_layers * checkpointed_bytes_per_token_layer(cfg) + per_layer if checkpointing
+              else cfg.n_layers * per_layer)
+    out = {"layers": tokens * layers,
            # final LN input (fp32) and bf16 output; bf16 logits, the loss's fp32 log-softmax, and the fp32 + bf16
            # logit gradients alive at the start of the backward pass
            "head_and_loss": tokens * (FP32 * d + BF16 * d + BF16 * v + FP32 * v + FP32 * v + BF16 * v)}
-    out.update(weight_copy_bytes(cfg, ep))
+    out.update(weight_copy_bytes(cfg, ep))       # kept as an upper bound with checkpointing too
     return out
 
 
@@ -145,6 +160,7 @@ class MemoryEstimate:
     zero: int
     micro_batch: int
     context: int
+    activation_checkpointing: bool
     gpu_mem_gib: float
     params_total: int
     params_expert: int
@@ -154,6 +170,7 @@ class MemoryEstimate:
     buckets: int
     activations: dict[str, int]
     per_token_layer: dict[str, int] = field(default_factory=dict)
+    checkpointed_per_token_layer: int = 0
 
     @property
     def total(self) -> int:
@@ -185,8 +202,9 @@ class MemoryEstimate:
 
 
 def estimate_memory(cfg: ModelConfig, *, gpus: int = 1, ep: int = 1, zero: int = 2, micro_batch: int = 8,
-                    context: int = 1024, gpu_mem_gib: float = H200_GIB, params_total: int | None = None,
-                    reduce_bucket_size: int = REDUCE_BUCKET, overlap_comm: bool | None = None) -> MemoryEstimate:
+                    context: int = 1024, activation_checkpointing: bool = False, gpu_mem_gib: float = H200_GIB,
+                    params_total: int | None = None, reduce_bucket_size: int = REDUCE_BUCKET,
+                    overlap_comm: bool | None = None) -> MemoryEstimate:
     """Bytes per GPU; params_total defaults to the measured count (accounting.count_parameters)."""
     check_layout(gpus, ep, zero, cfg)
     if micro_batch < 1 or context < 1:
@@ -199,10 +217,12 @@ def estimate_memory(cfg: ModelConfig, *, gpus: int = 1, ep: int = 1, zero: int =
     ds_params = params_total - n_expert if sharded else params_total
     shard = cfg.n_distinct_layers * 2 * max_shard_experts(cfg, ep) * cfg.d_model * cfg.ff_expert_size if sharded else 0
     return MemoryEstimate(
-        gpus=gpus, ep=ep, zero=zero, micro_batch=micro_batch, context=context, gpu_mem_gib=gpu_mem_gib,
+        gpus=gpus, ep=ep, zero=zero, micro_batch=micro_batch, context=context,
+        activation_checkpointing=activation_checkpointing, gpu_mem_gib=gpu_mem_gib,
         params_total=params_total, params_expert=n_expert, experts_in_deepspeed=not sharded,
         deepspeed=zero_state_bytes(ds_params, zero, gpus),
         experts={"params": FP32 * shard, "grads": FP32 * shard, "optimizer": 2 * FP32 * shard},
         buckets=bucket_bytes(zero, reduce_bucket_size, overlap_comm),
-        activations=activation_bytes(cfg, micro_batch, context, ep),
-        per_token_layer=activation_bytes_per_token_layer(cfg, ep))
+        activations=activation_bytes(cfg, micro_batch, context, ep, activation_checkpointing),
+        per_token_layer=activation_bytes_per_token_layer(cfg, ep),
+        checkpointed_per_token_layer=checkpointed_bytes_per_token_layer(cfg))

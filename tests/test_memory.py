@@ -41,6 +41,13 @@ def test_tiny_estimate_equals_hand_computation():
     assert e.total == (sum(e.deepspeed.values()) + sum(e.experts.values()) + e.buckets
                        + sum(e.activations.values()))
     assert e.fits and e.max_micro_batch > 2
+    # activation checkpointing: each of the L applications keeps its fp32 input, its fp32 router logits and the
+    # regulariser's softmax of them (N_E + 2 x H*N_A per token); one application is recomputed at full size
+    ac = estimate_memory(cfg, gpus=2, ep=2, zero=2, micro_batch=2, context=16, activation_checkpointing=True)
+    kept = 4 * 128 + 2 * 4 * (16 + 2 * 8)
+    assert ac.activations["layers"] == tokens * (4 * kept + 4592)
+    assert {k: v for k, v in ac.activations.items() if k != "layers"} == {
+        k: v for k, v in e.activations.items() if k != "layers"}
 
 
 def test_more_gpus_and_ep_lower_per_gpu_memory():
@@ -99,6 +106,11 @@ def test_cli_memory_flags_json_and_text(capsys):
     assert "memory" not in json.loads(capsys.readouterr().out)
     assert info_main(["moeut-244m", "--gpus", "1"]) == 0
     assert "all parameters (experts included, ep 1)" in capsys.readouterr().out
+    assert info_main(["moeut-8b", "--ep", "2", "--gpus", "2", "--activation-checkpointing", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["memory"]
+    assert m == estimate_memory(get_preset("moeut-8b"), gpus=2, ep=2, micro_batch=8,
+                                activation_checkpointing=True).to_dict()
+    assert m["activation_checkpointing"] is True and m["fits"]
 
 
 @pytest.mark.parametrize("args,msg", [

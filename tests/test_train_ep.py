@@ -25,6 +25,8 @@ def runs(tmp_path_factory, data_dir):
     base = tmp_path_factory.mktemp("ep")
     run_train(base, 2, *_over(data_dir, base / "ep1"), name="ep1-logs")
     run_train(base, 2, *_over(data_dir, base / "ep2", expert_parallel_size=2), name="ep2-logs")
+    run_train(base, 2, *_over(data_dir, base / "ep2_ac", expert_parallel_size=2,
+                              **{"train.activation_checkpointing": True}), name="ep2-ac-logs")
     return base
 
 
@@ -41,6 +43,15 @@ def test_ep2_losses_and_clipping_norm_equal_ep1(runs):
         assert ep2[step]["train/grad_norm"] > 0.05        # clipping was active: the global norm decided the update
     assert ep2[STEPS]["comm/expert_alltoall_bytes_per_step"] > 0
     assert "comm/expert_alltoall_bytes_per_step" not in ep1[STEPS]
+
+
+@pytest.mark.slow
+def test_ep2_with_activation_checkpointing_equals_ep2(runs):
+    """Recomputing a layer application in backward reruns its all-to-alls on every rank in the same order."""
+    ep2, ac = read_jsonl(runs / "ep2"), read_jsonl(runs / "ep2_ac")
+    for step in range(1, STEPS + 1):
+        for key in ("train/loss", "train/reg_loss", "train/grad_norm"):
+            assert ac[step][key] == ep2[step][key], (step, key, ac[step][key], ep2[step][key])
 
 
 @pytest.mark.slow

@@ -18,6 +18,21 @@ def _decreases(rows: dict[int, dict]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
+def test_zero3_with_activation_checkpointing_gives_the_same_run(tmp_path, data_dir):
+    """ZeRO-3 re-gathers a shared layer's parameters again when backward recomputes its application."""
+    curves = {}
+    for ac in (False, True):
+        over = tiny_overrides(data_dir, tmp_path / f"run{ac}", **{
+            "deepspeed_config": "ds_configs/zero3.json", "train.steps": 4, "eval.at_end": False,
+            "train.activation_checkpointing": ac})
+        over.append("deepspeed_overrides.zero_optimization.stage3_param_persistence_threshold=0")
+        run_train(tmp_path, 2, *over, name=f"logs{ac}")
+        rows = read_jsonl(tmp_path / f"run{ac}")
+        curves[ac] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"]) for s in sorted(rows)]
+    assert len(curves[True]) == 4 and curves[True] == curves[False]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,preset", [(1, "moeut-tiny"), (3, "moeut-tiny"), (3, "dense-tiny")])
 def test_two_ranks_zero_stage_loss_decreases(tmp_path, data_dir, stage, preset):
     extra = {"deepspeed_config": f"ds_configs/zero{stage}.json", "model.preset": preset, "train.steps": 12}

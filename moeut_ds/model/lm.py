@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from moeut_ds.config import ModelConfig
 from moeut_ds.experts import ExpertBackend, get_backend
@@ -43,11 +44,18 @@ class LanguageModel(nn.Module):
         self.out_norm = nn.Identity() if self.post_ln else nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
         self.set_expert_backend(expert_backend)
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def set_expert_backend(self, backend: Union[str, ExpertBackend]) -> None:
         """Swap the kernels behind every MoE projection; the weights are untouched."""
         self.expert_backend = get_backend(backend) if isinstance(backend, str) else backend
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Keep only each layer application's input for backward and recompute the rest when it is needed: one
+        extra forward pass of the layers per step, for activation memory ~L x d per token instead of everything
+        the layers save (a training-time setting, like the backend: not part of the config or the weights)."""
+        self.activation_checkpointing = enabled
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -72,7 +80,13 @@ class LanguageModel(nn.Module):
         with contextlib.nullcontext() if torch.compiler.is_compiling() else self.expert_backend.forward_context():
             for i, g in enumerate(self.schedule):
                 layer_cache = (cache[i] if i < len(cache) else {}) if cache is not None else None
-                x, layer_cache, logits = self.layers[g](x, self.expert_backend, layer_cache)
+                if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                    # non-reentrant: any outputs (the router logits dict), and collectives inside (expert
+                    # parallelism) rerun in the same order on every rank during backward
+                    x, layer_cache, logits = torch.utils.checkpoint.checkpoint(
+                        self.layers[g], x, self.expert_backend, None, use_reentrant=False)
+                else:
+                    x, layer_cache, logits = self.layers[g](x, self.expert_backend, layer_cache)
                 if logs is not None:
                     for key, value in logits.items():
                         logs[g][key].append(value)

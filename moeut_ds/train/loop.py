@@ -159,8 +159,10 @@ class Trainer:
         # RAM (CPU init runs at ~80 M parameters/s on 2 cores: ~100 s and 32 GB of RAM per rank for MoEUT-8B).
         with d.device:
             model = LanguageModel(self.mcfg, expert_backend=cfg.expert_backend)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.log(f"model: {self.mcfg.arch}, {model.num_parameters():,} parameters, expert backend "
-                 f"{type(model.expert_backend).__name__}")
+                 f"{type(model.expert_backend).__name__}"
+                 + (", activation checkpointing" if cfg.train.activation_checkpointing else ""))
         self.ckpt_dir = cfg.checkpoint_dir()
         start = ckpt.resolve_resume(self.resume, self.ckpt_dir)
         # Expert shards are owned outside DeepSpeed when ep > 1, and also at ep = 1 when resuming such a run.
