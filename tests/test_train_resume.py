@@ -112,3 +112,77 @@ def test_zero2_resume_on_another_number_of_ranks_continues_the_same_losses(tmp_p
         for key in ("train/loss", "train/grad_norm", "train/lr"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
     assert (run / "checkpoints" / "step00000005" / "universal").is_dir()     # converted once, kept beside the original
+
+
+def _copy_run(trained_run, dest):
+    import shutil
+    shutil.copytree(trained_run / "checkpoints", dest / "checkpoints")
+    return dest / "checkpoints"
+
+
+def test_damaged_and_stale_checkpoints_are_refused_with_the_fix(tmp_path, trained_run):
+    cdir = _copy_run(trained_run, tmp_path)
+    s5, s10 = cdir / "step00000005", cdir / "step00000010"
+    state = ckpt.read_state(s10)
+    ckpt.verify_files(s10, state)                                     # intact: passes
+    optim = sorted(s10.glob("*optim_states.pt"))
+    assert len(optim) == 2
+    optim[1].write_bytes(optim[1].read_bytes()[:1000])                # truncated
+    with pytest.raises(Exception, match=f"{s10} is damaged .*{optim[1].name}.*--resume {s5}"):
+        ckpt.verify_files(s10, state)
+    optim[1].unlink()                                                 # missing
+    with pytest.raises(Exception, match="1 DeepSpeed optimizer-state files for the 2 ranks"):
+        ckpt.verify_files(s10, state)
+    (s10 / ckpt.STATE_FILE).write_text('{"step": 10, "wor')
+    with pytest.raises(Exception, match=f"damaged \\({ckpt.STATE_FILE}: .*--resume {s5}"):
+        ckpt.read_state(s10)
+    # resuming step 5 where step 10 exists would overwrite or prune step 10
+    with pytest.raises(Exception, match="step00000005 is older than step00000010 .*new run_dir"):
+        ckpt.check_no_newer(s5, cdir)
+    ckpt.check_no_newer(s10, cdir)
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_stops_every_rank_with_exit_2(tmp_path, data_dir, trained_run):
+    import glob
+    cdir = _copy_run(trained_run, tmp_path / "run")
+    model_states = cdir / "step00000010" / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:1000])
+    over = tiny_overrides(data_dir, tmp_path / "run", **{"eval.every": 5, "checkpoint.every": 5,
+                                                         "log.peak_tflops": 1.0, "train.steps": 12})
+    with Ranks(train_argv(None, *over), 2, tmp_path / "logs") as job:
+        rcs = job.wait(120)
+        assert rcs == [2, 2], job.report(rcs, 2)
+        assert "mp_rank_00_model_states.pt" in job.output() and "--resume " + str(cdir / "step00000005") in job.output()
+        # the refused ranks released DeepSpeed's CPU all-reduce segments themselves (before the harness cleans up)
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{job.port}_*")
+
+
+@pytest.mark.slow
+def test_resume_with_a_new_lr_and_more_steps_follows_the_new_schedule(tmp_path, data_dir, trained_run):
+    from moeut_ds.train.schedule import lr_factor
+
+    run = tmp_path / "run"
+    seed_run_from(trained_run / "checkpoints" / "step00000005", run)
+    over = tiny_overrides(data_dir, run, **{"eval.every": 5, "checkpoint.every": 5, "log.peak_tflops": 1.0,
+                                            "optim.lr": 1e-3, "train.steps": 8})
+    job = run_train(tmp_path, 2, *over)
+    assert "changed since the checkpoint: optim.lr 0.003 -> 0.001, train.steps 10 -> 8" in job.output()
+    got = read_jsonl(run)
+    for step in range(6, 9):                                          # warm-up 2, cosine to 0.1 x lr at step 8
+        assert got[step]["train/lr"] == pytest.approx(1e-3 * lr_factor(step - 1, 2, 8, 0.1), rel=1e-12), step
+
+
+def test_rank_outside_the_world_is_refused_before_the_rendezvous(tmp_path, data_dir):
+    import os
+    import subprocess
+    import sys
+
+    from dist_harness import REPO
+
+    for env, msg in [({"RANK": "3", "WORLD_SIZE": "2"}, "need 0 <= RANK < WORLD_SIZE"),
+                     ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer")]:
+        r = subprocess.run(train_argv(None, *tiny_overrides(data_dir, tmp_path / "run")), cwd=REPO, timeout=120,
+                           env={**os.environ, "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+                                "CUDA_VISIBLE_DEVICES": "", **env}, capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,6 +38,11 @@ TAG_RE = re.compile(r"^step(\d{8,})$")
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
+
+
+def step_of(tag_dir: Path) -> int:
+    m = TAG_RE.match(tag_dir.name)
+    return int(m.group(1)) if m else -1
 
 
 def _fsync_path(path: Path) -> None:
@@ -66,7 +72,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(TAG_RE.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
@@ -131,8 +137,60 @@ def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: 
                           f"uses stage {zero_stage}: resume with the same ds config")
 
 
+def _unreadable(tag_dir: Path, what: str) -> ConfigError:
+    """The error for a damaged checkpoint, pointing at the complete one before it."""
+    older = [p for p in complete_checkpoints(tag_dir.parent) if step_of(p) < step_of(tag_dir)]
+    fix = (f"resume from the previous one (--resume {older[-1]})" if older else "start the run again")
+    return ConfigError(f"checkpoint {tag_dir} is damaged ({what}): {fix}, and move {tag_dir.name} out of "
+                       f"{tag_dir.parent} so that --resume auto does not pick it")
+
+
 def read_state(tag_dir: Path) -> dict:
-    return json.loads((tag_dir / STATE_FILE).read_text())
+    try:
+        state = json.loads((tag_dir / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _unreadable(tag_dir, f"{STATE_FILE}: {e}") from None
+    if not isinstance(state, dict) or not {"step", "world_size", "zero_stage", "model_config"} <= set(state):
+        raise _unreadable(tag_dir, f"{STATE_FILE} lacks the trainer's keys")
+    return state
+
+
+def verify_files(tag_dir: Path, state: dict) -> None:
+    """Before DeepSpeed reads anything: its files are all there and none is truncated (a torch .pt file is a zip
+    whose directory sits at the end; safetensors headers give their data size). Every rank checks every file, so
+    all ranks refuse together instead of one failing inside a collective load while the others wait."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    pts = sorted(tag_dir.glob("*.pt"))
+    if not any(p.name.endswith("model_states.pt") for p in pts):
+        raise _unreadable(tag_dir, "no DeepSpeed *model_states.pt file")
+    optim = [p for p in pts if p.name.endswith("optim_states.pt") and "zero_pp_rank_" in p.name]
+    if state["zero_stage"] >= 1 and len(optim) != state["world_size"]:
+        raise _unreadable(tag_dir, f"{len(optim)} DeepSpeed optimizer-state files for the {state['world_size']} "
+                                   f"ranks that saved it")
+    for f in pts:
+        try:
+            zipfile.ZipFile(f).close()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise _unreadable(tag_dir, f"{f.name}: {e}") from None
+    for f in sorted(tag_dir.glob("experts/*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:            # safetensors raises its own SafetensorError (and OSError)
+            raise _unreadable(tag_dir, f"experts/{f.name}: {e}") from None
+
+
+def check_no_newer(start: Path, ckpt_dir: Path) -> None:
+    """Resuming from an older step into a checkpoint directory that holds newer ones would overwrite or prune them
+    (saves of the same step are skipped as done, pruning keeps the highest steps): refuse."""
+    newer = [p for p in complete_checkpoints(ckpt_dir) if step_of(p) > step_of(start)]
+    if newer:
+        raise ConfigError(f"--resume {start} is older than {', '.join(p.name for p in newer)} in {ckpt_dir}: "
+                          f"continuing would overwrite or prune those. Resume into a new run_dir (or "
+                          f"checkpoint.dir), or move the newer checkpoints out of {ckpt_dir}")
 
 
 # ---- RNG ----
@@ -210,7 +268,7 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     found = complete_checkpoints(ckpt_dir)
     keep = set(found[-keep_last:])
     if keep_every:
-        keep |= {p for p in found if int(TAG_RE.match(p.name).group(1)) % keep_every == 0}
+        keep |= {p for p in found if step_of(p) % keep_every == 0}
     removed = [p for p in found if p not in keep]
     for p in removed:
         shutil.rmtree(p)
@@ -254,4 +312,7 @@ def load(engine, tag_dir: Path, rank: int, universal: bool = False) -> dict:
     rng_file = tag_dir / f"rng_rank{rank}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
+    elif rank < state["world_size"]:     # ranks beyond the saved world size never had one
+        print(f"warning: {rng_file} is missing: rank {rank} continues with fresh RNG streams, so the resumed run "
+              f"is not bitwise the uninterrupted one", file=sys.stderr, flush=True)
     return state

@@ -6,12 +6,15 @@ A plain `python -m moeut_ds.train` with none of them set is a world of one. gloo
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+
+from moeut_ds.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,24 +47,27 @@ def _env_int(name: str) -> int:
     try:
         return int(os.environ[name])
     except KeyError:
-        raise RuntimeError(f"environment variable {name} is not set: launch with torchrun, the deepspeed launcher or "
-                           f"launch/ scripts (they export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
+        raise ConfigError(f"environment variable {name} is not set: launch with torchrun, the deepspeed launcher or "
+                          f"launch/ scripts (they export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
 
 
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device."""
     prepare_env()
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: need 0 <= RANK < WORLD_SIZE and "
+                          f"LOCAL_RANK >= 0; check the launcher's process count and the exported variables")
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
-            raise RuntimeError(f"{name} is not set (RANK={rank}, WORLD_SIZE={world}): export the rendezvous address "
+            raise ConfigError(f"{name} is not set (RANK={rank}, WORLD_SIZE={world}): export the rendezvous address "
                                f"and port of rank 0")
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         if local >= n:
-            raise RuntimeError(f"LOCAL_RANK={local} but only {n} GPU(s) are visible: start one process per GPU")
+            raise ConfigError(f"LOCAL_RANK={local} but only {n} GPU(s) are visible: start one process per GPU")
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:
@@ -69,6 +75,9 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        if world > 1 and rank == 0:
+            print(f"[moeut_ds.train] waiting for {world} ranks at {os.environ['MASTER_ADDR']}:"
+                  f"{os.environ['MASTER_PORT']} (timeout {timeout_s:.0f} s)", file=sys.stderr, flush=True)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
     return DistInfo(rank, world, local, device, backend)

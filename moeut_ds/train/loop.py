@@ -31,7 +31,7 @@ from moeut_ds.train.experts import ExpertTraining
 from moeut_ds.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, release_cpu_shm_buffer
 from moeut_ds.train.metrics import ExpertUsage, MetricsWriter, detect_peak_tflops
 from moeut_ds.train.profiling import profile_step
-from moeut_ds.train.schedule import make_scheduler
+from moeut_ds.train.schedule import apply_recipe, make_scheduler
 
 # Keys the run config owns; a ds config that sets them would be silently ignored or contradict the recipe.
 OWNED_DS_KEYS = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
@@ -125,8 +125,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str = "auto"):
         self.cfg = cfg
         self.resume = resume
-        self.stop = StopFlag()
         self.dist: DistInfo = init_distributed()
+        self.stop = StopFlag()          # after the rendezvous: until then SIGTERM ends a rank that waits for peers
         self.rank0 = self.dist.rank == 0
 
     def log(self, msg: str) -> None:
@@ -175,6 +175,8 @@ class Trainer:
         if saved is not None:
             ckpt.check_compatible(saved, self.mcfg.to_dict(), d.world_size, self.zero_stage, start,
                                   experts_sharded=sharded)
+            ckpt.verify_files(start, saved)
+            ckpt.check_no_newer(start, self.ckpt_dir)
         # Another number of ranks: read DeepSpeed's state through its universal checkpoint format (ZeRO-1/2).
         self.universal = saved is not None and saved["world_size"] != d.world_size
         if self.universal:
@@ -209,6 +211,7 @@ class Trainer:
             self.step = state["step"]
             self.counters.update(state["counters"])
             self.log(f"resumed from {start} at step {self.step}")
+            self._apply_recipe(state["run_config"])
         elif self.resume == "auto":
             self.log(f"no checkpoint in {self.ckpt_dir}: starting from scratch")
 
@@ -223,6 +226,20 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self.metrics.text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
+
+    def _apply_recipe(self, saved_run: dict) -> None:
+        """The configured optimizer and schedule win over the checkpoint's (log what changed)."""
+        o, old = self.cfg.optim, saved_run
+        now = {"optim.lr": o.lr, "optim.betas": list(o.betas), "optim.eps": o.eps, "optim.weight_decay": o.weight_decay,
+               "optim.warmup_steps": o.warmup_steps, "optim.min_lr_ratio": o.min_lr_ratio,
+               "train.steps": self.cfg.train.steps}
+        changed = [f"{k} {old[k.split('.')[0]][k.split('.')[1]]} -> {v}" for k, v in now.items()
+                   if old[k.split(".")[0]][k.split(".")[1]] != v]
+        if changed:
+            self.log(f"changed since the checkpoint: {', '.join(changed)}; the schedule continues at step "
+                     f"{self.step} with the new values")
+        for scheduler in [self.scheduler] + ([self.experts.scheduler] if self.experts else []):
+            apply_recipe(scheduler, o.lr, o.betas, o.eps, o.weight_decay)
 
     # ---- one optimizer step ----
 
@@ -283,6 +300,12 @@ class Trainer:
     # ---- the loop ----
 
     def run(self) -> int:
+        try:
+            return self._setup_and_train()
+        finally:           # every exit, a refused setup included: DeepSpeed never frees its CPU all-reduce segment
+            release_cpu_shm_buffer(self.dist.rank)
+
+    def _setup_and_train(self) -> int:
         from tqdm import tqdm
 
         self.setup()
@@ -352,8 +375,7 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
-        barrier()
-        release_cpu_shm_buffer(self.dist.rank)
+        barrier()                       # peers map each other's all-reduce segments until the last collective
         return status
 
     def save(self) -> None:

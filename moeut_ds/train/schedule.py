@@ -19,3 +19,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int,
                    min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR; its state (last_epoch) travels in the DeepSpeed checkpoint, so resume continues the curve."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio))
+
+
+def apply_recipe(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> None:
+    """After a checkpoint load: the optimizer hyperparameters and the schedule's base lr come back as they were
+    saved, but the run config is what this run trains with (changing optim.* or train.steps on resume is how a run
+    is adjusted or extended). Put the configured values back and recompute this step's lr from them."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), betas=tuple(betas), eps=eps,
+                     weight_decay=weight_decay)
