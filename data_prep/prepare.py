@@ -116,8 +116,12 @@ def _check_args(args) -> None:
             raise InputError("--chunk-chars must be >= 1")
     if not 0 <= args.val_fraction < 1:
         raise InputError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-    if args.tokenizer and not os.path.isfile(args.tokenizer):
-        raise InputError(f"--tokenizer {args.tokenizer!r} does not exist: pass a SentencePiece .model file")
+    if args.tokenizer:
+        if not os.path.isfile(args.tokenizer):
+            raise InputError(f"--tokenizer {args.tokenizer!r} does not exist: pass a SentencePiece .model file")
+        tok.load(args.tokenizer)  # a bad model fails here, naming the user's file, before anything is copied
+    else:
+        tok.check_vocab_size(args.vocab_size)
     if args.workers < 1 or args.shard_size_mb <= 0 or args.tokenizer_sample_mb <= 0:
         raise InputError("--workers, --shard-size-mb and --tokenizer-sample-mb must be positive")
 
@@ -129,7 +133,6 @@ def _tokenizer(args, out: str) -> tuple[str, float]:
         if not os.path.isfile(path) or sha256_file(path) != sha256_file(args.tokenizer):
             shutil.copyfile(args.tokenizer, path + ".tmp")
             os.replace(path + ".tmp", path)
-        tok.load(path)
         return path, 0.0
     t0 = time.perf_counter()
     sample = tok.LineSample(int(args.tokenizer_sample_mb * 1e6), args.seed)

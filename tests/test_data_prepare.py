@@ -173,6 +173,9 @@ def test_split_by_input_keeps_groups_whole(tmp_path, files):
     ("noinput", "no --input"),
     ("weight", "weights must be > 0"),
     ("foreign_out", "not part of a prepared dataset"),
+    ("vocab_small", "--vocab-size 260 is below 261"),
+    ("vocab_huge", "--vocab-size 2147483648 is above 2147483647"),
+    ("bad_tokenizer", "r.jsonl cannot be loaded"),
 ])
 def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
     (tmp_path / "empty.txt").write_text("  \n\n")
@@ -185,7 +188,10 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
               "empty": [str(tmp_path / "empty.txt")], "utf8": [str(tmp_path / "bad.txt")],
               "field": [str(tmp_path / "r.jsonl"), "--text-field", "body"],
               "parquet_field": [str(tmp_path / "r.parquet"), "--text-field", "body"],
-              "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"], "foreign_out": [str(tmp_path / "r.jsonl")]}
+              "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"], "foreign_out": [str(tmp_path / "r.jsonl")],
+              "vocab_small": [str(tmp_path / "r.jsonl"), "--vocab-size", "260"],
+              "vocab_huge": [str(tmp_path / "r.jsonl"), "--vocab-size", str(2**31)],
+              "bad_tokenizer": [str(tmp_path / "r.jsonl"), "--tokenizer", str(tmp_path / "r.jsonl")]}
     argv = [*VOCAB, "--out", str(tmp_path / "out")]
     if case == "foreign_out":
         os.makedirs(tmp_path / "out")
@@ -193,12 +199,17 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
     if case != "noinput":
         argv += ["--input", *inputs[case]]
     assert prepare_main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
     assert err.startswith("error: ") and message in err
+    if case.startswith("vocab"):
+        assert len(lines) == 1  # refused before the sampling pass
     if case == "utf8":
         assert "bad.txt" in err
     if case == "foreign_out":
         assert (tmp_path / "out" / "notes.bin").read_bytes() == b"mine"
+    if case == "bad_tokenizer":
+        assert not (tmp_path / "out").exists()  # checked before --out is made: no bad copy left there
 
 
 def test_invalid_utf8_replace_option(tmp_path, dataset):
