@@ -126,6 +126,34 @@ def _check_args(args) -> None:
         raise InputError("--workers, --shard-size-mb and --tokenizer-sample-mb must be positive")
 
 
+def _make_out_dir(out: str) -> Optional[str]:
+    """Create --out; returns the topmost directory this created (None when --out existed), for _remove_created."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file, not a dataset directory: choose a new directory (or an existing "
+                         f"dataset to resume)")
+    top, path = None, os.path.abspath(out)
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out} cannot be created ({e.strerror}): choose a directory path you can write to"
+                         ) from None
+    return top
+
+
+def _remove_created(out: str, top: Optional[str]) -> None:
+    """After a failed run, remove the directories _make_out_dir created, while they are still empty."""
+    if top is None:
+        return
+    path = os.path.abspath(out)
+    while not os.listdir(path):
+        os.rmdir(path)
+        if path == top:
+            return
+        path = os.path.dirname(path)
+
+
 def _tokenizer(args, out: str) -> tuple[str, float]:
     """Train (or copy) the tokenizer into OUT/tokenizer.model; a re-run with the same sample reuses it."""
     path = os.path.join(out, TOKENIZER_FILE)
@@ -163,8 +191,16 @@ def prepare(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the whole preparation; returns the metadata written. Raises InputError/DataError on bad input."""
     args = build_parser().parse_args(argv)
     _check_args(args)
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+    created = _make_out_dir(args.out)
+    try:
+        return _prepare_in(args, args.out)
+    except BaseException:
+        _remove_created(args.out, created)
+        raise
+
+
+def _prepare_in(args, out: str) -> dict:
+    """prepare() once OUT exists."""
     check_out_dir(out)
     if os.path.exists(os.path.join(out, METADATA_FILE)):
         os.remove(os.path.join(out, METADATA_FILE))  # the dataset is incomplete until this run finishes

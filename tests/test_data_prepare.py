@@ -176,6 +176,8 @@ def test_split_by_input_keeps_groups_whole(tmp_path, files):
     ("vocab_small", "--vocab-size 260 is below 261"),
     ("vocab_huge", "--vocab-size 2147483648 is above 2147483647"),
     ("bad_tokenizer", "r.jsonl cannot be loaded"),
+    ("out_file", "is a file, not a dataset directory"),
+    ("out_under_file", "cannot be created"),
 ])
 def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
     (tmp_path / "empty.txt").write_text("  \n\n")
@@ -191,7 +193,9 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
               "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"], "foreign_out": [str(tmp_path / "r.jsonl")],
               "vocab_small": [str(tmp_path / "r.jsonl"), "--vocab-size", "260"],
               "vocab_huge": [str(tmp_path / "r.jsonl"), "--vocab-size", str(2**31)],
-              "bad_tokenizer": [str(tmp_path / "r.jsonl"), "--tokenizer", str(tmp_path / "r.jsonl")]}
+              "bad_tokenizer": [str(tmp_path / "r.jsonl"), "--tokenizer", str(tmp_path / "r.jsonl")],
+              "out_file": [str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "r.jsonl")],
+              "out_under_file": [str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "r.jsonl" / "sub")]}
     argv = [*VOCAB, "--out", str(tmp_path / "out")]
     if case == "foreign_out":
         os.makedirs(tmp_path / "out")
@@ -208,8 +212,8 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
         assert "bad.txt" in err
     if case == "foreign_out":
         assert (tmp_path / "out" / "notes.bin").read_bytes() == b"mine"
-    if case == "bad_tokenizer":
-        assert not (tmp_path / "out").exists()  # checked before --out is made: no bad copy left there
+    assert (tmp_path / "out").exists() == (case == "foreign_out")  # a failed run leaves no empty --out behind
+    assert (tmp_path / "r.jsonl").read_text() == '{"text": "hi"}\n'
 
 
 def test_invalid_utf8_replace_option(tmp_path, dataset):
@@ -292,6 +296,14 @@ def test_rerun_resumes_and_skips_finished_shards(tmp_path, files, capsys):
     assert sorted(n for n in os.listdir(out) if ".tmp" in n) == []
     assert {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".bin")} == before
     assert validate_main([str(out)]) == 0
+
+
+def test_failed_run_removes_only_the_directories_it_created(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"bad\xff")
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "new" / "deeper" / "out"):
+        assert prepare_main([*VOCAB, "--input", str(tmp_path / "bad.txt"), "--out", str(out)]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["bad.txt", "empty"]
 
 
 @pytest.mark.slow
