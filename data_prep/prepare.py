@@ -22,17 +22,20 @@ from typing import Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from moeut_ds.data.errors import DataError
-from moeut_ds.data.format import (FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, SPLITS, TOKENIZER_FILE, sha256_file,
-                                  token_dtype, write_json_atomic)
+from moeut_ds.data.format import (FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, SPLITS, TOKENIZER_FILE, read_metadata,
+                                  sha256_file, token_dtype, write_json_atomic)
 
 from . import split as splitting
 from . import tokenizer as tok
 from .errors import InputError
-from .shards import ShardPlanner, ShardWriter, check_out_dir, init_worker, remove_temporaries
+from .shards import (ShardPlanner, ShardWriter, check_out_dir, init_worker, invalidate_metadata,
+                     remove_temporaries)
 from .sources import DOC_UNITS, Document, InputGroup, expand, iter_documents
 
 GROUP_OPTIONS = {"weight", "side", "text_field", "doc_unit", "extensions", "hf_config", "hf_split", "chunk_chars",
                  "utf8_errors"}
+SOURCE_SETTINGS = ("paths", "weight", "side", "doc_unit", "text_field", "chunk_chars", "extensions", "hf_config",
+                   "hf_split")  # the group options that decide its documents (utf8_errors only decides failure)
 
 
 class _InputAction(argparse.Action):
@@ -116,10 +119,81 @@ def _check_args(args) -> None:
             raise InputError("--chunk-chars must be >= 1")
     if not 0 <= args.val_fraction < 1:
         raise InputError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
-    if args.tokenizer and not os.path.isfile(args.tokenizer):
-        raise InputError(f"--tokenizer {args.tokenizer!r} does not exist: pass a SentencePiece .model file")
+    if args.tokenizer:
+        if not os.path.isfile(args.tokenizer):
+            raise InputError(f"--tokenizer {args.tokenizer!r} does not exist: pass a SentencePiece .model file")
+        tok.load(args.tokenizer)  # a bad model fails here, naming the user's file, before anything is copied
+    else:
+        tok.check_vocab_size(args.vocab_size)
     if args.workers < 1 or args.shard_size_mb <= 0 or args.tokenizer_sample_mb <= 0:
         raise InputError("--workers, --shard-size-mb and --tokenizer-sample-mb must be positive")
+
+
+def _make_out_dir(out: str) -> Optional[str]:
+    """Create --out; returns the topmost directory this created (None when --out existed), for _remove_created."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file, not a dataset directory: choose a new directory (or an existing "
+                         f"dataset to resume)")
+    top, path = None, os.path.abspath(out)
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out} cannot be created ({e.strerror}): choose a directory path you can write to"
+                         ) from None
+    return top
+
+
+def _remove_created(out: str, top: Optional[str]) -> None:
+    """After a failed run, remove the directories _make_out_dir created, while they are still empty."""
+    if top is None:
+        return
+    path = os.path.abspath(out)
+    while not os.listdir(path):
+        os.rmdir(path)
+        if path == top:
+            return
+        path = os.path.dirname(path)
+
+
+def _source_settings(g: InputGroup) -> dict:
+    """The group's SOURCE_SETTINGS, JSON-ready, as metadata.json records them."""
+    settings = {k: getattr(g, k) for k in SOURCE_SETTINGS}
+    settings["extensions"] = list(g.extensions)
+    return settings
+
+
+def _recipe(args) -> dict:
+    """What decides the dataset's content (inputs, tokenizer and split settings), in metadata.json's layout."""
+    tokenizer = ({"trained": False, "sha256": sha256_file(args.tokenizer)} if args.tokenizer else
+                 {"trained": True, "vocab_size": args.vocab_size, "sample_mb": args.tokenizer_sample_mb})
+    return {"sources": [_source_settings(g) for g in args.groups], "tokenizer": tokenizer,
+            "split": {"seed": args.seed, "val_fraction": args.val_fraction, "split_by": args.split_by}}
+
+
+def _recipe_changes(meta: dict, recipe: dict) -> list[str]:
+    """'setting recorded vs now' for each setting the metadata records with another value than the recipe."""
+    old, new = meta.get("sources", []), recipe["sources"]
+    changes = [f"--input groups {len(old)} vs {len(new)}"] if len(old) != len(new) else []
+    sections = [("tokenizer", meta["tokenizer"], recipe["tokenizer"]),
+                ("split", meta.get("split", {}), recipe["split"]),
+                *((f"input {i + 1}", o, n) for i, (o, n) in enumerate(zip(old, new)))]
+    return changes + [f"{name} {k} {o[k]!r} vs {v!r}" for name, o, n in sections for k, v in n.items()
+                      if k in o and o[k] != v]
+
+
+def _check_same_recipe(out: str, recipe: dict) -> None:
+    """A re-run may resume or refresh the dataset in --out, never replace one prepared from other settings."""
+    try:
+        meta = read_metadata(out)
+    except DataError:
+        return  # no finished dataset there (or an unreadable one): this run writes it
+    changes = _recipe_changes(meta, recipe)
+    if changes:
+        raise InputError(f"--out {out} already holds a finished dataset prepared from other inputs/settings "
+                         f"(recorded vs now: {'; '.join(changes)}): choose a new --out, or delete the directory "
+                         f"to replace it")
 
 
 def _tokenizer(args, out: str) -> tuple[str, float]:
@@ -128,8 +202,8 @@ def _tokenizer(args, out: str) -> tuple[str, float]:
     if args.tokenizer:
         if not os.path.isfile(path) or sha256_file(path) != sha256_file(args.tokenizer):
             shutil.copyfile(args.tokenizer, path + ".tmp")
+            invalidate_metadata(out)
             os.replace(path + ".tmp", path)
-        tok.load(path)
         return path, 0.0
     t0 = time.perf_counter()
     sample = tok.LineSample(int(args.tokenizer_sample_mb * 1e6), args.seed)
@@ -150,6 +224,7 @@ def _tokenizer(args, out: str) -> tuple[str, float]:
     tok.load(model)
     with open(path + ".tmp", "wb") as f:
         f.write(model)
+    invalidate_metadata(out)
     os.replace(path + ".tmp", path)
     with open(stamp, "w") as f:
         f.write(h.hexdigest() + "\n")
@@ -160,11 +235,19 @@ def prepare(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the whole preparation; returns the metadata written. Raises InputError/DataError on bad input."""
     args = build_parser().parse_args(argv)
     _check_args(args)
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+    created = _make_out_dir(args.out)
+    try:
+        return _prepare_in(args, args.out)
+    except BaseException:
+        _remove_created(args.out, created)
+        raise
+
+
+def _prepare_in(args, out: str) -> dict:
+    """prepare() once OUT exists; a finished dataset there keeps its metadata until a file it describes changes."""
     check_out_dir(out)
-    if os.path.exists(os.path.join(out, METADATA_FILE)):
-        os.remove(os.path.join(out, METADATA_FILE))  # the dataset is incomplete until this run finishes
+    recipe = _recipe(args)
+    _check_same_recipe(out, recipe)
     stale = remove_temporaries(out)
     if stale:
         print(f"removed {stale} temporary file(s) left by an interrupted run", file=sys.stderr)
@@ -199,6 +282,7 @@ def prepare(argv: Optional[Sequence[str]] = None) -> dict:
     planned = {r["file"] for r in records}
     for name in os.listdir(out):  # shards of an earlier, larger plan would otherwise linger
         if name.endswith((".bin", ".bin.json")) and name.split(".bin")[0] + ".bin" not in planned:
+            invalidate_metadata(out)
             os.remove(os.path.join(out, name))
     splits = {}
     for s in SPLITS:
@@ -207,16 +291,14 @@ def prepare(argv: Optional[Sequence[str]] = None) -> dict:
                      "num_documents": sum(r["num_documents"] for r in shards),
                      "shards": [{k: r[k] for k in ("file", "num_tokens", "bytes", "sha256", "num_documents")}
                                 for r in shards]}
-    sources = [{"paths": g.paths, "label": g.label, "weight": g.weight, "side": g.side, "doc_unit": g.doc_unit,
-                "text_field": g.text_field, "train_documents": stats[i]["train"][0],
+    sources = [{**src, "label": args.groups[i].label, "train_documents": stats[i]["train"][0],
                 "train_chars": stats[i]["train"][1], "val_documents": stats[i]["val"][0],
-                "val_chars": stats[i]["val"][1]} for i, g in enumerate(args.groups)]
+                "val_chars": stats[i]["val"][1]} for i, src in enumerate(recipe["sources"])]
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab,
             "eod_id": eod, "eod_piece": sp.id_to_piece(eod),
-            "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok_sha, "vocab_size": vocab,
-                          "trained": not args.tokenizer, "model_type": "bpe"},
-            "splits": splits, "sources": sources,
-            "split": {"seed": args.seed, "val_fraction": args.val_fraction, "split_by": args.split_by},
+            "tokenizer": {**recipe["tokenizer"], "file": TOKENIZER_FILE, "sha256": tok_sha, "vocab_size": vocab,
+                          "model_type": "bpe"},
+            "splits": splits, "sources": sources, "split": recipe["split"],
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "tool": "data_prep.prepare"}
     write_json_atomic(os.path.join(out, METADATA_FILE), meta)

@@ -7,6 +7,7 @@ a fingerprint of its input text and tokenizer: a re-run skips shards whose file 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from moeut_ds.data.format import shard_name, write_json_atomic
+from moeut_ds.data.format import METADATA_FILE, shard_name, write_json_atomic
 
 from .errors import InputError
 
@@ -167,6 +168,7 @@ class ShardWriter:
                 self.progress.update(n)
             f.flush()
             os.fsync(f.fileno())
+        invalidate_metadata(self.out_dir)
         os.replace(tmp, path)
         rec = {"file": sh.file, "split": sh.split, "num_tokens": ntok, "bytes": os.path.getsize(path),
                "sha256": h.hexdigest(), "num_documents": sh.num_documents, "text_chars": sh.chars,
@@ -188,6 +190,13 @@ def check_out_dir(out_dir: str) -> None:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise InputError(f"--out {out_dir} holds files that are not part of a prepared dataset ({shown}): "
                          f"choose a new or empty directory")
+
+
+def invalidate_metadata(out_dir: str) -> None:
+    """Remove metadata.json just before the first change to a file it describes: the dataset is unfinished from
+    then until the run writes its own, and a run failing before any change leaves the finished dataset intact."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, METADATA_FILE))
 
 
 def remove_temporaries(out_dir: str) -> int:

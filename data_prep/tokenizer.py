@@ -16,6 +16,11 @@ import sentencepiece as spm
 from .errors import InputError
 
 MAX_LINE_CHARS = 4096  # sample lines longer than this are cut at a space
+USER_SYMBOLS = ["\n"]
+# SentencePiece needs a piece for each of: 256 byte-fallback bytes, unk/bos/eos, the user symbols and the
+# word-boundary mark U+2581, plus one per character of the sample (only known after sampling).
+MIN_VOCAB = 256 + 3 + len(USER_SYMBOLS) + 1
+MAX_VOCAB = 2**31 - 1  # SentencePiece's vocab_size is an int32
 
 
 def _cut_line(line: str) -> Iterable[str]:
@@ -58,6 +63,17 @@ class LineSample:
         return [line for _, _, line in sorted(self.heap, key=lambda t: (-t[0], t[2]))]
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """Reject a --vocab-size no sample can support before the sampling pass, not after it."""
+    if vocab_size < MIN_VOCAB:
+        raise InputError(f"--vocab-size {vocab_size} is below {MIN_VOCAB}, the smallest byte-fallback BPE "
+                         f"tokenizer (256 byte pieces + unk/bos/eos + newline + word boundary, plus one piece per "
+                         f"character of the text): raise --vocab-size or pass --tokenizer MODEL")
+    if vocab_size > MAX_VOCAB:
+        raise InputError(f"--vocab-size {vocab_size} is above {MAX_VOCAB}, the largest SentencePiece accepts: "
+                         f"lower --vocab-size (a few thousand to 100k pieces is usual)")
+
+
 def train(lines: list[str], vocab_size: int) -> bytes:
     """Train a BPE model on the sample; returns the serialized .model bytes.
 
@@ -70,7 +86,7 @@ def train(lines: list[str], vocab_size: int) -> bytes:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
             split_digits=True, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, user_defined_symbols=USER_SYMBOLS,
             character_coverage=0.9995, max_sentence_length=4 * MAX_LINE_CHARS + 16, num_threads=1,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     except RuntimeError as e:

@@ -173,6 +173,11 @@ def test_split_by_input_keeps_groups_whole(tmp_path, files):
     ("noinput", "no --input"),
     ("weight", "weights must be > 0"),
     ("foreign_out", "not part of a prepared dataset"),
+    ("vocab_small", "--vocab-size 260 is below 261"),
+    ("vocab_huge", "--vocab-size 2147483648 is above 2147483647"),
+    ("bad_tokenizer", "r.jsonl cannot be loaded"),
+    ("out_file", "is a file, not a dataset directory"),
+    ("out_under_file", "cannot be created"),
 ])
 def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
     (tmp_path / "empty.txt").write_text("  \n\n")
@@ -185,7 +190,12 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
               "empty": [str(tmp_path / "empty.txt")], "utf8": [str(tmp_path / "bad.txt")],
               "field": [str(tmp_path / "r.jsonl"), "--text-field", "body"],
               "parquet_field": [str(tmp_path / "r.parquet"), "--text-field", "body"],
-              "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"], "foreign_out": [str(tmp_path / "r.jsonl")]}
+              "weight": [str(tmp_path / "r.jsonl"), "--weight", "0"], "foreign_out": [str(tmp_path / "r.jsonl")],
+              "vocab_small": [str(tmp_path / "r.jsonl"), "--vocab-size", "260"],
+              "vocab_huge": [str(tmp_path / "r.jsonl"), "--vocab-size", str(2**31)],
+              "bad_tokenizer": [str(tmp_path / "r.jsonl"), "--tokenizer", str(tmp_path / "r.jsonl")],
+              "out_file": [str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "r.jsonl")],
+              "out_under_file": [str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "r.jsonl" / "sub")]}
     argv = [*VOCAB, "--out", str(tmp_path / "out")]
     if case == "foreign_out":
         os.makedirs(tmp_path / "out")
@@ -193,12 +203,17 @@ def test_bad_inputs_fail_with_reason(tmp_path, capsys, case, message):
     if case != "noinput":
         argv += ["--input", *inputs[case]]
     assert prepare_main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
     assert err.startswith("error: ") and message in err
+    if case.startswith("vocab"):
+        assert len(lines) == 1  # refused before the sampling pass
     if case == "utf8":
         assert "bad.txt" in err
     if case == "foreign_out":
         assert (tmp_path / "out" / "notes.bin").read_bytes() == b"mine"
+    assert (tmp_path / "out").exists() == (case == "foreign_out")  # a failed run leaves no empty --out behind
+    assert (tmp_path / "r.jsonl").read_text() == '{"text": "hi"}\n'
 
 
 def test_invalid_utf8_replace_option(tmp_path, dataset):
@@ -281,6 +296,83 @@ def test_rerun_resumes_and_skips_finished_shards(tmp_path, files, capsys):
     assert sorted(n for n in os.listdir(out) if ".tmp" in n) == []
     assert {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".bin")} == before
     assert validate_main([str(out)]) == 0
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, text):
+    """A finished dataset from one small text file, and the arguments that prepared it."""
+    d = tmp_path_factory.mktemp("finished")
+    (d / "in").mkdir()
+    (d / "in" / "a.txt").write_text(text[:30_000], encoding="utf-8")
+    args = [*VOCAB, "--input", str(d / "in" / "*.txt"), "--doc-unit", "paragraph", "--val-fraction", "0.2"]
+    prepare(args + ["--out", str(d / "ds")])
+    return d / "ds", args
+
+
+def _files(d) -> dict:
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
+
+
+def test_rerun_of_finished_dataset_with_same_settings_reuses_it(tmp_path, finished, capsys):
+    ds, args = finished
+    out = _copy(ds, tmp_path / "ds")
+    shards = len([n for n in os.listdir(out) if n.endswith(".bin")])
+    capsys.readouterr()
+    prepare(args + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert "reusing" in err and f"({shards} reused)" in err
+    assert {n: b for n, b in _files(out).items() if n != "metadata.json"} == \
+        {n: b for n, b in _files(ds).items() if n != "metadata.json"}
+    open_dataset(str(out))
+
+
+@pytest.mark.parametrize("change,expect", [
+    (["--vocab-size", "300"], "tokenizer vocab_size 400 vs 300"),
+    (["--seed", "3"], "split seed 0 vs 3"),
+    (["--doc-unit", "line"], "input 1 doc_unit 'paragraph' vs 'line'"),
+    (["--input", "OTHER"], "--input groups 1 vs 2"),
+    (["--tokenizer", "TOKENIZER"], "tokenizer trained True vs False"),
+])
+def test_rerun_with_other_settings_keeps_the_finished_dataset(tmp_path, finished, capsys, change, expect):
+    ds, args = finished
+    out = _copy(ds, tmp_path / "ds")
+    (tmp_path / "other.txt").write_text("other text\n" * 50)
+    tok = tmp_path / "tok.model"
+    tok.write_bytes((ds / "tokenizer.model").read_bytes())
+    change = [{"OTHER": str(tmp_path / "other.txt"), "TOKENIZER": str(tok)}.get(a, a) for a in change]
+    assert prepare_main(args + change + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "already holds a finished dataset prepared from other inputs/settings" in err
+    assert expect in err and "choose a new --out, or delete the directory" in err
+    assert _files(out) == _files(ds)
+
+
+@pytest.mark.parametrize("given_tokenizer", [False, True])
+def test_failed_rerun_keeps_the_finished_dataset(tmp_path, finished, capsys, given_tokenizer):
+    """Same settings, but the glob now also matches a bad file: the old dataset must stay loadable."""
+    ds, args = finished
+    d = tmp_path / "d"
+    (d / "in").mkdir(parents=True)
+    (d / "in" / "a.txt").write_bytes((ds.parent / "in" / "a.txt").read_bytes())
+    args = [a.replace(str(ds.parent), str(d)) for a in args]
+    if given_tokenizer:
+        args += ["--tokenizer", str(ds / "tokenizer.model")]
+    out = d / "ds"
+    prepare(args + ["--out", str(out)])
+    before = _files(out)
+    (d / "in" / "z.txt").write_bytes(b"more text\xff")
+    assert prepare_main(args + ["--out", str(out)]) == 2
+    assert "invalid UTF-8" in capsys.readouterr().err
+    assert _files(out) == before
+    open_dataset(str(out))
+
+
+def test_failed_run_removes_only_the_directories_it_created(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"bad\xff")
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "new" / "deeper" / "out"):
+        assert prepare_main([*VOCAB, "--input", str(tmp_path / "bad.txt"), "--out", str(out)]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["bad.txt", "empty"]
 
 
 @pytest.mark.slow
