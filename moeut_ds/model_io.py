@@ -22,6 +22,7 @@ from moeut_ds.model import LanguageModel
 FORMAT = "moeut-ds-model"
 FORMAT_VERSION = 1
 REEXPORT = "re-export the model with `python -m moeut_ds.export RUN --out DIR`"
+TOKENIZER_FIX = "use the tokenizer.model of the prepared dataset the model was trained on"
 
 
 def save_model(model: LanguageModel, path: Union[str, Path], extra: dict | None = None) -> Path:
@@ -84,3 +85,18 @@ def load_model(path: Union[str, Path], expert_backend: Union[str, ExpertBackend]
         raise ValueError(f"{weights} does not match {cfg_file} ({last}): the config was edited or the files come "
                          f"from different models; {REEXPORT}") from None
     return model.to(device).eval()
+
+
+def load_tokenizer(path: Union[str, Path], vocab_size: int):
+    """A SentencePiece processor whose piece count is the model's vocab_size (other ids would index past the
+    embedding); ValueError naming the file otherwise."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:   # sentencepiece raises either for a file that is not a ModelProto
+        raise ValueError(f"tokenizer {path} cannot be loaded ({e}): {TOKENIZER_FIX}") from None
+    if sp.get_piece_size() != vocab_size:
+        raise ValueError(f"tokenizer {path} has {sp.get_piece_size()} pieces, the model's vocab_size is {vocab_size}: "
+                         f"{TOKENIZER_FIX}")
+    return sp
