@@ -181,3 +181,16 @@ def test_generate_bad_model_dir_and_tokenizer(tmp_path, tokenizer, capsys):
     err = capsys.readouterr().err
     assert f"error: tokenizer {tmp_path / 'bad.model'} cannot be loaded" in err and "Traceback" not in err
 
+
+def test_export_checks_out_and_tokenizer_before_the_checkpoint(tmp_path, capsys):
+    """--tokenizer and --out are the user's; they are checked before the (long) consolidation, here before the
+    missing checkpoint is even looked for."""
+    from moeut_ds.export import main
+
+    (tmp_path / "file.txt").write_text("keep me")
+    assert main([str(tmp_path / "no-run"), "--out", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "no.model")]) == 2
+    assert f"--tokenizer {tmp_path / 'no.model'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main([str(tmp_path / "no-run"), "--out", str(tmp_path / "file.txt" / "sub" / "m")]) == 2
+    assert f"{tmp_path / 'file.txt'} is a file, not a directory: choose an --out" in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "keep me"
