@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -42,10 +43,12 @@ def load_any(path: str, expert_backend: str = "auto", device: str = "cpu"):
 def perplexity(model, data_dir: str, split: str = "val", context: int = 1024, batch_size: int = 8,
                max_windows: Optional[int] = None, device: str = "cpu") -> tuple[float, int]:
     """exp(mean token cross-entropy) over non-overlapping held-out windows (no context carry-over)."""
-    from moeut_ds.data import open_dataset
+    from moeut_ds.data import DataError, open_dataset
 
     ds = open_dataset(data_dir, split)
-    ds.check_vocab(model.cfg.vocab_size)
+    if ds.vocab_size != model.cfg.vocab_size:   # not check_vocab: its fix (change the model config) fits training
+        raise DataError(f"model vocab_size {model.cfg.vocab_size} does not match the tokenizer vocab_size "
+                        f"{ds.vocab_size} of --data {data_dir}: pass the --data the model was trained on")
     total, count = 0.0, 0
     for batch in ds.eval_windows(context, batch_size, max_windows=max_windows):
         batch = batch.to(device)
@@ -62,6 +65,19 @@ def read_blimp(path: str | Path, max_pairs: Optional[int] = None) -> dict[str, l
     if not p.exists():
         raise FileNotFoundError(f"BLiMP data {p} not found: pass --blimp PATH (the zip from "
                                 f"https://github.com/alexwarstadt/blimp or a directory of its .jsonl files)")
+    try:
+        out = {paradigm: _blimp_pairs(text)[:max_pairs or None] for paradigm, text in _blimp_files(p).items()}
+    except (zipfile.BadZipFile, zlib.error, KeyError, ValueError) as e:   # ValueError: bad UTF-8 or JSON
+        raise ValueError(f"BLiMP data {p} is not a valid BLiMP zip or directory ({type(e).__name__}: {e}): "
+                         f"re-download it from https://github.com/alexwarstadt/blimp or pass --blimp none") from None
+    if not out:
+        raise ValueError(f"BLiMP data {p} holds no .jsonl files: pass the zip from "
+                         f"https://github.com/alexwarstadt/blimp or a directory of its .jsonl files")
+    return out
+
+
+def _blimp_files(p: Path) -> dict[str, str]:
+    """{paradigm: text of its .jsonl} from the zip or the directory."""
     files: dict[str, str] = {}
     if p.is_dir():
         for f in sorted(p.rglob("*.jsonl")):
@@ -74,15 +90,12 @@ def read_blimp(path: str | Path, max_pairs: Optional[int] = None) -> dict[str, l
                 if name.endswith(".jsonl") and not name.startswith("__MACOSX/") and \
                         not Path(name).name.startswith("._"):      # macOS resource forks in the archive
                     files[Path(name).stem] = z.read(name).decode("utf-8")
-    out = {}
-    for paradigm, text in files.items():
-        pairs = []
-        for line in text.splitlines():
-            if line.strip():
-                r = json.loads(line)
-                pairs.append((r["sentence_good"], r["sentence_bad"]))
-        out[paradigm] = pairs[:max_pairs] if max_pairs else pairs
-    return out
+    return files
+
+
+def _blimp_pairs(text: str) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [(r["sentence_good"], r["sentence_bad"]) for r in rows]
 
 
 @torch.no_grad()
@@ -108,14 +121,11 @@ def sentence_logprobs(model, ids: list[list[int]], bos: int, max_tokens: int = 3
     return scores
 
 
-def blimp(model, tokenizer_path: str, blimp_path: str | Path = DEFAULT_BLIMP, max_pairs: Optional[int] = None,
-          max_tokens: int = 32768, device: str = "cpu") -> dict[str, float]:
-    """Accuracy per paradigm plus 'average' (mean over paradigms); all sentences scored in one length-sorted pass."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+def blimp(model, sp, data: dict[str, list[tuple[str, str]]], max_tokens: int = 32768,
+          device: str = "cpu") -> dict[str, float]:
+    """Accuracy per paradigm of read_blimp's pairs plus 'average' (mean over paradigms); sp: the SentencePiece
+    processor (model_io.load_tokenizer); all sentences scored in one length-sorted pass."""
     bos = sp.eos_id() if sp.eos_id() >= 0 else 0
-    data = read_blimp(blimp_path, max_pairs)
     scores = iter(sentence_logprobs(model, sp.encode([s for pairs in data.values() for pair in pairs for s in pair]),
                                     bos, max_tokens, device))
     acc = {paradigm: sum(next(scores) > next(scores) for _ in pairs) / len(pairs) for paradigm, pairs in data.items()}
@@ -139,22 +149,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from moeut_ds.data import DataError
+    from moeut_ds.model_io import load_tokenizer
 
     try:
+        pairs = None if args.blimp == "none" else read_blimp(args.blimp, args.blimp_max_pairs)  # before model work
         model, tok = load_any(args.model, device=args.device)
+        if tok is None and args.data:
+            tok = str(Path(args.data) / "tokenizer.model")
+        if pairs is not None:
+            if tok is None or not Path(tok).is_file():
+                raise FileNotFoundError("no tokenizer for BLiMP: pass --data DIR (its tokenizer.model is used) or "
+                                        "export the model with its tokenizer")
+            sp = load_tokenizer(tok, model.cfg.vocab_size)
         results: dict = {"model": args.model}
         if args.data:
             context = args.context or _train_context(args.model) or 1024
             ppl, n = perplexity(model, args.data, args.split, context, args.batch_size, args.max_windows, args.device)
             results.update(perplexity=ppl, tokens=n, split=args.split, context=context)
             print(f"perplexity ({args.split}, context {context}, {n} tokens): {ppl:.3f}")
-            if tok is None:
-                tok = str(Path(args.data) / "tokenizer.model")
-        if args.blimp != "none":
-            if tok is None or not Path(tok).is_file():
-                raise FileNotFoundError("no tokenizer for BLiMP: pass --data DIR (its tokenizer.model is used) or "
-                                        "export the model with its tokenizer")
-            acc = blimp(model, tok, args.blimp, args.blimp_max_pairs, args.blimp_max_tokens, args.device)
+        if pairs is not None:
+            acc = blimp(model, sp, pairs, args.blimp_max_tokens, args.device)
             results["blimp"] = acc
             for paradigm, a in acc.items():
                 if paradigm != "average":

@@ -67,13 +67,25 @@ def load_from_checkpoint(path: str | Path, expert_backend: str = "auto"):
     return model.eval(), state
 
 
+def _check_destination(out: Path, tokenizer: Optional[str]) -> None:
+    """The user's --out and --tokenizer, checked before the consolidation work."""
+    if out.exists():
+        raise FileExistsError(f"{out} exists: choose a new --out (export never overwrites a directory)")
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist: pass the tokenizer.model the training data "
+                                f"was prepared with, or leave --tokenizer out to use the data's")
+    ancestor = next(p for p in out.parents if p.exists())     # where the missing parent directories would go
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"--out {out}: {ancestor} is a file, not a directory: choose an --out under a "
+                                 f"directory")
+
+
 def export(path: str | Path, out: str | Path, tokenizer: Optional[str] = None) -> Path:
     """Write the model directory atomically (a temporary sibling renamed into place); refuses to overwrite."""
     from moeut_ds.model_io import save_model
 
     out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists: choose a new --out (export never overwrites a directory)")
+    _check_destination(out, tokenizer)
     model, state = load_from_checkpoint(path, expert_backend="reference")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.tokenizer)
-    except (FileNotFoundError, FileExistsError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = json.loads((out / "config.json").read_text())

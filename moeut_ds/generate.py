@@ -5,10 +5,21 @@ Uses the SentencePiece tokenizer saved in the model directory by `python -m moeu
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sampling settings the sampler cannot use are usage errors, reported before the model is loaded."""
+    if not args.greedy and not (math.isfinite(args.temperature) and args.temperature > 0):
+        p.error(f"--temperature {args.temperature}: must be a finite number > 0 (or pass --greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k {args.top_k}: must be at least 1 (leave it out to sample from all tokens)")
+    if args.max_new_tokens < 0:
+        p.error(f"--max-new-tokens {args.max_new_tokens}: must be at least 0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,23 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="SentencePiece .model (default: MODEL/tokenizer.model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-
-    import sentencepiece as spm
+    _check_args(p, args)
 
     from moeut_ds.model import generate
-    from moeut_ds.model_io import load_model
+    from moeut_ds.model_io import load_model, load_tokenizer, read_config
 
-    tok = Path(args.tokenizer or Path(args.model) / "tokenizer.model")
-    if not tok.is_file():
-        print(f"error: tokenizer {tok} not found: export with `python -m moeut_ds.export` (it copies the tokenizer) "
-              f"or pass --tokenizer", file=sys.stderr)
-        return 2
     try:
+        vocab_size = read_config(args.model)["model"]["vocab_size"]   # the model dir first, then its tokenizer
+        tok = Path(args.tokenizer or Path(args.model) / "tokenizer.model")
+        if not tok.is_file():
+            raise FileNotFoundError(f"tokenizer {tok} not found: export with `python -m moeut_ds.export` (it copies "
+                                    f"the tokenizer) or pass --tokenizer")
+        sp = load_tokenizer(tok, vocab_size)
         model = load_model(args.model, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sp = spm.SentencePieceProcessor(model_file=str(tok))
     bos = sp.eos_id() if sp.eos_id() >= 0 else 0
     ids = [bos] + sp.encode(args.prompt)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)

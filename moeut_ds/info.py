@@ -17,6 +17,10 @@ from moeut_ds.presets import get_preset
 def describe(name: str, context: int = 1024, memory: dict | None = None) -> dict:
     """memory: keyword arguments of memory.estimate_memory (gpus, ep, zero, micro_batch, activation_checkpointing,
     gpu_mem_gib) or None."""
+    if context < 1:
+        raise ConfigError(f"--context {context}: must be at least 1")
+    if memory is not None and not memory.get("gpu_mem_gib", H200_GIB) > 0:     # `not >`: also rejects nan
+        raise ConfigError(f"--gpu-mem-gib {memory['gpu_mem_gib']:g}: must be more than 0")
     cfg = get_preset(name)
     params = count_parameters(cfg)
     out = {

@@ -1,10 +1,13 @@
-"""evaluate / generate CLIs on a trained run (perplexity, BLiMP accuracy, sampled text)."""
+"""evaluate / export / generate CLIs on a trained run (perplexity, BLiMP accuracy, sampled text) and their input
+checks on a tiny saved model."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,22 +70,127 @@ def test_sentence_logprobs_independent_of_batching():
     assert naive[7] == all_in_one[7] == 0.0 and len(set(map(len, ids))) > 10
 
 
-def test_blimp_pairs_good_with_bad(tmp_path):
-    """blimp() scores all sentences in one pass; its bookkeeping matches scoring goods and bads separately."""
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> str:
+    """A 200-piece SentencePiece model (eos 1) trained on the first BLiMP pairs."""
     import sentencepiece as spm
 
+    from moeut_ds.evaluate import DEFAULT_BLIMP, read_blimp
+
+    tmp = tmp_path_factory.mktemp("tok")
+    text = tmp / "blimp.txt"
+    text.write_text("\n".join(s for pairs in read_blimp(DEFAULT_BLIMP, 2).values() for pair in pairs for s in pair))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp / "tok"), vocab_size=200,
+                                   model_type="unigram", eos_id=1, bos_id=-1, minloglevel=2)
+    return str(tmp / "tok.model")
+
+
+def _model_dir(path: Path, vocab: int, tokenizer: str) -> Path:
+    """A tiny model in the exported format (config.json + model.safetensors + tokenizer.model)."""
+    from moeut_ds.model_io import save_model
+
+    save_model(_tiny_model(vocab), path)
+    shutil.copyfile(tokenizer, path / "tokenizer.model")
+    return path
+
+
+def test_blimp_pairs_good_with_bad(tokenizer):
+    """blimp() scores all sentences in one pass; its bookkeeping matches scoring goods and bads separately."""
     from moeut_ds.evaluate import DEFAULT_BLIMP, blimp, read_blimp, sentence_logprobs
+    from moeut_ds.model_io import load_tokenizer
 
     data = read_blimp(DEFAULT_BLIMP, max_pairs=2)
-    text = tmp_path / "blimp.txt"
-    text.write_text("\n".join(s for pairs in data.values() for pair in pairs for s in pair))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tok"), vocab_size=200,
-                                   model_type="unigram", eos_id=1, bos_id=-1, minloglevel=2)
-    tok = str(tmp_path / "tok.model")
-    sp, model = spm.SentencePieceProcessor(model_file=tok), _tiny_model(200).eval()
-    acc = blimp(model, tok, DEFAULT_BLIMP, max_pairs=2)
+    sp, model = load_tokenizer(tokenizer, 200), _tiny_model(200).eval()
+    acc = blimp(model, sp, data)
     good, bad = (iter(sentence_logprobs(model, sp.encode([pair[j] for pairs in data.values() for pair in pairs]), 1))
                  for j in (0, 1))
     want = {paradigm: sum(next(good) > next(bad) for _ in pairs) / len(pairs) for paradigm, pairs in data.items()}
     assert {k: v for k, v in acc.items() if k != "average"} == want and len(set(want.values())) > 1
     assert acc["average"] == pytest.approx(sum(want.values()) / 67)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("text.zip", "is not a valid BLiMP zip or directory (BadZipFile"),
+    ("trunc.zip", "is not a valid BLiMP zip or directory (BadZipFile"),
+    ("dir", "is not a valid BLiMP zip or directory (JSONDecodeError"),
+    ("missing.zip", "not found: pass --blimp PATH"),
+])
+def test_evaluate_checks_blimp_before_the_model(tmp_path, capsys, bad, msg):
+    """A bad --blimp is reported before the model is looked at (here it does not even exist), not after perplexity."""
+    from moeut_ds.evaluate import DEFAULT_BLIMP, main
+
+    (tmp_path / "text.zip").write_text("not a zip")
+    (tmp_path / "trunc.zip").write_bytes(DEFAULT_BLIMP.read_bytes()[:4096])
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "adjunct_island.jsonl").write_text('{"sentence_good": "Who')
+    assert main([str(tmp_path / "no-model"), "--blimp", str(tmp_path / bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: BLiMP data {tmp_path / bad} {msg}" in err and "Traceback" not in err
+
+
+def test_evaluate_vocab_mismatch_asks_for_the_training_data(tmp_path, tokenizer, capsys):
+    from data_prep.prepare import main as prepare
+    from moeut_ds.evaluate import DEFAULT_BLIMP, main, read_blimp
+
+    (tmp_path / "text.txt").write_text("\n".join(p[0] for pairs in read_blimp(DEFAULT_BLIMP, 5).values() for p in pairs))
+    assert prepare(["--input", str(tmp_path / "text.txt"), "--tokenizer", tokenizer, "--out", str(tmp_path / "data"),
+                    "--workers", "1"]) == 0
+    model = _model_dir(tmp_path / "model", 97, tokenizer)
+    assert main([str(model), "--data", str(tmp_path / "data"), "--split", "train", "--blimp", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "model vocab_size 97 does not match the tokenizer vocab_size 200" in err
+    assert "pass the --data the model was trained on" in err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--temperature", "0"], "--temperature 0.0: must be a finite number > 0 (or pass --greedy)"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number > 0"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number > 0"),
+    (["--top-k", "0"], "--top-k 0: must be at least 1"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 0"),
+])
+def test_generate_rejects_bad_sampling_flags(tmp_path, capsys, args, msg):
+    from moeut_ds.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), *args])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_generate_greedy_ignores_temperature(tmp_path, tokenizer, capsys):
+    from moeut_ds.generate import main
+
+    model = _model_dir(tmp_path / "model", 200, tokenizer)
+    assert main([str(model), "--prompt", "Who", "--temperature", "0", "--greedy", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "Who\n"
+
+
+def test_generate_bad_model_dir_and_tokenizer(tmp_path, tokenizer, capsys):
+    """Each message names the file that is wrong and what to pass instead."""
+    from moeut_ds.generate import main
+
+    assert main([str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"model directory {tmp_path / 'nope'} does not exist" in err and "tokenizer" not in err
+    model = _model_dir(tmp_path / "model", 97, tokenizer)               # 200 pieces for 97 embedding rows
+    assert main([str(model), "--prompt", "x"]) == 2
+    assert (f"tokenizer {model / 'tokenizer.model'} has 200 pieces, the model's vocab_size is 97: use the "
+            f"tokenizer.model of the prepared dataset" in capsys.readouterr().err)
+    (tmp_path / "bad.model").write_bytes(b"\x00 not a sentencepiece model")
+    assert main([str(model), "--prompt", "x", "--tokenizer", str(tmp_path / "bad.model")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: tokenizer {tmp_path / 'bad.model'} cannot be loaded" in err and "Traceback" not in err
+
+
+def test_export_checks_out_and_tokenizer_before_the_checkpoint(tmp_path, capsys):
+    """--tokenizer and --out are the user's; they are checked before the (long) consolidation, here before the
+    missing checkpoint is even looked for."""
+    from moeut_ds.export import main
+
+    (tmp_path / "file.txt").write_text("keep me")
+    assert main([str(tmp_path / "no-run"), "--out", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "no.model")]) == 2
+    assert f"--tokenizer {tmp_path / 'no.model'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main([str(tmp_path / "no-run"), "--out", str(tmp_path / "file.txt" / "sub" / "m")]) == 2
+    assert f"{tmp_path / 'file.txt'} is a file, not a directory: choose an --out" in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "keep me"

@@ -119,6 +119,9 @@ def test_cli_memory_flags_json_and_text(capsys):
     (["--ep", "2", "--gpus", "2", "--zero", "3"], "--ep 2 needs --zero 1 or 2"),
     (["--ep", "2", "--gpus", "4", "--zero", "0"], "--ep 2 needs --zero 1 or 2"),
     (["--gpus", "0"], "--gpus 0: must be at least 1"),
+    (["--context", "0"], "--context 0: must be at least 1"),
+    (["--gpu-mem-gib", "-5"], "--gpu-mem-gib -5: must be more than 0"),
+    (["--gpu-mem-gib", "nan"], "--gpu-mem-gib nan: must be more than 0"),
 ])
 def test_cli_errors_name_the_flag(args, msg, capsys):
     assert info_main(["moeut-1b", *args]) == 2

@@ -68,3 +68,28 @@ def test_convert_rejects_mismatched_args(golden, tmp_path):
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model directory .*/nope does not exist"):
+        load_model(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("damage,msg", [
+    ("config_truncated", "config.json is not valid JSON"),
+    ("weights_truncated", "model.safetensors cannot be read .*truncated"),
+    ("config_edited", r"model.safetensors does not match .*config.json \(size mismatch for "),
+])
+def test_load_model_damaged_dir(golden, tmp_path, damage, msg):
+    """One ValueError naming the file and the fix (re-export), not a safetensors/torch traceback."""
+    from moeut_ds.model_io import save_model
+
+    path = save_model(model_from_reference(golden["state_dict"], golden["args"], "reference"), tmp_path / "m")
+    cfg, weights = path / "config.json", path / "model.safetensors"
+    if damage == "config_truncated":
+        cfg.write_text(cfg.read_text()[:100])
+    elif damage == "weights_truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        meta = json.loads(cfg.read_text())
+        meta["model"]["vocab_size"] += 8
+        cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{msg}.*re-export the model with `python -m moeut_ds.export"):
+        load_model(path)
