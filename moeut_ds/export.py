@@ -59,6 +59,7 @@ def load_from_checkpoint(path: str | Path, expert_backend: str = "auto"):
 
     tag_dir = find_checkpoint(path)
     state = ckpt.read_state(tag_dir)
+    ckpt.verify_files(tag_dir, state)        # a damaged checkpoint: one message, not a DeepSpeed traceback
     model = LanguageModel(ModelConfig.from_dict(state["model_config"]), expert_backend=expert_backend)
     weights = consolidated_state_dict(tag_dir)
     if has_expert_shards(tag_dir):          # expert-parallel run: the experts live beside DeepSpeed's files
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.tokenizer)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:   # ValueError: ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = json.loads((out / "config.json").read_text())

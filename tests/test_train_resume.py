@@ -120,6 +120,7 @@ def _copy_run(trained_run, dest):
     return dest / "checkpoints"
 
 
+@pytest.mark.slow
 def test_damaged_and_stale_checkpoints_are_refused_with_the_fix(tmp_path, trained_run):
     cdir = _copy_run(trained_run, tmp_path)
     s5, s10 = cdir / "step00000005", cdir / "step00000010"
@@ -140,6 +141,14 @@ def test_damaged_and_stale_checkpoints_are_refused_with_the_fix(tmp_path, traine
     with pytest.raises(Exception, match="step00000005 is older than step00000010 .*new run_dir"):
         ckpt.check_no_newer(s5, cdir)
     ckpt.check_no_newer(s10, cdir)
+    # export and evaluate read checkpoints too: the same message, exit 2
+    import subprocess
+    import sys
+    from dist_harness import REPO
+    for tool in (["moeut_ds.export", str(s10), "--out", str(tmp_path / "exported")],
+                 ["moeut_ds.evaluate", str(s10), "--blimp", "none"]):
+        r = subprocess.run([sys.executable, "-m", *tool], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "is damaged" in r.stderr and "Traceback" not in r.stderr, (tool, r.stderr)
 
 
 @pytest.mark.slow
