@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pairs = None if args.blimp == "none" else read_blimp(args.blimp, args.blimp_max_pairs)  # before model work
         model, tok = load_any(args.model, device=args.device)
+        if args.data:
+            check_same_tokenizer(tok, Path(args.data) / "tokenizer.model")
         if tok is None and args.data:
             tok = str(Path(args.data) / "tokenizer.model")
         if pairs is not None:
@@ -180,6 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_same_tokenizer(model_tok: Optional[str], data_tok: Path) -> None:
+    """Token ids only mean something under the tokenizer they were made with: a held-out set prepared with another
+    tokenizer of the same size would give a perplexity without meaning, silently."""
+    from moeut_ds.data import DataError
+
+    if model_tok and Path(model_tok).is_file() and data_tok.is_file() and \
+            Path(model_tok).read_bytes() != data_tok.read_bytes():
+        raise DataError(f"{data_tok.parent} was tokenized with {data_tok}, which is not the model's tokenizer "
+                        f"{model_tok}: prepare the held-out text with `python -m data_prep.prepare --input TEXT "
+                        f"--side val --tokenizer {model_tok} --out DIR`")
 
 
 def _train_context(path: str) -> Optional[int]:

@@ -142,6 +142,29 @@ def test_evaluate_vocab_mismatch_asks_for_the_training_data(tmp_path, tokenizer,
     assert "pass the --data the model was trained on" in err
 
 
+def test_heldout_text_must_use_the_models_tokenizer(tmp_path, tokenizer, capsys):
+    """Held-out text prepared with the model's tokenizer is scored; with another tokenizer of the same size it is
+    refused (its ids would mean other pieces: a perplexity without meaning)."""
+    import sentencepiece as spm
+
+    from data_prep.prepare import main as prepare
+    from moeut_ds.evaluate import DEFAULT_BLIMP, main, read_blimp
+
+    text = tmp_path / "held.txt"
+    text.write_text("\n".join(p[1] for pairs in read_blimp(DEFAULT_BLIMP, 5).values() for p in pairs))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "other"), vocab_size=200,
+                                   model_type="bpe", eos_id=1, bos_id=-1, minloglevel=2)
+    model = _model_dir(tmp_path / "model", 200, tokenizer)
+    for name, tok in (("same", tokenizer), ("other", str(tmp_path / "other.model"))):
+        assert prepare(["--input", str(text), "--side", "val", "--tokenizer", tok, "--out", str(tmp_path / name),
+                        "--workers", "1"]) == 0
+    assert main([str(model), "--data", str(tmp_path / "same"), "--blimp", "none", "--context", "16"]) == 0
+    assert "perplexity (val, context 16" in capsys.readouterr().out
+    assert main([str(model), "--data", str(tmp_path / "other"), "--blimp", "none", "--context", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "which is not the model's tokenizer" in err and "--tokenizer" in err
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--temperature", "0"], "--temperature 0.0: must be a finite number > 0 (or pass --greedy)"),
     (["--temperature", "-1"], "--temperature -1.0: must be a finite number > 0"),
