@@ -85,6 +85,10 @@ def test_resume_refusals(tmp_path, data_dir, trained_run):
         ckpt.check_compatible(st, st["model_config"], 2, 2, cdir, experts_sharded=True)
     with pytest.raises(Exception, match="ZeRO stage 2, this run uses stage 3"):
         ckpt.check_compatible(st, st["model_config"], 2, 3, cdir)
+    assert len(st["tokenizer_sha256"]) == 64                       # saved with every checkpoint
+    ckpt.check_compatible(st, st["model_config"], 2, 2, cdir, tokenizer_sha256=st["tokenizer_sha256"])
+    with pytest.raises(Exception, match="tokenized with another tokenizer .*--tokenizer OLD_DATA"):
+        ckpt.check_compatible(st, st["model_config"], 2, 2, cdir, tokenizer_sha256="0" * 64)
     with pytest.raises(Exception, match="--resume none but .* already holds checkpoints"):
         ckpt.resolve_resume("none", cdir)
     with pytest.raises(Exception, match="not a complete checkpoint"):

@@ -110,7 +110,7 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
 
 
 def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: int, where: Path,
-                     experts_sharded: bool = False) -> None:
+                     experts_sharded: bool = False, tokenizer_sha256: Optional[str] = None) -> None:
     """Refuse a resume that would silently train something else (or that DeepSpeed cannot load).
 
     A different world size is fine for ZeRO-1/2: DeepSpeed's own files are converted to its universal checkpoint
@@ -121,6 +121,13 @@ def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: 
         detail = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {model_cfg.get(k)!r}" for k in diff)
         raise ConfigError(f"cannot resume from {where}: the model config differs ({detail}). Resume with the saved "
                           f"model settings, or start a new run_dir (export the checkpoint to fine-tune from it)")
+    saved_tok = state.get("tokenizer_sha256")
+    if saved_tok and tokenizer_sha256 and saved_tok != tokenizer_sha256:
+        raise ConfigError(f"cannot resume from {where}: it was trained on data tokenized with another tokenizer "
+                          f"(sha256 {saved_tok[:12]}... vs {tokenizer_sha256[:12]}... of data.path now; it was "
+                          f"{state['run_config']['data']['path']!r}): the token ids would change meaning. Resume with "
+                          f"data prepared with the run's tokenizer (data_prep.prepare --tokenizer OLD_DATA/"
+                          f"tokenizer.model)")
     if state.get("experts_sharded", False) != experts_sharded:
         raise ConfigError(f"cannot resume from {where}: it was saved "
                           f"{'with' if state.get('experts_sharded') else 'without'} expert parallelism and this run "

@@ -150,6 +150,7 @@ class Trainer:
 
         self.train_ds = open_dataset(cfg.data.path, "train")
         self.train_ds.check_vocab(self.mcfg.vocab_size)
+        self.tokenizer_sha256 = self.train_ds.meta["tokenizer"]["sha256"]
         self.val_ds = open_dataset(cfg.data.path, cfg.data.val_split) if (cfg.eval.every or cfg.eval.at_end) else None
         self.loader = WindowLoader(self.train_ds, cfg.data.context, cfg.train.micro_batch, d.rank, d.world_size,
                                    seed=cfg.seed, shuffle=cfg.data.shuffle)
@@ -174,7 +175,7 @@ class Trainer:
         saved = ckpt.read_state(start) if start is not None else None
         if saved is not None:
             ckpt.check_compatible(saved, self.mcfg.to_dict(), d.world_size, self.zero_stage, start,
-                                  experts_sharded=sharded)
+                                  experts_sharded=sharded, tokenizer_sha256=self.tokenizer_sha256)
             ckpt.verify_files(start, saved)
             ckpt.check_no_newer(start, self.ckpt_dir)
         # Another number of ranks: read DeepSpeed's state through its universal checkpoint format (ZeRO-1/2).
@@ -381,6 +382,7 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "counters": self.counters, "loader": self.loader.state_dict(),
                  "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
+                 "tokenizer_sha256": self.tokenizer_sha256,
                  "experts_sharded": self.experts is not None, "expert_parallel_size": self.cfg.expert_parallel_size,
                  "model_config": self.mcfg.to_dict(), "run_config": self.cfg.to_dict(), "time": time.time()}
         path = ckpt.save(self.engine, self.ckpt_dir, self.step, state, self.dist.rank, self.cfg.checkpoint.keep_last,
