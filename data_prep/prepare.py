@@ -161,6 +161,7 @@ def _source_settings(g: InputGroup) -> dict:
     """The group's SOURCE_SETTINGS, JSON-ready, as metadata.json records them."""
     settings = {k: getattr(g, k) for k in SOURCE_SETTINGS}
     settings["extensions"] = list(g.extensions)
+    settings["label"] = g.label
     return settings
 
 
@@ -179,8 +180,9 @@ def _recipe_changes(meta: dict, recipe: dict) -> list[str]:
     sections = [("tokenizer", meta["tokenizer"], recipe["tokenizer"]),
                 ("split", meta.get("split", {}), recipe["split"]),
                 *((f"input {i + 1}", o, n) for i, (o, n) in enumerate(zip(old, new)))]
+    # paths as typed depend on the working directory; the label (basenames, what the split hashes) does not
     return changes + [f"{name} {k} {o[k]!r} vs {v!r}" for name, o, n in sections for k, v in n.items()
-                      if k in o and o[k] != v]
+                      if k != "paths" and k in o and o[k] != v]
 
 
 def _check_same_recipe(out: str, recipe: dict) -> None:
@@ -291,7 +293,7 @@ def _prepare_in(args, out: str) -> dict:
                      "num_documents": sum(r["num_documents"] for r in shards),
                      "shards": [{k: r[k] for k in ("file", "num_tokens", "bytes", "sha256", "num_documents")}
                                 for r in shards]}
-    sources = [{**src, "label": args.groups[i].label, "train_documents": stats[i]["train"][0],
+    sources = [{**src, "train_documents": stats[i]["train"][0],
                 "train_chars": stats[i]["train"][1], "val_documents": stats[i]["val"][0],
                 "val_chars": stats[i]["val"][1]} for i, src in enumerate(recipe["sources"])]
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab,

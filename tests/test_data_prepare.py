@@ -313,7 +313,7 @@ def _files(d) -> dict:
     return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
 
 
-def test_rerun_of_finished_dataset_with_same_settings_reuses_it(tmp_path, finished, capsys):
+def test_rerun_of_finished_dataset_with_same_settings_reuses_it(tmp_path, finished, capsys, monkeypatch):
     ds, args = finished
     out = _copy(ds, tmp_path / "ds")
     shards = len([n for n in os.listdir(out) if n.endswith(".bin")])
@@ -321,6 +321,10 @@ def test_rerun_of_finished_dataset_with_same_settings_reuses_it(tmp_path, finish
     prepare(args + ["--out", str(out)])
     err = capsys.readouterr().err
     assert "reusing" in err and f"({shards} reused)" in err
+    # the same files typed as a path relative to another working directory are the same inputs
+    monkeypatch.chdir(ds.parent)
+    prepare([a.replace(str(ds.parent) + os.sep, "") for a in args] + ["--out", str(out)])
+    assert f"({shards} reused)" in capsys.readouterr().err
     assert {n: b for n, b in _files(out).items() if n != "metadata.json"} == \
         {n: b for n, b in _files(ds).items() if n != "metadata.json"}
     open_dataset(str(out))
