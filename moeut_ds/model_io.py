@@ -82,6 +82,10 @@ def load_model(path: Union[str, Path], expert_backend: Union[str, ExpertBackend]
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:   # size mismatch / missing or unexpected keys, one line per tensor after a header
         last = str(e).strip().splitlines()[-1].strip().rstrip(".")
+        if model.cfg.norm == "post" and "out_norm.weight" in state:
+            raise ValueError(f"{weights} is a post-LN model in the layout before 2026-11-28 (a final LayerNorm, no "
+                             f"input norm; docs/ARCHITECTURE.md): load it with the moeut-ds version that exported "
+                             f"it") from None
         raise ValueError(f"{weights} does not match {cfg_file} ({last}): the config was edited or the files come "
                          f"from different models; {REEXPORT}") from None
     return model.to(device).eval()

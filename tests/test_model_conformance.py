@@ -93,3 +93,16 @@ def test_load_model_damaged_dir(golden, tmp_path, damage, msg):
         cfg.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"{msg}.*re-export the model with `python -m moeut_ds.export"):
         load_model(path)
+
+
+def test_post_ln_model_in_the_old_layout_is_named(golden, tmp_path):
+    """A post-LN export from before the layout change (final LayerNorm kept) is reported as such, not as edited."""
+    from moeut_ds.model_io import save_model
+
+    model = model_from_reference(golden["state_dict"], golden["args"], "reference")
+    path = save_model(model, tmp_path / "m")                # a peri-LN model: has out_norm.*
+    meta = json.loads((path / "config.json").read_text())
+    meta["model"]["norm"] = "post"
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="post-LN model in the layout before 2026-11-28"):
+        load_model(path)

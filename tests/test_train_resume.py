@@ -199,3 +199,26 @@ def test_rank_outside_the_world_is_refused_before_the_rendezvous(tmp_path, data_
                            env={**os.environ, "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
                                 "CUDA_VISIBLE_DEVICES": "", **env}, capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_verify_files_wants_every_partition_and_expert_shard(tmp_path):
+    """ZeRO-3 writes one model-state file per rank; an expert-parallel save one expert shard file per ep rank."""
+    import zipfile
+
+    tag = tmp_path / "step00000004"
+    (tag / "experts").mkdir(parents=True)
+
+    def pt(name):
+        with zipfile.ZipFile(tag / name, "w") as z:
+            z.writestr("data.pkl", b"x")
+    for r in (0, 1):
+        pt(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    pt("zero_pp_rank_0_mp_rank_00_model_states.pt")
+    state = {"zero_stage": 3, "world_size": 2}
+    with pytest.raises(Exception, match="1 DeepSpeed model-state files for the 2 ranks"):
+        ckpt.verify_files(tag, state)
+    pt("zero_pp_rank_1_mp_rank_00_model_states.pt")
+    ckpt.verify_files(tag, state)
+    (tag / "experts" / "shard0-of-2.safetensors").write_bytes(b"")
+    with pytest.raises(Exception, match="expert shard file\\(s\\) missing: shard1-of-2.safetensors"):
+        ckpt.verify_files(tag, {**state, "experts_sharded": True, "expert_parallel_size": 2})

@@ -157,7 +157,8 @@ def read_state(tag_dir: Path) -> dict:
         state = json.loads((tag_dir / STATE_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _unreadable(tag_dir, f"{STATE_FILE}: {e}") from None
-    if not isinstance(state, dict) or not {"step", "world_size", "zero_stage", "model_config"} <= set(state):
+    needed = {"step", "world_size", "zero_stage", "model_config", "run_config", "counters", "loader"}
+    if not isinstance(state, dict) or not needed <= set(state):
         raise _unreadable(tag_dir, f"{STATE_FILE} lacks the trainer's keys")
     return state
 
@@ -173,10 +174,17 @@ def verify_files(tag_dir: Path, state: dict) -> None:
     pts = sorted(tag_dir.glob("*.pt"))
     if not any(p.name.endswith("model_states.pt") for p in pts):
         raise _unreadable(tag_dir, "no DeepSpeed *model_states.pt file")
-    optim = [p for p in pts if p.name.endswith("optim_states.pt") and "zero_pp_rank_" in p.name]
-    if state["zero_stage"] >= 1 and len(optim) != state["world_size"]:
-        raise _unreadable(tag_dir, f"{len(optim)} DeepSpeed optimizer-state files for the {state['world_size']} "
-                                   f"ranks that saved it")
+    per_rank = [("optim_states.pt", "optimizer-state", 1), ("model_states.pt", "model-state", 3)]
+    for suffix, what, from_stage in per_rank:      # partitioned from ZeRO-1 (optimizer) / ZeRO-3 (parameters) on
+        n = sum(p.name.endswith(suffix) and "zero_pp_rank_" in p.name for p in pts)
+        if state["zero_stage"] >= from_stage and n != state["world_size"]:
+            raise _unreadable(tag_dir, f"{n} DeepSpeed {what} files for the {state['world_size']} ranks that saved it")
+    if state.get("experts_sharded"):
+        ep = state["expert_parallel_size"]
+        missing = [f"shard{i}-of-{ep}.safetensors" for i in range(ep)
+                   if not (tag_dir / "experts" / f"shard{i}-of-{ep}.safetensors").is_file()]
+        if missing:
+            raise _unreadable(tag_dir, f"expert shard file(s) missing: {', '.join(missing)}")
     for f in pts:
         try:
             zipfile.ZipFile(f).close()
@@ -289,7 +297,6 @@ def universal_checkpoint(tag_dir: Path, rank: int) -> Path:
     """Collective. DeepSpeed's files of `tag_dir` in its universal format (per-parameter, any number of ranks),
     converted once by rank 0 into `tag_dir/universal` (atomically: a temporary name, then a rename)."""
     import subprocess
-    import sys
 
     from moeut_ds.train.distributed import barrier
 
@@ -312,8 +319,15 @@ def load(engine, tag_dir: Path, rank: int, universal: bool = False) -> dict:
     universal=True reads `tag_dir/universal` (the engine must be configured with checkpoint.load_universal)."""
     state = read_state(tag_dir)
     load_dir, tag = (tag_dir, UNIVERSAL) if universal else (tag_dir.parent, tag_dir.name)
-    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    try:
+        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except RuntimeError as e:       # e.g. missing/unexpected keys: weights of another model layout
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"DeepSpeed could not load {tag_dir} into this model ({first[:300]}): the checkpoint holds "
+                          f"another parameter layout (e.g. a post-LN run saved before 2026-11-28, "
+                          f"docs/ARCHITECTURE.md); resume it with the code that wrote it, or start a new run_dir") \
+            from None
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     rng_file = tag_dir / f"rng_rank{rank}.json"

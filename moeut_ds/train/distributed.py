@@ -100,7 +100,7 @@ def release_cpu_shm_buffer(rank: int) -> None:
     """Remove this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce (~66 MB, named
     deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>): DeepSpeed never unlinks it, so every CPU
     run would leave one per rank behind until /dev/shm (RAM) is full. Call after a barrier: peers map each other's
-    segments while collectives run."""
+    segments while collectives run (the trainer also calls it when a rank exits on an error: no collective follows)."""
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
     (Path("/dev/shm") / name).unlink(missing_ok=True)

@@ -232,7 +232,7 @@ class Trainer:
         """The configured optimizer and schedule win over the checkpoint's (log what changed)."""
         o, old = self.cfg.optim, saved_run
         now = {"optim.lr": o.lr, "optim.betas": list(o.betas), "optim.eps": o.eps, "optim.weight_decay": o.weight_decay,
-               "optim.warmup_steps": o.warmup_steps, "optim.min_lr_ratio": o.min_lr_ratio,
+               "optim.warmup_steps": o.warmup_steps, "optim.min_lr_ratio": o.min_lr_ratio, "optim.grad_clip": o.grad_clip,
                "train.steps": self.cfg.train.steps}
         changed = [f"{k} {old[k.split('.')[0]][k.split('.')[1]]} -> {v}" for k, v in now.items()
                    if old[k.split(".")[0]][k.split(".")[1]] != v]
