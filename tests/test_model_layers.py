@@ -215,7 +215,7 @@ def test_kv_cache_decoding_equals_full_forward(arch):
 
 
 def test_generate_greedy_matches_argmax_of_full_forward():
-    from moeut_ds import generate
+    from moeut_ds.model import generate
     torch.manual_seed(4)
     model = LanguageModel(tiny_cfg(), "reference")
     prompt = torch.randint(0, 50, (2, 4))
