@@ -7,17 +7,21 @@ full trainer (DeepSpeed engine, data loader, logging) vs a plain PyTorch loop of
 
 Each model runs the plain loop once and the trainer once per ds config (ZeRO stage and options matter on one GPU:
 ZeRO-2 copies every gradient into its buckets even when there is nothing to reduce). The trainer logs every
-`--log-every` steps; its step time is the median over those windows after the first.
+`--log-every` steps; its step time is the median over those windows after the first. With `--override
+log.profile_step=N` the rank-0 top-op table of that step is stored in the JSON beside the timings (pick N in the
+last window: the median ignores one slow window).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +62,9 @@ def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, conte
 
 
 def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path, ds_config: str, log_every: int,
-                extra: list[str]) -> tuple[list[float], dict]:
+                extra: list[str]) -> tuple[list[float], dict, Optional[str]]:
+    """Step times of the log windows, the last logged row, and the rank-0 profile table (log.profile_step)."""
+    shutil.rmtree(run_dir, ignore_errors=True)      # the bench's own scratch run: start fresh every time
     arch = preset.split("-")[0]
     over = [f"run_dir={run_dir}", f"data.path={data}", f"train.steps={steps}", f"train.micro_batch={micro}",
             f"deepspeed_config={ds_config}", "eval.every=0", "eval.at_end=false", "checkpoint.every=0",
@@ -70,7 +76,8 @@ def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path, d
     subprocess.run(cmd, check=True, cwd=REPO)
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_time_s" in r]
-    return [r["perf/step_time_s"] for r in rows], rows[-1]
+    tables = sorted((run_dir / "profile").glob("*_rank0.txt"))
+    return [r["perf/step_time_s"] for r in rows], rows[-1], tables[-1].read_text() if tables else None
 
 
 def main() -> None:
@@ -98,9 +105,11 @@ def main() -> None:
         results[preset] = {"plain_ms": pm * 1e3, "plain_all_ms": [round(t * 1e3, 1) for t in plain]}
         for ds_config in args.ds_configs:
             tag = Path(ds_config).stem
-            windows, last = trainer_run(preset, args.data, args.steps, args.micro, Path(f"/tmp/bench_{preset}_{tag}"),
-                                        ds_config, args.log_every, args.override)
+            windows, last, profile = trainer_run(preset, args.data, args.steps, args.micro,
+                                                 Path(f"/tmp/bench_{preset}_{tag}"), ds_config, args.log_every,
+                                                 args.override)
             tm = statistics.median(windows[1:])
+            results[preset][f"{tag}_profile"] = profile
             results[preset][tag] = {"trainer_ms": tm * 1e3, "overhead": tm / pm - 1,
                                     "trainer_tokens_per_s": 65536 / tm, "trainer_mfu": last.get("perf/mfu"),
                                     "trainer_gpu_peak_gib": last.get("mem/gpu_peak_gib"),
