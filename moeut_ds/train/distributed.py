@@ -99,8 +99,22 @@ def barrier() -> None:
 def release_cpu_shm_buffer(rank: int) -> None:
     """Remove this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce (~66 MB, named
     deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>): DeepSpeed never unlinks it, so every CPU
-    run would leave one per rank behind until /dev/shm (RAM) is full. Call after a barrier: peers map each other's
-    segments while collectives run (the trainer also calls it when a rank exits on an error: no collective follows)."""
+    run would leave one per rank behind until /dev/shm (RAM) is full. Call after a barrier: peers open each other's
+    segments by name during DeepSpeed's start-up and map them while collectives run."""
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
     (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+def release_cpu_shm_buffer_on_error(rank: int, timeout_s: float = 60.0) -> None:
+    """The same on a rank that stops with an error: only once every peer has got this far (a peer still starting up
+    may not have opened the segment yet and would wait for it forever). A peer that never arrives (it failed
+    elsewhere, or is stuck in another collective) leaves the segment in place rather than a hang."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() != "gloo":
+            return                          # the shared-memory all-reduce exists only for CPU (gloo) runs
+        try:
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        except RuntimeError:
+            return
+    release_cpu_shm_buffer(rank)

@@ -28,7 +28,8 @@ from moeut_ds.train import checkpoint as ckpt
 from moeut_ds.parallel.expert_checkpoint import has_expert_shards
 from moeut_ds.train.config import RunConfig
 from moeut_ds.train.experts import ExpertTraining
-from moeut_ds.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, release_cpu_shm_buffer
+from moeut_ds.train.distributed import (DistInfo, all_reduce_, barrier, init_distributed, release_cpu_shm_buffer,
+                                        release_cpu_shm_buffer_on_error)
 from moeut_ds.train.metrics import ExpertUsage, MetricsWriter, detect_peak_tflops
 from moeut_ds.train.profiling import profile_step
 from moeut_ds.train.schedule import apply_recipe, make_scheduler
@@ -302,9 +303,12 @@ class Trainer:
 
     def run(self) -> int:
         try:
-            return self._setup_and_train()
-        finally:           # every exit, a refused setup included: DeepSpeed never frees its CPU all-reduce segment
-            release_cpu_shm_buffer(self.dist.rank)
+            status = self._setup_and_train()       # ends with a barrier
+        except BaseException:   # a refused setup too: DeepSpeed never frees its CPU all-reduce segment itself
+            release_cpu_shm_buffer_on_error(self.dist.rank)
+            raise
+        release_cpu_shm_buffer(self.dist.rank)
+        return status
 
     def _setup_and_train(self) -> int:
         from tqdm import tqdm
