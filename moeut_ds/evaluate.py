@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs = None if args.blimp == "none" else read_blimp(args.blimp, args.blimp_max_pairs)  # before model work
         model, tok = load_any(args.model, device=args.device)
         if args.data:
-            check_same_tokenizer(tok, Path(args.data) / "tokenizer.model")
-        if tok is None and args.data:
-            tok = str(Path(args.data) / "tokenizer.model")
+            data_tok = Path(args.data) / "tokenizer.model"
+            check_same_tokenizer(tok, data_tok)
+            tok = tok or str(data_tok)
         if pairs is not None:
             if tok is None or not Path(tok).is_file():
                 raise FileNotFoundError("no tokenizer for BLiMP: pass --data DIR (its tokenizer.model is used) or "

@@ -149,8 +149,8 @@ class RunConfig:
             need(isinstance(val, int) and val >= 0, f"{key}={val!r}: must be an integer >= 0")
         from moeut_ds.experts import available_backends
 
-        need(self.expert_backend in ["auto", *available_backends()],
-             f"expert_backend={self.expert_backend!r}: use one of {', '.join(['auto', *available_backends()])}")
+        backends = ["auto", *available_backends()]
+        need(self.expert_backend in backends, f"expert_backend={self.expert_backend!r}: use one of {', '.join(backends)}")
         need(isinstance(self.expert_parallel_size, int) and self.expert_parallel_size >= 1,
              f"expert_parallel_size={self.expert_parallel_size!r}: must be a positive integer (1 = no expert "
              f"parallelism)")

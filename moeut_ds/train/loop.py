@@ -7,6 +7,7 @@ same decisions (stop, skip, save) at the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -231,15 +232,15 @@ class Trainer:
 
     def _apply_recipe(self, saved_run: dict) -> None:
         """The configured optimizer and schedule win over the checkpoint's (log what changed)."""
-        o, old = self.cfg.optim, saved_run
-        now = {"optim.lr": o.lr, "optim.betas": list(o.betas), "optim.eps": o.eps, "optim.weight_decay": o.weight_decay,
-               "optim.warmup_steps": o.warmup_steps, "optim.min_lr_ratio": o.min_lr_ratio, "optim.grad_clip": o.grad_clip,
-               "train.steps": self.cfg.train.steps}
-        changed = [f"{k} {old[k.split('.')[0]][k.split('.')[1]]} -> {v}" for k, v in now.items()
-                   if old[k.split(".")[0]][k.split(".")[1]] != v]
+        now = self.cfg.to_dict()
+        keys = [("optim", k) for k in ("lr", "betas", "eps", "weight_decay", "warmup_steps", "min_lr_ratio",
+                                       "grad_clip")] + [("train", "steps")]
+        changed = [f"{sec}.{k} {saved_run[sec][k]} -> {now[sec][k]}" for sec, k in keys
+                   if saved_run[sec][k] != now[sec][k]]
         if changed:
             self.log(f"changed since the checkpoint: {', '.join(changed)}; the schedule continues at step "
                      f"{self.step} with the new values")
+        o = self.cfg.optim
         for scheduler in [self.scheduler] + ([self.experts.scheduler] if self.experts else []):
             apply_recipe(scheduler, o.lr, o.betas, o.eps, o.weight_decay)
 
@@ -319,16 +320,17 @@ class Trainer:
                    dynamic_ncols=True, desc="train", file=sys.stderr)
         window_t0, window_steps = time.perf_counter(), 0
         status = 0
+        profile_dir = Path(cfg.run_dir) / "profile"
         try:
             while self.step < cfg.train.steps:
                 skipped_before = self.engine.skipped_steps
                 self.lr = float(self.engine.get_lr()[0])     # the lr this step uses
-                if self.step + 1 == cfg.log.profile_step:
-                    with profile_step(Path(cfg.run_dir) / "profile", self.step + 1, self.dist.rank, self.device):
-                        loss, reg, bad, stop = self.train_step()
-                    self.log(f"profile of step {self.step + 1}: {Path(cfg.run_dir) / 'profile'}")
-                else:
+                profiled = self.step + 1 == cfg.log.profile_step
+                with profile_step(profile_dir, self.step + 1, self.dist.rank, self.device) if profiled \
+                        else contextlib.nullcontext():
                     loss, reg, bad, stop = self.train_step()
+                if profiled:
+                    self.log(f"profile of step {self.step + 1}: {profile_dir}")
                 self.step += 1
                 window_steps += 1
                 self.counters["samples"] += cfg.train.global_batch
