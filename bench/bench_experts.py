@@ -238,42 +238,10 @@ def sweep(shape: dict, rows: list) -> None:
         print(rows[-1], flush=True)
 
 
-def atomic_sums(name: str, shape: dict, rows: list) -> None:
-    """The two per-pair-buffer GEMMs of the FF layer (down forward, up input-grad), each as written today (bf16
-    [P, d] rows, then the ordered group sum) and with the sum fused as fp32 atomics (zero fill + GEMM + cast)."""
-    x, w_s, w1, w2, gy = ff_inputs(shape, seed=4)
-    k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
-    tb = TritonBackend()
-    r = tb.route(F.linear(x, w_s).float().view(-1, 1, E).detach(), k)
-    plan, gate = r.plan, r.gate.detach().reshape(-1)
-    P = TOKENS * k
-    h, gh = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
-    buf = torch.empty(P, d, device=DEV, dtype=BF16)
-
-    def ordered(a, w, transpose, **kw):
-        GM._gmm(a, 0, w, transpose, plan, buf, True, **kw)
-        return GM.group_sum(buf, k, kw.get("scale"))
-
-    def atomic(a, w, transpose, **kw):
-        out = torch.zeros(TOKENS, d, device=DEV, dtype=torch.float32)
-        GM._gmm(a, 0, w, transpose, plan, out, True, atomic_group=k, **kw)
-        return out.to(BF16)
-
-    for call, a, w, transpose, kw in (("down_fwd", h, w2, False, dict(scale=gate)),
-                                      ("up_dx", gh, w1, True, dict(amask=h))):
-        want = ordered(a, w, transpose, **kw).float()
-        err = ((atomic(a, w, transpose, **kw).float() - want).norm() / want.norm()).item()
-        for label, fn in (("ordered (buffer + group sum)", ordered), ("atomic fp32", atomic)):
-            t = ms(lambda: fn(a, w, transpose, **kw), rep=100)
-            rows.append(dict(what=f"atomic-sum {name} {call} {label}", ms=t, rel_err_atomic_vs_ordered=err))
-            print(rows[-1], flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--atomic", action="store_true", help="time the fused atomic group sums against the ordered ones")
     ap.add_argument("--only", default="ff244,ff1b,att")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -287,9 +255,6 @@ def main() -> None:
     only = args.only.split(",")
     if args.sweep:
         sweep(FF_SHAPES["244M"], rows)
-    if args.atomic:
-        for name, shape in FF_SHAPES.items():
-            atomic_sums(name, shape, rows)
     if "ff244" in only:
         bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
     if "att" in only:

@@ -101,7 +101,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                N, K, E,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
-               ATOMIC_GROUP: tl.constexpr, MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
+               MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and one BLOCK_N slice of the output.
@@ -110,9 +110,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     (A_GROUP < 0: an explicit pair -> row index), loaded straight from the source (no gathered copy). D rows
     (GATE_GRAD) likewise with D_GROUP / didx. MASK_A: A *= (amask[pos] > 0) (ReLU backward). GATE_GRAD: writes
     gpart[pair, pid_n] = sum_n acc * D[rows] (the gate's gradient for this output slice, no atomics). Then optional
-    ReLU, optional per-pair scale (the gate), and a store at the sorted position or at the pair id (OUT_BY_PAIR),
-    or (ATOMIC_GROUP > 0) an fp32 atomic add into row pair // ATOMIC_GROUP of C: the group sum fused into the
-    matmul, in no fixed order (not bitwise repeatable).
+    ReLU, optional per-pair scale (the gate), and a store at the sorted position or at the pair id (OUT_BY_PAIR).
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -154,15 +152,11 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     if HAS_SCALE:
         s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
-    if ATOMIC_GROUP > 0:
-        c_row = pair // ATOMIC_GROUP
-        tl.atomic_add(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc, mask=omask, sem="relaxed")
+    if OUT_BY_PAIR:
+        c_row = pair
     else:
-        if OUT_BY_PAIR:
-            c_row = pair
-        else:
-            c_row = pos
-        tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=omask)
+        c_row = pos
+    tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit

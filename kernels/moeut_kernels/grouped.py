@@ -86,10 +86,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          out_by_pair: bool, *, relu_out: bool = False, amask: Optional[torch.Tensor] = None,
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
          gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
-         a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
-         atomic_group: int = 0) -> None:
+         a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None) -> None:
     """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id)
-    replace a_group / d_group when given. atomic_group > 0: out (fp32, zeroed) += the rows, at row pair // group."""
+    replace a_group / d_group when given."""
     n_experts = w.shape[0]
     if transpose_w:
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
@@ -115,8 +114,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
         gpart.stride(0) if gpart is not None else 0,
-        A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, ATOMIC_GROUP=atomic_group,
-        MASK_A=amask is not None,
+        A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
