@@ -4,16 +4,20 @@ full trainer (DeepSpeed engine, data loader, logging) vs a plain PyTorch loop of
 
     python bench/bench_trainer.py --data DIR [--models dense-244m moeut-244m] [--steps 16] [--micro 16] [--out results.json]
         [--ds-configs ds_configs/zero2_bf16.json ds_configs/zero1_bf16.json ...] [--override KEY=VALUE ...]
+        [--profile-step N] [--compile]
 
 Each model runs the plain loop once and the trainer once per ds config (ZeRO stage and options matter on one GPU:
 ZeRO-2 copies every gradient into its buckets even when there is nothing to reduce). The trainer logs every
-`--log-every` steps; its step time is the median over those windows after the first. With `--override
-log.profile_step=N` the rank-0 top-op table of that step is stored in the JSON beside the timings (pick N in the
-last window: the median ignores one slow window).
+`--log-every` steps; its step time is the median over those windows after the first. With
+`--profile-step N` step N of the plain loop and of every trainer run is profiled (torch.profiler); the JSON gets
+the rank-0 top-op tables and bench/trace_gaps.py's device-busy / idle / sync summary of both, which is what tells
+GPU-side overhead (more device time) from host-side overhead (idle gaps). Pick N in the last window: the median
+ignores one slow window. `--compile` compiles the plain loop's model and sets train.compile=true.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -29,31 +33,30 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 
 
-def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, context: int = 1024) -> list[float]:
+def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, context: int = 1024,
+               compile_model: bool = False, profile_step: int = 0, profile_dir: Optional[Path] = None) -> list[float]:
+    """Per-step wall times of the plain loop; step `profile_step` (1-based, 0 = none) is profiled into profile_dir."""
     from moeut_ds import LanguageModel, get_preset
     from moeut_ds.data import WindowLoader, open_dataset
+    from moeut_ds.train.profiling import profile_step as profiled
 
     ds = open_dataset(data, "train")
     cfg = get_preset(preset).replace(vocab_size=ds.vocab_size)
     torch.manual_seed(0)
     model = LanguageModel(cfg).cuda().train()
+    if compile_model:
+        model.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                             foreach=None)
     loader = WindowLoader(ds, context, micro, seed=0)
     times = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         torch.cuda.synchronize()
+        prof = (profiled(profile_dir, step, 0, torch.device("cuda")) if step == profile_step
+                else contextlib.nullcontext())
         t0 = time.perf_counter()
-        for _ in range(accum):
-            b = next(loader).cuda(non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(b[:, :-1])
-            loss = F.cross_entropy(out.logits.float().reshape(-1, cfg.vocab_size), b[:, 1:].reshape(-1)) + out.reg_loss
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+        with prof:
+            _plain_step(model, opt, loader, cfg.vocab_size, accum)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     del model, opt
@@ -61,9 +64,22 @@ def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, conte
     return times
 
 
+def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader, vocab_size: int, accum: int) -> None:
+    for _ in range(accum):
+        b = next(loader).cuda(non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(b[:, :-1])
+        loss = F.cross_entropy(out.logits.float().reshape(-1, vocab_size), b[:, 1:].reshape(-1)) + out.reg_loss
+        (loss / accum).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss.item()
+
+
 def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path, ds_config: str, log_every: int,
-                extra: list[str]) -> tuple[list[float], dict, Optional[str]]:
-    """Step times of the log windows, the last logged row, and the rank-0 profile table (log.profile_step)."""
+                extra: list[str]) -> tuple[list[float], dict]:
+    """Step times of the log windows and the last logged row."""
     shutil.rmtree(run_dir, ignore_errors=True)      # the bench's own scratch run: start fresh every time
     arch = preset.split("-")[0]
     over = [f"run_dir={run_dir}", f"data.path={data}", f"train.steps={steps}", f"train.micro_batch={micro}",
@@ -76,8 +92,17 @@ def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path, d
     subprocess.run(cmd, check=True, cwd=REPO)
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_time_s" in r]
-    tables = sorted((run_dir / "profile").glob("*_rank0.txt"))
-    return [r["perf/step_time_s"] for r in rows], rows[-1], tables[-1].read_text() if tables else None
+    return [r["perf/step_time_s"] for r in rows], rows[-1]
+
+
+def profile_summary(profile_dir: Path, step: int) -> dict:
+    """The rank-0 top-op table and trace_gaps summary of a profiled step."""
+    from trace_gaps import format_summary, summarize
+
+    stem = profile_dir / f"step{step:06d}_rank0"
+    gaps = summarize(stem.with_suffix(".json"))
+    print(format_summary(str(stem), gaps), flush=True)
+    return {"table": stem.with_suffix(".txt").read_text(), "gaps": gaps}
 
 
 def main() -> None:
@@ -87,35 +112,50 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--out", default="bench_trainer.json")
-    p.add_argument("--ds-configs", nargs="+", default=["ds_configs/zero2_bf16.json"])
+    p.add_argument("--ds-configs", nargs="*", default=["ds_configs/zero1_bf16.json"],
+                   help="trainer runs to compare (none: only the plain loop, e.g. to profile it)")
     p.add_argument("--log-every", type=int, default=4, help="trainer log window (steps)")
     p.add_argument("--override", nargs="*", default=[], help="extra run-config overrides for every trainer run")
+    p.add_argument("--profile-step", type=int, default=0, help="profile this step of every run (0: none)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in both the plain loop and trainer")
     args = p.parse_args()
     accum = 64 // args.micro
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
-               "micro_batch": args.micro, "accumulation": accum, "date": time.strftime("%Y-%m-%d")}
+               "micro_batch": args.micro, "accumulation": accum, "compile": args.compile,
+               "date": time.strftime("%Y-%m-%d")}
     try:
         import deepspeed
         results["deepspeed"] = deepspeed.__version__
     except ImportError:
         pass
+    extra = list(args.override) + (["train.compile=true"] if args.compile else []) + \
+        ([f"log.profile_step={args.profile_step}"] if args.profile_step else [])
     for preset in args.models:
-        plain = plain_loop(preset, args.data, args.steps, args.micro, accum)
-        pm = statistics.median(plain[3:])
+        plain_dir = Path(f"/tmp/bench_{preset}_plain")
+        shutil.rmtree(plain_dir, ignore_errors=True)
+        plain = plain_loop(preset, args.data, args.steps, args.micro, accum, compile_model=args.compile,
+                           profile_step=args.profile_step, profile_dir=plain_dir / "profile")
+        timed = [t for i, t in enumerate(plain[3:], start=4) if i != args.profile_step]
+        pm = statistics.median(timed)
         results[preset] = {"plain_ms": pm * 1e3, "plain_all_ms": [round(t * 1e3, 1) for t in plain]}
+        print(json.dumps({preset: {"plain_ms": round(pm * 1e3, 1)}}), flush=True)
+        if args.profile_step:
+            results[preset]["plain_profile"] = profile_summary(plain_dir / "profile", args.profile_step)
         for ds_config in args.ds_configs:
             tag = Path(ds_config).stem
-            windows, last, profile = trainer_run(preset, args.data, args.steps, args.micro,
-                                                 Path(f"/tmp/bench_{preset}_{tag}"), ds_config, args.log_every,
-                                                 args.override)
+            run_dir = Path(f"/tmp/bench_{preset}_{tag}")
+            windows, last = trainer_run(preset, args.data, args.steps, args.micro, run_dir, ds_config,
+                                        args.log_every, extra)
             tm = statistics.median(windows[1:])
-            results[preset][f"{tag}_profile"] = profile
             results[preset][tag] = {"trainer_ms": tm * 1e3, "overhead": tm / pm - 1,
                                     "trainer_tokens_per_s": 65536 / tm, "trainer_mfu": last.get("perf/mfu"),
                                     "trainer_gpu_peak_gib": last.get("mem/gpu_peak_gib"),
                                     "trainer_windows_ms": [round(t * 1e3, 1) for t in windows]}
             print(json.dumps({preset: {"plain_ms": round(pm * 1e3, 1), tag: results[preset][tag]}}), flush=True)
+            if args.profile_step:
+                results[preset][f"{tag}_profile"] = profile_summary(run_dir / "profile", args.profile_step)
             Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

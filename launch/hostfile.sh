@@ -7,7 +7,7 @@
 #   HOSTFILE, one line per host, MPI style (slots = GPUs to use on that host; the first host runs rank 0):
 #       gpu-node-01 slots=8
 #       gpu-node-02 slots=8
-#   e.g. bash launch/hostfile.sh hosts.txt configs/moeut_244m.yaml run.name=m244
+#   e.g. bash launch/hostfile.sh hosts.txt configs/moeut_244m_gpu.yaml run_dir=runs/m244
 #
 # Requirements (checked where possible):
 #   - pdsh on this machine and password-less ssh from it to every host (this one included when it is listed);
