@@ -219,6 +219,19 @@ def test_deterministic_bitwise():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_weight_grad_row_splits(layout, splits, monkeypatch):
+    """Weight gradients with each expert's rows cut into chunks (as on GPUs for the attention shapes) equal the
+    reference and repeat bitwise: one expert with several chunks' worth of rows, uneven loads, empty chunks."""
+    from moeut_kernels import grouped
+    monkeypatch.setitem(grouped.OVERRIDES, "wgrad_splits", splits)
+    check_against_reference(layout, torch.float32, 45, bias="one", k=1, seed=11)   # 45 rows on one expert
+    runs = [check_against_reference(layout, torch.bfloat16, 150, bias="uneven", seed=12) for _ in range(2)]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert a is None and b is None or torch.equal(a, b)
+
+
 def test_auto_backend_is_reference_without_cuda():
     if not torch.cuda.is_available():
         assert get_backend("auto").name == "reference"

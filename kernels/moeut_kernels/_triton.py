@@ -161,26 +161,35 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
 
 @triton.jit
 def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_ptr, aidx_ptr, bidx_ptr,
-                 K, N,
-                 s_am, s_ak, s_bm, s_bn, s_ge, s_gk, s_gn, s_mm, s_mn,
+                 K, N, E,
+                 s_am, s_ak, s_bm, s_bn, s_gs, s_ge, s_gk, s_gn, s_mm, s_mn,
                  A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, MASK_B: tl.constexpr,
-                 FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 SPLITS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """gW[e, k-tile, n-tile] = sum over e's sorted rows of A^T B, in a fixed order: no atomics, bitwise repeatable.
+    """gW[s, e, k-tile, n-tile] = sum over chunk s of e's sorted rows of A^T B, in a fixed order: no atomics,
+    bitwise repeatable.
 
-    A rows gathered (pair // A_GROUP, or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP,
-    or bidx[pair] when B_GROUP < 0; times the gate when HAS_SCALE) or sorted (times the ReLU mask when MASK_B).
-    Experts without rows get exact zeros.
+    Each expert's rows are cut into SPLITS chunks of equal length (rounded up to BLOCK_R; a function of the
+    expert's row count only), one program per (chunk, expert, tile of W), so that few experts with many rows still
+    fill the GPU; with SPLITS > 1 the caller sums the chunks in a fixed order. A rows gathered (pair // A_GROUP,
+    or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP, or bidx[pair] when B_GROUP < 0;
+    times the gate when HAS_SCALE) or sorted (times the ReLU mask when MASK_B). Empty chunks write exact zeros.
     """
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
+    per_split = E * num_k * num_n
+    split = pid // per_split
+    pid = pid % per_split
     e = pid // (num_k * num_n)
     rest = pid % (num_k * num_n)
     pid_k = rest // num_n
     pid_n = rest % num_n
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
+    first = tl.load(offsets_ptr + e)
+    last = tl.load(offsets_ptr + e + 1)
+    chunk = tl.cdiv(tl.cdiv(last - first, SPLITS), BLOCK_R) * BLOCK_R
+    start = first + split * chunk
+    end = tl.minimum(start + chunk, last)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = ks < K
@@ -205,7 +214,7 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_
             b = (b.to(tl.float32) * s[:, None]).to(b.dtype)
         acc = _dot(tl.trans(a), b, acc, FP32_DOT, PRECISION)
     gmask = kmask[:, None] & nmask[None, :]
-    tl.store(gw_ptr + e.to(tl.int64) * s_ge + ks[:, None] * s_gk + ns[None, :] * s_gn,
+    tl.store(gw_ptr + split.to(tl.int64) * s_gs + e.to(tl.int64) * s_ge + ks[:, None] * s_gk + ns[None, :] * s_gn,
              acc.to(gw_ptr.dtype.element_ty), mask=gmask)
 
 

@@ -38,7 +38,7 @@ class TileConfig:
     num_stages: int
 
 
-# Benchmarks may override these (keys: "gmm", "wgrad", "sum"); tests leave them alone.
+# Benchmarks and tests may override these (keys: "gmm", "wgrad", "wgrad_block_r", "wgrad_splits", "sum").
 OVERRIDES: dict[str, dict] = {}
 
 
@@ -120,26 +120,44 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _wgrad_splits(n_programs: int, device: torch.device) -> int:
+    """Row chunks per expert for the weight gradient: enough programs for ~8 per SM (the attention shape has only
+    40 experts x 8 tiles of W for 132 SMs; the FF shapes have thousands and keep one chunk)."""
+    if "wgrad_splits" in OVERRIDES:
+        return OVERRIDES["wgrad_splits"]
+    if INTERPRET:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, triton.cdiv(8 * sms, max(n_programs, 1))))
+
+
 def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: RoutingPlan, grad_w: torch.Tensor, *,
            scale: Optional[torch.Tensor] = None, bmask: Optional[torch.Tensor] = None,
            a_index: Optional[torch.Tensor] = None, b_index: Optional[torch.Tensor] = None) -> None:
-    """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics). a_index /
-    b_index (int64, by pair id) replace a_group / b_group when given."""
+    """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics: with several
+    row chunks per expert, fp32 partial sums are added in chunk order). a_index / b_index (int64, by pair id)
+    replace a_group / b_group when given."""
     n_experts, kdim, ndim = grad_w.shape
     a_group = -1 if a_index is not None else a_group
     b_group = -1 if b_index is not None else b_group
     cfg = wgrad_config(kdim, ndim, a.dtype)
+    tiles = n_experts * triton.cdiv(kdim, cfg.block_k) * triton.cdiv(ndim, cfg.block_n)
+    splits = _wgrad_splits(tiles, a.device)
+    out = grad_w if splits == 1 else torch.empty(splits, n_experts, kdim, ndim, dtype=torch.float32, device=a.device)
+    s_split = 0 if splits == 1 else out.stride(0)
+    s_e, s_k, s_n = out.stride()[-3:]
     bmask_t = bmask if bmask is not None else b
-    grid = (n_experts * triton.cdiv(kdim, cfg.block_k) * triton.cdiv(ndim, cfg.block_n),)
-    K.wgrad_kernel[grid](
-        a, b, grad_w, plan.order, plan.offsets, scale if scale is not None else plan.order, bmask_t,
+    K.wgrad_kernel[(splits * tiles,)](
+        a, b, out, plan.order, plan.offsets, scale if scale is not None else plan.order, bmask_t,
         a_index if a_index is not None else plan.order, b_index if b_index is not None else plan.order,
-        kdim, ndim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        grad_w.stride(0), grad_w.stride(1), grad_w.stride(2), bmask_t.stride(0), bmask_t.stride(1),
-        A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, MASK_B=bmask is not None,
+        kdim, ndim, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        s_split, s_e, s_k, s_n, bmask_t.stride(0), bmask_t.stride(1),
+        A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, MASK_B=bmask is not None, SPLITS=splits,
         FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_wgrad_block_r(a.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        grad_w.copy_(out.sum(0))
 
 
 def _sum_blocks(d: int) -> tuple[int, int]:
