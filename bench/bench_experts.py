@@ -244,7 +244,11 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--only", default="ff244,ff1b,att")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--wgrad-splits", type=int, default=None,
+                    help="force the weight gradient's row chunks per expert (default: chosen per shape)")
     args = ap.parse_args()
+    if args.wgrad_splits:
+        GM.OVERRIDES["wgrad_splits"] = args.wgrad_splits
     rows: list = []
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now().isoformat(timespec="minutes"), tokens=TOKENS)
