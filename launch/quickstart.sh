@@ -36,7 +36,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   CONFIG=configs/quickstart_cpu.yaml; RUN=runs/quickstart; EXTRA=(); PAIRS=200
 fi
-if [ "$DEVICE" = gpu ]; then EXTRA+=(deepspeed_config=ds_configs/zero2_bf16.json); fi
+if [ "$DEVICE" = gpu ]; then EXTRA+=(deepspeed_config=ds_configs/zero1_bf16.json); fi
 
 echo "== training ($DEVICE): $CONFIG"
 set +e
