@@ -8,7 +8,9 @@ A plain PyTorch step (bf16 autocast, fp32 weights, AdamW, Triton experts) around
 dispatch (moeut_ds/parallel): non-expert gradients are averaged with DDP, expert shards with
 ExpertShards.all_reduce_gradients. Random token ids (the routing is then not a trained model's: the bytes moved are
 close to the worst case of spread-out routing). The trainer adds DeepSpeed ZeRO on top (tested on CPU); this
-isolates what expert parallelism itself costs. Prints one JSON line per run (rank 0).
+isolates what expert parallelism itself costs. Prints one JSON line per run (rank 0). `--trace DIR` profiles one
+more step on every rank (torch.profiler: DIR/step<N>_rank<r>.json/.txt) and prints bench/trace_gaps.py's summary
+of each rank's trace (device busy vs idle, syncs, the longest idle gaps): where an expert-parallel step waits.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +47,21 @@ def comm_share(step, steps: int = 1) -> dict[str, float]:
     return {"alltoall_share": a2a / max(total, 1e-9), "allreduce_share": ar / max(total, 1e-9)}
 
 
+def trace_step(step, out_dir: Path, n: int, rank: int, device: torch.device) -> None:
+    """Profile one step on this rank and print the trace's busy/idle summary (GPU only: a CPU trace has no device
+    timeline)."""
+    from moeut_ds.train.profiling import profile_step
+
+    with profile_step(out_dir, n, rank, device):
+        step()
+    if device.type == "cuda":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from trace_gaps import format_summary, summarize
+
+        stem = out_dir / f"step{n:06d}_rank{rank}"
+        print(format_summary(stem.name, summarize(stem.with_suffix(".json"))), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="moeut-1b")
@@ -52,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo, reference experts)")
+    ap.add_argument("--trace", default=None, help="folder for a torch.profiler trace of one more step per rank")
     a = ap.parse_args()
 
     from torch.nn.parallel import DistributedDataParallel
@@ -112,6 +132,8 @@ def main() -> None:
            "a2a_bytes_sent_per_step": bytes_per_step, **share}
     if rank == 0:
         print("RESULT " + json.dumps(res), flush=True)
+    if a.trace:
+        trace_step(step, Path(a.trace), a.warmup + a.steps + 2, rank, device)
     if world > 1:
         dist.destroy_process_group()
 
