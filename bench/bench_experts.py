@@ -61,6 +61,12 @@ def ff_inputs(shape: dict, seed: int = 0):
     return x, w_s, w1, w2, gy
 
 
+def optional_backends() -> list:
+    """(label, backend) of the installed comparison backends: MegaBlocks when bench/build_megablocks.sh built it."""
+    from moeut_ds.experts import available_backends, get_backend
+    return [(name, get_backend(name)) for name in ("megablocks",) if name in available_backends()]
+
+
 def ff_layer(backend, x, w_s, w1, w2, k):
     """Router (LN omitted: the same for every backend) + σ-gating + experts; what the model's SigmaMoE runs."""
     logits = router_logits(x, w_s)
@@ -88,8 +94,14 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
         print(f"[check {name} FF] rel err vs fp32 reference: out {err[0]:.2e} dx {err[1]:.2e} dW1 {err[2]:.2e} "
               f"dW2 {err[3]:.2e}", flush=True)
         rows.append(dict(what=f"check FF {name}", err=err))
+        for label, backend in optional_backends():
+            out = backend.mlp(x, w1, w2, r)
+            got = torch.autograd.grad(out, [x, w1, w2], gy)
+            err = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([out, *got], [y_r, *grads_r])]
+            print(f"[check {name} FF {label}] rel err vs fp32 reference: {['%.2e' % e for e in err]}", flush=True)
+            rows.append(dict(what=f"check FF {name} {label}", err=err))
         del y, grads, y_r, grads_r, leaves
-    for label, backend in (("triton", tb), ("reference", ref)):
+    for label, backend in (("triton", tb), ("reference", ref), *optional_backends()):
         fwd = ms(lambda: ff_layer(backend, x, w_s, w1, w2, k))
         step = ms(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))
         syncs = count_syncs(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))

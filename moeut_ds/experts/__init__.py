@@ -44,11 +44,18 @@ def _triton_backend() -> ExpertBackend:
     return importlib.import_module("moeut_ds.experts.triton_backend").TritonBackend()
 
 
-def _triton_importable() -> bool:
-    """True when triton and moeut_kernels can be found, without importing either at moeut_ds import time."""
+def _megablocks_backend() -> ExpertBackend:
+    import importlib
+    return importlib.import_module("moeut_ds.experts.megablocks_backend").MegaBlocksBackend()
+
+
+def _importable(*modules: str) -> bool:
+    """True when every module can be found, without importing any of them at moeut_ds import time."""
     import importlib.util
-    return all(importlib.util.find_spec(m) is not None for m in ("triton", "moeut_kernels"))
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-if _triton_importable():  # get_backend("auto") then picks it on CUDA machines
+if _importable("triton", "moeut_kernels"):  # get_backend("auto") then picks it on CUDA machines
     register_backend("triton", _triton_backend)
+    if _importable("megablocks", "grouped_gemm"):   # optional comparison backend (moeut_ds/experts/megablocks_backend)
+        register_backend("megablocks", _megablocks_backend)

@@ -154,6 +154,9 @@ class RunConfig:
         need(isinstance(self.expert_parallel_size, int) and self.expert_parallel_size >= 1,
              f"expert_parallel_size={self.expert_parallel_size!r}: must be a positive integer (1 = no expert "
              f"parallelism)")
+        need(self.expert_parallel_size == 1 or self.expert_backend != "megablocks",
+             f"expert_parallel_size={self.expert_parallel_size} with expert_backend=megablocks: the MegaBlocks backend "
+             f"has no expert-parallel path; use expert_backend=triton (or auto)")
         need(self.expert_parallel_size == 1 or self.model_config().arch == "moeut",
              f"expert_parallel_size={self.expert_parallel_size} needs a MoEUT / σ-MoE model: the dense baseline has "
              f"no experts")
