@@ -97,3 +97,30 @@ def test_config_refuses_megablocks_with_expert_parallelism(monkeypatch):
     load_run_config(None, ["data.path=/d", "expert_backend=megablocks"])
     with pytest.raises(ConfigError, match="expert_backend=megablocks: the MegaBlocks backend has no expert-parallel"):
         load_run_config(None, ["data.path=/d", "expert_backend=megablocks", "expert_parallel_size=2"])
+
+
+def test_tiny_moeut_under_bf16_autocast_matches_triton(fake_megablocks):
+    """The model's σ-MoE layers go through the backend's mlp (fp32 weights cast once per pass under autocast)."""
+    from moeut_ds.config import ModelConfig
+    from moeut_ds.experts.triton_backend import TritonBackend
+    from moeut_ds.model import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="moeut", vocab_size=50, d_model=16, n_layers=4, group_size=2, n_heads=2, d_head=8,
+                      att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=4, ff_k=2)
+    model = LanguageModel(cfg, "reference").to(DEVICE).train()
+    tokens = torch.randint(0, 50, (2, 13), device=DEVICE)
+    results = []
+    for backend in (TritonBackend(), MegaBlocksBackend()):
+        model.set_expert_backend(backend)
+        model.zero_grad()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = model(tokens)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, 50), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "ffn.w" in n}))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l2, l1, rtol=2e-2, atol=2e-2)
+    assert g1.keys() == g2.keys() and len(g1) == 4        # w1 and w2 of both distinct layers
+    for name in g1:
+        assert rel_err(g2[name], g1[name]) < 5e-2, name
