@@ -1,0 +1,143 @@
+"""Every kernel launch the Triton backend makes, compiled ahead of time for real GPUs without one.
+
+The interpreter tests check what the kernels compute; they do not compile them. This test records each distinct
+launch (kernel, argument types, constexprs, warps, stages) of a tiny MoEUT's forward and backward, of the
+explicit-rows path of expert parallelism, and of the weight gradient with and without row chunks, all with the
+configurations chosen for GPUs, then compiles each one with Triton's bundled ptxas for sm_90 (H100/H200) and sm_80
+(A100) and checks its shared memory fits the chip. A kernel edit that only a GPU would reject fails here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kernel_testing import DEVICE  # noqa: E402  (sets TRITON_INTERPRET first)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from moeut_kernels import _triton as K  # noqa: E402
+from moeut_kernels import grouped, routing  # noqa: E402
+
+KERNELS = ("gmm_kernel", "wgrad_kernel", "group_sum_kernel", "segment_sum_kernel", "plan_kernel",
+           "sigmoid_topk_kernel")
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+                torch.int32: "i32", torch.int16: "i16"}
+SHARED_MEMORY = {90: 232448, 80: 166912}     # max dynamic shared memory per block (bytes)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _arg_type(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return "*" + TRITON_TYPES[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+    raise TypeError(f"unexpected kernel argument {v!r}")
+
+
+class _Recorder:
+    """Stands in for a kernel: notes each launch's types and constexprs, then runs the real one (interpreter)."""
+
+    def __init__(self, name: str, kernel, seen: set):
+        self.name, self.kernel, self.seen = name, kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            options = (kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
+            consts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("num_warps", "num_stages")))
+            self.seen.add((self.name, tuple(_arg_type(a) for a in args), consts, options))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _tiny_moeut_step() -> None:
+    from moeut_ds.config import ModelConfig
+    from moeut_ds.experts.triton_backend import TritonBackend
+    from moeut_ds.model import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="moeut", vocab_size=50, d_model=32, n_layers=2, group_size=2, n_heads=2, d_head=16,
+                      att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=16, ff_k=2)
+    model = LanguageModel(cfg, TritonBackend(block_m=128)).to(DEVICE, torch.bfloat16).train()
+    out = model(torch.randint(0, 50, (2, 9), device=DEVICE))
+    (out.logits.float().square().mean() + out.reg_loss).backward()
+
+
+def _explicit_rows() -> None:
+    """The receiving side of expert parallelism: rows with a variable number of pairs (in_index / out_offsets)."""
+    from moeut_ds.experts.triton_backend import TritonBackend
+
+    tb = TritonBackend(block_m=128)
+    x = torch.randn(6, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w1 = torch.randn(3, 32, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w2 = torch.randn(3, 16, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    row_index = torch.tensor([0, 0, 1, 2, 2, 2, 4, 5], device=DEVICE)
+    row_offsets = torch.searchsorted(row_index, torch.arange(7, device=DEVICE))
+    gate = torch.rand(8, 1, device=DEVICE, requires_grad=True)
+    routing_ = tb.routing(gate, torch.tensor([[0], [1], [2], [0], [1], [2], [0], [1]], device=DEVICE), 3)
+    y = tb.mlp_rows(x, w1, w2, routing_, row_index, row_offsets)
+    y.float().sum().backward()
+
+
+@pytest.fixture(scope="module")
+def launches() -> list:
+    seen: set = set()
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(grouped, "INTERPRET", False)      # GPU tile configs; the interpreter still runs the kernels
+        mp.setattr(routing, "INTERPRET", False)
+        for name in KERNELS:
+            mp.setattr(K, name, _Recorder(name, getattr(K, name), seen))
+        for splits in (1, 4):                        # weight gradients with and without row chunks
+            mp.setitem(grouped.OVERRIDES, "wgrad_splits", splits)
+            _tiny_moeut_step()
+            _explicit_rows()
+    finally:
+        mp.undo()
+    return sorted(seen, key=repr)
+
+
+def test_every_kernel_is_launched(launches):
+    assert {name for name, *_ in launches} == set(KERNELS)
+    splits = {dict(consts)["SPLITS"] for name, _, consts, _ in launches if name == "wgrad_kernel"}
+    assert splits == {1, 4}
+
+
+COMPILE = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moeut_kernels import _triton as K
+
+arch, shared_limit = int(sys.argv[1]), int(sys.argv[2])
+launches = json.load(sys.stdin)
+for name, types, consts, (warps, stages) in launches:
+    kernel = getattr(K, name)
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = dict(zip(params, types))
+    signature.update({k: "constexpr" for k, _ in consts})
+    assert set(signature) == set(params), (name, set(params) - set(signature))
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=dict(consts)),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    assert compiled.asm["cubin"], name
+    assert compiled.metadata.shared <= shared_limit, (name, consts, compiled.metadata.shared)
+print(f"compiled {len(launches)} launches for sm_{arch}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_launch_compiles_for_the_gpu(launches, arch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # real JIT functions, not interpreted
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", COMPILE, str(arch), str(SHARED_MEMORY[arch])],
+                          input=json.dumps(launches), capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
