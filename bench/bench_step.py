@@ -1,6 +1,7 @@
 """Full training step on one GPU: MoEUT (triton expert backend) vs the dense baseline, eager and torch.compile.
 
     PYTHONPATH=.:kernels python bench/bench_step.py [--sizes 244m,1b] [--budget-s 300] [--out DIR]
+        [--no-compile | --no-eager] [--micro 32]
 
 One step = forward + backward of cross-entropy (+ the entropy regulariser, training mode) over 64 x 1024 tokens
 under bf16 autocast with fp32 master weights, then a fused AdamW step and zero_grad. Plain PyTorch, no DeepSpeed.
@@ -189,6 +190,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=300.0, help="start no new variant after this many seconds")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="only the compiled variants (and no eager profile)")
+    ap.add_argument("--micro", type=int, default=BATCH,
+                    help="largest micro-batch to try first (e.g. 32 where 64 is known not to fit: saves a compile)")
     ap.add_argument("--out", default=None, help="folder for bench_step.json and profile.md")
     args = ap.parse_args()
     out = Path(args.out) if args.out else None
@@ -207,12 +211,13 @@ def main() -> None:
     results["check"] = check(f"moeut-{sizes[0]}")
     log(f"check: {results['check']}")
     save()
-    micros = [BATCH, BATCH // 2, BATCH // 4]
+    micros = [m for m in (BATCH, BATCH // 2, BATCH // 4) if m <= args.micro]
     plan = []
     for size in sizes:
-        plan += [(f"moeut-{size}", "triton", False), (f"dense-{size}", "reference", False)]
-        if size == sizes[0]:
-            plan.append(("profile", None, None))
+        if not args.no_eager:
+            plan += [(f"moeut-{size}", "triton", False), (f"dense-{size}", "reference", False)]
+            if size == sizes[0]:
+                plan.append(("profile", None, None))
         if not args.no_compile:
             plan += [(f"moeut-{size}", "triton", True), (f"dense-{size}", "reference", True)]
     fitted: dict[str, int] = {}
