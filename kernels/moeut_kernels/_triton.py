@@ -160,8 +160,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
 
 
 @triton.jit
-def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_ptr, aidx_ptr, bidx_ptr,
-                 K, N, E,
+def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale_ptr, bmask_ptr, aidx_ptr,
+                 bidx_ptr, K, N, E,
                  s_am, s_ak, s_bm, s_bn, s_gs, s_ge, s_gk, s_gn, s_mm, s_mn,
                  A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, MASK_B: tl.constexpr,
                  SPLITS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -171,18 +171,20 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, scale_ptr, bmask_
 
     Each expert's rows are cut into SPLITS chunks of equal length (rounded up to BLOCK_R; a function of the
     expert's row count only), one program per (chunk, expert, tile of W), so that few experts with many rows still
-    fill the GPU; with SPLITS > 1 the caller sums the chunks in a fixed order. A rows gathered (pair // A_GROUP,
+    fill the GPU; with SPLITS > 1 the caller sums the chunks in a fixed order. Programs take the experts in the
+    order eorder (the caller passes the most loaded first), so that the longest programs start first instead of
+    forming the tail; each program's result does not depend on that order. A rows gathered (pair // A_GROUP,
     or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP, or bidx[pair] when B_GROUP < 0;
     times the gate when HAS_SCALE) or sorted (times the ReLU mask when MASK_B). Empty chunks write exact zeros.
     """
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
-    per_split = E * num_k * num_n
-    split = pid // per_split
-    pid = pid % per_split
-    e = pid // (num_k * num_n)
-    rest = pid % (num_k * num_n)
+    per_expert = SPLITS * num_k * num_n
+    e = tl.load(eorder_ptr + pid // per_expert)
+    rest = pid % per_expert
+    split = rest // (num_k * num_n)
+    rest = rest % (num_k * num_n)
     pid_k = rest // num_n
     pid_n = rest % num_n
     first = tl.load(offsets_ptr + e)

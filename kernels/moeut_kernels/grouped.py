@@ -135,8 +135,8 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
            scale: Optional[torch.Tensor] = None, bmask: Optional[torch.Tensor] = None,
            a_index: Optional[torch.Tensor] = None, b_index: Optional[torch.Tensor] = None) -> None:
     """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics: with several
-    row chunks per expert, fp32 partial sums are added in chunk order). a_index / b_index (int64, by pair id)
-    replace a_group / b_group when given."""
+    row chunks per expert, fp32 partial sums are added in chunk order). The busiest experts' programs go first
+    (their row loops are the longest). a_index / b_index (int64, by pair id) replace a_group / b_group when given."""
     n_experts, kdim, ndim = grad_w.shape
     a_group = -1 if a_index is not None else a_group
     b_group = -1 if b_index is not None else b_group
@@ -147,8 +147,9 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
     s_split = 0 if splits == 1 else out.stride(0)
     s_e, s_k, s_n = out.stride()[-3:]
     bmask_t = bmask if bmask is not None else b
+    by_load = torch.argsort(plan.offsets[1:] - plan.offsets[:-1], descending=True)    # busiest experts first
     K.wgrad_kernel[(splits * tiles,)](
-        a, b, out, plan.order, plan.offsets, scale if scale is not None else plan.order, bmask_t,
+        a, b, out, plan.order, plan.offsets, by_load, scale if scale is not None else plan.order, bmask_t,
         a_index if a_index is not None else plan.order, b_index if b_index is not None else plan.order,
         kdim, ndim, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         s_split, s_e, s_k, s_n, bmask_t.stride(0), bmask_t.stride(1),
