@@ -204,6 +204,8 @@ def sweep(shape: dict, rows: list) -> None:
             "down_fwd": lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c),
             "down_dx": lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=c),
             "up_dx": lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c),
+            # what the ReLU mask's loads cost (would the mask fused into down_dx's epilogue pay?)
+            "up_dx_nomask": lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c),
         }
         cfgs = [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 4, 4),
                 TileConfig(64, 64, 4, 3), TileConfig(256, 64, 8, 3)]
@@ -236,6 +238,7 @@ def sweep(shape: dict, rows: list) -> None:
                                          num_stages=c.num_stages)
             GM.OVERRIDES["wgrad_block_r"] = br
             for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1, bmask=h)),
+                               ("wgrad_up_nomask", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1)),
                                ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2, scale=gate))):
                 try:
                     t = ms(call, rep=100)
