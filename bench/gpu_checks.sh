@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One pass of GPU checks and benchmarks on a single GPU, each step under its own time limit, logs and JSON under
+# OUT_DIR (tar it to take the results away): the kernel tests compiled for the GPU, the expert-layer benchmark with
+# and without the weight gradient's row chunks, MegaBlocks' row when its source archives are given, and the
+# compiled 1B full-step rows.
+#
+#   bash bench/gpu_checks.sh OUT_DIR [MEGABLOCKS_SRC_DIR]
+#
+# Needs torch, triton and pytest importable (on the GPU image: the carried wheels unpacked on PYTHONPATH) and
+# TORCH_CUDA_ARCH_LIST=9.0 where the image sets 9.0a. ~8 minutes on one H200.
+set -u
+[ $# -ge 1 ] || { sed -n '2,11p' "$0" >&2; exit 2; }
+out=$1; mb_src=${2:-}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {   # step NAME SECONDS CMD...: run with a limit, keep the whole log, print its tail
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date -u +%T)): $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "rc=$?"; tail -n "${TAILN:-6}" "$out/$name.log"
+}
+
+# kernel tests compiled for this GPU, in 4 parallel shards (Triton compiles dominate)
+python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_experts.py tests/test_kernels_rows.py \
+  2>/dev/null | grep '::' > "$out/kernel_test_ids"
+for i in 0 1 2 3; do
+  (awk "NR % 4 == $i" "$out/kernel_test_ids" | xargs env TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q \
+    -p no:cacheprovider > "$out/kernel_tests_$i.log" 2>&1; echo "rc=$?" >> "$out/kernel_tests_$i.log") &
+done
+wait
+echo "== kernel tests on the GPU ($(wc -l < "$out/kernel_test_ids") collected)"
+for i in 0 1 2 3; do tail -n 2 "$out/kernel_tests_$i.log"; done
+
+if [ -n "$mb_src" ]; then
+  step megablocks_build 300 bash bench/build_megablocks.sh build "$mb_src" /tmp/megablocks_site
+  export PYTHONPATH="/tmp/megablocks_site:$PYTHONPATH"
+fi
+TAILN=4 step experts_wgrad_unsplit 120 python3 bench/bench_experts.py --only att --no-check --wgrad-splits 1 \
+  --json "$out/experts_wgrad_unsplit.json"
+TAILN=12 step experts 180 python3 bench/bench_experts.py --only att,ff244 --json "$out/experts.json"
+TAILN=12 step step_1b_compiled 420 python3 bench/bench_step.py --sizes 1b --no-eager --micro 32 --budget-s 360 \
+  --out "$out/step_1b_compiled"
