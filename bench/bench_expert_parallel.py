@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -55,7 +54,6 @@ def trace_step(step, out_dir: Path, n: int, rank: int, device: torch.device) -> 
     with profile_step(out_dir, n, rank, device):
         step()
     if device.type == "cuda":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from trace_gaps import format_summary, summarize
 
         stem = out_dir / f"step{n:06d}_rank{rank}"

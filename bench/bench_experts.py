@@ -61,6 +61,11 @@ def ff_inputs(shape: dict, seed: int = 0):
     return x, w_s, w1, w2, gy
 
 
+def rel_errs(got, want) -> list[float]:
+    """Relative L2 error of each tensor in got against its fp32 counterpart in want."""
+    return [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+
+
 def optional_backends() -> list:
     """(label, backend) of the installed comparison backends: MegaBlocks when bench/build_megablocks.sh built it."""
     from moeut_ds.experts import available_backends, get_backend
@@ -79,7 +84,7 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
     k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
     flops = 12 * TOKENS * k * d * d_e            # expert matmuls, fwd (2 GEMMs) + bwd (4 GEMMs)
     params = [x, w_s, w1, w2]
-    tb, ref = TritonBackend(), ReferenceBackend()
+    tb, ref, extra = TritonBackend(), ReferenceBackend(), optional_backends()
     if check:
         logits = F.linear(x.detach(), w_s).float().view(-1, 1, E)   # router path left out of dx on both sides
         r = tb.route(logits, k)
@@ -90,18 +95,18 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
         rr = Routing(gate=r.gate.detach(), expert_index=r.expert_index, n_experts=E, order=order, offsets=offsets)
         y_r = ref.mlp(*leaves, rr)
         grads_r = torch.autograd.grad(y_r, leaves, gy.float())
-        err = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y, *grads], [y_r, *grads_r])]
+        err = rel_errs([y, *grads], [y_r, *grads_r])
         print(f"[check {name} FF] rel err vs fp32 reference: out {err[0]:.2e} dx {err[1]:.2e} dW1 {err[2]:.2e} "
               f"dW2 {err[3]:.2e}", flush=True)
         rows.append(dict(what=f"check FF {name}", err=err))
-        for label, backend in optional_backends():
+        for label, backend in extra:
             out = backend.mlp(x, w1, w2, r)
             got = torch.autograd.grad(out, [x, w1, w2], gy)
-            err = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([out, *got], [y_r, *grads_r])]
+            err = rel_errs([out, *got], [y_r, *grads_r])
             print(f"[check {name} FF {label}] rel err vs fp32 reference: {['%.2e' % e for e in err]}", flush=True)
             rows.append(dict(what=f"check FF {name} {label}", err=err))
         del y, grads, y_r, grads_r, leaves
-    for label, backend in (("triton", tb), ("reference", ref), *optional_backends()):
+    for label, backend in (("triton", tb), ("reference", ref), *extra):
         fwd = ms(lambda: ff_layer(backend, x, w_s, w1, w2, k))
         step = ms(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))
         syncs = count_syncs(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))
@@ -161,7 +166,7 @@ def bench_att(peak: float, rows: list, check: bool) -> None:
         xl, wl = x.detach().float().requires_grad_(), w_v.detach().float().requires_grad_()
         v_r = ReferenceBackend().matmul(xl, wl, rr, in_group=H * k, out_group=k)
         dx_r, dw_r = torch.autograd.grad(v_r, [xl, wl], gv.float())
-        err = [((p.float() - q).norm() / q.norm()).item() for p, q in ((v, v_r), (dx, dx_r), (dw, dw_r))]
+        err = rel_errs((v, dx, dw), (v_r, dx_r, dw_r))
         print(f"[check att V] rel err vs fp32 reference: out {err[0]:.2e} dx {err[1]:.2e} dW {err[2]:.2e}")
         rows.append(dict(what="check att V 244M", err=err))
     for label, backend in (("triton", TritonBackend()), ("reference", ReferenceBackend())):

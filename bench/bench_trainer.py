@@ -141,6 +141,7 @@ def main() -> None:
         print(json.dumps({preset: {"plain_ms": round(pm * 1e3, 1)}}), flush=True)
         if args.profile_step:
             results[preset]["plain_profile"] = profile_summary(plain_dir / "profile", args.profile_step)
+        Path(args.out).write_text(json.dumps(results, indent=1))
         for ds_config in args.ds_configs:
             tag = Path(ds_config).stem
             run_dir = Path(f"/tmp/bench_{preset}_{tag}")
@@ -155,7 +156,6 @@ def main() -> None:
             if args.profile_step:
                 results[preset][f"{tag}_profile"] = profile_summary(run_dir / "profile", args.profile_step)
             Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

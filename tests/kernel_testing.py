@@ -23,3 +23,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if b.numel() == 0 or b.norm() == 0:
         return a.norm().item()
     return ((a - b).norm() / b.norm()).item()
+
+
+def tiny_moeut(backend="reference", **changes):
+    """A 4-layer G=2 MoEUT with both expert kinds on DEVICE in training mode (seed 0; `changes` override config
+    fields), and a [2, 13] batch of its tokens."""
+    from moeut_ds.config import ModelConfig
+    from moeut_ds.model import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="moeut", vocab_size=50, d_model=16, n_layers=4, group_size=2, n_heads=2, d_head=8,
+                      att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=4, ff_k=2).replace(**changes)
+    model = LanguageModel(cfg, backend).to(DEVICE).train()
+    return model, torch.randint(0, cfg.vocab_size, (2, 13), device=DEVICE)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zlib
 
-from kernel_testing import DEVICE, REF, TOL, rel_err  # noqa: E402  (sets TRITON_INTERPRET first)
+from kernel_testing import DEVICE, REF, TOL, rel_err, tiny_moeut  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -241,14 +241,7 @@ def test_auto_backend_is_reference_without_cuda():
 # ---------------------------------------------------------------- the whole model
 
 def test_tiny_moeut_same_loss_and_grads_with_either_backend():
-    from moeut_ds.config import ModelConfig
-    from moeut_ds.model import LanguageModel
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="moeut", vocab_size=50, d_model=16, n_layers=4, group_size=2, n_heads=2, d_head=8,
-                      att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=4, ff_k=2)
-    model = LanguageModel(cfg, "reference").to(DEVICE).train()
-    tokens = torch.randint(0, 50, (2, 13), device=DEVICE)
+    model, tokens = tiny_moeut()
     results = []
     for backend in ("reference", TritonBackend()):
         model.set_expert_backend(backend)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernel_testing import DEVICE  # noqa: E402  (sets TRITON_INTERPRET first)
+from kernel_testing import DEVICE, tiny_moeut  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -58,15 +58,10 @@ class _Recorder:
 
 
 def _tiny_moeut_step() -> None:
-    from moeut_ds.config import ModelConfig
     from moeut_ds.experts.triton_backend import TritonBackend
-    from moeut_ds.model import LanguageModel
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="moeut", vocab_size=50, d_model=32, n_layers=2, group_size=2, n_heads=2, d_head=16,
-                      att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=16, ff_k=2)
-    model = LanguageModel(cfg, TritonBackend(block_m=128)).to(DEVICE, torch.bfloat16).train()
-    out = model(torch.randint(0, 50, (2, 9), device=DEVICE))
+    model, tokens = tiny_moeut(TritonBackend(block_m=128), d_model=32, n_layers=2, d_head=16, ff_expert_size=16)
+    out = model.to(torch.bfloat16)(tokens)
     (out.logits.float().square().mean() + out.reg_loss).backward()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import types
 
-from kernel_testing import DEVICE, REF, TOL, rel_err  # noqa: E402  (sets TRITON_INTERPRET first)
+from kernel_testing import DEVICE, REF, TOL, rel_err, tiny_moeut  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -101,15 +101,9 @@ def test_config_refuses_megablocks_with_expert_parallelism(monkeypatch):
 
 def test_tiny_moeut_under_bf16_autocast_matches_triton(fake_megablocks):
     """The model's σ-MoE layers go through the backend's mlp (fp32 weights cast once per pass under autocast)."""
-    from moeut_ds.config import ModelConfig
     from moeut_ds.experts.triton_backend import TritonBackend
-    from moeut_ds.model import LanguageModel
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="moeut", vocab_size=50, d_model=16, n_layers=4, group_size=2, n_heads=2, d_head=8,
-                      att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=4, ff_k=2)
-    model = LanguageModel(cfg, "reference").to(DEVICE).train()
-    tokens = torch.randint(0, 50, (2, 13), device=DEVICE)
+    model, tokens = tiny_moeut()
     results = []
     for backend in (TritonBackend(), MegaBlocksBackend()):
         model.set_expert_backend(backend)

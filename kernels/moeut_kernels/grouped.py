@@ -143,16 +143,15 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
     cfg = wgrad_config(kdim, ndim, a.dtype)
     tiles = n_experts * triton.cdiv(kdim, cfg.block_k) * triton.cdiv(ndim, cfg.block_n)
     splits = _wgrad_splits(tiles, a.device)
-    out = grad_w if splits == 1 else torch.empty(splits, n_experts, kdim, ndim, dtype=torch.float32, device=a.device)
-    s_split = 0 if splits == 1 else out.stride(0)
-    s_e, s_k, s_n = out.stride()[-3:]
+    out = grad_w.unsqueeze(0) if splits == 1 else torch.empty(splits, n_experts, kdim, ndim, dtype=torch.float32,
+                                                              device=a.device)
     bmask_t = bmask if bmask is not None else b
     by_load = torch.argsort(plan.offsets[1:] - plan.offsets[:-1], descending=True)    # busiest experts first
     K.wgrad_kernel[(splits * tiles,)](
         a, b, out, plan.order, plan.offsets, by_load, scale if scale is not None else plan.order, bmask_t,
         a_index if a_index is not None else plan.order, b_index if b_index is not None else plan.order,
         kdim, ndim, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        s_split, s_e, s_k, s_n, bmask_t.stride(0), bmask_t.stride(1),
+        *out.stride(), bmask_t.stride(0), bmask_t.stride(1),
         A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, MASK_B=bmask is not None, SPLITS=splits,
         FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_wgrad_block_r(a.dtype),
