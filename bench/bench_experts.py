@@ -188,14 +188,29 @@ def bench_att(peak: float, rows: list, check: bool) -> None:
 
 # ------------------------------------------------------------------ per-kernel sweep
 
+def _timed(rows: list, what: str, fn, **extra) -> None:
+    """Time fn into rows (or record why it failed: out of shared memory etc.) and print the row."""
+    try:
+        rows.append(dict(what=what, ms=ms(fn, rep=100), **extra))
+        torch.cuda.synchronize()
+    except Exception as e:
+        rows.append(dict(what=what, error=str(e)[:80]))
+    print(rows[-1], flush=True)
+
+
 def sweep(shape: dict, rows: list) -> None:
-    """Time each grouped-matmul call of the FF layer alone for several tile configs (bf16, 244M shape)."""
+    """Time each kernel call of the FF layer alone for several tile configs (bf16, one FF shape): what picked the
+    heuristics in moeut_kernels/grouped.py. 'R' configs keep the A tile resident and loop over n_loop output
+    slices (the short-K calls); the default config is listed first."""
     x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
     k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
     flop1 = 2 * TOKENS * k * d * d_e
     logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
     P = TOKENS * k
-    for block_m in (128, 64):
+    resident = [TileConfig(128, 128, 8, 3, True, n) for n in (8, 4, 2)] + [
+        TileConfig(128, 128, 4, 3, True, 4), TileConfig(128, 128, 8, 2, True, 4), TileConfig(64, 128, 4, 3, True, 8),
+        TileConfig(256, 128, 8, 2, True, 2), TileConfig(128, 64, 8, 3)]     # last: one slice per program, K loop
+    for block_m in (128, 256):
         tb = TritonBackend(block_m=block_m)
         r = tb.route(logits, k)
         plan, gate = r.plan, r.gate.detach().reshape(-1)
@@ -203,59 +218,41 @@ def sweep(shape: dict, rows: list) -> None:
         gh = torch.randn(P, d_e, device=DEV, dtype=BF16)
         out_h = torch.empty(P, d_e, device=DEV, dtype=BF16)
         buf = torch.empty(P, d, device=DEV, dtype=BF16)
-        gpart = torch.empty(P, 4, device=DEV, dtype=torch.float32)  # room for d_e / 32 output slices
-        calls = {
-            "up_fwd": lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=c),
-            "down_fwd": lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c),
-            "down_dx": lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=c),
-            "up_dx": lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c),
-            # what the ReLU mask's loads cost (would the mask fused into down_dx's epilogue pay?)
-            "up_dx_nomask": lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c),
+        gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)  # room for every column chunk
+        calls = {  # name: (call, configs besides the default)
+            "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=c),
+                       [TileConfig(128, 64, 8, 3)]),
+            "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=c),
+                        [TileConfig(128, 64, 8, 3)]),
+            "down_fwd": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c), resident),
+            # the same stores at the sorted position (contiguous rows per tile) instead of by pair id
+            "down_fwd_sorted": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, False, cfg=c), resident[:2]),
+            "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c), resident),
+            # what the ReLU mask's loads cost
+            "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c), resident[:2]),
         }
-        cfgs = [TileConfig(128, 64, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 4, 4),
-                TileConfig(64, 64, 4, 3), TileConfig(256, 64, 8, 3)]
-        if block_m == 64:
-            cfgs = [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 4), TileConfig(256, 64, 8, 3)]
-        for name, call in calls.items():
-            for c in cfgs:
-                if c.block_n > 128 and name in ("up_fwd", "down_dx"):
-                    continue
-                try:
-                    t = ms(lambda: call(c), rep=100)
-                    torch.cuda.synchronize()
-                    rows.append(dict(what=f"sweep {name} BM{block_m} {c}", ms=t, tflops=flop1 / t / 1e9))
-                except Exception as e:  # out of shared memory etc.
-                    rows.append(dict(what=f"sweep {name} BM{block_m} {c}", error=str(e)[:80]))
-                print(rows[-1], flush=True)
-        if block_m != 128:
-            continue
-        for o in ({"block_r": 16, "block_n": 256}, {"block_r": 32, "block_n": 256}, {"block_r": 8, "block_n": 512},
-                  {"block_r": 16, "block_n": 128}):
-            GM.OVERRIDES["sum"] = o
-            t = ms(lambda: GM.group_sum(buf, k, gate), rep=100)
-            rows.append(dict(what=f"sweep group_sum {o}", ms=t, gbps=(P * d * 2 + TOKENS * d * 2) / t / 1e6))
-            print(rows[-1], flush=True)
-        GM.OVERRIDES.pop("sum", None)
+        for name, (call, cfgs) in calls.items():
+            if block_m != 128:
+                cfgs = cfgs[:1]
+            for c in [None] + cfgs:
+                _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", lambda: call(c), flop=flop1)
+        _timed(rows, f"sweep group_sum BM{block_m}", lambda: GM.group_sum(buf, k, gate),
+               gbytes=(P * d * 2 + TOKENS * d * 2) / 1e9)
+        _timed(rows, f"sweep relu mask in torch BM{block_m}", lambda: gh * (h > 0))
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-        for c, br in ((TileConfig(128, 128, 8, 3), 64), (TileConfig(128, 128, 8, 4), 64), (TileConfig(128, 128, 8, 3), 128),
-                      (TileConfig(128, 128, 4, 3), 64), (TileConfig(64, 128, 4, 3), 64), (TileConfig(128, 128, 8, 3), 32)):
-            GM.OVERRIDES["wgrad"] = dict(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps,
-                                         num_stages=c.num_stages)
-            GM.OVERRIDES["wgrad_block_r"] = br
+        for c in (None, TileConfig(128, 256, 8, 3), TileConfig(128, 256, 8, 2), TileConfig(256, 128, 8, 3),
+                  TileConfig(256, 128, 8, 2)):
+            if c is not None:
+                GM.OVERRIDES["wgrad"] = dict(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps,
+                                             num_stages=c.num_stages)
             for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1, bmask=h)),
                                ("wgrad_up_nomask", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1)),
                                ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2, scale=gate))):
-                try:
-                    t = ms(call, rep=100)
-                    rows.append(dict(what=f"sweep {name} {c} BR{br}", ms=t, tflops=flop1 / t / 1e9))
-                except Exception as e:
-                    rows.append(dict(what=f"sweep {name} {c} BR{br}", error=str(e)[:80]))
-                print(rows[-1], flush=True)
-        GM.OVERRIDES.pop("wgrad", None)
-        GM.OVERRIDES.pop("wgrad_block_r", None)
-        # routing alone
-        rows.append(dict(what="route 244M (sigmoid/top-k/sort/plan)", ms=ms(lambda: tb.route(logits, k))))
-        print(rows[-1], flush=True)
+                _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", call, flop=flop1)
+            GM.OVERRIDES.pop("wgrad", None)
+            if block_m != 128:
+                break
+        _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
 
 
 def main() -> None:
@@ -279,6 +276,8 @@ def main() -> None:
     only = args.only.split(",")
     if args.sweep:
         sweep(FF_SHAPES["244M"], rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:
         bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
     if "att" in only:
@@ -287,6 +286,12 @@ def main() -> None:
         bench_ff("1B", FF_SHAPES["1B"], peak, rows, check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    if args.sweep:
+        print("\n| sweep call | ms | TFLOP/s |\n|---|---|---|")
+        for r in rows:
+            if "ms" in r or "error" in r:
+                rate = f"{r['flop'] / r['ms'] / 1e9:.0f}" if "flop" in r and "ms" in r else ""
+                print(f"| {r['what']} | {r.get('ms', float('nan')):.3f} | {rate or r.get('error', '')} |")
     print("\n| what | fwd ms | fwd+bwd ms | TFLOP/s | of peak | host syncs |")
     print("|---|---|---|---|---|---|")
     for r in rows:

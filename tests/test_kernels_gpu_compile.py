@@ -60,7 +60,8 @@ class _Recorder:
 def _tiny_moeut_step() -> None:
     from moeut_ds.experts.triton_backend import TritonBackend
 
-    model, tokens = tiny_moeut(TritonBackend(block_m=128), d_model=32, n_layers=2, d_head=16, ff_expert_size=16)
+    # d_model > 128: the long-K calls take the looping-K path, the short-K ones (K = 16) keep A resident
+    model, tokens = tiny_moeut(TritonBackend(block_m=128), d_model=160, n_layers=2, d_head=16, ff_expert_size=16)
     out = model.to(torch.bfloat16)(tokens)
     (out.logits.float().square().mean() + out.reg_loss).backward()
 
@@ -103,6 +104,8 @@ def test_every_kernel_is_launched(launches):
     assert {name for name, *_ in launches} == set(KERNELS)
     splits = {dict(consts)["SPLITS"] for name, _, consts, _ in launches if name == "wgrad_kernel"}
     assert splits == {1, 4}
+    resident = {dict(consts)["A_RESIDENT"] for name, _, consts, _ in launches if name == "gmm_kernel"}
+    assert resident == {True, False}
 
 
 COMPILE = """

@@ -98,24 +98,28 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
                scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr,
-               N, K, E,
+               N, K, E, n_per_prog,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
-               MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
+               MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and one BLOCK_N slice of the output.
+    """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
 
     A rows: the sorted position itself (A_GROUP == 0), the gathered row pair // A_GROUP (A_GROUP > 0) or aidx[pair]
     (A_GROUP < 0: an explicit pair -> row index), loaded straight from the source (no gathered copy). D rows
     (GATE_GRAD) likewise with D_GROUP / didx. MASK_A: A *= (amask[pos] > 0) (ReLU backward). GATE_GRAD: writes
-    gpart[pair, pid_n] = sum_n acc * D[rows] (the gate's gradient for this output slice, no atomics). Then optional
-    ReLU, optional per-pair scale (the gate), and a store at the sorted position or at the pair id (OUT_BY_PAIR).
+    gpart[pair, program's column chunk] = sum over its columns of acc * D[rows] (the gate's gradient for this
+    chunk, no atomics). Then optional ReLU, optional per-pair scale (the gate), and a store at the sorted position
+    or at the pair id (OUT_BY_PAIR).
+    A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs): the tile's A rows (and
+    mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead of once per slice
+    by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
     """
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tile = pid // num_n
-    pid_n = pid % num_n
+    num_chunks = tl.cdiv(N, n_per_prog)
+    tile = pid // num_chunks
+    chunk = pid % num_chunks
     e = tl.load(tile_expert_ptr + tile)
     valid = e < E
     e = tl.where(valid, e, 0)
@@ -125,38 +129,76 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     rmask = pos < end
     pair = tl.load(order_ptr + pos, mask=rmask, other=0)
     a_row = _source_rows(pair, pos, aidx_ptr, rmask, A_GROUP)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = cols < N
-    w_base = w_ptr + e.to(tl.int64) * s_we
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_hi = tl.where(valid, K, 0)
-    for k0 in range(0, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :],
-                    other=0.0)
-        if MASK_A:
-            m = tl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :] * s_mk, mask=rmask[:, None] & kmask[None, :],
-                        other=0.0)
-            a = tl.where(m > 0, a, 0.0)
-        w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
-                    other=0.0)
-        acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-    omask = rmask[:, None] & nmask[None, :]
     if GATE_GRAD:
         d_row = _source_rows(pair, pos, didx_ptr, rmask, D_GROUP)
+    else:
+        d_row = pair
+    if OUT_BY_PAIR:
+        c_row = pair
+    else:
+        c_row = pos
+    w_base = w_ptr + e.to(tl.int64) * s_we
+    n_lo = chunk * n_per_prog
+    n_hi = tl.where(valid, tl.minimum(n_lo + n_per_prog, N), n_lo)    # an unused tile runs no slice
+    gacc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if A_RESIDENT:
+        ks = tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            nmask = cols < N
+            w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
+            gacc += _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
+                              dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
+    else:
+        cols = n_lo + tl.arange(0, BLOCK_N)
+        nmask = cols < n_hi
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_hi = tl.where(valid, K, 0)
+        for k0 in range(0, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
+            w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            acc = _dot(a, w, acc, FP32_DOT, PRECISION)
+        gacc += _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
+                          dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
+    if GATE_GRAD:
+        tl.store(gpart_ptr + pair * s_gp + chunk, gacc, mask=rmask)
+
+
+@triton.jit
+def _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A: tl.constexpr):
+    """A[rows, ks], times the ReLU mask (amask at the sorted position > 0) when MASK_A."""
+    m2 = rmask[:, None] & kmask[None, :]
+    a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=m2, other=0.0)
+    if MASK_A:
+        m = tl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :] * s_mk, mask=m2, other=0.0)
+        a = tl.where(m > 0, a, 0.0)
+    return a
+
+
+@triton.jit
+def _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
+              RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice; returns this slice's gate-gradient partial
+    sum_n acc * D[d_row] (zeros without GATE_GRAD)."""
+    omask = rmask[:, None] & nmask[None, :]
+    g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if GATE_GRAD:
         d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
-        tl.store(gpart_ptr + pair * s_gp + pid_n, tl.sum(acc * d.to(tl.float32), axis=1), mask=rmask)
+        g = tl.sum(acc * d.to(tl.float32), axis=1)
     if RELU_OUT:
         acc = tl.maximum(acc, 0.0)
     if HAS_SCALE:
         s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
-    if OUT_BY_PAIR:
-        c_row = pair
-    else:
-        c_row = pos
     tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=omask)
+    return g
 
 
 @triton.jit

@@ -31,11 +31,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Block shape and pipelining of one kernel launch (chosen by shape class, never re-tuned per batch)."""
+    """Block shape and pipelining of one kernel launch (chosen by shape class, never re-tuned per batch).
+    a_resident (grouped matmul, K <= block_k): each program keeps its A tile and loops over n_loop output slices."""
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    a_resident: bool = False
+    n_loop: int = 1
+
+    def columns_per_program(self) -> int:
+        return self.block_n * (self.n_loop if self.a_resident else 1)
 
 
 # Benchmarks and tests may override these (keys: "gmm", "wgrad", "wgrad_block_r", "wgrad_splits", "sum").
@@ -47,12 +53,19 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
 
 
 def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int) -> TileConfig:
-    """Heuristic: 128-wide output slices, 64-deep K steps (32 for fp32 to fit shared memory), 3 stages."""
+    """Heuristic. Short K (the K = d_e calls writing wide [P, d] outputs): the A tile stays resident while the
+    program walks n_loop 128-wide output slices. Long K: one 128-wide slice per program, 64-deep K steps (32 for
+    fp32 to fit shared memory), 3 stages. The interpreter uses tiny blocks so tests cross every boundary."""
+    big = dtype != torch.float32
     if INTERPRET:
-        cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
+        if triton.next_power_of_2(k) <= 32:
+            cfg = TileConfig(16, _pow2_clamp(k, 16, 32), 4, 1, a_resident=True, n_loop=2)
+        else:
+            cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
+    elif triton.next_power_of_2(k) <= (128 if big else 64):
+        cfg = TileConfig(128 if big else 64, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True, n_loop=4)
     else:
-        big = dtype != torch.float32
-        # H200 sweep (docs/KERNELS.md): 8 warps for the short-K calls (K = d_e), 4 for the long-K ones (K = d).
+        # H200 sweep (docs/KERNELS.md): 8 warps for short K (K = d_e), 4 for long K (K = d)
         warps = 8 if block_m * min(n, 128) >= 16384 and k < 512 else 4
         cfg = TileConfig(_pow2_clamp(n, 16, 128), 64 if big else 32, warps, 3 if big else 2)
     return replace(cfg, **OVERRIDES.get("gmm", {}))
@@ -95,6 +108,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     else:
         kdim, ndim, s_wk, s_wn = w.shape[1], w.shape[2], w.stride(1), w.stride(2)
     cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m)
+    if cfg.a_resident and kdim > cfg.block_k:
+        raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k})")
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
         return
@@ -105,17 +120,18 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a_group = -1
     if d_index is not None:
         d_group = -1
-    grid = (n_tiles * triton.cdiv(ndim, cfg.block_n),)
+    cols = cfg.columns_per_program()
+    grid = (n_tiles * triton.cdiv(ndim, cols),)
     K.gmm_kernel[grid](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
         a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
-        ndim, kdim, n_experts,
+        ndim, kdim, n_experts, cols,
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
         gpart.stride(0) if gpart is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
-        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -215,9 +231,9 @@ def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int) -> torch.T
     return segment_sum(buf, seg, perm=perm)
 
 
-def _n_slices(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
-    """Output slices of the input-gradient launch = columns of the gate-gradient partial buffer."""
-    return triton.cdiv(d_in, gmm_config(d_in, d_out, dtype, block_m).block_n)
+def _n_chunks(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
+    """Column chunks (programs per tile) of the input-gradient launch = columns of the gate-gradient partials."""
+    return triton.cdiv(d_in, gmm_config(d_in, d_out, dtype, block_m).columns_per_program())
 
 
 @torch.library.custom_op("moeut::grouped_matmul", mutates_args=())
@@ -276,7 +292,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     if need_x or need_g:
         gpart = None
         if need_g:
-            gpart = torch.empty(n_pairs, _n_slices(d_in, weight.shape[2], x.dtype, block_m), dtype=torch.float32,
+            gpart = torch.empty(n_pairs, _n_chunks(d_in, weight.shape[2], x.dtype, block_m), dtype=torch.float32,
                                 device=x.device)
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
         _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
