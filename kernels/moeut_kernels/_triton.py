@@ -112,9 +112,9 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     gpart[pair, program's column chunk] = sum over its columns of acc * D[rows] (the gate's gradient for this
     chunk, no atomics). Then optional ReLU, optional per-pair scale (the gate), and a store at the sorted position
     or at the pair id (OUT_BY_PAIR).
-    A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs): the tile's A rows (and
-    mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead of once per slice
-    by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
+    A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs; not with GATE_GRAD): the
+    tile's A rows (and mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead
+    of once per slice by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
     """
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(N, n_per_prog)
@@ -140,8 +140,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     w_base = w_ptr + e.to(tl.int64) * s_we
     n_lo = chunk * n_per_prog
     n_hi = tl.where(valid, tl.minimum(n_lo + n_per_prog, N), n_lo)    # an unused tile runs no slice
-    gacc = tl.zeros([BLOCK_M], dtype=tl.float32)
     if A_RESIDENT:
+        tl.static_assert(not GATE_GRAD)     # measured slower: the D loads per slice crowd the pipeline
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
@@ -151,8 +151,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            gacc += _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
-                              dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
+            _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
+                      dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
     else:
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
@@ -165,10 +165,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-        gacc += _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
-                          dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
-    if GATE_GRAD:
-        tl.store(gpart_ptr + pair * s_gp + chunk, gacc, mask=rmask)
+        g = _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
+                      dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
+        if GATE_GRAD:
+            tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
 
 @triton.jit

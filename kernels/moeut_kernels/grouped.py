@@ -52,20 +52,24 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
 
 
-def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int) -> TileConfig:
-    """Heuristic. Short K (the K = d_e calls writing wide [P, d] outputs): the A tile stays resident while the
-    program walks n_loop 128-wide output slices. Long K: one 128-wide slice per program, 64-deep K steps (32 for
-    fp32 to fit shared memory), 3 stages. The interpreter uses tiny blocks so tests cross every boundary."""
+def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False) -> TileConfig:
+    """Heuristic (H200 sweeps, docs/KERNELS.md). Short K without the fused gate gradient (the K = d_e calls that
+    write wide [P, d] outputs): the A tile stays resident while the program walks up to 8 output slices of 128,
+    balanced over the columns. Otherwise one 128-wide slice per program, 64-deep K steps (32 for fp32 to fit
+    shared memory), 3 stages. The interpreter uses tiny blocks so tests cross every boundary."""
     big = dtype != torch.float32
     if INTERPRET:
-        if triton.next_power_of_2(k) <= 32:
+        if triton.next_power_of_2(k) <= 32 and not gate_grad:
             cfg = TileConfig(16, _pow2_clamp(k, 16, 32), 4, 1, a_resident=True, n_loop=2)
         else:
             cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
-    elif triton.next_power_of_2(k) <= (128 if big else 64):
-        cfg = TileConfig(128 if big else 64, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True, n_loop=4)
+    elif triton.next_power_of_2(k) <= (128 if big else 64) and not gate_grad:
+        block_n = 128 if big else 64
+        slices = triton.cdiv(n, block_n)
+        cfg = TileConfig(block_n, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True,
+                         n_loop=triton.cdiv(slices, triton.cdiv(slices, 8)))
     else:
-        # H200 sweep (docs/KERNELS.md): 8 warps for short K (K = d_e), 4 for long K (K = d)
+        # 8 warps for short K (K = d_e), 4 for long K (K = d)
         warps = 8 if block_m * min(n, 128) >= 16384 and k < 512 else 4
         cfg = TileConfig(_pow2_clamp(n, 16, 128), 64 if big else 32, warps, 3 if big else 2)
     return replace(cfg, **OVERRIDES.get("gmm", {}))
@@ -107,9 +111,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
     else:
         kdim, ndim, s_wk, s_wn = w.shape[1], w.shape[2], w.stride(1), w.stride(2)
-    cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m)
-    if cfg.a_resident and kdim > cfg.block_k:
-        raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k})")
+    cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m, gate_grad=gpart is not None)
+    if cfg.a_resident and (kdim > cfg.block_k or gpart is not None):
+        raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
         return
@@ -231,9 +235,9 @@ def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int) -> torch.T
     return segment_sum(buf, seg, perm=perm)
 
 
-def _n_chunks(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
-    """Column chunks (programs per tile) of the input-gradient launch = columns of the gate-gradient partials."""
-    return triton.cdiv(d_in, gmm_config(d_in, d_out, dtype, block_m).columns_per_program())
+def _n_slices(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
+    """Output slices of the input-gradient launch with the fused gate gradient = columns of its partial buffer."""
+    return triton.cdiv(d_in, gmm_config(d_in, d_out, dtype, block_m, gate_grad=True).block_n)
 
 
 @torch.library.custom_op("moeut::grouped_matmul", mutates_args=())
@@ -292,7 +296,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     if need_x or need_g:
         gpart = None
         if need_g:
-            gpart = torch.empty(n_pairs, _n_chunks(d_in, weight.shape[2], x.dtype, block_m), dtype=torch.float32,
+            gpart = torch.empty(n_pairs, _n_slices(d_in, weight.shape[2], x.dtype, block_m), dtype=torch.float32,
                                 device=x.device)
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
         _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
