@@ -230,6 +230,9 @@ def sweep(shape: dict, rows: list) -> None:
             "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c), resident),
             # what the ReLU mask's loads cost
             "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c), resident[:2]),
+            # the training path: also stores grad_h * mask once for the weight gradient
+            "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c, a_out=out_h),
+                                   []),
         }
         for name, (call, cfgs) in calls.items():
             if block_m != 128:
@@ -238,15 +241,14 @@ def sweep(shape: dict, rows: list) -> None:
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", lambda: call(c), flop=flop1)
         _timed(rows, f"sweep group_sum BM{block_m}", lambda: GM.group_sum(buf, k, gate),
                gbytes=(P * d * 2 + TOKENS * d * 2) / 1e9)
-        _timed(rows, f"sweep relu mask in torch BM{block_m}", lambda: gh * (h > 0))
+        _timed(rows, f"sweep relu mask in torch BM{block_m}", lambda: gh * (h > 0))   # the non-resident fallback
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         for c in (None, TileConfig(128, 256, 8, 3), TileConfig(128, 256, 8, 2), TileConfig(256, 128, 8, 3),
                   TileConfig(256, 128, 8, 2)):
             if c is not None:
                 GM.OVERRIDES["wgrad"] = dict(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps,
                                              num_stages=c.num_stages)
-            for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1, bmask=h)),
-                               ("wgrad_up_nomask", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1)),
+            for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1)),
                                ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2, scale=gate))):
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", call, flop=flop1)
             GM.OVERRIDES.pop("wgrad", None)

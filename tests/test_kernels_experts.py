@@ -232,6 +232,32 @@ def test_weight_grad_row_splits(layout, splits, monkeypatch):
         assert a is None and b is None or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("need", ["x_and_w", "w_only", "x_only"])
+def test_relu_backward_paths(need, resident, monkeypatch):
+    """The up projection's ReLU gradient mask reaches both gradients on every path: applied in the resident
+    input-gradient launch, which stores grad * mask for the weight gradient (x and W), or in one torch pass first
+    (W only, or configs without a resident A tile)."""
+    from moeut_kernels import grouped
+    if not resident:
+        monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"a_resident": False})
+    gen = torch.Generator().manual_seed(14)
+    n_rows, n, k, d, d_e = 45, 7, 3, 40, 24
+    logits = make_logits(n_rows, 1, n, "uneven", gen)
+    x = torch.randn(n_rows, d, generator=gen).to(DEVICE).requires_grad_(need != "w_only")
+    w = (torch.randn(n, d, d_e, generator=gen) / d ** 0.5).to(DEVICE).requires_grad_(need != "x_only")
+    leaves = [t for t in (x, w) if t.requires_grad]
+    routing = TritonBackend().route(logits, k)
+    y = TritonBackend().matmul(x, w, routing, in_group=k, out_group=None, activation="relu")
+    gy = torch.randn(y.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad(y, leaves, gy)
+    y_r = REF.matmul(x, w, reference_routing(logits, routing.expert_index), in_group=k, out_group=None,
+                     activation="relu")
+    assert (y_r == 0).float().mean() > 0.3          # the mask matters
+    for a, b in zip(grads, torch.autograd.grad(y_r, leaves, gy)):
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
 def test_auto_backend_is_reference_without_cuda():
     if not torch.cuda.is_available():
         assert get_backend("auto").name == "reference"

@@ -97,11 +97,12 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr,
+               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, aout_ptr,
                N, K, E, n_per_prog,
-               s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp,
+               s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
+               STORE_A: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -115,6 +116,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs; not with GATE_GRAD): the
     tile's A rows (and mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead
     of once per slice by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
+    STORE_A (A_RESIDENT only): also writes the (masked) A rows to aout at their sorted position, once per tile, so
+    the weight gradient reads grad * mask without loading the mask in each of its programs.
     """
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(N, n_per_prog)
@@ -145,6 +148,9 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
+        if STORE_A:
+            if chunk == 0:
+                tl.store(aout_ptr + pos[:, None] * s_om + ks[None, :] * s_ok, a, mask=rmask[:, None] & kmask[None, :])
         for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
@@ -154,6 +160,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
                       dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
     else:
+        tl.static_assert(not STORE_A)
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -202,10 +209,10 @@ def _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsr
 
 
 @triton.jit
-def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale_ptr, bmask_ptr, aidx_ptr,
+def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale_ptr, aidx_ptr,
                  bidx_ptr, K, N, E,
-                 s_am, s_ak, s_bm, s_bn, s_gs, s_ge, s_gk, s_gn, s_mm, s_mn,
-                 A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, MASK_B: tl.constexpr,
+                 s_am, s_ak, s_bm, s_bn, s_gs, s_ge, s_gk, s_gn,
+                 A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr,
                  SPLITS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """gW[s, e, k-tile, n-tile] = sum over chunk s of e's sorted rows of A^T B, in a fixed order: no atomics,
@@ -217,7 +224,8 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale
     order eorder (the caller passes the most loaded first), so that the longest programs start first instead of
     forming the tail; each program's result does not depend on that order. A rows gathered (pair // A_GROUP,
     or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP, or bidx[pair] when B_GROUP < 0;
-    times the gate when HAS_SCALE) or sorted (times the ReLU mask when MASK_B). Empty chunks write exact zeros.
+    times the gate when HAS_SCALE) or sorted (the ReLU mask is already applied by the caller). Empty chunks write
+    exact zeros.
     """
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -249,10 +257,6 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale
                     other=0.0)
         b = tl.load(b_ptr + b_row[:, None] * s_bm + ns[None, :] * s_bn, mask=rmask[:, None] & nmask[None, :],
                     other=0.0)
-        if MASK_B:
-            m = tl.load(bmask_ptr + pos[:, None] * s_mm + ns[None, :] * s_mn, mask=rmask[:, None] & nmask[None, :],
-                        other=0.0)
-            b = tl.where(m > 0, b, 0.0)
         if HAS_SCALE:
             s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
             b = (b.to(tl.float32) * s[:, None]).to(b.dtype)

@@ -103,9 +103,11 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          out_by_pair: bool, *, relu_out: bool = False, amask: Optional[torch.Tensor] = None,
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
          gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
-         a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None) -> None:
+         a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
+         a_out: Optional[torch.Tensor] = None) -> None:
     """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id)
-    replace a_group / d_group when given."""
+    replace a_group / d_group when given. a_out (resident-A configs only): also receives the masked A rows at their
+    sorted positions."""
     n_experts = w.shape[0]
     if transpose_w:
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
@@ -114,6 +116,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m, gate_grad=gpart is not None)
     if cfg.a_resident and (kdim > cfg.block_k or gpart is not None):
         raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
+    if a_out is not None and not cfg.a_resident:
+        raise ValueError("a_out needs a resident-A config")
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
         return
@@ -130,12 +134,15 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
         a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
+        a_out if a_out is not None else a,
         ndim, kdim, n_experts, cols,
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
         gpart.stride(0) if gpart is not None else 0,
+        a_out.stride(0) if a_out is not None else 0, a_out.stride(1) if a_out is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
-        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident,
+        STORE_A=a_out is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -152,8 +159,8 @@ def _wgrad_splits(n_programs: int, device: torch.device) -> int:
 
 
 def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: RoutingPlan, grad_w: torch.Tensor, *,
-           scale: Optional[torch.Tensor] = None, bmask: Optional[torch.Tensor] = None,
-           a_index: Optional[torch.Tensor] = None, b_index: Optional[torch.Tensor] = None) -> None:
+           scale: Optional[torch.Tensor] = None, a_index: Optional[torch.Tensor] = None,
+           b_index: Optional[torch.Tensor] = None) -> None:
     """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics: with several
     row chunks per expert, fp32 partial sums are added in chunk order). The busiest experts' programs go first
     (their row loops are the longest). a_index / b_index (int64, by pair id) replace a_group / b_group when given."""
@@ -165,14 +172,13 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
     splits = _wgrad_splits(tiles, a.device)
     out = grad_w.unsqueeze(0) if splits == 1 else torch.empty(splits, n_experts, kdim, ndim, dtype=torch.float32,
                                                               device=a.device)
-    bmask_t = bmask if bmask is not None else b
     by_load = torch.argsort(plan.offsets[1:] - plan.offsets[:-1], descending=True)    # busiest experts first
     K.wgrad_kernel[(splits * tiles,)](
-        a, b, out, plan.order, plan.offsets, by_load, scale if scale is not None else plan.order, bmask_t,
+        a, b, out, plan.order, plan.offsets, by_load, scale if scale is not None else plan.order,
         a_index if a_index is not None else plan.order, b_index if b_index is not None else plan.order,
         kdim, ndim, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        *out.stride(), bmask_t.stride(0), bmask_t.stride(1),
-        A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, MASK_B=bmask is not None, SPLITS=splits,
+        *out.stride(),
+        A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, SPLITS=splits,
         FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_wgrad_block_r(a.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -282,7 +288,9 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
                 need_g: bool, in_index: Optional[torch.Tensor] = None,
                 out_offsets: Optional[torch.Tensor] = None) -> GradOut:
     """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved ReLU
-    output (its mask is applied in the loads), None without ReLU."""
+    output, None without ReLU. The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch
+    applies the mask as it loads its A tile and stores the product once (one read of the mask instead of one per
+    weight-gradient program); otherwise one torch pass makes it first."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     ig, og = in_group, out_group
     grad_out = grad_out.to(x.dtype)
@@ -292,7 +300,13 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     summed_out = bool(og) or out_offsets is not None    # output rows are gate-weighted sums of pairs
     out_index = segment_ids(out_offsets, n_pairs) if out_offsets is not None else None   # grad row of each pair
     need_g = need_g and summed_out
-    grad_x = grad_w = grad_gate = x.new_empty(0)
+    grad_x, grad_w, grad_gate = (x.new_empty(0) for _ in range(3))     # distinct: outputs may not alias
+    masked = None     # grad_out * (y > 0) in sorted pair layout, written by the input-gradient launch
+    if y is not None:
+        if need_x and gmm_config(d_in, weight.shape[2], x.dtype, block_m).a_resident:
+            masked = torch.empty(n_pairs, weight.shape[2], dtype=x.dtype, device=x.device) if need_w else None
+        else:
+            grad_out, y = grad_out * (y > 0), None
     if need_x or need_g:
         gpart = None
         if need_g:
@@ -300,7 +314,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
                                 device=x.device)
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
         _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
-             dsrc=x if need_g else None, d_group=ig, gpart=gpart, a_index=out_index, d_index=in_index)
+             dsrc=x if need_g else None, d_group=ig, gpart=gpart, a_index=out_index, d_index=in_index, a_out=masked)
         if need_x:
             if in_index is not None:
                 grad_x = _rows_sum(buf, in_index, x.shape[0])
@@ -310,8 +324,8 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
             grad_gate = gpart.sum(1).to(gate.dtype)
     if need_w:
         grad_w = torch.empty_like(weight)
-        _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if summed_out else None, bmask=y, a_index=in_index,
-               b_index=out_index)
+        _wgrad(x, ig, masked if masked is not None else grad_out, og, plan, grad_w,
+               scale=gate if summed_out else None, a_index=in_index, b_index=out_index)
     return grad_x, grad_w, grad_gate
 
 
