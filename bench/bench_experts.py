@@ -34,7 +34,8 @@ from moeut_kernels.grouped import TileConfig  # noqa: E402
 
 TOKENS = 64 * 1024
 FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
-ATT_244M = dict(d=1024, heads=4, n_experts=10, k=2, d_h=128)
+ATT_SHAPES = {"244M": dict(d=1024, heads=4, n_experts=10, k=2, d_h=128),
+              "1B": dict(d=1536, heads=6, n_experts=12, k=2, d_h=128)}
 DEV = "cuda"
 BF16 = torch.bfloat16
 
@@ -130,8 +131,9 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
 
 # ------------------------------------------------------------------ SwitchHead V/O projections
 
-def bench_att(peak: float, rows: list, check: bool) -> None:
-    s = ATT_244M
+def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
+    """SwitchHead V and O projections with both routers, against the dense model's V and O (d -> d and back:
+    16 x 64 heads at 244M, 24 x 64 at 1B)."""
     d, H, n, k, d_h = s["d"], s["heads"], s["n_experts"], s["k"], s["d_h"]
     g = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g).requires_grad_()
@@ -168,20 +170,19 @@ def bench_att(peak: float, rows: list, check: bool) -> None:
         dx_r, dw_r = torch.autograd.grad(v_r, [xl, wl], gv.float())
         err = rel_errs((v, dx, dw), (v_r, dx_r, dw_r))
         print(f"[check att V] rel err vs fp32 reference: out {err[0]:.2e} dx {err[1]:.2e} dW {err[2]:.2e}")
-        rows.append(dict(what="check att V 244M", err=err))
+        rows.append(dict(what=f"check att V {name}", err=err))
     for label, backend in (("triton", TritonBackend()), ("reference", ReferenceBackend())):
         fwd = ms(lambda: vo(backend))
         t = ms(lambda: step(backend))
-        rows.append(dict(what=f"att V+O 244M {label}", fwd_ms=fwd, fwdbwd_ms=t, tflops=flops / t / 1e9,
+        rows.append(dict(what=f"att V+O {name} {label}", fwd_ms=fwd, fwdbwd_ms=t, tflops=flops / t / 1e9,
                          frac_peak=flops / t / 1e9 / peak, syncs=count_syncs(lambda: step(backend))))
         print(rows[-1], flush=True)
-    # dense-244M's V and O projections (d 1024 -> 16 x 64 and back)
-    Wv = (torch.randn(1024, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
-    Wo = (torch.randn(d, 1024, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
-    a2 = torch.randn(TOKENS, 1024, device=DEV, dtype=BF16, requires_grad=True)
+    Wv = (torch.randn(d, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
+    Wo = (torch.randn(d, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
+    a2 = torch.randn(TOKENS, d, device=DEV, dtype=BF16, requires_grad=True)
     t = ms(lambda: torch.autograd.grad([F.linear(x, Wv), F.linear(a2, Wo)], [x, a2, Wv, Wo], [go, go]))
-    dflops = 2 * 6 * TOKENS * d * 1024
-    rows.append(dict(what="att V+O dense-244M (16x64)", fwdbwd_ms=t, tflops=dflops / t / 1e9,
+    dflops = 2 * 6 * TOKENS * d * d
+    rows.append(dict(what=f"att V+O dense-{name} ({d // 64}x64)", fwdbwd_ms=t, tflops=dflops / t / 1e9,
                      frac_peak=dflops / t / 1e9 / peak))
     print(rows[-1], flush=True)
 
@@ -261,7 +262,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--only", default="ff244,ff1b,att")
+    ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--wgrad-splits", type=int, default=None,
                     help="force the weight gradient's row chunks per expert (default: chosen per shape)")
@@ -283,9 +284,11 @@ def main() -> None:
     if "ff244" in only:
         bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
     if "att" in only:
-        bench_att(peak, rows, check=not args.no_check)
+        bench_att("244M", ATT_SHAPES["244M"], peak, rows, check=not args.no_check)
     if "ff1b" in only:
         bench_ff("1B", FF_SHAPES["1B"], peak, rows, check=False)
+    if "att1b" in only:
+        bench_att("1B", ATT_SHAPES["1B"], peak, rows, check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if args.sweep:

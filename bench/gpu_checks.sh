@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass of GPU checks and benchmarks on a single GPU, each step under its own time limit, logs and JSON under
-# OUT_DIR (tar it to take the results away): the kernel tests compiled for the GPU, the expert-layer table (FF 244M,
-# SwitchHead, FF 1B; MegaBlocks' row when its source archives are given) and the compiled 244M full-step rows.
+# OUT_DIR (tar it to take the results away): the kernel tests compiled for the GPU, the expert-layer table (FF and
+# SwitchHead at 244M and 1B; MegaBlocks' row when its source archives are given) and the compiled 244M full-step rows.
 #
 #   bash bench/gpu_checks.sh OUT_DIR [MEGABLOCKS_SRC_DIR]
 #
@@ -37,6 +37,6 @@ if [ -n "$mb_src" ]; then
   step megablocks_build 300 bash bench/build_megablocks.sh build "$mb_src" /tmp/megablocks_site
   export PYTHONPATH="/tmp/megablocks_site:$PYTHONPATH"
 fi
-TAILN=14 step experts 200 python3 bench/bench_experts.py --only ff244,att,ff1b --json "$out/experts.json"
+TAILN=14 step experts 200 python3 bench/bench_experts.py --only ff244,att,ff1b,att1b --json "$out/experts.json"
 TAILN=6 step step_244m_compiled 300 python3 bench/bench_step.py --sizes 244m --no-eager --budget-s 250 \
   --out "$out/step_244m_compiled"
