@@ -1,11 +1,13 @@
 """Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
 
-    PYTHONPATH=.:kernels python bench/bench_experts.py [--sweep] [--json out.json]
+    PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b] [--sweep] [--sweep-att 244M]
+        [--json out.json]
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
-fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode), and with --sweep the
-per-kernel tile-config sweep used to pick the heuristics in moeut_kernels/grouped.py.
+fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
+per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
+--sweep-att the time of each kernel call of the SwitchHead layer (`--only none` skips the layer tables).
 """
 from __future__ import annotations
 
@@ -258,9 +260,57 @@ def sweep(shape: dict, rows: list) -> None:
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
 
 
+def sweep_att(name: str, s: dict, rows: list) -> None:
+    """Time each kernel call of the SwitchHead V/O layer alone (bf16): where its fwd+bwd time goes, with the
+    weight gradient's row chunks and the O forward's resident-A path as the variants."""
+    d, H, n, k, d_h = s["d"], s["heads"], s["n_experts"], s["k"], s["d_h"]
+    g = torch.Generator(device=DEV).manual_seed(4)
+    x = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
+    a, gv = (torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g) for _ in range(2))
+    gy = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
+    w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16)
+    w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16)
+    tb = TritonBackend()
+    logits = torch.randn(TOKENS, H, n, device=DEV, generator=g)
+    rv, ro = (tb.route(torch.randn(TOKENS, H, n, device=DEV, generator=g), k) for _ in range(2))
+    (pv, gate_v), (po, gate_o) = ((r.plan, r.gate.reshape(-1)) for r in (rv, ro))
+    P, hk = TOKENS * H * k, H * k
+    narrow, wide = torch.empty(P, d_h, device=DEV, dtype=BF16), torch.empty(P, d, device=DEV, dtype=BF16)
+    gpart = torch.empty(P, 16, device=DEV, dtype=torch.float32)
+    flop1 = 2 * P * d * d_h
+    classic = TileConfig(128, 64, 8, 3)
+    calls = [
+        ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
+        ("V fwd group sum", lambda c: GM.group_sum(narrow, k, gate_v), [None]),
+        ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
+        ("O fwd group sum", lambda c: GM.group_sum(wide, hk, gate_o), [None]),
+        ("V dx (+gate grad)", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk,
+                                                  gpart=gpart, cfg=c), [None]),
+        ("V dx group sum", lambda c: GM.group_sum(wide, hk), [None]),
+        ("O dx (+gate grad)", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a, d_group=k,
+                                                  gpart=gpart, cfg=c), [None]),
+        ("O dx group sum", lambda c: GM.group_sum(narrow, k), [None]),
+        ("route", lambda c: tb.route(logits, k), [None]),
+    ]
+    for what, call, cfgs in calls:
+        for c in cfgs:
+            _timed(rows, f"sweep att {name} {what} {c or 'default'}", lambda: call(c), flop=flop1)
+    gw_v, gw_o = torch.empty_like(w_v), torch.empty_like(w_o)
+    for splits in (None, 1, 2, 8):
+        if splits:
+            GM.OVERRIDES["wgrad_splits"] = splits
+        _timed(rows, f"sweep att {name} V wgrad splits {splits or 'default'}",
+               lambda: GM._wgrad(x, hk, gv, k, pv, gw_v, scale=gate_v), flop=flop1)
+        _timed(rows, f"sweep att {name} O wgrad splits {splits or 'default'}",
+               lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o), flop=flop1)
+        GM.OVERRIDES.pop("wgrad_splits", None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="per-call tile sweep of the FF layer (244M shape)")
+    ap.add_argument("--sweep-att", choices=sorted(ATT_SHAPES), default=None,
+                    help="per-call times of the SwitchHead V/O layer at this shape")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
@@ -279,6 +329,9 @@ def main() -> None:
     only = args.only.split(",")
     if args.sweep:
         sweep(FF_SHAPES["244M"], rows)
+    if args.sweep_att:
+        sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
+    if args.sweep or args.sweep_att:
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:
@@ -291,7 +344,7 @@ def main() -> None:
         bench_att("1B", ATT_SHAPES["1B"], peak, rows, check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-    if args.sweep:
+    if args.sweep or args.sweep_att:
         print("\n| sweep call | ms | TFLOP/s |\n|---|---|---|")
         for r in rows:
             if "ms" in r or "error" in r:
