@@ -3,8 +3,10 @@
 The interpreter tests check what the kernels compute; they do not compile them. This test records each distinct
 launch (kernel, argument types, constexprs, warps, stages) of a tiny MoEUT's forward and backward, of the
 explicit-rows path of expert parallelism, and of the weight gradient with and without row chunks, all with the
-configurations chosen for GPUs, then compiles each one with Triton's bundled ptxas for sm_90 (H100/H200) and sm_80
-(A100) and checks its shared memory fits the chip. A kernel edit that only a GPU would reject fails here.
+configurations chosen for GPUs, then compiles each one with Triton's bundled ptxas for sm_90 (H100/H200), sm_80
+(A100) and sm_89 (L40S, RTX 4090: 99 KB of shared memory per block) and checks its shared memory fits the chip.
+The tiny model has the real expert widths (d_e = d_h = 128), so the tile configs and their shared memory are the
+ones real models get. A kernel edit that only a GPU would reject fails here.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ KERNELS = ("gmm_kernel", "wgrad_kernel", "group_sum_kernel", "segment_sum_kernel
            "sigmoid_topk_kernel")
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
                 torch.int32: "i32", torch.int16: "i16"}
-SHARED_MEMORY = {90: 232448, 80: 166912}     # max dynamic shared memory per block (bytes)
+SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376}     # max dynamic shared memory per block (bytes)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,8 +62,8 @@ class _Recorder:
 def _tiny_moeut_step() -> None:
     from moeut_ds.experts.triton_backend import TritonBackend
 
-    # d_model > 128: the long-K calls take the looping-K path, the short-K ones (K = 16) keep A resident
-    model, tokens = tiny_moeut(TritonBackend(block_m=128), d_model=160, n_layers=2, d_head=16, ff_expert_size=16)
+    # d_model > 128: the long-K calls take the looping-K path, the short-K ones (K = 128) keep A resident
+    model, tokens = tiny_moeut(TritonBackend(block_m=128), d_model=160, n_layers=2, d_head=128, ff_expert_size=128)
     out = model.to(torch.bfloat16)(tokens)
     (out.logits.float().square().mean() + out.reg_loss).backward()
 
@@ -133,7 +135,7 @@ print(f"compiled {len(launches)} launches for sm_{arch}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("arch", [90, 80, 89])
 def test_every_launch_compiles_for_the_gpu(launches, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # real JIT functions, not interpreted
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH", "")])
