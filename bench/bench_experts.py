@@ -201,10 +201,11 @@ def _timed(rows: list, what: str, fn, **extra) -> None:
     print(rows[-1], flush=True)
 
 
-def sweep(shape: dict, rows: list) -> None:
+def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
     """Time each kernel call of the FF layer alone for several tile configs (bf16, one FF shape): what picked the
     heuristics in moeut_kernels/grouped.py. 'R' configs keep the A tile resident and loop over n_loop output
-    slices (the short-K calls); the default config is listed first."""
+    slices (the short-K calls); the default config is listed first. defaults_only: just the default configs at
+    BLOCK_M 128 (the per-call breakdown of the layer, ~1 minute)."""
     x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
     k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
     flop1 = 2 * TOKENS * k * d * d_e
@@ -213,7 +214,7 @@ def sweep(shape: dict, rows: list) -> None:
     resident = [TileConfig(128, 128, 8, 3, True, n) for n in (8, 4, 2)] + [
         TileConfig(128, 128, 4, 3, True, 4), TileConfig(128, 128, 8, 2, True, 4), TileConfig(64, 128, 4, 3, True, 8),
         TileConfig(256, 128, 8, 2, True, 2), TileConfig(128, 64, 8, 3)]     # last: one slice per program, K loop
-    for block_m in (128, 256):
+    for block_m in (128,) if defaults_only else (128, 256):
         tb = TritonBackend(block_m=block_m)
         r = tb.route(logits, k)
         plan, gate = r.plan, r.gate.detach().reshape(-1)
@@ -238,9 +239,8 @@ def sweep(shape: dict, rows: list) -> None:
                                    []),
         }
         for name, (call, cfgs) in calls.items():
-            if block_m != 128:
-                cfgs = cfgs[:1]
-            for c in [None] + cfgs:
+            extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]
+            for c in [None] + extra:
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", lambda: call(c), flop=flop1)
         _timed(rows, f"sweep group_sum BM{block_m}", lambda: GM.group_sum(buf, k, gate),
                gbytes=(P * d * 2 + TOKENS * d * 2) / 1e9)
@@ -255,7 +255,7 @@ def sweep(shape: dict, rows: list) -> None:
                                ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2, scale=gate))):
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", call, flop=flop1)
             GM.OVERRIDES.pop("wgrad", None)
-            if block_m != 128:
+            if block_m != 128 or defaults_only:
                 break
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
 
@@ -308,7 +308,8 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="per-call tile sweep of the FF layer (244M shape)")
+    ap.add_argument("--sweep", nargs="?", const="full", choices=["full", "defaults"], default=None,
+                    help="per-call tile sweep of the FF layer (244M shape); 'defaults': only the chosen configs")
     ap.add_argument("--sweep-att", choices=sorted(ATT_SHAPES), default=None,
                     help="per-call times of the SwitchHead V/O layer at this shape")
     ap.add_argument("--no-check", action="store_true")
@@ -328,7 +329,7 @@ def main() -> None:
     print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
     only = args.only.split(",")
     if args.sweep:
-        sweep(FF_SHAPES["244M"], rows)
+        sweep(FF_SHAPES["244M"], rows, defaults_only=args.sweep == "defaults")
     if args.sweep_att:
         sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
     if args.sweep or args.sweep_att:

@@ -2,12 +2,12 @@
 # One pass of GPU checks and benchmarks on a single GPU, each step under its own time limit, logs and JSON under
 # OUT_DIR (tar it to take the results away): the kernel tests compiled for the GPU, the expert-layer table (FF and
 # SwitchHead at 244M and 1B; MegaBlocks' row when its source archives are given), the time of each kernel call of
-# the SwitchHead layer at 244M, and the compiled 244M full-step rows.
+# the FF and SwitchHead layers at 244M with the chosen configs, and the compiled 244M full-step rows.
 #
 #   bash bench/gpu_checks.sh OUT_DIR [MEGABLOCKS_SRC_DIR]
 #
 # Needs torch, triton and pytest importable (on the GPU image: the carried wheels unpacked on PYTHONPATH) and
-# TORCH_CUDA_ARCH_LIST=9.0 where the image sets 9.0a. ~7 minutes on one H200, ~10.5 with the MegaBlocks build
+# TORCH_CUDA_ARCH_LIST=9.0 where the image sets 9.0a. ~8 minutes on one H200, ~11.5 with the MegaBlocks build
 # (3.4 min): give the call room for the archive step after it, or results are lost with a killed call.
 set -u
 [ $# -ge 1 ] || { sed -n '2,11p' "$0" >&2; exit 2; }
@@ -39,6 +39,7 @@ if [ -n "$mb_src" ]; then
   export PYTHONPATH="/tmp/megablocks_site:$PYTHONPATH"
 fi
 TAILN=14 step experts 200 python3 bench/bench_experts.py --only ff244,att,ff1b,att1b --json "$out/experts.json"
-TAILN=30 step sweep_att 150 python3 bench/bench_experts.py --only none --sweep-att 244M --json "$out/sweep_att.json"
+TAILN=45 step sweeps 200 python3 bench/bench_experts.py --only none --sweep defaults --sweep-att 244M \
+  --json "$out/sweeps.json"
 TAILN=6 step step_244m_compiled 300 python3 bench/bench_step.py --sizes 244m --no-eager --budget-s 250 \
   --out "$out/step_244m_compiled"
