@@ -271,30 +271,31 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16)
     w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16)
     tb = TritonBackend()
-    logits = torch.randn(TOKENS, H, n, device=DEV, generator=g)
-    rv, ro = (tb.route(torch.randn(TOKENS, H, n, device=DEV, generator=g), k) for _ in range(2))
+    logits_v, logits_o = (torch.randn(TOKENS, H, n, device=DEV, generator=g) for _ in range(2))
+    rv, ro = tb.route(logits_v, k), tb.route(logits_o, k)
     (pv, gate_v), (po, gate_o) = ((r.plan, r.gate.reshape(-1)) for r in (rv, ro))
     P, hk = TOKENS * H * k, H * k
     narrow, wide = torch.empty(P, d_h, device=DEV, dtype=BF16), torch.empty(P, d, device=DEV, dtype=BF16)
     gpart = torch.empty(P, 16, device=DEV, dtype=torch.float32)
     flop1 = 2 * P * d * d_h
     classic = TileConfig(128, 64, 8, 3)
-    calls = [
+    gemms = [  # (what, call, configs): the grouped matmuls, flop1 each
         ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
-        ("V fwd group sum", lambda c: GM.group_sum(narrow, k, gate_v), [None]),
         ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
-        ("O fwd group sum", lambda c: GM.group_sum(wide, hk, gate_o), [None]),
         ("V dx (+gate grad)", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk,
                                                   gpart=gpart, cfg=c), [None]),
-        ("V dx group sum", lambda c: GM.group_sum(wide, hk), [None]),
         ("O dx (+gate grad)", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a, d_group=k,
                                                   gpart=gpart, cfg=c), [None]),
-        ("O dx group sum", lambda c: GM.group_sum(narrow, k), [None]),
-        ("route", lambda c: tb.route(logits, k), [None]),
     ]
-    for what, call, cfgs in calls:
+    for what, call, cfgs in gemms:
         for c in cfgs:
             _timed(rows, f"sweep att {name} {what} {c or 'default'}", lambda: call(c), flop=flop1)
+    for what, call in (("V fwd group sum", lambda: GM.group_sum(narrow, k, gate_v)),
+                       ("O fwd group sum", lambda: GM.group_sum(wide, hk, gate_o)),
+                       ("V dx group sum", lambda: GM.group_sum(wide, hk)),
+                       ("O dx group sum", lambda: GM.group_sum(narrow, k)),
+                       ("route (one of two)", lambda: tb.route(logits_v, k))):
+        _timed(rows, f"sweep att {name} {what}", call)
     gw_v, gw_o = torch.empty_like(w_v), torch.empty_like(w_o)
     for splits in (None, 1, 2, 8):
         if splits:
@@ -332,9 +333,8 @@ def main() -> None:
         sweep(FF_SHAPES["244M"], rows, defaults_only=args.sweep == "defaults")
     if args.sweep_att:
         sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
-    if args.sweep or args.sweep_att:
-        if args.json:
-            Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    if (args.sweep or args.sweep_att) and args.json:     # keep the sweeps if a layer table below fails
+        Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:
         bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
     if "att" in only:

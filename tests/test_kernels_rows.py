@@ -178,12 +178,11 @@ def test_matmul_in_index_unsorted_and_out_offsets():
             assert rel_err(a, b) < 2e-5, mode
     # the reference itself against a loop, on the CPU (sorted pair input: x row j is pair order[j])
     expert = expert.cpu()
-    order, _ = sort_pairs(expert, n_experts)
+    order, offsets = sort_pairs(expert, n_experts)
     x = torch.randn(n_x, d_in, dtype=torch.float64)
     w = torch.randn(n_experts, d_in, d_out, dtype=torch.float64)
     gate = torch.rand(n_pairs, 1, dtype=torch.float64)
-    routing = Routing(gate=gate, expert_index=expert, n_experts=n_experts, order=order,
-                      offsets=sort_pairs(expert, n_experts)[1])
+    routing = Routing(gate=gate, expert_index=expert, n_experts=n_experts, order=order, offsets=offsets)
     y = REF.matmul(x, w, routing, in_group=None, out_group=None, in_index=in_index, out_offsets=out_offsets)
     want = torch.zeros(13, d_out, dtype=torch.float64)
     seg = torch.repeat_interleave(torch.arange(13), counts)

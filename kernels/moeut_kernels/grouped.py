@@ -241,11 +241,6 @@ def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int) -> torch.T
     return segment_sum(buf, seg, perm=perm)
 
 
-def _n_slices(d_in: int, d_out: int, dtype: torch.dtype, block_m: int) -> int:
-    """Output slices of the input-gradient launch with the fused gate gradient = columns of its partial buffer."""
-    return triton.cdiv(d_in, gmm_config(d_in, d_out, dtype, block_m, gate_grad=True).block_n)
-
-
 @torch.library.custom_op("moeut::grouped_matmul", mutates_args=())
 def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
             offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
@@ -301,20 +296,23 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     out_index = segment_ids(out_offsets, n_pairs) if out_offsets is not None else None   # grad row of each pair
     need_g = need_g and summed_out
     grad_x, grad_w, grad_gate = (x.new_empty(0) for _ in range(3))     # distinct: outputs may not alias
+    cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=need_g)   # of the input-gradient launch
     masked = None     # grad_out * (y > 0) in sorted pair layout, written by the input-gradient launch
     if y is not None:
-        if need_x and gmm_config(d_in, weight.shape[2], x.dtype, block_m).a_resident:
+        if need_x and cfg.a_resident:
             masked = torch.empty(n_pairs, weight.shape[2], dtype=x.dtype, device=x.device) if need_w else None
         else:
             grad_out, y = grad_out * (y > 0), None
     if need_x or need_g:
         gpart = None
         if need_g:
-            gpart = torch.empty(n_pairs, _n_slices(d_in, weight.shape[2], x.dtype, block_m), dtype=torch.float32,
+            # one gate-gradient partial per program's column chunk
+            gpart = torch.empty(n_pairs, triton.cdiv(d_in, cfg.columns_per_program()), dtype=torch.float32,
                                 device=x.device)
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
         _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
-             dsrc=x if need_g else None, d_group=ig, gpart=gpart, a_index=out_index, d_index=in_index, a_out=masked)
+             dsrc=x if need_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
+             a_out=masked)
         if need_x:
             if in_index is not None:
                 grad_x = _rows_sum(buf, in_index, x.shape[0])
