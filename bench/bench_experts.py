@@ -258,6 +258,8 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             if block_m != 128 or defaults_only:
                 break
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
+        key = r.expert_index.reshape(-1).to(torch.int16)
+        _timed(rows, f"route's stable sort alone BM{block_m}", lambda: torch.argsort(key, stable=True))
 
 
 def sweep_att(name: str, s: dict, rows: list) -> None:
@@ -282,8 +284,10 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     gemms = [  # (what, call, configs): the grouped matmuls, flop1 each
         ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
         ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
-        ("V dx (+gate grad)", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk,
-                                                  gpart=gpart, cfg=c), [None]),
+        ("V dx", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, cfg=c), [None]),
+        ("V dx fused gate grad (before keeps_pairs)",
+         lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk, gpart=gpart, cfg=c),
+         [None]),
         ("O dx (+gate grad)", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a, d_group=k,
                                                   gpart=gpart, cfg=c), [None]),
     ]
@@ -294,6 +298,7 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
                        ("O fwd group sum", lambda: GM.group_sum(wide, hk, gate_o)),
                        ("V dx group sum", lambda: GM.group_sum(wide, hk)),
                        ("O dx group sum", lambda: GM.group_sum(narrow, k)),
+                       ("V gate grad from kept pairs", lambda: GM.pair_dot(gv, k, narrow)),
                        ("route (one of two)", lambda: tb.route(logits_v, k))):
         _timed(rows, f"sweep att {name} {what}", call)
     gw_v, gw_o = torch.empty_like(w_v), torch.empty_like(w_o)
@@ -305,6 +310,15 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
         _timed(rows, f"sweep att {name} O wgrad splits {splits or 'default'}",
                lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o), flop=flop1)
         GM.OVERRIDES.pop("wgrad_splits", None)
+    for over in ({"wgrad_block_r": 32}, {"wgrad_block_r": 128}, {"wgrad": dict(num_stages=4)},
+                 {"wgrad": dict(num_warps=8)}, {"wgrad": dict(block_n=64)}):
+        GM.OVERRIDES.update(over)
+        _timed(rows, f"sweep att {name} V wgrad {over}", lambda: GM._wgrad(x, hk, gv, k, pv, gw_v, scale=gate_v),
+               flop=flop1)
+        _timed(rows, f"sweep att {name} O wgrad {over}", lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o),
+               flop=flop1)
+        for key in over:
+            GM.OVERRIDES.pop(key)
 
 
 def main() -> None:

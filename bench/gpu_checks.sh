@@ -39,7 +39,7 @@ if [ -n "$mb_src" ]; then
   export PYTHONPATH="/tmp/megablocks_site:$PYTHONPATH"
 fi
 TAILN=14 step experts 200 python3 bench/bench_experts.py --only ff244,att,ff1b,att1b --json "$out/experts.json"
-TAILN=45 step sweeps 200 python3 bench/bench_experts.py --only none --sweep defaults --sweep-att 244M \
+TAILN=60 step sweeps 200 python3 bench/bench_experts.py --only none --sweep defaults --sweep-att 244M \
   --json "$out/sweeps.json"
 TAILN=6 step step_244m_compiled 300 python3 bench/bench_step.py --sizes 244m --no-eager --budget-s 250 \
   --out "$out/step_244m_compiled"

@@ -38,24 +38,31 @@ def test_opcheck_route_and_plan():
     _check(torch.ops.moeut.plan.default, (counts, int(counts.sum()), BLOCK_M))
 
 
-@pytest.mark.parametrize("layout", ["up_relu", "down"])
+@pytest.mark.parametrize("layout", ["up_relu", "down", "narrow_sum"])
 def test_opcheck_grouped_matmul(layout):
     gate, plan = _plan()
     ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
     n_rows, S = gate.shape
-    if layout == "up_relu":     # gathered token rows -> sorted pairs, ReLU
+    gate_arg = gate.reshape(-1).clone().requires_grad_()
+    if layout == "up_relu":      # gathered token rows -> sorted pairs, ReLU
         x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=True)
         w = torch.randn(plan.n_experts, 24, 20, device=DEVICE, requires_grad=True)
         args = (x, w, None, *ptensors, S, 0, True)
-    else:                       # sorted pairs -> gate-weighted row sums
+    elif layout == "down":       # sorted pairs -> gate-weighted row sums (wider than the input: fused gate grad)
         x = torch.randn(plan.n_pairs, 20, device=DEVICE, requires_grad=True)
         w = torch.randn(plan.n_experts, 20, 24, device=DEVICE, requires_grad=True)
-        args = (x, w, gate.reshape(-1).clone().requires_grad_(), *ptensors, 0, S, False)
+        args = (x, w, gate_arg, *ptensors, 0, S, False)
+    else:                        # gathered rows -> sums narrower than the input (attention V: keeps the pairs)
+        x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=True)
+        w = torch.randn(plan.n_experts, 24, 8, device=DEVICE, requires_grad=True)
+        args = (x, w, gate_arg, *ptensors, S, 3, False)
     _check(torch.ops.moeut.grouped_matmul.default, args)
-    g = torch.randn(n_rows if layout == "down" else plan.n_pairs, 24 if layout == "down" else 20, device=DEVICE)
-    y = torch.ops.moeut.grouped_matmul(*args).detach() if layout == "up_relu" else None
-    bargs = (g, x.detach(), w.detach(), args[2].detach() if args[2] is not None else None, y, *ptensors,
-             args[-3], args[-2], True, True, layout == "down")
+    out, pairs = torch.ops.moeut.grouped_matmul(*args)
+    assert pairs.shape == ((plan.n_pairs, 8) if layout == "narrow_sum" else (0,))
+    g = torch.randn(out.shape, device=DEVICE)
+    y = out.detach() if layout == "up_relu" else None
+    bargs = (g, x.detach(), w.detach(), args[2].detach() if args[2] is not None else None, y,
+             pairs.detach() if pairs.numel() else None, *ptensors, args[-3], args[-2], True, True, layout != "up_relu")
     _check(torch.ops.moeut.grouped_matmul_backward.default, bargs)
 
 

@@ -148,10 +148,11 @@ def test_triton_mlp_rows_deterministic_bitwise():
 
 def test_matmul_in_index_unsorted_and_out_offsets():
     """in_index in any order with repeats (input grad summed through a stable sort) and, in the same call,
-    out_offsets (gate gradient reads x rows through in_index); also in_index alone with ReLU and out_offsets on
+    out_offsets (gate gradient: fused reading x rows through in_index for a wider output, from the kept pairs
+    through the segment of each pair for a narrower one); also in_index alone with ReLU and out_offsets on
     sorted pair input."""
     gen = torch.Generator().manual_seed(5)
-    n_x, n_experts, d_in, d_out, n_pairs = 19, 5, 40, 24, 57
+    n_x, n_experts, n_pairs = 19, 5, 57
     in_index = torch.randint(0, n_x, (n_pairs,), generator=gen)
     in_index[:3] = 4                                 # a row used many times; some rows never used
     counts = torch.randint(0, 4, (13,), generator=gen)
@@ -161,7 +162,7 @@ def test_matmul_in_index_unsorted_and_out_offsets():
     out_offsets[1:] = torch.cumsum(counts, 0)
     expert = torch.randint(0, n_experts, (n_pairs, 1), generator=gen).to(DEVICE)
     tb = TritonBackend()
-    for mode in ("in_out", "in_relu", "out"):
+    for mode, d_in, d_out in [(m, *d) for m in ("in_out", "in_relu", "out") for d in ((40, 24), (24, 40))]:
         x_rows = n_pairs if mode == "out" else n_x
         x = torch.randn(x_rows, d_in, generator=gen).to(DEVICE).requires_grad_()
         w = (torch.randn(n_experts, d_in, d_out, generator=gen) / d_in ** 0.5).to(DEVICE).requires_grad_()
@@ -179,9 +180,10 @@ def test_matmul_in_index_unsorted_and_out_offsets():
     # the reference itself against a loop, on the CPU (sorted pair input: x row j is pair order[j])
     expert = expert.cpu()
     order, offsets = sort_pairs(expert, n_experts)
-    x = torch.randn(n_x, d_in, dtype=torch.float64)
-    w = torch.randn(n_experts, d_in, d_out, dtype=torch.float64)
+    x = torch.randn(n_x, 40, dtype=torch.float64)
+    w = torch.randn(n_experts, 40, 24, dtype=torch.float64)
     gate = torch.rand(n_pairs, 1, dtype=torch.float64)
+    d_in, d_out = x.shape[1], w.shape[2]
     routing = Routing(gate=gate, expert_index=expert, n_experts=n_experts, order=order, offsets=offsets)
     y = REF.matmul(x, w, routing, in_group=None, out_group=None, in_index=in_index, out_offsets=out_offsets)
     want = torch.zeros(13, d_out, dtype=torch.float64)

@@ -267,6 +267,24 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale
 
 
 @triton.jit
+def pair_dot_kernel(a_ptr, b_ptr, out_ptr, aidx_ptr, n_pairs, N, s_am, s_an, s_bm, s_bn,
+                    A_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[p] = sum_n A[row(p), n] * B[p, n] in fp32, row(p) = p // A_GROUP or aidx[p] (A_GROUP < 0), in a fixed
+    order: the gate's gradient <grad of the summed output row, the pair's saved pre-gate product>."""
+    pair = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = pair < n_pairs
+    a_row = _source_rows(pair, pair, aidx_ptr, rmask, A_GROUP)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        m = rmask[:, None] & (cols[None, :] < N)
+        a = tl.load(a_ptr + a_row[:, None] * s_am + cols[None, :] * s_an, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + pair[:, None] * s_bm + cols[None, :] * s_bn, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=1)
+    tl.store(out_ptr + pair, acc, mask=rmask)
+
+
+@triton.jit
 def group_sum_kernel(buf_ptr, out_ptr, scale_ptr, n_out, N, s_bm, s_bn, s_om, s_on,
                      GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[r] = sum_j scale[r*GROUP+j] * buf[r*GROUP+j] in fixed j order, fp32 accumulation (deterministic).

@@ -226,6 +226,30 @@ def segment_sum(buf: torch.Tensor, seg_offsets: torch.Tensor, scale: Optional[to
     return out
 
 
+def pair_dot(a: torch.Tensor, a_group: int, pairs: torch.Tensor, a_index: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+    """[P] fp32: <a[row(p)], pairs[p]> with row(p) = p // a_group, or a_index[p] when given (int64)."""
+    n_pairs, d = pairs.shape
+    out = torch.empty(n_pairs, dtype=torch.float32, device=pairs.device)
+    if n_pairs == 0:
+        return out
+    block_r, block_n = (64, _pow2_clamp(d, 16, 64)) if INTERPRET else (64, _pow2_clamp(d, 16, 128))
+    K.pair_dot_kernel[(triton.cdiv(n_pairs, block_r),)](
+        a, pairs, out, a_index if a_index is not None else pairs, n_pairs, d, a.stride(0), a.stride(1),
+        pairs.stride(0), pairs.stride(1), A_GROUP=-1 if a_index is not None else a_group, BLOCK_R=block_r,
+        BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def keeps_pairs(d_in: int, d_out: int) -> bool:
+    """Whether a summed output keeps its pre-gate per-pair products [P, d_out] for backward. For outputs narrower
+    than their input (attention V: d_h from d) that is cheap, and the gate's gradient becomes one pass over them
+    (pair_dot) instead of <x_p, grad W^T> fused over d_in columns into the input-gradient launch, which then takes
+    the resident-A path (K = d_out short). Wider outputs (FF down, attention O) fuse: keeping [P, d] per
+    application would cost more memory than the fused dot costs time."""
+    return d_out < d_in
+
+
 def segment_ids(seg_offsets: torch.Tensor, n_pairs: int) -> torch.Tensor:
     """[P] int64: the segment (output row) of each pair id, from CSR offsets; empty segments are skipped. No sync."""
     pairs = torch.arange(n_pairs, device=seg_offsets.device, dtype=torch.int64)
@@ -245,32 +269,37 @@ def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int) -> torch.T
 def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
             offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
             out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
-            out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Forward: [P, d_out] in sorted pair layout (out_group 0, no out_offsets), [P // out_group, d_out] or
-    [len(out_offsets) - 1, d_out] gate-weighted row sums. in_group / out_group 0 mean None (sorted pair layout);
-    in_index / out_offsets (int64) take precedence over them."""
+            out_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (output, pairs). Output: [P, d_out] in sorted pair layout (out_group 0, no out_offsets),
+    [P // out_group, d_out] or [len(out_offsets) - 1, d_out] gate-weighted row sums. in_group / out_group 0 mean
+    None (sorted pair layout); in_index / out_offsets (int64) take precedence over them. pairs: the pre-gate
+    per-pair products by pair id where keeps_pairs says so (saved for the gate's gradient), else empty."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     n_pairs, d_out = order.numel(), weight.shape[2]
     if out_group or out_offsets is not None:
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
         _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu, a_index=in_index)
         if out_offsets is not None:
-            return segment_sum(buf, out_offsets, gate.contiguous())
-        return group_sum(buf, out_group, gate.contiguous())
+            out = segment_sum(buf, out_offsets, gate.contiguous())
+        else:
+            out = group_sum(buf, out_group, gate.contiguous())
+        return out, buf if keeps_pairs(weight.shape[1], d_out) else buf.new_empty(0)
     out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
     _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, a_index=in_index)
-    return out
+    return out, out.new_empty(0)
 
 
 @_gmm_op.register_fake
 def _gmm_fake(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
               offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
               out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
-              out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    n_pairs = order.shape[0]
+              out_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n_pairs, d_in, d_out = order.shape[0], weight.shape[1], weight.shape[2]
+    summed = bool(out_group) or out_offsets is not None
+    pairs = x.new_empty(n_pairs, d_out) if summed and keeps_pairs(d_in, d_out) else x.new_empty(0)
     if out_offsets is not None:
-        return x.new_empty(out_offsets.shape[0] - 1, weight.shape[2])
-    return x.new_empty(n_pairs // out_group if out_group else n_pairs, weight.shape[2])
+        return x.new_empty(out_offsets.shape[0] - 1, d_out), pairs
+    return x.new_empty(n_pairs // out_group if out_group else n_pairs, d_out), pairs
 
 
 GradOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -278,12 +307,13 @@ GradOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @torch.library.custom_op("moeut::grouped_matmul_backward", mutates_args=())
 def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
-                y: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
+                y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
                 tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
                 need_g: bool, in_index: Optional[torch.Tensor] = None,
                 out_offsets: Optional[torch.Tensor] = None) -> GradOut:
     """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved ReLU
-    output, None without ReLU. The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch
+    output, None without ReLU. pairs: the forward's pre-gate per-pair products (keeps_pairs), None otherwise; with
+    them the gate's gradient is one pair_dot pass instead of a partial sum fused into the input-gradient launch. The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch
     applies the mask as it loads its A tile and stores the product once (one read of the mask instead of one per
     weight-gradient program); otherwise one torch pass makes it first."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
@@ -296,6 +326,9 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     out_index = segment_ids(out_offsets, n_pairs) if out_offsets is not None else None   # grad row of each pair
     need_g = need_g and summed_out
     grad_x, grad_w, grad_gate = (x.new_empty(0) for _ in range(3))     # distinct: outputs may not alias
+    if need_g and pairs is not None:
+        grad_gate = pair_dot(grad_out, og, pairs, a_index=out_index).to(gate.dtype)
+        need_g = False                                                   # done: the launch below needs no D
     cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=need_g)   # of the input-gradient launch
     masked = None     # grad_out * (y > 0) in sorted pair layout, written by the input-gradient launch
     if y is not None:
@@ -329,7 +362,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
 
 @_gmm_bwd_op.register_fake
 def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
-                  y: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
+                  y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
                   tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
                   need_g: bool, in_index: Optional[torch.Tensor] = None,
                   out_offsets: Optional[torch.Tensor] = None) -> GradOut:
@@ -340,21 +373,24 @@ def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return grad_x, grad_w, grad_gate
 
 
-def _gmm_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
     (x, weight, gate, order, offsets, tile_expert, tile_start, block_m, in_group, out_group, relu, in_index,
      out_offsets) = inputs
-    ctx.save_for_backward(x, weight, gate, output if relu else None, order, offsets, tile_expert, tile_start,
-                          in_index, out_offsets)
+    out, pairs = output
+    ctx.mark_non_differentiable(pairs)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, gate, out if relu else None, pairs if pairs.numel() else None, order, offsets,
+                          tile_expert, tile_start, in_index, out_offsets)
     ctx.ints = (block_m, in_group, out_group)
 
 
-def _gmm_backward(ctx, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-    x, weight, gate, y, order, offsets, tile_expert, tile_start, in_index, out_offsets = ctx.saved_tensors
+def _gmm_backward(ctx, grad_out: Optional[torch.Tensor], grad_pairs: None) -> tuple[Optional[torch.Tensor], ...]:
+    x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, in_index, out_offsets = ctx.saved_tensors
     block_m, ig, og = ctx.ints
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_g = (bool(og) or out_offsets is not None) and gate is not None and ctx.needs_input_grad[2]
     grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
-        grad_out, x, weight, gate, y, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w, need_g,
+        grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w, need_g,
         in_index, out_offsets)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
             None, None, None, None, None, None, None, None, None, None)
@@ -405,6 +441,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
     gate_flat = gate.reshape(-1) if summed else None
     if gate_flat is not None and gate_flat.stride(0) != 1:
         gate_flat = gate_flat.contiguous()
-    return torch.ops.moeut.grouped_matmul(x, weight, gate_flat, plan.order, plan.offsets, plan.tile_expert,
-                                          plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu,
-                                          in_index, out_offsets)
+    out, _ = torch.ops.moeut.grouped_matmul(x, weight, gate_flat, plan.order, plan.offsets, plan.tile_expert,
+                                            plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu,
+                                            in_index, out_offsets)
+    return out
