@@ -321,12 +321,44 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
             GM.OVERRIDES.pop(key)
 
 
+def sweep_route(rows: list) -> None:
+    """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route, the fused
+    sigmoid/top-k/histogram kernel at several row blocks and warp counts, torch.topk for comparison, the stable
+    sort and the plan kernel."""
+    from moeut_kernels import _triton as K
+    g = torch.Generator(device=DEV).manual_seed(5)
+    for name, groups, n, k in (("FF 244M", 1, FF_SHAPES["244M"]["n_experts"], FF_SHAPES["244M"]["k"]),
+                               ("att 244M", ATT_SHAPES["244M"]["heads"], ATT_SHAPES["244M"]["n_experts"],
+                                ATT_SHAPES["244M"]["k"])):
+        logits = torch.randn(TOKENS, groups, n, device=DEV, generator=g)
+        tb = TritonBackend()
+        _timed(rows, f"route {name}: whole", lambda: tb.route(logits, k))
+        S, E = groups * k, groups * n
+        gate = torch.empty(TOKENS, S, device=DEV)
+        index = torch.empty(TOKENS, S, device=DEV, dtype=torch.int64)
+        key = torch.empty(TOKENS, S, device=DEV, dtype=torch.int16)
+        counts = torch.zeros(E, device=DEV, dtype=torch.int32)
+        block_n = triton.next_power_of_2(n)
+        for block_r in sorted({max(1, 4096 // block_n), max(1, 1024 // block_n), max(2, 16384 // block_n)}):
+            for warps in (4, 8):
+                grid = (triton.cdiv(TOKENS, block_r), groups)
+                _timed(rows, f"route {name}: top-k kernel rows {block_r} warps {warps}",
+                       lambda: K.sigmoid_topk_kernel[grid](logits, gate, index, key, counts, TOKENS, n,
+                                                           logits.stride(0), logits.stride(1), K=k, BLOCK_R=block_r,
+                                                           BLOCK_N=block_n, num_warps=warps))
+        _timed(rows, f"route {name}: torch.topk of the sigmoid", lambda: torch.sigmoid(logits).topk(k, dim=-1))
+        flat = key.reshape(-1)
+        _timed(rows, f"route {name}: stable sort", lambda: torch.argsort(flat, stable=True))
+        _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(counts, flat.numel(), 128))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", nargs="?", const="full", choices=["full", "defaults"], default=None,
                     help="per-call tile sweep of the FF layer (244M shape); 'defaults': only the chosen configs")
     ap.add_argument("--sweep-att", choices=sorted(ATT_SHAPES), default=None,
                     help="per-call times of the SwitchHead V/O layer at this shape")
+    ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
@@ -347,7 +379,9 @@ def main() -> None:
         sweep(FF_SHAPES["244M"], rows, defaults_only=args.sweep == "defaults")
     if args.sweep_att:
         sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
-    if (args.sweep or args.sweep_att) and args.json:     # keep the sweeps if a layer table below fails
+    if args.sweep_route:
+        sweep_route(rows)
+    if (args.sweep or args.sweep_att or args.sweep_route) and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:
         bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
@@ -359,7 +393,7 @@ def main() -> None:
         bench_att("1B", ATT_SHAPES["1B"], peak, rows, check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-    if args.sweep or args.sweep_att:
+    if args.sweep or args.sweep_att or args.sweep_route:
         print("\n| sweep call | ms | TFLOP/s |\n|---|---|---|")
         for r in rows:
             if "ms" in r or "error" in r:

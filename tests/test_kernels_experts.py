@@ -80,6 +80,24 @@ def test_route_matches_reference(n_rows, n_groups, n, k, bias, block_m):
     assert used == sorted(used, reverse=True)
 
 
+def test_route_ties_signs_and_infinities():
+    """Lowest index wins ties; negative, zero, -0.0 and -inf logits keep their order (the kernel compares packed
+    integer bits); rows that are all -inf (full expert dropout) still pick k experts, the lowest ids."""
+    logits = torch.tensor([[0.5, -1.0, 0.5, -0.0, 0.0, -1.0, 3.0, 0.5],
+                           [-2.0, -0.0, -1e-30, 0.0, float("-inf"), -1e30, -0.5, -7.0],
+                           [float("-inf")] * 8,
+                           [1.0] * 8]).view(4, 1, 8)
+    logits = torch.cat([logits, logits.flip(-1)], 1).to(DEVICE)        # a second group, other positions
+    gate, expert_index, _ = sigmoid_topk_route(logits, 3, 16)
+    for r in range(4):
+        for grp in range(2):
+            v = logits[r, grp].tolist()
+            want = sorted(range(8), key=lambda i: (-v[i], i))[:3]     # by value, then lowest index
+            got = (expert_index[r, grp * 3:grp * 3 + 3] - grp * 8).tolist()
+            assert got == want, (r, grp, got, want)
+            torch.testing.assert_close(gate[r, grp * 3:grp * 3 + 3].cpu(), torch.sigmoid(torch.tensor(v)[want]))
+
+
 def test_route_backward_matches_reference():
     logits = make_logits(41, 2, 9, "uneven").requires_grad_()
     gate, expert_index, _ = sigmoid_topk_route(logits, 3, 16)

@@ -13,10 +13,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _flip_sign_magnitude(b):
+    """int32 bits of an fp32 <-> an int32 with the same order as the float (an involution: also the inverse)."""
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_rows, n, stride_row, stride_group,
                         K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program = BLOCK_R rows of one group: top-K by logit (= by sigmoid, monotonic), lowest index on ties.
 
+    Each logit and its column are packed into one int64 (order-preserving bits of the value high, BLOCK_N-1-column
+    low), so one max-reduction per pick finds the largest value and, among equal values, the lowest column.
     Writes gate, global expert id (int64) and a narrow sort key per pair, and counts pairs per expert with integer
     atomics (exact, hence deterministic).
     """
@@ -29,20 +37,23 @@ def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_
     cmask = cols < n
     ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + g * stride_group + cols[None, :]
     vals = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
-    free = cmask[None, :] & (rows[:, None] >= 0)  # [BLOCK_R, BLOCK_N] not yet taken
+    vals = tl.where(vals == 0.0, 0.0, vals)                           # -0.0 ties with 0.0, as in the float order
+    ordered = _flip_sign_magnitude(vals.to(tl.int32, bitcast=True)).to(tl.int64)
+    packed = (ordered << 32) | (BLOCK_N - 1 - cols)[None, :].to(tl.int64)
+    taken = tl.full([BLOCK_R, BLOCK_N], -1, tl.int64) << 63        # below every packed logit
+    packed = tl.where(cmask[None, :], packed, taken)                 # padding columns are never picked
     S = n_groups * K
     for j in tl.static_range(K):
-        cand = tl.where(free, vals, float("-inf"))
-        best = tl.max(cand, axis=1)
-        # lowest free column reaching the max (also right when a row holds -inf logits)
-        idx = tl.min(tl.where(free & (cand == best[:, None]), cols[None, :], BLOCK_N), axis=1)
+        best = tl.max(packed, axis=1)
+        idx = BLOCK_N - 1 - (best & 0xFFFFFFFF).to(tl.int32)
+        value = _flip_sign_magnitude((best >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
         expert = g * n + idx
         out = rows.to(tl.int64) * S + g * K + j
-        tl.store(gate_ptr + out, tl.sigmoid(best).to(gate_ptr.dtype.element_ty), mask=rmask)
+        tl.store(gate_ptr + out, tl.sigmoid(value).to(gate_ptr.dtype.element_ty), mask=rmask)
         tl.store(index_ptr + out, expert.to(tl.int64), mask=rmask)
         tl.store(key_ptr + out, expert.to(key_ptr.dtype.element_ty), mask=rmask)
         tl.atomic_add(counts_ptr + expert, tl.full([BLOCK_R], 1, tl.int32), mask=rmask)
-        free = free & (cols[None, :] != idx[:, None])
+        packed = tl.where(cols[None, :] == idx[:, None], taken, packed)
 
 
 @triton.jit
