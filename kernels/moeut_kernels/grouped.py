@@ -9,7 +9,8 @@ For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
   input row of each pair (read in the kernel's loads instead of p // in_group), out_offsets [R+1] gives CSR
   segments of contiguous pair ids summed into each output row (instead of fixed groups of out_group).
 Backward: the input gradient reuses the forward kernel on W^T (gathering grad rows, gate in the epilogue, the
-gate's gradient as <x_p, g_row W^T> per output slice, again without atomics; with in_index the per-pair
+gate's gradient as <x_p, g_row W^T> per output slice, again without atomics, or, for outputs narrower than their
+input, as <g_row, y_p> from the per-pair products the forward kept (keeps_pairs); with in_index the per-pair
 input gradients are summed per input row through a stable sort of in_index, in a fixed order); the weight
 gradient is one program per (expert, tile of W) looping over the expert's rows in a fixed order: bitwise
 repeatable.
