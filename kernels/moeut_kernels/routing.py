@@ -114,7 +114,7 @@ def _route_op(logits: torch.Tensor, k: int, block_m: int) -> RouteOut:
     key = torch.empty(n_rows, S, dtype=torch.int16 if n_experts < 2 ** 15 else torch.int32, device=device)
     counts = torch.zeros(n_experts, dtype=torch.int32, device=device)
     block_n = triton.next_power_of_2(n)
-    block_r = max(1, (16384 if INTERPRET else 4096) // block_n)
+    block_r = max(1, (16384 if INTERPRET else 1024) // block_n)     # H200: 2 rows of 512 0.63 ms, 8 rows 0.70
     if n_rows:
         K.sigmoid_topk_kernel[(triton.cdiv(n_rows, block_r), n_groups)](
             logits, gate, expert_index, key, counts, n_rows, n, logits.stride(0), logits.stride(1),
