@@ -257,6 +257,15 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             GM.OVERRIDES.pop("wgrad", None)
             if block_m != 128 or defaults_only:
                 break
+        # what the gathers (and the gate scale) cost the weight gradients: the same sums on operands gathered
+        # (and scaled) beforehand into the sorted layout
+        x_sorted = xd[plan.order // k]
+        gy_sorted = gy[plan.order // k] * gate[plan.order].unsqueeze(1).to(BF16)
+        _timed(rows, f"sweep wgrad_up on pre-gathered x BM{block_m}", lambda: GM._wgrad(x_sorted, 0, gh, 0, plan, gw1),
+               flop=flop1)
+        _timed(rows, f"sweep wgrad_down on pre-gathered, pre-scaled grad BM{block_m}",
+               lambda: GM._wgrad(h, 0, gy_sorted, 0, plan, gw2), flop=flop1)
+        del x_sorted, gy_sorted
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
         key = r.expert_index.reshape(-1).to(torch.int16)
         _timed(rows, f"route's stable sort alone BM{block_m}", lambda: torch.argsort(key, stable=True))
@@ -310,6 +319,11 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
         _timed(rows, f"sweep att {name} O wgrad splits {splits or 'default'}",
                lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o), flop=flop1)
         GM.OVERRIDES.pop("wgrad_splits", None)
+    x_sorted = x[pv.order // hk]
+    gv_sorted = gv[pv.order // k] * gate_v[pv.order].unsqueeze(1).to(BF16)
+    _timed(rows, f"sweep att {name} V wgrad on pre-gathered, pre-scaled operands",
+           lambda: GM._wgrad(x_sorted, 0, gv_sorted, 0, pv, gw_v), flop=flop1)
+    del x_sorted, gv_sorted
     for over in ({"wgrad_block_r": 32}, {"wgrad_block_r": 128}, {"wgrad": dict(num_stages=4)},
                  {"wgrad": dict(num_warps=8)}, {"wgrad": dict(block_n=64)}):
         GM.OVERRIDES.update(over)
