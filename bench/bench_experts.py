@@ -395,7 +395,8 @@ def main() -> None:
         sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
     if args.sweep_route:
         sweep_route(rows)
-    if (args.sweep or args.sweep_att or args.sweep_route) and args.json:     # keep the sweeps if a layer table below fails
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route)
+    if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:
         bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
@@ -407,7 +408,7 @@ def main() -> None:
         bench_att("1B", ATT_SHAPES["1B"], peak, rows, check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-    if args.sweep or args.sweep_att or args.sweep_route:
+    if sweeping:
         print("\n| sweep call | ms | TFLOP/s |\n|---|---|---|")
         for r in rows:
             if "ms" in r or "error" in r:

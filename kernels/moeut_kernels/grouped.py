@@ -308,15 +308,16 @@ GradOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @torch.library.custom_op("moeut::grouped_matmul_backward", mutates_args=())
 def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
-                y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
-                tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
-                need_g: bool, in_index: Optional[torch.Tensor] = None,
+                y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor,
+                tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int,
+                need_x: bool, need_w: bool, need_g: bool, in_index: Optional[torch.Tensor] = None,
                 out_offsets: Optional[torch.Tensor] = None) -> GradOut:
     """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved ReLU
     output, None without ReLU. pairs: the forward's pre-gate per-pair products (keeps_pairs), None otherwise; with
-    them the gate's gradient is one pair_dot pass instead of a partial sum fused into the input-gradient launch. The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch
-    applies the mask as it loads its A tile and stores the product once (one read of the mask instead of one per
-    weight-gradient program); otherwise one torch pass makes it first."""
+    them the gate's gradient is one pair_dot pass instead of a partial sum fused into the input-gradient launch.
+    The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch applies the mask as it loads
+    its A tile and stores the product once (one read of the mask instead of one per weight-gradient program);
+    otherwise one torch pass makes it first."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     ig, og = in_group, out_group
     grad_out = grad_out.to(x.dtype)
@@ -363,10 +364,10 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
 
 @_gmm_bwd_op.register_fake
 def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
-                  y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor, tile_expert: torch.Tensor,
-                  tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int, need_x: bool, need_w: bool,
-                  need_g: bool, in_index: Optional[torch.Tensor] = None,
-                  out_offsets: Optional[torch.Tensor] = None) -> GradOut:
+                  y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor,
+                  offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int,
+                  in_group: int, out_group: int, need_x: bool, need_w: bool, need_g: bool,
+                  in_index: Optional[torch.Tensor] = None, out_offsets: Optional[torch.Tensor] = None) -> GradOut:
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_w else x.new_empty(0)
     summed_out = bool(out_group) or out_offsets is not None
@@ -380,7 +381,8 @@ def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) ->
     out, pairs = output
     ctx.mark_non_differentiable(pairs)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, gate, out if relu else None, pairs if pairs.numel() else None, order, offsets,
+    kept = (bool(out_group) or out_offsets is not None) and keeps_pairs(weight.shape[1], weight.shape[2])
+    ctx.save_for_backward(x, weight, gate, out if relu else None, pairs if kept else None, order, offsets,
                           tile_expert, tile_start, in_index, out_offsets)
     ctx.ints = (block_m, in_group, out_group)
 
@@ -391,8 +393,8 @@ def _gmm_backward(ctx, grad_out: Optional[torch.Tensor], grad_pairs: None) -> tu
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_g = (bool(og) or out_offsets is not None) and gate is not None and ctx.needs_input_grad[2]
     grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
-        grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w, need_g,
-        in_index, out_offsets)
+        grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w,
+        need_g, in_index, out_offsets)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
             None, None, None, None, None, None, None, None, None, None)
 
