@@ -102,9 +102,11 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, ep: int = 1) -> dict[str,
         # expert inputs: the token once (ep = 1: the kernel gathers rows by pair) or, with ep > 1, the received copies
         # of it: one per destination rank (<= min(K, ep); the kernels read the received rows through a pair -> row
         # index, so nothing of size K x d is kept); plus the ReLU output of every pair (bf16, K x d_e)
-"ff_experts": BF16 * d * min(k, ep) + BF16 * k * de,
+        "ff_experts": BF16 * d * min(k, ep) + BF16 * k * de,
         "routing_metadata": PAIR_METADATA * (k + 2 * h * cfg.att_k),
     }
+    if dh < d:   # V's pre-gate products of its H K_A pairs, kept for the gate gradient (moeut_kernels keeps_pairs)
+        parts["attention_v_pairs"] = BF16 * h * cfg.att_k * dh
     return parts
 
 
