@@ -311,28 +311,21 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
                        ("route (one of two)", lambda: tb.route(logits_v, k))):
         _timed(rows, f"sweep att {name} {what}", call)
     gw_v, gw_o = torch.empty_like(w_v), torch.empty_like(w_o)
-    for splits in (None, 1, 2, 8):
-        if splits:
-            GM.OVERRIDES["wgrad_splits"] = splits
-        _timed(rows, f"sweep att {name} V wgrad splits {splits or 'default'}",
-               lambda: GM._wgrad(x, hk, gv, k, pv, gw_v, scale=gate_v), flop=flop1)
-        _timed(rows, f"sweep att {name} O wgrad splits {splits or 'default'}",
-               lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o), flop=flop1)
-        GM.OVERRIDES.pop("wgrad_splits", None)
+    wgrads = (("V", lambda: GM._wgrad(x, hk, gv, k, pv, gw_v, scale=gate_v)),
+              ("O", lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o)))
+    for over in ({}, {"wgrad_splits": 1}, {"wgrad_splits": 2}, {"wgrad_splits": 8}, {"wgrad_block_r": 32},
+                 {"wgrad_block_r": 128}, {"wgrad": dict(num_stages=4)}, {"wgrad": dict(num_warps=8)},
+                 {"wgrad": dict(block_n=64)}):
+        GM.OVERRIDES.update(over)
+        for proj, call in wgrads:
+            _timed(rows, f"sweep att {name} {proj} wgrad {over or 'default'}", call, flop=flop1)
+        for key in over:
+            GM.OVERRIDES.pop(key)
+    # what the gathers and the gate scale cost: the same sum on operands gathered and scaled beforehand
     x_sorted = x[pv.order // hk]
     gv_sorted = gv[pv.order // k] * gate_v[pv.order].unsqueeze(1).to(BF16)
     _timed(rows, f"sweep att {name} V wgrad on pre-gathered, pre-scaled operands",
            lambda: GM._wgrad(x_sorted, 0, gv_sorted, 0, pv, gw_v), flop=flop1)
-    del x_sorted, gv_sorted
-    for over in ({"wgrad_block_r": 32}, {"wgrad_block_r": 128}, {"wgrad": dict(num_stages=4)},
-                 {"wgrad": dict(num_warps=8)}, {"wgrad": dict(block_n=64)}):
-        GM.OVERRIDES.update(over)
-        _timed(rows, f"sweep att {name} V wgrad {over}", lambda: GM._wgrad(x, hk, gv, k, pv, gw_v, scale=gate_v),
-               flop=flop1)
-        _timed(rows, f"sweep att {name} O wgrad {over}", lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o),
-               flop=flop1)
-        for key in over:
-            GM.OVERRIDES.pop(key)
 
 
 def sweep_route(rows: list) -> None:

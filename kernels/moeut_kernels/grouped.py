@@ -234,7 +234,7 @@ def pair_dot(a: torch.Tensor, a_group: int, pairs: torch.Tensor, a_index: Option
     out = torch.empty(n_pairs, dtype=torch.float32, device=pairs.device)
     if n_pairs == 0:
         return out
-    block_r, block_n = (64, _pow2_clamp(d, 16, 64)) if INTERPRET else (64, _pow2_clamp(d, 16, 128))
+    block_r, block_n = 64, _pow2_clamp(d, 16, 64 if INTERPRET else 128)
     K.pair_dot_kernel[(triton.cdiv(n_pairs, block_r),)](
         a, pairs, out, a_index if a_index is not None else pairs, n_pairs, d, a.stride(0), a.stride(1),
         pairs.stride(0), pairs.stride(1), A_GROUP=-1 if a_index is not None else a_group, BLOCK_R=block_r,
@@ -249,6 +249,16 @@ def keeps_pairs(d_in: int, d_out: int) -> bool:
     the resident-A path (K = d_out short). Wider outputs (FF down, attention O) fuse: keeping [P, d] per
     application would cost more memory than the fused dot costs time."""
     return d_out < d_in
+
+
+def _summed(out_group: int, out_offsets: Optional[torch.Tensor]) -> bool:
+    """Whether the op's output rows are gate-weighted sums of pairs (out_group 0 means None)."""
+    return bool(out_group) or out_offsets is not None
+
+
+def _kept(weight: torch.Tensor, out_group: int, out_offsets: Optional[torch.Tensor]) -> bool:
+    """Whether the forward op returns (and autograd saves) the per-pair products: summed and keeps_pairs."""
+    return _summed(out_group, out_offsets) and keeps_pairs(weight.shape[1], weight.shape[2])
 
 
 def segment_ids(seg_offsets: torch.Tensor, n_pairs: int) -> torch.Tensor:
@@ -277,14 +287,14 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
     per-pair products by pair id where keeps_pairs says so (saved for the gate's gradient), else empty."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     n_pairs, d_out = order.numel(), weight.shape[2]
-    if out_group or out_offsets is not None:
+    if _summed(out_group, out_offsets):
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
         _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu, a_index=in_index)
         if out_offsets is not None:
             out = segment_sum(buf, out_offsets, gate.contiguous())
         else:
             out = group_sum(buf, out_group, gate.contiguous())
-        return out, buf if keeps_pairs(weight.shape[1], d_out) else buf.new_empty(0)
+        return out, buf if _kept(weight, out_group, out_offsets) else buf.new_empty(0)
     out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
     _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, a_index=in_index)
     return out, out.new_empty(0)
@@ -295,9 +305,8 @@ def _gmm_fake(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor
               offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
               out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
               out_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    n_pairs, d_in, d_out = order.shape[0], weight.shape[1], weight.shape[2]
-    summed = bool(out_group) or out_offsets is not None
-    pairs = x.new_empty(n_pairs, d_out) if summed and keeps_pairs(d_in, d_out) else x.new_empty(0)
+    n_pairs, d_out = order.shape[0], weight.shape[2]
+    pairs = x.new_empty(n_pairs, d_out) if _kept(weight, out_group, out_offsets) else x.new_empty(0)
     if out_offsets is not None:
         return x.new_empty(out_offsets.shape[0] - 1, d_out), pairs
     return x.new_empty(n_pairs // out_group if out_group else n_pairs, d_out), pairs
@@ -324,7 +333,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     gate = gate.contiguous() if gate is not None else None
     n_pairs, d_in = plan.n_pairs, weight.shape[1]
     gathered_in = bool(ig) or in_index is not None      # x rows gathered (else x is in sorted pair layout)
-    summed_out = bool(og) or out_offsets is not None    # output rows are gate-weighted sums of pairs
+    summed_out = _summed(og, out_offsets)
     out_index = segment_ids(out_offsets, n_pairs) if out_offsets is not None else None   # grad row of each pair
     need_g = need_g and summed_out
     grad_x, grad_w, grad_gate = (x.new_empty(0) for _ in range(3))     # distinct: outputs may not alias
@@ -370,7 +379,7 @@ def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                   in_index: Optional[torch.Tensor] = None, out_offsets: Optional[torch.Tensor] = None) -> GradOut:
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_w else x.new_empty(0)
-    summed_out = bool(out_group) or out_offsets is not None
+    summed_out = _summed(out_group, out_offsets)
     grad_gate = gate.new_empty(order.shape[0]) if need_g and summed_out and gate is not None else x.new_empty(0)
     return grad_x, grad_w, grad_gate
 
@@ -381,9 +390,9 @@ def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) ->
     out, pairs = output
     ctx.mark_non_differentiable(pairs)
     ctx.set_materialize_grads(False)
-    kept = (bool(out_group) or out_offsets is not None) and keeps_pairs(weight.shape[1], weight.shape[2])
-    ctx.save_for_backward(x, weight, gate, out if relu else None, pairs if kept else None, order, offsets,
-                          tile_expert, tile_start, in_index, out_offsets)
+    kept = pairs if _kept(weight, out_group, out_offsets) else None
+    ctx.save_for_backward(x, weight, gate, out if relu else None, kept, order, offsets, tile_expert, tile_start,
+                          in_index, out_offsets)
     ctx.ints = (block_m, in_group, out_group)
 
 
@@ -391,7 +400,7 @@ def _gmm_backward(ctx, grad_out: Optional[torch.Tensor], grad_pairs: None) -> tu
     x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, in_index, out_offsets = ctx.saved_tensors
     block_m, ig, og = ctx.ints
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_g = (bool(og) or out_offsets is not None) and gate is not None and ctx.needs_input_grad[2]
+    need_g = _summed(og, out_offsets) and gate is not None and ctx.needs_input_grad[2]
     grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
         grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w,
         need_g, in_index, out_offsets)
