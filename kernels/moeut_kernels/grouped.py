@@ -337,32 +337,32 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     out_index = segment_ids(out_offsets, n_pairs) if out_offsets is not None else None   # grad row of each pair
     need_g = need_g and summed_out
     grad_x, grad_w, grad_gate = (x.new_empty(0) for _ in range(3))     # distinct: outputs may not alias
-    if need_g and pairs is not None:
+    fused_g = need_g and pairs is None    # the gate gradient as partial sums inside the input-gradient launch
+    if need_g and not fused_g:
         grad_gate = pair_dot(grad_out, og, pairs, a_index=out_index).to(gate.dtype)
-        need_g = False                                                   # done: the launch below needs no D
-    cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=need_g)   # of the input-gradient launch
+    cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g)   # of the input-gradient launch
     masked = None     # grad_out * (y > 0) in sorted pair layout, written by the input-gradient launch
     if y is not None:
         if need_x and cfg.a_resident:
             masked = torch.empty(n_pairs, weight.shape[2], dtype=x.dtype, device=x.device) if need_w else None
         else:
             grad_out, y = grad_out * (y > 0), None
-    if need_x or need_g:
+    if need_x or fused_g:
         gpart = None
-        if need_g:
+        if fused_g:
             # one gate-gradient partial per program's column chunk
             gpart = torch.empty(n_pairs, triton.cdiv(d_in, cfg.columns_per_program()), dtype=torch.float32,
                                 device=x.device)
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
         _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
-             dsrc=x if need_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
+             dsrc=x if fused_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
              a_out=masked)
         if need_x:
             if in_index is not None:
                 grad_x = _rows_sum(buf, in_index, x.shape[0])
             else:
                 grad_x = group_sum(buf, ig) if ig else buf
-        if need_g:
+        if fused_g:
             grad_gate = gpart.sum(1).to(gate.dtype)
     if need_w:
         grad_w = torch.empty_like(weight)
