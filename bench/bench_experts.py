@@ -12,6 +12,7 @@ per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -33,6 +34,7 @@ from moeut_kernels import grouped as GM  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
+from moeut_kernels.routing import RoutingPlan  # noqa: E402
 
 TOKENS = 64 * 1024
 FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
@@ -191,6 +193,13 @@ def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
 
 # ------------------------------------------------------------------ per-kernel sweep
 
+def expert_major(plan: RoutingPlan) -> RoutingPlan:
+    """The plan with its tiles in expert order (all tiles of expert 0, then 1, ...), to time against the window
+    order the routing produces (moeut_kernels/routing.py, _by_window)."""
+    perm = torch.argsort(plan.tile_expert.long() * 2 ** 32 + plan.tile_start.long())
+    return dataclasses.replace(plan, tile_expert=plan.tile_expert[perm], tile_start=plan.tile_start[perm])
+
+
 def _timed(rows: list, what: str, fn, **extra) -> None:
     """Time fn into rows (or record why it failed: out of shared memory etc.) and print the row."""
     try:
@@ -223,25 +232,28 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
         out_h = torch.empty(P, d_e, device=DEV, dtype=BF16)
         buf = torch.empty(P, d, device=DEV, dtype=BF16)
         gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)  # room for every column chunk
-        calls = {  # name: (call, configs besides the default)
-            "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=c),
-                       [TileConfig(128, 64, 8, 3)]),
-            "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=c),
-                        [TileConfig(128, 64, 8, 3)]),
-            "down_fwd": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c), resident),
-            # the same stores at the sorted position (contiguous rows per tile) instead of by pair id
-            "down_fwd_sorted": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, False, cfg=c), resident[:2]),
-            "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c), resident),
-            # what the ReLU mask's loads cost
-            "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c), resident[:2]),
-            # the training path: also stores grad_h * mask once for the weight gradient
-            "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c, a_out=out_h),
-                                   []),
-        }
-        for name, (call, cfgs) in calls.items():
+        def calls(pl: RoutingPlan) -> dict:   # name: (call, configs besides the default)
+            return {
+                "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, pl, out_h, False, relu_out=True, cfg=c),
+                           [TileConfig(128, 64, 8, 3)]),
+                "down_dx": (lambda c: GM._gmm(gy, k, w2, True, pl, out_h, False, scale=gate, dsrc=h, gpart=gpart,
+                                              cfg=c), [TileConfig(128, 64, 8, 3)]),
+                "down_fwd": (lambda c: GM._gmm(h, 0, w2, False, pl, buf, True, cfg=c), resident),
+                # the same stores at the sorted position (contiguous rows per tile) instead of by pair id
+                "down_fwd_sorted": (lambda c: GM._gmm(h, 0, w2, False, pl, buf, False, cfg=c), resident[:2]),
+                "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, pl, buf, True, amask=h, cfg=c), resident),
+                # what the ReLU mask's loads cost
+                "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, pl, buf, True, cfg=c), resident[:2]),
+                # the training path: also stores grad_h * mask once for the weight gradient
+                "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, pl, buf, True, amask=h, cfg=c,
+                                                         a_out=out_h), []),
+            }
+        for name, (call, cfgs) in calls(plan).items():
             extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]
             for c in [None] + extra:
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", lambda: call(c), flop=flop1)
+        for name, (call, _) in calls(expert_major(plan)).items():     # what the window order gains
+            _timed(rows, f"sweep {name} BM{block_m} default, expert-major tiles", lambda: call(None), flop=flop1)
         _timed(rows, f"sweep group_sum BM{block_m}", lambda: GM.group_sum(buf, k, gate),
                gbytes=(P * d * 2 + TOKENS * d * 2) / 1e9)
         _timed(rows, f"sweep relu mask in torch BM{block_m}", lambda: gh * (h > 0))   # the non-resident fallback
@@ -265,7 +277,11 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
                flop=flop1)
         _timed(rows, f"sweep wgrad_down on pre-gathered, pre-scaled grad BM{block_m}",
                lambda: GM._wgrad(h, 0, gy_sorted, 0, plan, gw2), flop=flop1)
-        del x_sorted, gy_sorted
+        # the gate on the sorted operand instead (h * gate stored by an earlier kernel), grad gathered unscaled
+        h_gated = h * gate[plan.order].unsqueeze(1).to(BF16)
+        _timed(rows, f"sweep wgrad_down on h * gate, grad gathered unscaled BM{block_m}",
+               lambda: GM._wgrad(h_gated, 0, gy, k, plan, gw2), flop=flop1)
+        del x_sorted, gy_sorted, h_gated
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
         key = r.expert_index.reshape(-1).to(torch.int16)
         _timed(rows, f"route's stable sort alone BM{block_m}", lambda: torch.argsort(key, stable=True))
@@ -290,19 +306,22 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     gpart = torch.empty(P, 16, device=DEV, dtype=torch.float32)
     flop1 = 2 * P * d * d_h
     classic = TileConfig(128, 64, 8, 3)
-    gemms = [  # (what, call, configs): the grouped matmuls, flop1 each
-        ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
-        ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
-        ("V dx", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, cfg=c), [None]),
-        ("V dx fused gate grad (before keeps_pairs)",
-         lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk, gpart=gpart, cfg=c),
-         [None]),
-        ("O dx (+gate grad)", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a, d_group=k,
-                                                  gpart=gpart, cfg=c), [None]),
-    ]
-    for what, call, cfgs in gemms:
+    def gemms(pv: RoutingPlan, po: RoutingPlan) -> list:   # (what, call, configs): the grouped matmuls
+        return [
+            ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
+            ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
+            ("V dx", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, cfg=c), [None]),
+            ("V dx fused gate grad (before keeps_pairs)",
+             lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk, gpart=gpart,
+                               cfg=c), [None]),
+            ("O dx (+gate grad)", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a,
+                                                      d_group=k, gpart=gpart, cfg=c), [None]),
+        ]
+    for what, call, cfgs in gemms(pv, po):
         for c in cfgs:
             _timed(rows, f"sweep att {name} {what} {c or 'default'}", lambda: call(c), flop=flop1)
+    for what, call, _ in gemms(expert_major(pv), expert_major(po)):     # what the window order gains
+        _timed(rows, f"sweep att {name} {what} default, expert-major tiles", lambda: call(None), flop=flop1)
     for what, call in (("V fwd group sum", lambda: GM.group_sum(narrow, k, gate_v)),
                        ("O fwd group sum", lambda: GM.group_sum(wide, hk, gate_o)),
                        ("V dx group sum", lambda: GM.group_sum(wide, hk)),
@@ -326,6 +345,12 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     gv_sorted = gv[pv.order // k] * gate_v[pv.order].unsqueeze(1).to(BF16)
     _timed(rows, f"sweep att {name} V wgrad on pre-gathered, pre-scaled operands",
            lambda: GM._wgrad(x_sorted, 0, gv_sorted, 0, pv, gw_v), flop=flop1)
+    # only the gated operand stored sorted and scaled beforehand (by the input-gradient kernel), the other gathered
+    _timed(rows, f"sweep att {name} V wgrad on sorted gate * grad, x gathered",
+           lambda: GM._wgrad(x, hk, gv_sorted, 0, pv, gw_v), flop=flop1)
+    a_gated = a[po.order // k] * gate_o[po.order].unsqueeze(1).to(BF16)
+    _timed(rows, f"sweep att {name} O wgrad on sorted gate * a, grad gathered unscaled",
+           lambda: GM._wgrad(a_gated, 0, gy, hk, po, gw_o), flop=flop1)
 
 
 def sweep_route(rows: list) -> None:
@@ -347,7 +372,7 @@ def sweep_route(rows: list) -> None:
         counts = torch.zeros(E, device=DEV, dtype=torch.int32)
         block_n = triton.next_power_of_2(n)
         for block_r in sorted({max(1, 4096 // block_n), max(1, 1024 // block_n), max(2, 16384 // block_n)}):
-            for warps in (4, 8):
+            for warps in (1, 2, 4, 8):
                 grid = (triton.cdiv(TOKENS, block_r), groups)
                 _timed(rows, f"route {name}: top-k kernel rows {block_r} warps {warps}",
                        lambda: K.sigmoid_topk_kernel[grid](logits, gate, index, key, counts, TOKENS, n,

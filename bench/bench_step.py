@@ -9,7 +9,8 @@ If 64 sequences do not fit in memory, the step runs as 2 or 4 micro-batches with
 says which). Per variant: median ms/step over the timed steps (CUDA events, after warm-up; compile time reported
 separately), tokens/s, steady-state peak memory (torch.cuda.max_memory_allocated), host syncs in one steady step
 (torch.cuda.set_sync_debug_mode). Also: a quick correctness check (triton vs reference backend forward loss; eager
-vs compiled loss and gradient norm), and a torch.profiler breakdown of one eager MoEUT step (top kernels).
+vs compiled loss and gradient norm), and a torch.profiler breakdown of one eager MoEUT step (kernel time by category
+and top kernels; with --profile-compiled also of each compiled step).
 Variants run in order of importance and stop when --budget-s is spent.
 """
 from __future__ import annotations
@@ -92,8 +93,10 @@ def free() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: int, steps: int) -> dict:
-    """Time one variant; raises torch.OutOfMemoryError if the micro-batch does not fit."""
+def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: int, steps: int,
+          profile: bool = False) -> dict:
+    """Time one variant (with `profile`, also its kernel_table); raises torch.OutOfMemoryError if the micro-batch
+    does not fit."""
     torch._dynamo.reset()               # no graphs (or automatic dynamic shapes) carried over from another model
     tr = Trainer(preset, backend, compile_model, micro)
     first: dict = {}
@@ -117,7 +120,9 @@ def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: in
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
         syncs = count_syncs(tr.step, warm=False)
         med = statistics.median(times)
-        return dict(preset=preset, backend=backend, mode="compiled" if compile_model else "eager", micro=micro,
+        mode = "compiled" if compile_model else "eager"
+        table = kernel_table(tr, f"one {mode} {preset} step (micro-batch {micro})") if profile else None
+        return dict(profile=table, preset=preset, backend=backend, mode=mode, micro=micro,
                     ms=med, ms_min=min(times), ms_max=max(times), tok_s=BATCH * SEQ / med * 1e3, peak_gib=peak,
                     syncs=syncs, first_step_s=first_s, first_loss=first["loss"], first_grad_norm=first["grad_norm"],
                     params_m=sum(p.numel() for p in tr.model.parameters()) / 1e6)
@@ -126,12 +131,12 @@ def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: in
         free()
 
 
-def bench_fit(preset: str, backend: str, compile_model: bool, micros: list[int], warmup: int, steps: int
-              ) -> Optional[dict]:
+def bench_fit(preset: str, backend: str, compile_model: bool, micros: list[int], warmup: int, steps: int,
+              profile: bool = False) -> Optional[dict]:
     """bench() at the largest micro-batch that fits."""
     for micro in micros:
         try:
-            r = bench(preset, backend, compile_model, micro, warmup, steps)
+            r = bench(preset, backend, compile_model, micro, warmup, steps, profile)
             log(f"{preset} {r['mode']}: micro {micro}, {r['ms']:.1f} ms/step ({r['ms_min']:.1f}-{r['ms_max']:.1f}), "
                 f"{r['tok_s']:,.0f} tok/s, peak {r['peak_gib']:.1f} GiB, syncs {r['syncs']}, "
                 f"first step {r['first_step_s']:.1f} s")
@@ -157,30 +162,59 @@ def check(preset: str) -> dict:
     return dict(loss_triton=lt, loss_reference=lr)
 
 
-def profile_step(preset: str, micro: int, top: int = 15) -> str:
-    """Top kernels by self CUDA time over one steady eager MoEUT step."""
+# Kernel-name substrings per category of the profile table (first match wins).
+CATEGORIES = (
+    ("expert matmuls (ours)", ("gmm_kernel", "wgrad_kernel")),
+    ("expert sums and routing (ours)", ("group_sum_kernel", "segment_sum_kernel", "pair_dot_kernel",
+                                        "sigmoid_topk_kernel", "plan_kernel")),
+    ("attention core", ("flash", "fmha", "attention", "Attention")),
+    ("cuBLAS matmuls", ("gemm", "nvjet", "xmma", "cutlass")),
+    ("sorts", ("radix", "Radix", "sort", "Sort")),
+    ("optimizer", ("multi_tensor", "adam", "Adam")),
+    ("inductor-generated (norms, elementwise, loss)", ("triton_",)),
+    ("other", ("",)),
+)
+
+
+def kernel_table(tr: "Trainer", title: str, top: int = 15) -> str:
+    """Kernel time of one steady step of a warmed-up Trainer, by category and top kernels (self CUDA time), and
+    the step's wall time (the difference is GPU idle time or host overhead)."""
     from torch.profiler import ProfilerActivity, profile
-    tr = Trainer(preset, "triton", False, micro)
-    for _ in range(2):
-        tr.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.time()
         tr.step()
         torch.cuda.synchronize()
+        wall = (time.time() - t) * 1e3
     avgs = prof.key_averages()
     events = [e for e in avgs if "CUDA" in str(getattr(e, "device_type", "")) and e.self_device_time_total > 0]
     if not events:   # older profilers: no device_type on the averages
         events = [e for e in avgs if getattr(e, "self_device_time_total", 0) > 0]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events)
-    lines = [f"one eager {preset} step, kernel time total {total / 1e3:.1f} ms (self CUDA time)",
-             "| kernel | calls | ms | % |", "|---|---|---|---|"]
+    total = max(sum(e.self_device_time_total for e in events), 1e-9)
+    by_cat = {label: 0.0 for label, _ in CATEGORIES}
+    for e in events:
+        label = next(lab for lab, keys in CATEGORIES if any(k in e.key for k in keys))
+        by_cat[label] += e.self_device_time_total
+    lines = [f"{title}: kernel time {total / 1e3:.1f} ms, wall {wall:.1f} ms (profiled, self CUDA time)",
+             "| category | ms | % |", "|---|---|---|"]
+    lines += [f"| {lab} | {v / 1e3:.2f} | {100 * v / total:.1f} |" for lab, v in by_cat.items() if v]
+    lines += ["", "| kernel | calls | ms | % |", "|---|---|---|---|"]
     for e in events[:top]:
         lines.append(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.2f} | "
                      f"{100 * e.self_device_time_total / total:.1f} |")
+    return "\n".join(lines)
+
+
+def profile_step(preset: str, micro: int) -> str:
+    """kernel_table of one steady eager MoEUT step."""
+    tr = Trainer(preset, "triton", False, micro)
+    for _ in range(2):
+        tr.step()
+    table = kernel_table(tr, f"one eager {preset} step")
     del tr
     free()
-    return "\n".join(lines)
+    return table
 
 
 def main() -> None:
@@ -194,6 +228,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=BATCH,
                     help="largest micro-batch to try first (e.g. 32 where 64 is known not to fit: saves a compile)")
     ap.add_argument("--out", default=None, help="folder for bench_step.json and profile.md")
+    ap.add_argument("--profile-compiled", action="store_true",
+                    help="also profile one step of each compiled variant (kernel time by category) into profile.md")
     args = ap.parse_args()
     out = Path(args.out) if args.out else None
     import triton
@@ -228,14 +264,15 @@ def main() -> None:
             continue
         if preset == "profile":
             p = f"moeut-{sizes[0]}"
-            results["profile"] = profile_step(p, fitted.get(p, BATCH))
-            print(results["profile"], flush=True)
+            results.setdefault("profiles", []).append(profile_step(p, fitted.get(p, BATCH)))
+            print(results["profiles"][-1], flush=True)
             if out:
-                (out / "profile.md").write_text(results["profile"] + "\n")
+                (out / "profile.md").write_text("\n\n".join(results["profiles"]) + "\n")
             continue
         start = micros.index(fitted[preset]) if preset in fitted else 0
         try:
-            r = bench_fit(preset, backend, comp, micros[start:], args.warmup, args.steps)
+            r = bench_fit(preset, backend, comp, micros[start:], args.warmup, args.steps,
+                          profile=comp and args.profile_compiled)
         except Exception as e:  # a variant that fails (e.g. compile) is reported, the rest still run
             log(f"{preset} {'compiled' if comp else 'eager'} failed: {type(e).__name__}: {str(e)[:800]}")
             results.setdefault("failed", []).append(f"{preset} compiled={comp}: {type(e).__name__}: {str(e)[:800]}")
@@ -243,6 +280,13 @@ def main() -> None:
             continue
         if r:
             fitted.setdefault(preset, r["micro"])
+            table = r.pop("profile")
+            if table:
+                print(table, flush=True)
+                results.setdefault("profiles", []).append(table)
+                if out:
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / "profile.md").write_text("\n\n".join(results["profiles"]) + "\n")
             results["rows"].append(r)
         save()
 

@@ -41,5 +41,5 @@ fi
 TAILN=14 step experts 200 python3 bench/bench_experts.py --only ff244,att,ff1b,att1b --json "$out/experts.json"
 TAILN=60 step sweeps 200 python3 bench/bench_experts.py --only none --sweep defaults --sweep-att 244M \
   --json "$out/sweeps.json"
-TAILN=6 step step_244m_compiled 300 python3 bench/bench_step.py --sizes 244m --no-eager --budget-s 250 \
+TAILN=6 step step_244m_compiled 300 python3 bench/bench_step.py --sizes 244m --no-eager --budget-s 250 --profile-compiled \
   --out "$out/step_244m_compiled"
