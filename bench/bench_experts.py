@@ -12,7 +12,6 @@ per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import sys
@@ -193,23 +192,6 @@ def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
 
 # ------------------------------------------------------------------ per-kernel sweep
 
-def expert_major(plan: RoutingPlan) -> RoutingPlan:
-    """The plan with its tiles in expert order (all tiles of expert 0, then 1, ...), to time against the window
-    order the routing produces (moeut_kernels/routing.py, _by_window)."""
-    perm = torch.argsort(plan.tile_expert.long() * 2 ** 32 + plan.tile_start.long())
-    return dataclasses.replace(plan, tile_expert=plan.tile_expert[perm], tile_start=plan.tile_start[perm])
-
-
-def _timed(rows: list, what: str, fn, **extra) -> None:
-    """Time fn into rows (or record why it failed: out of shared memory etc.) and print the row."""
-    try:
-        rows.append(dict(what=what, ms=ms(fn, rep=100), **extra))
-        torch.cuda.synchronize()
-    except Exception as e:
-        rows.append(dict(what=what, error=str(e)[:80]))
-    print(rows[-1], flush=True)
-
-
 def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
     """Time each kernel call of the FF layer alone for several tile configs (bf16, one FF shape): what picked the
     heuristics in moeut_kernels/grouped.py. 'R' configs keep the A tile resident and loop over n_loop output
@@ -252,8 +234,6 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]
             for c in [None] + extra:
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", lambda: call(c), flop=flop1)
-        for name, (call, _) in calls(expert_major(plan)).items():     # what the window order gains
-            _timed(rows, f"sweep {name} BM{block_m} default, expert-major tiles", lambda: call(None), flop=flop1)
         _timed(rows, f"sweep group_sum BM{block_m}", lambda: GM.group_sum(buf, k, gate),
                gbytes=(P * d * 2 + TOKENS * d * 2) / 1e9)
         _timed(rows, f"sweep relu mask in torch BM{block_m}", lambda: gh * (h > 0))   # the non-resident fallback
@@ -320,8 +300,6 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     for what, call, cfgs in gemms(pv, po):
         for c in cfgs:
             _timed(rows, f"sweep att {name} {what} {c or 'default'}", lambda: call(c), flop=flop1)
-    for what, call, _ in gemms(expert_major(pv), expert_major(po)):     # what the window order gains
-        _timed(rows, f"sweep att {name} {what} default, expert-major tiles", lambda: call(None), flop=flop1)
     for what, call in (("V fwd group sum", lambda: GM.group_sum(narrow, k, gate_v)),
                        ("O fwd group sum", lambda: GM.group_sum(wide, hk, gate_o)),
                        ("V dx group sum", lambda: GM.group_sum(wide, hk)),

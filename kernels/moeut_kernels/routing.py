@@ -1,8 +1,7 @@
 """σ-gating: logits -> sigmoid -> top-k per group -> pairs sorted by expert + tile list, with no host sync.
 
 Launches per routing: a memset of the histogram, the fused sigmoid/top-k/histogram kernel, torch's stable radix sort
-of a 16-bit key (2 radix passes for < 32768 experts), the plan kernel (offsets + tile list) and a small sort that
-puts the tiles in window order (_by_window: the matmuls' gathers then hit L2). Every buffer is sized
+of a 16-bit key (2 radix passes for < 32768 experts), and the plan kernel (offsets + tile list). Every buffer is sized
 by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for the device. Routing and plan are
 torch.library custom ops (moeut::sigmoid_topk_route, moeut::plan) with fake impls, so torch.compile traces them.
 """
@@ -26,7 +25,7 @@ class RoutingPlan:
     order: torch.Tensor        # [P] int64, pair ids sorted by expert (stable)
     offsets: torch.Tensor      # [E + 1] int64
     tile_expert: torch.Tensor  # [T] int32, expert of each tile; E for the unused tail of the static-size list
-    tile_start: torch.Tensor   # [T] int32, first sorted position of each tile (tiles ordered by first pair id)
+    tile_start: torch.Tensor   # [T] int32, first sorted position of each tile
     n_experts: int
     block_m: int
 
@@ -71,35 +70,17 @@ def _plan_fake(counts: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.
             counts.new_empty(n_tiles, dtype=torch.int32))
 
 
-def _by_window(order: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, n_experts: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tile list reordered by each tile's first pair id, unused tiles last.
-
-    Pair ids grow with the input row and each expert's pairs are sorted by pair id, so tiles that run at the same
-    time (tile j of many experts instead of all tiles of a few) read the same narrow window of rows: a gathered
-    row is fetched from DRAM once and then hit in L2 by the other experts of its K, instead of K times. The matmul
-    kernels do not depend on the tile order (every tile writes its own rows), so results are unchanged.
-    """
-    if tile_start.numel() == 0:
-        return tile_expert, tile_start
-    n_pairs = order.numel()
-    first = order[tile_start.clamp(0, max(n_pairs - 1, 0)).long()]
-    perm = torch.argsort(torch.where(tile_expert < n_experts, first, n_pairs), stable=True)
-    return tile_expert[perm], tile_start[perm]
-
-
-def _plan(counts: torch.Tensor, order: torch.Tensor, block_m: int) -> tuple[torch.Tensor, ...]:
-    """offsets, tile_expert, tile_start for the histogram `counts` [E] (the moeut::plan op) of the expert-sorted
-    pairs `order`, tiles in window order (_by_window)."""
-    offsets, tile_expert, tile_start = _plan_op(counts, order.numel(), block_m)
-    return (offsets, *_by_window(order, tile_expert, tile_start, counts.numel()))
+def _plan(counts: torch.Tensor, n_pairs: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """offsets, tile_expert, tile_start for the histogram `counts` [n_experts] (the moeut::plan op)."""
+    assert counts.numel() == n_experts
+    return torch.ops.moeut.plan(counts, n_pairs, block_m)
 
 
 def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -> RoutingPlan:
     """Tile list for a routing made elsewhere (e.g. by the reference backend): one kernel, no sync."""
     n_experts = offsets.numel() - 1
     counts = (offsets[1:] - offsets[:-1]).to(torch.int32)
-    _, tile_expert, tile_start = _plan(counts, order, block_m)
+    _, tile_expert, tile_start = _plan(counts, order.numel(), n_experts, block_m)
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
@@ -110,7 +91,7 @@ def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: 
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))   # integer adds: exact
-    offsets, tile_expert, tile_start = _plan(counts, order, block_m)
+    offsets, tile_expert, tile_start = _plan(counts, flat.numel(), n_experts, block_m)
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
@@ -139,7 +120,7 @@ def _route_op(logits: torch.Tensor, k: int, block_m: int) -> RouteOut:
             logits, gate, expert_index, key, counts, n_rows, n, logits.stride(0), logits.stride(1),
             K=k, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
     order = torch.argsort(key.reshape(-1), stable=True)
-    offsets, tile_expert, tile_start = _plan(counts, order, block_m)
+    offsets, tile_expert, tile_start = _plan_op(counts, order.numel(), block_m)
     return gate, expert_index, order, offsets, tile_expert, tile_start
 
 
