@@ -33,7 +33,6 @@ from moeut_kernels import grouped as GM  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
-from moeut_kernels.routing import RoutingPlan  # noqa: E402
 
 TOKENS = 64 * 1024
 FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
@@ -192,6 +191,16 @@ def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
 
 # ------------------------------------------------------------------ per-kernel sweep
 
+def _timed(rows: list, what: str, fn, **extra) -> None:
+    """Time fn into rows (or record why it failed: out of shared memory etc.) and print the row."""
+    try:
+        rows.append(dict(what=what, ms=ms(fn, rep=100), **extra))
+        torch.cuda.synchronize()
+    except Exception as e:
+        rows.append(dict(what=what, error=str(e)[:80]))
+    print(rows[-1], flush=True)
+
+
 def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
     """Time each kernel call of the FF layer alone for several tile configs (bf16, one FF shape): what picked the
     heuristics in moeut_kernels/grouped.py. 'R' configs keep the A tile resident and loop over n_loop output
@@ -214,23 +223,26 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
         out_h = torch.empty(P, d_e, device=DEV, dtype=BF16)
         buf = torch.empty(P, d, device=DEV, dtype=BF16)
         gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)  # room for every column chunk
-        def calls(pl: RoutingPlan) -> dict:   # name: (call, configs besides the default)
-            return {
-                "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, pl, out_h, False, relu_out=True, cfg=c),
-                           [TileConfig(128, 64, 8, 3)]),
-                "down_dx": (lambda c: GM._gmm(gy, k, w2, True, pl, out_h, False, scale=gate, dsrc=h, gpart=gpart,
-                                              cfg=c), [TileConfig(128, 64, 8, 3)]),
-                "down_fwd": (lambda c: GM._gmm(h, 0, w2, False, pl, buf, True, cfg=c), resident),
-                # the same stores at the sorted position (contiguous rows per tile) instead of by pair id
-                "down_fwd_sorted": (lambda c: GM._gmm(h, 0, w2, False, pl, buf, False, cfg=c), resident[:2]),
-                "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, pl, buf, True, amask=h, cfg=c), resident),
-                # what the ReLU mask's loads cost
-                "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, pl, buf, True, cfg=c), resident[:2]),
-                # the training path: also stores grad_h * mask once for the weight gradient
-                "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, pl, buf, True, amask=h, cfg=c,
-                                                         a_out=out_h), []),
-            }
-        for name, (call, cfgs) in calls(plan).items():
+        h_side = torch.empty(P, d_e, device=DEV, dtype=BF16)
+        calls = {  # name: (call, configs besides the default)
+            "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=c),
+                       [TileConfig(128, 64, 8, 3)]),
+            "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart,
+                                          cfg=c), [TileConfig(128, 64, 8, 3)]),
+            # the training path: also stores h * gate once for the weight gradient
+            "down_dx_store_gated": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h,
+                                                      gpart=gpart, cfg=c, side_out=h_side), []),
+            "down_fwd": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c), resident),
+            # the same stores at the sorted position (contiguous rows per tile) instead of by pair id
+            "down_fwd_sorted": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, False, cfg=c), resident[:2]),
+            "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c), resident),
+            # what the ReLU mask's loads cost
+            "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c), resident[:2]),
+            # the training path: also stores grad_h * mask once for the weight gradient
+            "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
+                                                     side_out=out_h), []),
+        }
+        for name, (call, cfgs) in calls.items():
             extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]
             for c in [None] + extra:
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", lambda: call(c), flop=flop1)
@@ -284,20 +296,26 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     P, hk = TOKENS * H * k, H * k
     narrow, wide = torch.empty(P, d_h, device=DEV, dtype=BF16), torch.empty(P, d, device=DEV, dtype=BF16)
     gpart = torch.empty(P, 16, device=DEV, dtype=torch.float32)
+    side = torch.empty(P, d_h, device=DEV, dtype=BF16)
     flop1 = 2 * P * d * d_h
     classic = TileConfig(128, 64, 8, 3)
-    def gemms(pv: RoutingPlan, po: RoutingPlan) -> list:   # (what, call, configs): the grouped matmuls
-        return [
-            ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
-            ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
-            ("V dx", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, cfg=c), [None]),
-            ("V dx fused gate grad (before keeps_pairs)",
-             lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk, gpart=gpart,
-                               cfg=c), [None]),
-            ("O dx (+gate grad)", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a,
-                                                      d_group=k, gpart=gpart, cfg=c), [None]),
-        ]
-    for what, call, cfgs in gemms(pv, po):
+    gemms = [  # (what, call, configs): the grouped matmuls, flop1 each
+        ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
+        ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
+        ("V dx", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, cfg=c), [None]),
+        ("V dx fused gate grad (before keeps_pairs)",
+         lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, dsrc=x, d_group=hk, gpart=gpart,
+                           cfg=c), [None]),
+        ("O dx (+gate grad)", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a,
+                                                  d_group=k, gpart=gpart, cfg=c), [None]),
+        # the training path since the gated side store: also store the weight gradient's gated operand
+        ("V dx + gated store", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, cfg=c,
+                                                 side_out=side), [None]),
+        ("O dx (+gate grad) + gated store", lambda c: GM._gmm(gy, hk, w_o, True, po, narrow, True, scale=gate_o,
+                                                              dsrc=a, d_group=k, gpart=gpart, cfg=c,
+                                                              side_out=side), [None]),
+    ]
+    for what, call, cfgs in gemms:
         for c in cfgs:
             _timed(rows, f"sweep att {name} {what} {c or 'default'}", lambda: call(c), flop=flop1)
     for what, call in (("V fwd group sum", lambda: GM.group_sum(narrow, k, gate_v)),
@@ -349,7 +367,8 @@ def sweep_route(rows: list) -> None:
         key = torch.empty(TOKENS, S, device=DEV, dtype=torch.int16)
         counts = torch.zeros(E, device=DEV, dtype=torch.int32)
         block_n = triton.next_power_of_2(n)
-        for block_r in sorted({max(1, 4096 // block_n), max(1, 1024 // block_n), max(2, 16384 // block_n)}):
+        for block_r in sorted({max(1, 512 // block_n), max(1, 1024 // block_n), max(1, 4096 // block_n),
+                               max(2, 16384 // block_n)}):
             for warps in (1, 2, 4, 8):
                 grid = (triton.cdiv(TOKENS, block_r), groups)
                 _timed(rows, f"route {name}: top-k kernel rows {block_r} warps {warps}",

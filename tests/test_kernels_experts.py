@@ -133,30 +133,34 @@ LAYOUTS = {  # name: (groups, experts per group, k, d_in, d_out, x rows as a fun
 }
 
 
-def check_against_reference(layout, dtype, n_rows, bias="none", k=None, n=None, seed=0):
+def check_against_reference(layout, dtype, n_rows, bias="none", k=None, n=None, seed=0, need=("x", "w", "logits")):
+    """Output and the gradients w.r.t. `need` (a subset of x, w, logits; the others do not require grad, which
+    selects other backward paths) against the fp32 reference."""
     gen = torch.Generator().manual_seed(seed)
     G, n_def, k_def, d_in, d_out, rows = LAYOUTS[layout]
     n, k = n or n_def, k or k_def
-    logits = make_logits(n_rows, G, n, bias, gen).requires_grad_()
+    logits = make_logits(n_rows, G, n, bias, gen).requires_grad_("logits" in need)
     P = n_rows * G * k
-    x = torch.randn(rows(n_rows, P, G, k), d_in, generator=gen).to(DEVICE, dtype).requires_grad_()
-    w = (torch.randn(G * n, d_in, d_out, generator=gen) / d_in ** 0.5).to(DEVICE, dtype).requires_grad_()
+    x = torch.randn(rows(n_rows, P, G, k), d_in, generator=gen).to(DEVICE, dtype).requires_grad_("x" in need)
+    w = (torch.randn(G * n, d_in, d_out, generator=gen) / d_in ** 0.5).to(DEVICE, dtype).requires_grad_("w" in need)
     tb = TritonBackend()
     routing = tb.route(logits, k)
     y = run_layout(tb, layout, logits, x, w, routing.expert_index, routing)
     assert y.dtype == dtype
     gy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
-    grads = torch.autograd.grad(y, [x, w, logits], gy, allow_unused=True)
+    leaves = {"x": x, "w": w, "logits": logits}
+    grads = torch.autograd.grad(y, [leaves[name] for name in need], gy, allow_unused=True)
     # reference in fp32 on the same (bf16-rounded) values, same chosen experts
     logits_r = logits.detach().clone().requires_grad_()
     x_r = x.detach().float().requires_grad_()
     w_r = w.detach().float().requires_grad_()
     ref_routing = reference_routing(logits_r, routing.expert_index)
     y_r = run_layout(REF, layout, logits_r, x_r, w_r, routing.expert_index, ref_routing)
-    grads_r = torch.autograd.grad(y_r, [x_r, w_r, logits_r], gy.float(), allow_unused=True)
+    leaves_r = {"x": x_r, "w": w_r, "logits": logits_r}
+    grads_r = torch.autograd.grad(y_r, [leaves_r[name] for name in need], gy.float(), allow_unused=True)
     tol = TOL[dtype]
     assert rel_err(y, y_r) < tol, ("out", rel_err(y, y_r))
-    for name, a, b in zip(("x", "w", "logits"), grads, grads_r):
+    for name, a, b in zip(need, grads, grads_r):
         if b is None:        # FF up does not use the gate
             assert a is None and layout == "ff_up"
             continue
@@ -182,6 +186,15 @@ def test_layout_load_patterns(layout, case):
         check_against_reference(layout, torch.float32, n_rows, bias="one", k=1, seed=3)
     else:                    # k = n: every expert gets every row
         check_against_reference(layout, torch.float32, n_rows, n=4, k=4, seed=4)
+
+
+@pytest.mark.parametrize("layout", ["ff_down", "att_v", "att_o"])
+@pytest.mark.parametrize("need", [("w",), ("w", "logits")])
+def test_summed_backward_without_input_grad(layout, need):
+    """Without the input gradient the weight gradient scales the gathered grad rows itself (no input-gradient
+    launch stores the gated operand), unless the fused gate gradient runs that launch anyway."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(layout, dtype, n_rows=29, bias="uneven", seed=11, need=need)
 
 
 def test_mlp_matches_reference():

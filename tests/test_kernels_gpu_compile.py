@@ -108,7 +108,8 @@ def test_every_kernel_is_launched(launches):
     assert splits == {1, 4}
     gmm = [dict(consts) for name, _, consts, _ in launches if name == "gmm_kernel"]
     assert {c["A_RESIDENT"] for c in gmm} == {True, False}
-    assert any(c["STORE_A"] for c in gmm)      # the ReLU backward's masked grad for the weight gradient
+    # the weight gradient's masked/gated operand, stored by resident-A and by fused-gate-gradient launches
+    assert {(c["A_RESIDENT"], c["GATE_GRAD"]) for c in gmm if c["STORE_SIDE"]} == {(True, False), (False, True)}
 
 
 COMPILE = """

@@ -108,12 +108,12 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, aout_ptr,
+               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, side_ptr,
                N, K, E, n_per_prog,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
-               STORE_A: tl.constexpr,
+               STORE_SIDE: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -127,8 +127,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs; not with GATE_GRAD): the
     tile's A rows (and mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead
     of once per slice by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
-    STORE_A (A_RESIDENT only): also writes the (masked) A rows to aout at their sorted position, once per tile, so
-    the weight gradient reads grad * mask without loading the mask in each of its programs.
+    STORE_SIDE: also writes, at the sorted position in side, the operand the weight gradient will pair with the
+    other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
+    for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
+    and unscaled instead of loading the mask or scaling a gathered operand in each of its programs.
     """
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(N, n_per_prog)
@@ -159,19 +161,24 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
-        if STORE_A:
+        if STORE_SIDE:
             if chunk == 0:
-                tl.store(aout_ptr + pos[:, None] * s_om + ks[None, :] * s_ok, a, mask=rmask[:, None] & kmask[None, :])
+                side = a
+                if HAS_SCALE:
+                    s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+                    side = (a.to(tl.float32) * s[:, None]).to(a.dtype)
+                tl.store(side_ptr + pos[:, None] * s_om + ks[None, :] * s_ok, side,
+                         mask=rmask[:, None] & kmask[None, :])
         for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
-                      dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
+            _epilogue(acc, pair, pos, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, side_ptr,
+                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)
     else:
-        tl.static_assert(not STORE_A)
+        tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -183,8 +190,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-        g = _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr,
-                      dsrc_ptr, s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
+        g = _epilogue(acc, pair, pos, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, side_ptr,
+                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, STORE_SIDE, BLOCK_M)
         if GATE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
@@ -201,19 +208,25 @@ def _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_
 
 
 @triton.jit
-def _epilogue(acc, pair, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
-              RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _epilogue(acc, pair, pos, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, side_ptr,
+              s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+              GATE_GRAD: tl.constexpr, STORE_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice; returns this slice's gate-gradient partial
-    sum_n acc * D[d_row] (zeros without GATE_GRAD)."""
+    sum_n acc * D[d_row] (zeros without GATE_GRAD). STORE_D: also stores D[d_row] * scale at the sorted position
+    in side (the weight gradient's gated operand)."""
     omask = rmask[:, None] & nmask[None, :]
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
     if GATE_GRAD:
         d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
         g = tl.sum(acc * d.to(tl.float32), axis=1)
+        if STORE_D:
+            tl.store(side_ptr + pos[:, None] * s_om + cols[None, :] * s_ok, (d.to(tl.float32) * s[:, None]).to(d.dtype),
+                     mask=omask)
     if RELU_OUT:
         acc = tl.maximum(acc, 0.0)
     if HAS_SCALE:
-        s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
     tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=omask)
     return g

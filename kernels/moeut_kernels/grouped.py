@@ -105,10 +105,10 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
          gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
          a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
-         a_out: Optional[torch.Tensor] = None) -> None:
+         side_out: Optional[torch.Tensor] = None) -> None:
     """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id)
-    replace a_group / d_group when given. a_out (resident-A configs only): also receives the masked A rows at their
-    sorted positions."""
+    replace a_group / d_group when given. side_out [P, K] (resident-A configs) or [P, N] (with gpart and scale):
+    also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's gated operand."""
     n_experts = w.shape[0]
     if transpose_w:
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
@@ -117,8 +117,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m, gate_grad=gpart is not None)
     if cfg.a_resident and (kdim > cfg.block_k or gpart is not None):
         raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
-    if a_out is not None and not cfg.a_resident:
-        raise ValueError("a_out needs a resident-A config")
+    if side_out is not None and not (cfg.a_resident or (gpart is not None and scale is not None)):
+        raise ValueError("side_out needs a resident-A config or a fused gate gradient")
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
         return
@@ -135,15 +135,15 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
         a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
-        a_out if a_out is not None else a,
+        side_out if side_out is not None else a,
         ndim, kdim, n_experts, cols,
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
         gpart.stride(0) if gpart is not None else 0,
-        a_out.stride(0) if a_out is not None else 0, a_out.stride(1) if a_out is not None else 0,
+        side_out.stride(0) if side_out is not None else 0, side_out.stride(1) if side_out is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident,
-        STORE_A=a_out is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        STORE_SIDE=side_out is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -326,7 +326,8 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     them the gate's gradient is one pair_dot pass instead of a partial sum fused into the input-gradient launch.
     The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch applies the mask as it loads
     its A tile and stores the product once (one read of the mask instead of one per weight-gradient program);
-    otherwise one torch pass makes it first."""
+    otherwise one torch pass makes it first. Likewise the gate: the input-gradient launch stores the operand it
+    scales (side_out) so that the weight gradient needs no scale."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     ig, og = in_group, out_group
     grad_out = grad_out.to(x.dtype)
@@ -341,13 +342,19 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     if need_g and not fused_g:
         grad_gate = pair_dot(grad_out, og, pairs, a_index=out_index).to(gate.dtype)
     cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g)   # of the input-gradient launch
-    masked = None     # grad_out * (y > 0) in sorted pair layout, written by the input-gradient launch
-    if y is not None:
-        if need_x and cfg.a_resident:
-            masked = torch.empty(n_pairs, weight.shape[2], dtype=x.dtype, device=x.device) if need_w else None
-        else:
-            grad_out, y = grad_out * (y > 0), None
-    if need_x or fused_g:
+    launch = need_x or fused_g
+    # The weight gradient's gated operand in sorted pair layout, written by the input-gradient launch: the grad
+    # rows times the ReLU mask or the gate (resident A), or gate * x (fused gate gradient). The weight gradient
+    # then pairs it with the other operand gathered and unscaled (measured: the gate's scale of a gathered operand
+    # in the weight gradient's row loop cost 0.17-0.32 ms per call at 244M, docs/PERFORMANCE.md).
+    side_of_grad = launch and need_w and cfg.a_resident and (y is not None or summed_out)
+    side_of_x = launch and need_w and fused_g
+    side = None
+    if side_of_grad or side_of_x:
+        side = torch.empty(n_pairs, weight.shape[2] if side_of_grad else d_in, dtype=x.dtype, device=x.device)
+    if y is not None and not (need_x and cfg.a_resident):
+        grad_out, y = grad_out * (y > 0), None
+    if launch:
         gpart = None
         if fused_g:
             # one gate-gradient partial per program's column chunk
@@ -356,7 +363,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
         _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
              dsrc=x if fused_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
-             a_out=masked)
+             side_out=side)
         if need_x:
             if in_index is not None:
                 grad_x = _rows_sum(buf, in_index, x.shape[0])
@@ -366,8 +373,13 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
             grad_gate = gpart.sum(1).to(gate.dtype)
     if need_w:
         grad_w = torch.empty_like(weight)
-        _wgrad(x, ig, masked if masked is not None else grad_out, og, plan, grad_w,
-               scale=gate if summed_out else None, a_index=in_index, b_index=out_index)
+        if side_of_x:
+            _wgrad(side, 0, grad_out, og, plan, grad_w, b_index=out_index)
+        elif side_of_grad:
+            _wgrad(x, ig, side, 0, plan, grad_w, a_index=in_index)
+        else:
+            _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if summed_out else None, a_index=in_index,
+                   b_index=out_index)
     return grad_x, grad_w, grad_gate
 
 
