@@ -367,9 +367,8 @@ def sweep_route(rows: list) -> None:
         key = torch.empty(TOKENS, S, device=DEV, dtype=torch.int16)
         counts = torch.zeros(E, device=DEV, dtype=torch.int32)
         block_n = triton.next_power_of_2(n)
-        for block_r in sorted({max(1, 512 // block_n), max(1, 1024 // block_n), max(1, 4096 // block_n),
-                               max(2, 16384 // block_n)}):
-            for warps in (1, 2, 4, 8):
+        for block_r in sorted({max(1, 512 // block_n), max(1, 1024 // block_n), max(1, 4096 // block_n)}):
+            for warps in (1, 2, 4):
                 grid = (triton.cdiv(TOKENS, block_r), groups)
                 _timed(rows, f"route {name}: top-k kernel rows {block_r} warps {warps}",
                        lambda: K.sigmoid_topk_kernel[grid](logits, gate, index, key, counts, TOKENS, n,
