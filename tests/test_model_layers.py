@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from moeut_ds import LanguageModel, ModelConfig
 from moeut_ds.experts import get_backend
-from moeut_ds.model.rope import apply_rope
+from moeut_ds.model.rope import apply_rope, rope_tables
 from moeut_ds.model.sigma_moe import SigmaMoE, router_logits
 from moeut_ds.model.switchhead import SwitchHead
 
@@ -73,8 +73,8 @@ def naive_switchhead(att: SwitchHead, xn: torch.Tensor, x: torch.Tensor) -> torc
     for b in range(bsz):
         q = (xn[b] @ att.w_q.T * scale).view(seq, h_, dh).transpose(0, 1)
         kk = (xn[b] @ att.w_k.T * scale).view(seq, h_, dh).transpose(0, 1)
-        q = apply_rope(q.unsqueeze(0), att.n_rotate, att.rope_base)[0]
-        kk = apply_rope(kk.unsqueeze(0), att.n_rotate, att.rope_base)[0]
+        q = apply_rope(q.unsqueeze(0), rope_tables(4, 10000.0, seq))[0]
+        kk = apply_rope(kk.unsqueeze(0), rope_tables(4, 10000.0, seq))[0]
         v = torch.zeros(h_, seq, dh)
         gv = torch.sigmoid((xn[b] @ att.router_v.T).view(seq, h_, na))
         go = torch.sigmoid((xn[b] @ att.router_o.T).view(seq, h_, na))
@@ -93,16 +93,16 @@ def naive_switchhead(att: SwitchHead, xn: torch.Tensor, x: torch.Tensor) -> torc
 
 def test_switchhead_matches_naive_loop():
     torch.manual_seed(2)
-    att = SwitchHead(d_model=16, n_heads=3, d_head=10, n_experts=4, k=2, n_rotate=4, rope_base=10000.0)
+    att = SwitchHead(d_model=16, n_heads=3, d_head=10, n_experts=4, k=2)
     att.reset_parameters(1.0)
     xn, x = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
-    got, _, _ = att(xn, x, BACKEND)
+    got, _, _ = att(xn, x, BACKEND, rope_tables(4, 10000.0, 7))
     torch.testing.assert_close(got, naive_switchhead(att, xn, x), rtol=1e-5, atol=1e-5)
 
 
 def test_rope_rotates_only_the_first_n_rot_dims_with_slice_frequencies():
     x = torch.randn(1, 1, 5, 10)
-    y = apply_rope(x, n_rot=4, base=100.0)
+    y = apply_rope(x, rope_tables(4, 100.0, 5))
     torch.testing.assert_close(y[..., 4:], x[..., 4:])
     pos = torch.arange(5.0)
     for i in range(2):                      # inv_freq_i = base^(-2i / n_rot), pairs (i, i + n_rot/2)
@@ -110,6 +110,19 @@ def test_rope_rotates_only_the_first_n_rot_dims_with_slice_frequencies():
         x1, x2 = x[0, 0, :, i], x[0, 0, :, i + 2]
         torch.testing.assert_close(y[0, 0, :, i], x1 * ang.cos() - x2 * ang.sin())
         torch.testing.assert_close(y[0, 0, :, i + 2], x2 * ang.cos() + x1 * ang.sin())
+
+
+def test_model_rope_tables_are_buffers_sliced_by_position():
+    """The model's rotary tables: slices of non-persistent buffers (not in checkpoints), equal to the tables
+    computed for those positions, and computed per call past the buffers' length (long generation)."""
+    from moeut_ds.model.rope import TABLE_POSITIONS
+    model = LanguageModel(tiny_cfg(), "reference")
+    assert not any("rope" in name for name in model.state_dict())
+    n_rot, base = model.cfg.n_rotate, model.cfg.rope_base
+    for offset, seq in ((0, 7), (5, 1), (TABLE_POSITIONS - 3, 3), (TABLE_POSITIONS - 2, 5)):
+        got, want = model.rope(offset, seq), rope_tables(n_rot, base, seq, offset)
+        assert got[0].shape == (seq, n_rot)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def tiny_cfg(**kw) -> ModelConfig:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeut_ds.config import ModelConfig
-from moeut_ds.model.rope import apply_rope
+from moeut_ds.model.rope import RopeTables, apply_rope
 from moeut_ds.model.switchhead import KVCache, attend
 
 
@@ -17,7 +17,7 @@ class DenseLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, inner = cfg.d_model, cfg.n_heads * cfg.d_head
-        self.n_heads, self.d_head, self.n_rotate, self.rope_base = cfg.n_heads, cfg.d_head, cfg.n_rotate, cfg.rope_base
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
         self.ln_att = nn.LayerNorm(d)
         self.w_q, self.w_k, self.w_v = (nn.Linear(d, inner, bias=False) for _ in range(3))
         self.w_o = nn.Linear(inner, d, bias=False)
@@ -38,14 +38,13 @@ class DenseLayer(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, backend=None, cache: Optional[KVCache] = None
+    def forward(self, x: torch.Tensor, backend, rope: Optional[RopeTables], cache: Optional[KVCache] = None
                 ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
         """Same signature as MoEUTLayer (no routers: the logits dict is empty)."""
         xn = self.ln_att(x)
         scale = self.d_head ** -0.25
-        offset = cache["k"].shape[-2] if cache else 0
-        q = apply_rope(self._heads(self.w_q(xn) * scale), self.n_rotate, self.rope_base, offset)
-        k = apply_rope(self._heads(self.w_k(xn) * scale), self.n_rotate, self.rope_base, offset)
+        q = apply_rope(self._heads(self.w_q(xn) * scale), rope)
+        k = apply_rope(self._heads(self.w_k(xn) * scale), rope)
         v = self._heads(self.w_v(xn))
         if cache is not None:
             k = torch.cat([cache["k"], k], dim=-2) if cache else k

@@ -14,6 +14,7 @@ from moeut_ds.experts import ExpertBackend, get_backend
 from moeut_ds.model.dense import DenseLayer
 from moeut_ds.model.moeut_layer import MoEUTLayer
 from moeut_ds.model.regularizer import entropy_regularizer
+from moeut_ds.model.rope import TABLE_POSITIONS, RopeTables, rope_tables
 from moeut_ds.model.switchhead import KVCache
 
 RouterLog = dict[str, list[torch.Tensor]]   # {"ff"|"v"|"o": router logits of each application}
@@ -43,6 +44,9 @@ class LanguageModel(nn.Module):
         self.in_norm = nn.LayerNorm(cfg.d_model, elementwise_affine=False) if self.post_ln else nn.Identity()
         self.out_norm = nn.Identity() if self.post_ln else nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        tables = rope_tables(cfg.n_rotate, cfg.rope_base, TABLE_POSITIONS)
+        self.register_buffer("rope_cos", tables[0] if tables else None, persistent=False)
+        self.register_buffer("rope_sin", tables[1] if tables else None, persistent=False)
         self.set_expert_backend(expert_backend)
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -76,6 +80,8 @@ class LanguageModel(nn.Module):
         logs: Optional[list[RouterLog]] = (
             [{"ff": [], "v": [], "o": []} for _ in self.layers] if collect else None)
         new_cache: Optional[list[KVCache]] = [] if cache is not None else None
+        offset = cache[0]["k"].shape[-2] if cache and cache[0] else 0     # tokens already in the KV cache
+        rope = self.rope(offset, tokens.shape[1])
         # per-pass backend state (e.g. one bf16 copy of each shared expert weight); none inside a traced graph
         with contextlib.nullcontext() if torch.compiler.is_compiling() else self.expert_backend.forward_context():
             for i, g in enumerate(self.schedule):
@@ -84,9 +90,9 @@ class LanguageModel(nn.Module):
                     # non-reentrant: any outputs (the router logits dict), and collectives inside (expert
                     # parallelism) rerun in the same order on every rank during backward
                     x, layer_cache, logits = torch.utils.checkpoint.checkpoint(
-                        self.layers[g], x, self.expert_backend, None, use_reentrant=False)
+                        self.layers[g], x, self.expert_backend, rope, None, use_reentrant=False)
                 else:
-                    x, layer_cache, logits = self.layers[g](x, self.expert_backend, layer_cache)
+                    x, layer_cache, logits = self.layers[g](x, self.expert_backend, rope, layer_cache)
                 if logs is not None:
                     for key, value in logits.items():
                         logs[g][key].append(value)
@@ -99,6 +105,15 @@ class LanguageModel(nn.Module):
         if reg is None:
             reg = logits.new_zeros((), dtype=torch.float32)
         return LMOutput(logits, reg, new_cache, logs if return_router_logits else None)
+
+    def rope(self, offset: int, seq: int) -> Optional[RopeTables]:
+        """Rotary tables for positions offset .. offset + seq - 1: slices of the buffers (an input of a compiled
+        graph, not recomputed in it), or computed for positions past TABLE_POSITIONS."""
+        if self.rope_cos is None:
+            return None
+        if offset + seq <= self.rope_cos.shape[0]:
+            return self.rope_cos[offset:offset + seq], self.rope_sin[offset:offset + seq]
+        return rope_tables(self.cfg.n_rotate, self.cfg.rope_base, seq, offset, self.rope_cos.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from moeut_ds.config import ModelConfig
 from moeut_ds.experts import ExpertBackend
+from moeut_ds.model.rope import RopeTables
 from moeut_ds.model.sigma_moe import SigmaMoE
 from moeut_ds.model.switchhead import KVCache, SwitchHead
 
@@ -19,7 +20,7 @@ class MoEUTLayer(nn.Module):
         self.norm = cfg.norm
         self.ln_att = nn.LayerNorm(cfg.d_model)
         self.attention = SwitchHead(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.att_n_experts, cfg.att_k,
-                                    cfg.n_rotate, cfg.rope_base, cfg.att_expert_dropout)
+                                    cfg.att_expert_dropout)
         self.ln_ff = nn.LayerNorm(cfg.d_model)
         self.ffn = SigmaMoE(cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size, cfg.ff_k, cfg.ff_expert_dropout)
 
@@ -32,23 +33,24 @@ class MoEUTLayer(nn.Module):
         for ln in (self.ln_att, self.ln_ff):
             ln.reset_parameters()
 
-    def forward(self, x: torch.Tensor, backend: ExpertBackend, cache: Optional[KVCache] = None
-                ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
-        """Returns the new residual, the KV cache and the raw router logits {"ff", "v", "o"} of this application."""
+    def forward(self, x: torch.Tensor, backend: ExpertBackend, rope: Optional[RopeTables],
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
+        """Returns the new residual, the KV cache and the raw router logits {"ff", "v", "o"} of this application.
+        rope: the model's rotary tables for this call's positions (model/rope.py)."""
         if self.norm == "peri":     # LN only in front of what feeds a softmax/sigmoid; V and experts read raw x
             xn = self.ln_att(x)
-            att, cache, logits = self.attention(xn, x, backend, cache)
+            att, cache, logits = self.attention(xn, x, backend, rope, cache)
             x = x + att
             ff, logits["ff"] = self.ffn(x, self.ln_ff(x), backend)
             return x + ff, cache, logits
         if self.norm == "pre":
             xn = self.ln_att(x)
-            att, cache, logits = self.attention(xn, xn, backend, cache)
+            att, cache, logits = self.attention(xn, xn, backend, rope, cache)
             x = x + att
             xn = self.ln_ff(x)
             ff, logits["ff"] = self.ffn(xn, xn, backend)
             return x + ff, cache, logits
-        att, cache, logits = self.attention(x, x, backend, cache)      # post-LN
+        att, cache, logits = self.attention(x, x, backend, rope, cache)      # post-LN
         x = self.ln_att(x + att)
         ff, logits["ff"] = self.ffn(x, x, backend)
         return self.ln_ff(x + ff), cache, logits

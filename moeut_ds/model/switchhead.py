@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeut_ds.experts import ExpertBackend
-from moeut_ds.model.rope import apply_rope
+from moeut_ds.model.rope import RopeTables, apply_rope
 from moeut_ds.model.sigma_moe import router_logits
 
 KVCache = dict[str, torch.Tensor]   # {"k": rotated keys [B, H, T, d_h], "v": mixed values [B, H, T, d_h]}
@@ -33,11 +33,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class SwitchHead(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_head: int, n_experts: int, k: int, n_rotate: int,
-                 rope_base: float, expert_dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, n_experts: int, k: int, expert_dropout: float = 0.0):
         super().__init__()
         self.n_heads, self.d_head, self.n_experts, self.k = n_heads, d_head, n_experts, k
-        self.n_rotate, self.rope_base, self.expert_dropout = n_rotate, rope_base, expert_dropout
+        self.expert_dropout = expert_dropout
         self.w_q = nn.Parameter(torch.empty(n_heads * d_head, d_model))
         self.w_k = nn.Parameter(torch.empty(n_heads * d_head, d_model))
         if n_experts > 1:
@@ -73,18 +72,16 @@ class SwitchHead(nn.Module):
         """[B, T, H*d_h] -> [B, H, T, d_h]"""
         return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, xn: torch.Tensor, x: torch.Tensor, backend: ExpertBackend, cache: Optional[KVCache] = None
-                ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
-        """xn: LayerNorm'd input (Q, K, routers); x: raw residual (V).
+    def forward(self, xn: torch.Tensor, x: torch.Tensor, backend: ExpertBackend, rope: Optional[RopeTables],
+                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
+        """xn: LayerNorm'd input (Q, K, routers); x: raw residual (V); rope: the model's tables for these positions.
 
         Returns the output [B, T, d], the new cache and the raw router logits {"v", "o"} (empty when N_A = 1)."""
         bsz, seq, d_model = x.shape
         scale = self.d_head ** -0.25
         q = self._heads(F.linear(xn, self.w_q) * scale)
         k = self._heads(F.linear(xn, self.w_k) * scale)
-        offset = cache["k"].shape[-2] if cache else 0
-        q = apply_rope(q, self.n_rotate, self.rope_base, offset)
-        k = apply_rope(k, self.n_rotate, self.rope_base, offset)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         logits: dict[str, torch.Tensor] = {}
         if self.n_experts > 1:
             logits["v"], routing_v = self._route(xn, self.router_v, backend)
