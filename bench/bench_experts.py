@@ -271,6 +271,9 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
                lambda: GM._wgrad(h, 0, gy_sorted, 0, plan, gw2), flop=flop1)
         # the gate on the sorted operand instead (h * gate stored by an earlier kernel), grad gathered unscaled
         h_gated = h * gate[plan.order].unsqueeze(1).to(BF16)
+        # what the same gated operand costs as a separate torch pass (against the down_dx_store_gated row)
+        _timed(rows, f"sweep gate * h as a torch pass BM{block_m}", lambda: h * gate[plan.order].unsqueeze(1).to(BF16),
+               gbytes=2 * P * d_e * 2 / 1e9)
         _timed(rows, f"sweep wgrad_down on h * gate, grad gathered unscaled BM{block_m}",
                lambda: GM._wgrad(h_gated, 0, gy, k, plan, gw2), flop=flop1)
         del x_sorted, gy_sorted, h_gated
