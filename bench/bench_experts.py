@@ -12,6 +12,7 @@ per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -33,6 +34,7 @@ from moeut_kernels import grouped as GM  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
+from moeut_kernels.routing import RoutingPlan  # noqa: E402
 
 TOKENS = 64 * 1024
 FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
@@ -352,6 +354,38 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
            lambda: GM._wgrad(a_gated, 0, gy, hk, po, gw_o), flop=flop1)
 
 
+def window_order(plan: RoutingPlan) -> RoutingPlan:
+    """The plan's tiles sorted by their first pair id (unused tiles last): tile j of every expert runs together,
+    over a narrow window of tokens, instead of all tiles of a few experts (the routing's expert order)."""
+    first = plan.order[plan.tile_start.clamp(0, plan.n_pairs - 1).long()]
+    perm = torch.argsort(torch.where(plan.tile_expert < plan.n_experts, first, plan.n_pairs), stable=True)
+    return dataclasses.replace(plan, tile_expert=plan.tile_expert[perm], tile_start=plan.tile_start[perm])
+
+
+def sweep_order(rows: list) -> None:
+    """The gathering calls (FF up forward and down input-grad at 244M) in expert and window tile order, at
+    BLOCK_M 128 and 256. In window order a tile reads its expert's weights from DRAM more often (256 KB per
+    128-row FF tile) but its gathered rows from L2 (KERNELS.md, "The memory floor of this design")."""
+    shape = FF_SHAPES["244M"]
+    x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
+    k, d_e, E = shape["k"], shape["d_e"], shape["n_experts"]
+    logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
+    P, xd = TOKENS * k, x.detach()
+    h, out_h = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
+    gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)
+    flop = 2 * P * shape["d"] * d_e
+    for block_m in (128, 256):
+        r = TritonBackend(block_m=block_m).route(logits, k)
+        gate = r.gate.detach().reshape(-1)
+        cfg = TileConfig(128, 64, 8, 3) if block_m == 256 else None    # 8 warps: a 256 x 128 fp32 accumulator
+        for label, plan in (("expert order", r.plan), ("window order", window_order(r.plan))):
+            _timed(rows, f"order up_fwd BM{block_m} {label}",
+                   lambda: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=cfg), flop=flop)
+            _timed(rows, f"order down_dx BM{block_m} {label}",
+                   lambda: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=cfg),
+                   flop=flop)
+
+
 def sweep_route(rows: list) -> None:
     """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route, the fused
     sigmoid/top-k/histogram kernel at several row blocks and warp counts, torch.topk for comparison, the stable
@@ -390,6 +424,8 @@ def main() -> None:
     ap.add_argument("--sweep-att", choices=sorted(ATT_SHAPES), default=None,
                     help="per-call times of the SwitchHead V/O layer at this shape")
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
+    ap.add_argument("--sweep-order", action="store_true",
+                    help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
@@ -412,7 +448,9 @@ def main() -> None:
         sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
     if args.sweep_route:
         sweep_route(rows)
-    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route)
+    if args.sweep_order:
+        sweep_order(rows)
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:
