@@ -1,0 +1,45 @@
+"""bench/bench_experts.py runs end to end at tiny shapes (Triton's interpreter on CPU, the kernels themselves on a
+GPU): its sweeps and layer tables are the first GPU call of every session, and a Python error there costs device
+minutes. Times are not checked; every row must be a time, not an error."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel_testing import DEVICE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_experts as B  # noqa: E402
+
+FF = dict(d=64, n_experts=12, d_e=32, k=4)
+ATT = dict(d=64, heads=2, n_experts=4, k=2, d_h=32)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(B, "DEV", DEVICE)
+    monkeypatch.setattr(B, "TOKENS", 64)
+    monkeypatch.setattr(B, "ms", lambda fn, rep=0: (fn(), 1.0)[1])     # run once; the time is not the point
+    monkeypatch.setitem(B.FF_SHAPES, "244M", FF)
+    monkeypatch.setitem(B.ATT_SHAPES, "244M", ATT)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(B, "count_syncs", lambda fn: (fn(), 0)[1])    # torch's sync debug mode is CUDA-only
+
+
+def test_sweeps_and_layer_tables_run(tiny):
+    rows: list = []
+    B.sweep(FF, rows, defaults_only=True)
+    B.sweep_att("244M", ATT, rows)
+    B.sweep_order(rows)
+    B.sweep_route(rows)
+    B.bench_ff("tiny", FF, 1.0, rows, check=True)
+    B.bench_att("tiny", ATT, 1.0, rows, check=True)
+    assert [r for r in rows if "error" in r] == []
+    names = " | ".join(r["what"] for r in rows)
+    for what in ("down_dx_store_gated", "V dx + gated store", "order up_fwd BM256 window order",
+                 "top-k kernel rows", "FF tiny triton", "att V+O tiny triton"):
+        assert what in names, what
+    checks = [r for r in rows if r["what"].startswith("check")]
+    assert checks and all(max(r["err"]) < 2e-2 for r in checks)     # bf16 kernels vs the fp32 reference
