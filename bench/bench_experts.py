@@ -17,6 +17,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
@@ -203,6 +204,15 @@ def _timed(rows: list, what: str, fn, **extra) -> None:
     print(rows[-1], flush=True)
 
 
+def sorted_operand(t: torch.Tensor, group: int, plan: RoutingPlan, gate: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """A weight-gradient operand materialised in sorted pair layout: rows t[pair // group] (t itself when group is
+    0: already sorted), times the pair's gate when given; what the weight-gradient sweeps compare the in-kernel
+    gathers and gate scale against."""
+    rows = t[plan.order // group] if group else t
+    return rows if gate is None else rows * gate[plan.order].unsqueeze(1).to(rows.dtype)
+
+
 def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
     """Time each kernel call of the FF layer alone for several tile configs (bf16, one FF shape): what picked the
     heuristics in moeut_kernels/grouped.py. 'R' configs keep the A tile resident and loop over n_loop output
@@ -265,23 +275,21 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
                 break
         # what the gathers (and the gate scale) cost the weight gradients: the same sums on operands gathered
         # (and scaled) beforehand into the sorted layout
-        x_sorted = xd[plan.order // k]
-        gy_sorted = gy[plan.order // k] * gate[plan.order].unsqueeze(1).to(BF16)
+        x_sorted = sorted_operand(xd, k, plan)
+        gy_sorted = sorted_operand(gy, k, plan, gate)
         _timed(rows, f"sweep wgrad_up on pre-gathered x BM{block_m}", lambda: GM._wgrad(x_sorted, 0, gh, 0, plan, gw1),
                flop=flop1)
         _timed(rows, f"sweep wgrad_down on pre-gathered, pre-scaled grad BM{block_m}",
                lambda: GM._wgrad(h, 0, gy_sorted, 0, plan, gw2), flop=flop1)
         # the gate on the sorted operand instead (h * gate stored by an earlier kernel), grad gathered unscaled
-        h_gated = h * gate[plan.order].unsqueeze(1).to(BF16)
-        # what the same gated operand costs as a separate torch pass (against the down_dx_store_gated row)
-        _timed(rows, f"sweep gate * h as a torch pass BM{block_m}", lambda: h * gate[plan.order].unsqueeze(1).to(BF16),
-               gbytes=2 * P * d_e * 2 / 1e9)
+        h_gated = sorted_operand(h, 0, plan, gate)
         _timed(rows, f"sweep wgrad_down on h * gate, grad gathered unscaled BM{block_m}",
                lambda: GM._wgrad(h_gated, 0, gy, k, plan, gw2), flop=flop1)
+        # what the same gated operand costs as a separate torch pass (against the down_dx_store_gated row)
+        _timed(rows, f"sweep gate * h as a torch pass BM{block_m}", lambda: sorted_operand(h, 0, plan, gate),
+               gbytes=2 * P * d_e * 2 / 1e9)
         del x_sorted, gy_sorted, h_gated
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
-        key = r.expert_index.reshape(-1).to(torch.int16)
-        _timed(rows, f"route's stable sort alone BM{block_m}", lambda: torch.argsort(key, stable=True))
 
 
 def sweep_att(name: str, s: dict, rows: list) -> None:
@@ -342,14 +350,14 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
         for key in over:
             GM.OVERRIDES.pop(key)
     # what the gathers and the gate scale cost: the same sum on operands gathered and scaled beforehand
-    x_sorted = x[pv.order // hk]
-    gv_sorted = gv[pv.order // k] * gate_v[pv.order].unsqueeze(1).to(BF16)
+    x_sorted = sorted_operand(x, hk, pv)
+    gv_sorted = sorted_operand(gv, k, pv, gate_v)
     _timed(rows, f"sweep att {name} V wgrad on pre-gathered, pre-scaled operands",
            lambda: GM._wgrad(x_sorted, 0, gv_sorted, 0, pv, gw_v), flop=flop1)
     # only the gated operand stored sorted and scaled beforehand (by the input-gradient kernel), the other gathered
     _timed(rows, f"sweep att {name} V wgrad on sorted gate * grad, x gathered",
            lambda: GM._wgrad(x, hk, gv_sorted, 0, pv, gw_v), flop=flop1)
-    a_gated = a[po.order // k] * gate_o[po.order].unsqueeze(1).to(BF16)
+    a_gated = sorted_operand(a, k, po, gate_o)
     _timed(rows, f"sweep att {name} O wgrad on sorted gate * a, grad gathered unscaled",
            lambda: GM._wgrad(a_gated, 0, gy, hk, po, gw_o), flop=flop1)
 

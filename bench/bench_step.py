@@ -243,6 +243,13 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "bench_step.json").write_text(json.dumps(results, indent=1))
 
+    def add_profile(table: str) -> None:
+        print(table, flush=True)
+        results.setdefault("profiles", []).append(table)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "profile.md").write_text("\n\n".join(results["profiles"]) + "\n")
+
     sizes = args.sizes.split(",")
     results["check"] = check(f"moeut-{sizes[0]}")
     log(f"check: {results['check']}")
@@ -264,10 +271,7 @@ def main() -> None:
             continue
         if preset == "profile":
             p = f"moeut-{sizes[0]}"
-            results.setdefault("profiles", []).append(profile_step(p, fitted.get(p, BATCH)))
-            print(results["profiles"][-1], flush=True)
-            if out:
-                (out / "profile.md").write_text("\n\n".join(results["profiles"]) + "\n")
+            add_profile(profile_step(p, fitted.get(p, BATCH)))
             continue
         start = micros.index(fitted[preset]) if preset in fitted else 0
         try:
@@ -282,11 +286,7 @@ def main() -> None:
             fitted.setdefault(preset, r["micro"])
             table = r.pop("profile")
             if table:
-                print(table, flush=True)
-                results.setdefault("profiles", []).append(table)
-                if out:
-                    out.mkdir(parents=True, exist_ok=True)
-                    (out / "profile.md").write_text("\n\n".join(results["profiles"]) + "\n")
+                add_profile(table)
             results["rows"].append(r)
         save()
 

@@ -161,11 +161,11 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
+        s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)     # once per tile, not per slice
         if STORE_SIDE:
             if chunk == 0:
                 side = a
                 if HAS_SCALE:
-                    s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
                     side = (a.to(tl.float32) * s[:, None]).to(a.dtype)
                 tl.store(side_ptr + pos[:, None] * s_om + ks[None, :] * s_ok, side,
                          mask=rmask[:, None] & kmask[None, :])
@@ -175,7 +175,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            _epilogue(acc, pair, pos, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, side_ptr,
+            _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
                       s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)
     else:
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
@@ -190,7 +190,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
                         other=0.0)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-        g = _epilogue(acc, pair, pos, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, side_ptr,
+        s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
+        g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
                       s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, STORE_SIDE, BLOCK_M)
         if GATE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
@@ -208,16 +209,24 @@ def _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_
 
 
 @triton.jit
-def _epilogue(acc, pair, pos, c_row, d_row, rmask, cols, nmask, c_ptr, scale_ptr, dsrc_ptr, side_ptr,
-              s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-              GATE_GRAD: tl.constexpr, STORE_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice; returns this slice's gate-gradient partial
-    sum_n acc * D[d_row] (zeros without GATE_GRAD). STORE_D: also stores D[d_row] * scale at the sorted position
-    in side (the weight gradient's gated operand)."""
-    omask = rmask[:, None] & nmask[None, :]
-    g = tl.zeros([BLOCK_M], dtype=tl.float32)
+def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's per-pair scale (the gate) in fp32; ones without HAS_SCALE (then never applied)."""
     if HAS_SCALE:
         s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        s = tl.full([BLOCK_M], 1.0, tl.float32)
+    return s
+
+
+@triton.jit
+def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
+              s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+              GATE_GRAD: tl.constexpr, STORE_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE;
+    returns this slice's gate-gradient partial sum_n acc * D[d_row] (zeros without GATE_GRAD). STORE_D: also
+    stores D[d_row] * s at the sorted position in side (the weight gradient's gated operand)."""
+    omask = rmask[:, None] & nmask[None, :]
+    g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATE_GRAD:
         d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
         g = tl.sum(acc * d.to(tl.float32), axis=1)
