@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _arg_type(v) -> str:
+    if v is None:
+        return "constexpr"      # an unused optional argument (e.g. no tensor descriptor)
     if isinstance(v, torch.Tensor):
         return "*" + TRITON_TYPES[v.dtype]
     if isinstance(v, bool):
@@ -127,7 +129,8 @@ for name, types, consts, (warps, stages) in launches:
     signature = dict(zip(params, types))
     signature.update({k: "constexpr" for k, _ in consts})
     assert set(signature) == set(params), (name, set(params) - set(signature))
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=dict(consts)),
+    constexprs = {p: None for p, t in zip(params, types) if t == "constexpr"} | dict(consts)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], name
     assert compiled.metadata.shared <= shared_limit, (name, consts, compiled.metadata.shared)
