@@ -394,54 +394,6 @@ def sweep_order(rows: list) -> None:
                    flop=flop)
 
 
-def sweep_store(rows: list) -> None:
-    """Where the time of the calls that write [P, d] goes (FF 244M down forward and up input-grad): the DRAM write
-    floor (fill, copy), stores by pair id vs at the sorted position (there, full tiles by TMA), L2 eviction hints
-    (stores evict-first so the 2 GB of output do not push the experts' weights out of L2; weights evict-last), and
-    1-2 stage configs small enough for two programs per SM (the store of one overlapping the other's matmul). The
-    sorted layout's group sum gathers each row's pairs through the inverse permutation: timed against the
-    contiguous one."""
-    shape = FF_SHAPES["244M"]
-    x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
-    k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
-    logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
-    r = TritonBackend().route(logits, k)
-    plan, gate = r.plan, r.gate.detach().reshape(-1)
-    P = TOKENS * k
-    h, gh = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
-    buf, buf2 = (torch.empty(P, d, device=DEV, dtype=BF16) for _ in range(2))
-    _timed(rows, "store floor: fill [P, d]", lambda: buf.fill_(1.0), gbytes=P * d * 2 / 1e9)
-    _timed(rows, "store floor: copy [P, d]", lambda: buf2.copy_(buf), gbytes=2 * P * d * 2 / 1e9)
-    flop = 2 * P * d * d_e
-    base = GM.gmm_config(d, d_e, BF16, plan.block_m)
-    by_pair = [("default", base), ("evict_first stores", dataclasses.replace(base, store_policy="evict_first")),
-               ("evict_first stores, evict_last W",
-                dataclasses.replace(base, store_policy="evict_first", w_policy="evict_last")),
-               ("1 stage", dataclasses.replace(base, num_stages=1)),
-               ("1 stage, 4 warps", dataclasses.replace(base, num_stages=1, num_warps=4)),
-               ("64-wide slices x 16, 2 stages", dataclasses.replace(base, block_n=64, n_loop=16, num_stages=2))]
-    sorted_pos = [("sorted", base), ("sorted, TMA", dataclasses.replace(base, c_tma=True)),
-                  ("sorted, TMA, evict_last W", dataclasses.replace(base, c_tma=True, w_policy="evict_last")),
-                  ("sorted, TMA, 1 stage", dataclasses.replace(base, c_tma=True, num_stages=1))]
-    calls = (("down_fwd", lambda c, out_by_pair: GM._gmm(h, 0, w2, False, plan, buf, out_by_pair, cfg=c)),
-             ("up_dx", lambda c, out_by_pair: GM._gmm(gh, 0, w1, True, plan, buf, out_by_pair, amask=h, cfg=c)))
-    for name, call in calls:
-        for label, c in by_pair:
-            _timed(rows, f"store {name} by pair {label}", lambda: call(c, True), flop=flop)
-        for label, c in sorted_pos:
-            _timed(rows, f"store {name} {label}", lambda: call(c, False), flop=flop)
-    gbytes = (P * d * 2 + TOKENS * d * 2) / 1e9
-    _timed(rows, "store group sum by pair id (contiguous)", lambda: GM.group_sum(buf, k, gate), gbytes=gbytes)
-    inv = torch.empty_like(plan.order)
-    inv[plan.order] = torch.arange(P, device=DEV, dtype=inv.dtype)
-    seg, gate_sorted = torch.arange(0, P + 1, k, device=DEV), gate[plan.order]
-    for block_r, block_n in ((16, 256), (8, 512), (4, 1024)):
-        GM.OVERRIDES["sum"] = dict(block_r=block_r, block_n=block_n)
-        _timed(rows, f"store group sum gathered from sorted positions {block_r}x{block_n}",
-               lambda: GM.segment_sum(buf, seg, gate_sorted, inv), gbytes=gbytes)
-    GM.OVERRIDES.pop("sum")
-
-
 def sweep_route(rows: list) -> None:
     """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route, the fused
     sigmoid/top-k/histogram kernel at several row blocks and warp counts, torch.topk for comparison, the stable
@@ -482,8 +434,6 @@ def main() -> None:
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
-    ap.add_argument("--sweep-store", action="store_true",
-                    help="time the [P, d]-writing FF calls' store variants and write floors (244M shape)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
@@ -508,9 +458,7 @@ def main() -> None:
         sweep_route(rows)
     if args.sweep_order:
         sweep_order(rows)
-    if args.sweep_store:
-        sweep_store(rows)
-    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_store)
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:

@@ -40,7 +40,7 @@ if [ -n "$mb_src" ]; then
   export PYTHONPATH="/tmp/megablocks_site:$PYTHONPATH"
 fi
 TAILN=14 step experts 200 python3 bench/bench_experts.py --only ff244,att,ff1b,att1b --json "$out/experts.json"
-TAILN=100 step sweeps 330 python3 bench/bench_experts.py --only none --sweep defaults --sweep-att 244M --sweep-order --sweep-store \
+TAILN=70 step sweeps 240 python3 bench/bench_experts.py --only none --sweep defaults --sweep-att 244M --sweep-order \
   --json "$out/sweeps.json"
 TAILN=6 step step_244m_compiled 300 python3 bench/bench_step.py --sizes 244m --no-eager --budget-s 250 --profile-compiled \
   --out "$out/step_244m_compiled"

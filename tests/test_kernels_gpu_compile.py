@@ -35,8 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _arg_type(v) -> str:
-    if v is None:
-        return "constexpr"      # an unused optional argument (e.g. no tensor descriptor)
     if isinstance(v, torch.Tensor):
         return "*" + TRITON_TYPES[v.dtype]
     if isinstance(v, bool):
@@ -129,8 +127,7 @@ for name, types, consts, (warps, stages) in launches:
     signature = dict(zip(params, types))
     signature.update({k: "constexpr" for k, _ in consts})
     assert set(signature) == set(params), (name, set(params) - set(signature))
-    constexprs = {p: None for p, t in zip(params, types) if t == "constexpr"} | dict(consts)
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=dict(consts)),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], name
     assert compiled.metadata.shared <= shared_limit, (name, consts, compiled.metadata.shared)

@@ -108,12 +108,12 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, side_ptr, c_desc,
+               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, side_ptr,
                N, K, E, n_per_prog,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
-               STORE_SIDE: tl.constexpr, C_TMA: tl.constexpr, C_EVICT: tl.constexpr, W_EVICT: tl.constexpr,
+               STORE_SIDE: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -131,9 +131,6 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
     and unscaled instead of loading the mask or scaling a gathered operand in each of its programs.
-    C_TMA (sorted-position output only): full tiles store through the tensor descriptor c_desc (an asynchronous
-    bulk copy from shared memory), partial tiles with masked stores. C_EVICT / W_EVICT: L2 eviction hints of the
-    output stores and the weight loads.
     """
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(N, n_per_prog)
@@ -176,11 +173,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
-                        other=0.0, eviction_policy=W_EVICT)
+                        other=0.0)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr, c_desc, start, n0,
-                      end - start >= BLOCK_M, s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD,
-                      False, C_TMA, C_EVICT, BLOCK_M)
+            _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
+                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)
     else:
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
         cols = n_lo + tl.arange(0, BLOCK_N)
@@ -192,12 +188,11 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             kmask = ks < K
             a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
             w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
-                        other=0.0, eviction_policy=W_EVICT)
+                        other=0.0)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
-        g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr, c_desc, start, n_lo,
-                      end - start >= BLOCK_M, s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD,
-                      STORE_SIDE, C_TMA, C_EVICT, BLOCK_M)
+        g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
+                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, STORE_SIDE, BLOCK_M)
         if GATE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
@@ -224,10 +219,9 @@ def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr, c_desc, row0, col0, full,
+def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
               s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-              GATE_GRAD: tl.constexpr, STORE_D: tl.constexpr, C_TMA: tl.constexpr, C_EVICT: tl.constexpr,
-              BLOCK_M: tl.constexpr):
+              GATE_GRAD: tl.constexpr, STORE_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE;
     returns this slice's gate-gradient partial sum_n acc * D[d_row] (zeros without GATE_GRAD). STORE_D: also
     stores D[d_row] * s at the sorted position in side (the weight gradient's gated operand)."""
@@ -243,15 +237,7 @@ def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, si
         acc = tl.maximum(acc, 0.0)
     if HAS_SCALE:
         acc = acc * s[:, None]
-    c = acc.to(c_ptr.dtype.element_ty)
-    c_ptrs = c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn
-    if C_TMA:
-        if full:
-            c_desc.store([row0.to(tl.int32), col0], c)     # coordinates (rows), not element offsets
-        else:
-            tl.store(c_ptrs, c, mask=omask)
-    else:
-        tl.store(c_ptrs, c, mask=omask, eviction_policy=C_EVICT)
+    tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=omask)
     return g
 
 

@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeut_kernels import _triton as K
 from moeut_kernels.routing import RoutingPlan
@@ -41,9 +40,6 @@ class TileConfig:
     num_stages: int
     a_resident: bool = False
     n_loop: int = 1
-    c_tma: bool = False         # grouped matmul with sorted-position output: full tiles stored by TMA
-    store_policy: str = ""      # L2 eviction hint of the output stores ("", "evict_first")
-    w_policy: str = ""          # ... and of the weight loads ("", "evict_last")
 
     def columns_per_program(self) -> int:
         return self.block_n * (self.n_loop if self.a_resident else 1)
@@ -123,13 +119,10 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
     if side_out is not None and not (cfg.a_resident or (gpart is not None and scale is not None)):
         raise ValueError("side_out needs a resident-A config or a fused gate gradient")
-    if cfg.c_tma and out_by_pair:
-        raise ValueError("c_tma stores whole tiles at their sorted positions: not with out_by_pair")
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
         return
     dummy = plan.order
-    c_desc = TensorDescriptor.from_tensor(out, [plan.block_m, cfg.block_n]) if cfg.c_tma else None
     amask_t = amask if amask is not None else a
     dsrc_t = dsrc if dsrc is not None else a
     if a_index is not None:
@@ -142,7 +135,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
         a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
-        side_out if side_out is not None else a, c_desc,
+        side_out if side_out is not None else a,
         ndim, kdim, n_experts, cols,
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
@@ -150,8 +143,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         side_out.stride(0) if side_out is not None else 0, side_out.stride(1) if side_out is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident,
-        STORE_SIDE=side_out is not None, C_TMA=cfg.c_tma, C_EVICT=cfg.store_policy, W_EVICT=cfg.w_policy,
-        FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        STORE_SIDE=side_out is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
