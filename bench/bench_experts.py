@@ -7,7 +7,12 @@ Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real 
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
---sweep-att the time of each kernel call of the SwitchHead layer (`--only none` skips the layer tables).
+--sweep-att the time of each kernel call of the SwitchHead layer (`--only none` skips the layer tables). With
+--profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
+
+    ncu --profile-from-start off -k regex:'gmm_kernel|wgrad_kernel|group_sum_kernel|sigmoid_topk_kernel' \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats -o ff244 \
+        python bench/bench_experts.py --only none --no-check --profile-layer ff244
 """
 from __future__ import annotations
 
@@ -425,6 +430,28 @@ def sweep_route(rows: list) -> None:
         _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(counts, flat.numel(), 128))
 
 
+def profile_layers(names: list[str]) -> None:
+    """One fwd+bwd of each named layer (ff244, ff1b, att, att1b) between cudaProfilerStart/Stop, after a warm-up
+    step: for Nsight Compute (`ncu --profile-from-start off ...`), which then sees each kernel call once."""
+    steps = []
+    for name in names:
+        if name.startswith("ff"):
+            shape = FF_SHAPES["1B" if name == "ff1b" else "244M"]
+            x, w_s, w1, w2, gy = ff_inputs(shape)
+            steps.append(lambda: torch.autograd.grad(ff_layer(TritonBackend(), x, w_s, w1, w2, shape["k"]),
+                                                     [x, w_s, w1, w2], gy))
+        else:
+            raise ValueError(f"--profile-layer takes ff244 or ff1b, not {name}")
+    for step in steps:
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for step in steps:
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", nargs="?", const="full", choices=["full", "defaults"], default=None,
@@ -434,6 +461,8 @@ def main() -> None:
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
+    ap.add_argument("--profile-layer", default=None,
+                    help="comma list of ff244, ff1b: one profiled fwd+bwd each, for ncu --profile-from-start off")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
@@ -450,6 +479,8 @@ def main() -> None:
     env["bf16_peak_tflops"] = peak
     print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
     only = args.only.split(",")
+    if args.profile_layer:
+        profile_layers(args.profile_layer.split(","))
     if args.sweep:
         sweep(FF_SHAPES["244M"], rows, defaults_only=args.sweep == "defaults")
     if args.sweep_att:

@@ -28,7 +28,7 @@ def tiny(monkeypatch):
         monkeypatch.setattr(B, "count_syncs", lambda fn: (fn(), 0)[1])    # torch's sync debug mode is CUDA-only
 
 
-def test_sweeps_and_layer_tables_run(tiny):
+def test_sweeps_and_layer_tables_run(tiny, monkeypatch):
     rows: list = []
     B.sweep(FF, rows, defaults_only=True)
     B.sweep_att("244M", ATT, rows)
@@ -37,6 +37,10 @@ def test_sweeps_and_layer_tables_run(tiny):
     B.bench_ff("tiny", FF, 1.0, rows, check=True)
     B.bench_att("tiny", ATT, 1.0, rows, check=True)
     assert [r for r in rows if "error" in r] == []
+    if DEVICE == "cpu":
+        monkeypatch.setattr(torch.cuda.profiler, "start", lambda: None)
+        monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: None)
+    B.profile_layers(["ff244"])
     names = " | ".join(r["what"] for r in rows)
     for what in ("down_dx_store_gated", "V dx + gated store", "order up_fwd BM256 window order",
                  "top-k kernel rows", "FF tiny triton", "att V+O tiny triton"):
