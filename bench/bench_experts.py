@@ -400,8 +400,8 @@ def sweep_order(rows: list) -> None:
 
 
 def sweep_route(rows: list) -> None:
-    """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route, the fused
-    sigmoid/top-k/histogram kernel at several row blocks and warp counts, torch.topk for comparison, the stable
+    """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route (fp32- and bf16-valued
+    logits), the fused sigmoid/top-k/histogram kernel at several row blocks and warp counts (fp32 values), torch.topk for comparison, the stable
     sort and the plan kernel."""
     from moeut_kernels import _triton as K
     g = torch.Generator(device=DEV).manual_seed(5)
@@ -411,6 +411,9 @@ def sweep_route(rows: list) -> None:
         logits = torch.randn(TOKENS, groups, n, device=DEV, generator=g)
         tb = TritonBackend()
         _timed(rows, f"route {name}: whole", lambda: tb.route(logits, k))
+        # what a bf16 router GEMM gives (low 16 bits zero): the top-k kernel packs into int32 instead of int64
+        logits16 = logits.bfloat16().float()
+        _timed(rows, f"route {name}: whole, bf16-valued logits", lambda: tb.route(logits16, k))
         S, E = groups * k, groups * n
         gate = torch.empty(TOKENS, S, device=DEV)
         index = torch.empty(TOKENS, S, device=DEV, dtype=torch.int64)

@@ -80,22 +80,49 @@ def test_route_matches_reference(n_rows, n_groups, n, k, bias, block_m):
     assert used == sorted(used, reverse=True)
 
 
-def test_route_ties_signs_and_infinities():
+def _assert_picks_by_value_then_index(logits: torch.Tensor, k: int, gate: torch.Tensor,
+                                      expert_index: torch.Tensor) -> None:
+    """Each group's picks are its k largest logits, the lowest index first among equal ones, with their gates."""
+    n_rows, n_groups, n = logits.shape
+    for r in range(n_rows):
+        for grp in range(n_groups):
+            v = logits[r, grp].tolist()
+            want = sorted(range(n), key=lambda i: (-v[i], i))[:k]     # by value, then lowest index
+            got = (expert_index[r, grp * k:(grp + 1) * k] - grp * n).tolist()
+            assert got == want, (r, grp, got, want)
+            torch.testing.assert_close(gate[r, grp * k:(grp + 1) * k].cpu(), torch.sigmoid(torch.tensor(v)[want]))
+
+
+@pytest.mark.parametrize("bf16_values", [False, True])
+def test_route_ties_signs_and_infinities(bf16_values):
     """Lowest index wins ties; negative, zero, -0.0 and -inf logits keep their order (the kernel compares packed
-    integer bits); rows that are all -inf (full expert dropout) still pick k experts, the lowest ids."""
+    integer bits); rows that are all -inf (full expert dropout) still pick k experts, the lowest ids. With every
+    logit a bf16 value (what a bf16 router GEMM gives) the kernel packs into int32 instead of int64: same picks."""
     logits = torch.tensor([[0.5, -1.0, 0.5, -0.0, 0.0, -1.0, 3.0, 0.5],
                            [-2.0, -0.0, -1e-30, 0.0, float("-inf"), -1e30, -0.5, -7.0],
                            [float("-inf")] * 8,
                            [1.0] * 8]).view(4, 1, 8)
-    logits = torch.cat([logits, logits.flip(-1)], 1).to(DEVICE)        # a second group, other positions
+    logits = torch.cat([logits, logits.flip(-1)], 1)                   # a second group, other positions
+    if bf16_values:
+        logits = logits.bfloat16().float()
+    assert (logits.view(torch.int32) & 0xFFFF).any() != bf16_values    # which packing the kernel takes
+    logits = logits.to(DEVICE)
     gate, expert_index, _ = sigmoid_topk_route(logits, 3, 16)
-    for r in range(4):
-        for grp in range(2):
-            v = logits[r, grp].tolist()
-            want = sorted(range(8), key=lambda i: (-v[i], i))[:3]     # by value, then lowest index
-            got = (expert_index[r, grp * 3:grp * 3 + 3] - grp * 8).tolist()
-            assert got == want, (r, grp, got, want)
-            torch.testing.assert_close(gate[r, grp * 3:grp * 3 + 3].cpu(), torch.sigmoid(torch.tensor(v)[want]))
+    _assert_picks_by_value_then_index(logits, 3, gate, expert_index)
+
+
+@pytest.mark.parametrize("bf16_values", [False, True])
+def test_route_many_ties_at_the_ff_width(bf16_values):
+    """387 experts (the 244M FF router), k = 16, logits from a coarse grid so every row has many exact ties around
+    its k-th value, negatives included; bf16-valued logits take the int32 packing, the others the int64 one."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randint(-12, 13, (40, 1, 387), generator=gen).float() / 8
+    if not bf16_values:
+        logits = logits + torch.randn(logits.shape, generator=gen) * 1e-6 * (torch.rand(logits.shape, generator=gen)
+                                                                              < 0.5)
+    assert (logits.view(torch.int32) & 0xFFFF).any() != bf16_values
+    gate, expert_index, _ = sigmoid_topk_route(logits.to(DEVICE), 16, 32)
+    _assert_picks_by_value_then_index(logits, 16, gate, expert_index)
 
 
 def test_route_backward_matches_reference():

@@ -23,14 +23,15 @@ def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_
                         K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program = BLOCK_R rows of one group: top-K by logit (= by sigmoid, monotonic), lowest index on ties.
 
-    Each logit and its column are packed into one int64 (order-preserving bits of the value high, BLOCK_N-1-column
-    low), so one max-reduction per pick finds the largest value and, among equal values, the lowest column.
-    Writes gate, global expert id (int64) and a narrow sort key per pair, and counts pairs per expert with integer
-    atomics (exact, hence deterministic).
+    Each logit and its column are packed into one integer (order-preserving bits of the value high,
+    BLOCK_N-1-column low), so one max-reduction per pick finds the largest value and, among equal values, the lowest
+    column. When every logit of the block is a bf16 value held in fp32 (router logits from a bf16 GEMM: the low 16
+    bits are zero), the 16 value bits and the column fit one int32, whose reductions cost half those of the int64
+    packing that exact fp32 logits need; both give the same picks. Writes gate, global expert id (int64) and a
+    narrow sort key per pair, and counts pairs per expert with integer atomics (exact, hence deterministic).
     """
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
-    n_groups = tl.num_programs(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < n_rows
@@ -38,21 +39,41 @@ def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_
     ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + g * stride_group + cols[None, :]
     vals = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
     vals = tl.where(vals == 0.0, 0.0, vals)                           # -0.0 ties with 0.0, as in the float order
-    ordered = _flip_sign_magnitude(vals.to(tl.int32, bitcast=True)).to(tl.int64)
-    packed = (ordered << 32) | (BLOCK_N - 1 - cols)[None, :].to(tl.int64)
-    taken = tl.full([BLOCK_R, BLOCK_N], -1, tl.int64) << 63        # below every packed logit
-    packed = tl.where(cmask[None, :], packed, taken)                 # padding columns are never picked
-    S = n_groups * K
+    ordered = _flip_sign_magnitude(vals.to(tl.int32, bitcast=True))
+    code = (BLOCK_N - 1 - cols)[None, :]
+    if tl.max(tl.max(vals.to(tl.int32, bitcast=True) & 0xFFFF, axis=1), axis=0) == 0:
+        narrow = tl.where(cmask[None, :], ((ordered >> 16) << 16) | code, -2147483648)   # padding: never picked
+        _pick_topk(narrow, rows, rmask, cols, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K, BLOCK_N, 16)
+    else:
+        wide = tl.where(cmask[None, :], (ordered.to(tl.int64) << 32) | code.to(tl.int64), -9223372036854775808)
+        _pick_topk(wide, rows, rmask, cols, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K, BLOCK_N, 32)
+
+
+@triton.jit
+def _pick_topk(packed, rows, rmask, cols, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K: tl.constexpr,
+               BLOCK_N: tl.constexpr, SHIFT: tl.constexpr):
+    """K max-reductions over packed values (value bits above SHIFT, column code below): store each pick's gate,
+    expert and key, count it, and mask its column with the packing's minimum."""
+    S = tl.num_programs(1) * K
+    if SHIFT == 16:
+        taken = -2147483648                 # below every packed logit (the packing's minimum)
+    else:
+        taken = -9223372036854775808
     for j in tl.static_range(K):
         best = tl.max(packed, axis=1)
-        idx = BLOCK_N - 1 - (best & 0xFFFFFFFF).to(tl.int32)
-        value = _flip_sign_magnitude((best >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+        idx = BLOCK_N - 1 - (best & ((1 << SHIFT) - 1)).to(tl.int32)
+        if SHIFT == 16:
+            hi = best >> 16                                                  # the value's ordered bf16 bits
+            bits = (hi ^ ((hi >> 15) & 0x7FFF)) << 16
+        else:
+            bits = _flip_sign_magnitude((best >> 32).to(tl.int32))
+        value = bits.to(tl.float32, bitcast=True)
         expert = g * n + idx
         out = rows.to(tl.int64) * S + g * K + j
         tl.store(gate_ptr + out, tl.sigmoid(value).to(gate_ptr.dtype.element_ty), mask=rmask)
         tl.store(index_ptr + out, expert.to(tl.int64), mask=rmask)
         tl.store(key_ptr + out, expert.to(key_ptr.dtype.element_ty), mask=rmask)
-        tl.atomic_add(counts_ptr + expert, tl.full([BLOCK_R], 1, tl.int32), mask=rmask)
+        tl.atomic_add(counts_ptr + expert, tl.full([best.shape[0]], 1, tl.int32), mask=rmask)
         packed = tl.where(cols[None, :] == idx[:, None], taken, packed)
 
 
