@@ -41,7 +41,8 @@ def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_
     vals = tl.where(vals == 0.0, 0.0, vals)                           # -0.0 ties with 0.0, as in the float order
     ordered = _flip_sign_magnitude(vals.to(tl.int32, bitcast=True))
     code = (BLOCK_N - 1 - cols)[None, :]
-    if tl.max(tl.max(vals.to(tl.int32, bitcast=True) & 0xFFFF, axis=1), axis=0) == 0:
+    bf16_values = tl.max(tl.max(vals.to(tl.int32, bitcast=True) & 0xFFFF, axis=1), axis=0) == 0
+    if bf16_values & (BLOCK_N <= 65536):                             # the column code needs <= 16 bits
         narrow = tl.where(cmask[None, :], ((ordered >> 16) << 16) | code, -2147483648)   # padding: never picked
         _pick_topk(narrow, rows, rmask, cols, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K, BLOCK_N, 16)
     else:
