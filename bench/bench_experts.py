@@ -399,27 +399,6 @@ def sweep_order(rows: list) -> None:
                    flop=flop)
 
 
-def sweep_flat(rows: list) -> None:
-    """The wide-output FF calls (244M down forward, up input-grad) with A reloaded per (slice, K block) in one
-    flattened loop (TileConfig.a_flat) against the resident-A default: smaller configs fit two programs per SM."""
-    shape = FF_SHAPES["244M"]
-    x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
-    k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
-    logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
-    plan = TritonBackend().route(logits, k).plan
-    P = TOKENS * k
-    h, gh = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
-    buf = torch.empty(P, d, device=DEV, dtype=BF16)
-    configs = [None] + [TileConfig(bn, bk, w, st, a_flat=True, n_loop=1024 // bn) for bn, bk, w, st in
-                        ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3),
-                         (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 8, 3))]
-    for name, call in (("down_fwd", lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c)),
-                       ("up_dx", lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c))):
-        for c in configs:
-            label = "default" if c is None else f"flat {c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
-            _timed(rows, f"flat {name} {label}", lambda: call(c), flop=2 * P * d * d_e)
-
-
 def sweep_route(rows: list) -> None:
     """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route (fp32- and bf16-valued
     logits), the fused sigmoid/top-k/histogram kernel at several row blocks and warp counts (fp32 values), torch.topk for comparison, the stable
@@ -487,7 +466,6 @@ def main() -> None:
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--profile-layer", default=None,
                     help="comma list of ff244, ff1b: one profiled fwd+bwd each, for ncu --profile-from-start off")
-    ap.add_argument("--sweep-flat", action="store_true", help="flattened-loop variants of the wide FF calls")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
@@ -514,9 +492,7 @@ def main() -> None:
         sweep_route(rows)
     if args.sweep_order:
         sweep_order(rows)
-    if args.sweep_flat:
-        sweep_flat(rows)
-    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_flat)
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:

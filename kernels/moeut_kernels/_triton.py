@@ -135,7 +135,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
-               STORE_SIDE: tl.constexpr, A_FLAT: tl.constexpr,
+               STORE_SIDE: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -199,26 +199,6 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
             _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
                       s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)
-    elif A_FLAT:
-        tl.static_assert(not GATE_GRAD and not STORE_SIDE)
-        s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_K)
-        steps = tl.cdiv(n_hi - n_lo, BLOCK_N) * num_k
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for i in range(0, steps):
-            kb = i % num_k
-            cols = n_lo + (i // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = cols < N
-            ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            kmask = ks < K
-            a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
-            w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
-            acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-            if kb == num_k - 1:
-                _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
-                          s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
         cols = n_lo + tl.arange(0, BLOCK_N)

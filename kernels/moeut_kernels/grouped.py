@@ -40,10 +40,9 @@ class TileConfig:
     num_stages: int
     a_resident: bool = False
     n_loop: int = 1
-    a_flat: bool = False
 
     def columns_per_program(self) -> int:
-        return self.block_n * (self.n_loop if self.a_resident or self.a_flat else 1)
+        return self.block_n * (self.n_loop if self.a_resident else 1)
 
 
 # Benchmarks and tests may override these (keys: "gmm", "wgrad", "wgrad_block_r", "wgrad_splits", "sum").
@@ -144,7 +143,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         side_out.stride(0) if side_out is not None else 0, side_out.stride(1) if side_out is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident,
-        STORE_SIDE=side_out is not None, A_FLAT=cfg.a_flat, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        STORE_SIDE=side_out is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
