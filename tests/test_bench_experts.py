@@ -47,3 +47,12 @@ def test_sweeps_and_layer_tables_run(tiny, monkeypatch):
         assert what in names, what
     checks = [r for r in rows if r["what"].startswith("check")]
     assert checks and all(max(r["err"]) < 2e-2 for r in checks)     # bf16 kernels vs the fp32 reference
+
+
+def test_tma_load_probe_matches_the_default(tiny):
+    """bench/probe_tma_loads.py runs, and its kernel's output equals gmm_kernel's on the same plan."""
+    import probe_tma_loads as probe
+    rows = probe.main(block_m=16)
+    assert [r for r in rows if "error" in r] == []
+    diffs = [r["max_abs_diff"] for r in rows if "max_abs_diff" in r]
+    assert len(diffs) == 4 and max(diffs) < 1e-2
