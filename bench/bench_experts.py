@@ -401,8 +401,8 @@ def sweep_order(rows: list) -> None:
 
 def sweep_route(rows: list) -> None:
     """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route (fp32- and bf16-valued
-    logits), the fused sigmoid/top-k/histogram kernel at several row blocks and warp counts (fp32 values), torch.topk for comparison, the stable
-    sort and the plan kernel."""
+    logits), the fused sigmoid/top-k/histogram kernel at several row blocks and warp counts (fp32 values),
+    torch.topk for comparison, the stable sort and the plan kernel."""
     from moeut_kernels import _triton as K
     g = torch.Generator(device=DEV).manual_seed(5)
     for name, groups, n, k in (("FF 244M", 1, FF_SHAPES["244M"]["n_experts"], FF_SHAPES["244M"]["k"]),
@@ -434,7 +434,7 @@ def sweep_route(rows: list) -> None:
 
 
 def profile_layers(names: list[str]) -> None:
-    """One fwd+bwd of each named layer (ff244, ff1b, att, att1b) between cudaProfilerStart/Stop, after a warm-up
+    """One fwd+bwd of each named FF layer (ff244, ff1b) between cudaProfilerStart/Stop, after a warm-up
     step: for Nsight Compute (`ncu --profile-from-start off ...`), which then sees each kernel call once."""
     steps = []
     for name in names:
