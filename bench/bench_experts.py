@@ -433,18 +433,20 @@ def sweep_route(rows: list) -> None:
         _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(counts, flat.numel(), 128))
 
 
+def _ff_step(shape: dict):
+    """One fwd+bwd of the FF layer at `shape` on its own inputs (a closure per shape, not per loop variable)."""
+    x, w_s, w1, w2, gy = ff_inputs(shape)
+    return lambda: torch.autograd.grad(ff_layer(TritonBackend(), x, w_s, w1, w2, shape["k"]), [x, w_s, w1, w2], gy)
+
+
 def profile_layers(names: list[str]) -> None:
     """One fwd+bwd of each named FF layer (ff244, ff1b) between cudaProfilerStart/Stop, after a warm-up
     step: for Nsight Compute (`ncu --profile-from-start off ...`), which then sees each kernel call once."""
-    steps = []
-    for name in names:
-        if name.startswith("ff"):
-            shape = FF_SHAPES["1B" if name == "ff1b" else "244M"]
-            x, w_s, w1, w2, gy = ff_inputs(shape)
-            steps.append(lambda: torch.autograd.grad(ff_layer(TritonBackend(), x, w_s, w1, w2, shape["k"]),
-                                                     [x, w_s, w1, w2], gy))
-        else:
-            raise ValueError(f"--profile-layer takes ff244 or ff1b, not {name}")
+    shapes = {"ff244": FF_SHAPES["244M"], "ff1b": FF_SHAPES["1B"]}
+    unknown = [name for name in names if name not in shapes]
+    if unknown:
+        raise ValueError(f"--profile-layer takes ff244 or ff1b, not {', '.join(unknown)}")
+    steps = [_ff_step(shapes[name]) for name in names]
     for step in steps:
         step()
     torch.cuda.synchronize()

@@ -27,6 +27,8 @@ import bench_experts as B  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
 from moeut_kernels import grouped as GM  # noqa: E402
 
+INTERPRETED = tl.constexpr(GM.INTERPRET)     # the interpreter's bf16 dot is wrong (see _triton._dot)
+
 
 @triton.jit
 def down_tma_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, E, N, s_cm,
@@ -51,8 +53,6 @@ def down_tma_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_star
         tl.store(c_ptr + pair[:, None] * s_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < N)[None, :])
 
-
-INTERPRETED = tl.constexpr(GM.INTERPRET)     # the interpreter's bf16 dot is wrong (see _triton._dot)
 
 
 def main(block_m: int = 128) -> list[dict]:

@@ -70,11 +70,12 @@ def naive_switchhead(att: SwitchHead, xn: torch.Tensor, x: torch.Tensor) -> torc
     h_, dh, na, k = att.n_heads, att.d_head, att.n_experts, att.k
     out = torch.zeros_like(x)
     scale = dh ** -0.25
+    rope = rope_tables(4, 10000.0, seq)
     for b in range(bsz):
         q = (xn[b] @ att.w_q.T * scale).view(seq, h_, dh).transpose(0, 1)
         kk = (xn[b] @ att.w_k.T * scale).view(seq, h_, dh).transpose(0, 1)
-        q = apply_rope(q.unsqueeze(0), rope_tables(4, 10000.0, seq))[0]
-        kk = apply_rope(kk.unsqueeze(0), rope_tables(4, 10000.0, seq))[0]
+        q = apply_rope(q.unsqueeze(0), rope)[0]
+        kk = apply_rope(kk.unsqueeze(0), rope)[0]
         v = torch.zeros(h_, seq, dh)
         gv = torch.sigmoid((xn[b] @ att.router_v.T).view(seq, h_, na))
         go = torch.sigmoid((xn[b] @ att.router_o.T).view(seq, h_, na))

@@ -39,27 +39,29 @@ def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_
     ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + g * stride_group + cols[None, :]
     vals = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
     vals = tl.where(vals == 0.0, 0.0, vals)                           # -0.0 ties with 0.0, as in the float order
-    ordered = _flip_sign_magnitude(vals.to(tl.int32, bitcast=True))
+    bits = vals.to(tl.int32, bitcast=True)
+    ordered = _flip_sign_magnitude(bits)
     code = (BLOCK_N - 1 - cols)[None, :]
-    bf16_values = tl.max(tl.max(vals.to(tl.int32, bitcast=True) & 0xFFFF, axis=1), axis=0) == 0
+    bf16_values = tl.max(tl.max(bits & 0xFFFF, axis=1), axis=0) == 0
     if bf16_values & (BLOCK_N <= 65536):                             # the column code needs <= 16 bits
-        narrow = tl.where(cmask[None, :], ((ordered >> 16) << 16) | code, -2147483648)   # padding: never picked
-        _pick_topk(narrow, rows, rmask, cols, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K, BLOCK_N, 16)
+        _pick_topk(((ordered >> 16) << 16) | code, rows, rmask, cols, cmask, g, n, gate_ptr, index_ptr, key_ptr,
+                   counts_ptr, K, BLOCK_N, 16)
     else:
-        wide = tl.where(cmask[None, :], (ordered.to(tl.int64) << 32) | code.to(tl.int64), -9223372036854775808)
-        _pick_topk(wide, rows, rmask, cols, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K, BLOCK_N, 32)
+        _pick_topk((ordered.to(tl.int64) << 32) | code.to(tl.int64), rows, rmask, cols, cmask, g, n, gate_ptr,
+                   index_ptr, key_ptr, counts_ptr, K, BLOCK_N, 32)
 
 
 @triton.jit
-def _pick_topk(packed, rows, rmask, cols, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K: tl.constexpr,
+def _pick_topk(packed, rows, rmask, cols, cmask, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K: tl.constexpr,
                BLOCK_N: tl.constexpr, SHIFT: tl.constexpr):
     """K max-reductions over packed values (value bits above SHIFT, column code below): store each pick's gate,
-    expert and key, count it, and mask its column with the packing's minimum."""
+    expert and key, count it, and mask its column with the packing's minimum (padding columns start masked)."""
     S = tl.num_programs(1) * K
     if SHIFT == 16:
         taken = -2147483648                 # below every packed logit (the packing's minimum)
     else:
         taken = -9223372036854775808
+    packed = tl.where(cmask[None, :], packed, taken)                 # padding columns are never picked
     for j in tl.static_range(K):
         best = tl.max(packed, axis=1)
         idx = BLOCK_N - 1 - (best & ((1 << SHIFT) - 1)).to(tl.int32)
