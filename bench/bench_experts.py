@@ -1,13 +1,14 @@
 """Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
 
     PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b] [--sweep] [--sweep-att 244M]
-        [--json out.json]
+        [--sweep-tma] [--json out.json]
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
---sweep-att the time of each kernel call of the SwitchHead layer (`--only none` skips the layer tables). With
+--sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the resident-A calls and the
+layers with TMA descriptor loads against pointer loads (`--only none` skips the layer tables). With
 --profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
 
     ncu --profile-from-start off -k regex:'gmm_kernel|wgrad_kernel|group_sum_kernel|sigmoid_topk_kernel' \
@@ -141,33 +142,50 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
 
 # ------------------------------------------------------------------ SwitchHead V/O projections
 
+def att_inputs(s: dict, seed: int = 1) -> dict:
+    """The SwitchHead V/O layer's inputs, router and expert weights, and output gradients at shape s."""
+    d, H, n, d_h = s["d"], s["heads"], s["n_experts"], s["d_h"]
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    t = dict(x=torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g).requires_grad_(),
+             a=torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g).requires_grad_(),
+             w_sv=(torch.randn(H * n, d, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_(),
+             w_so=(torch.randn(H * n, d, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_(),
+             w_v=(torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_(),
+             w_o=(torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16).requires_grad_())
+    t["gv"] = torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g)
+    t["go"] = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
+    return t
+
+
+def att_vo(backend, t: dict, s: dict):
+    """Both routers + σ-gating + the V and O expert projections; what the model's SwitchHead runs for V and O."""
+    H, n, k = s["heads"], s["n_experts"], s["k"]
+    rv = backend.route(F.linear(t["x"], t["w_sv"]).float().view(-1, H, n), k)
+    ro = backend.route(F.linear(t["x"], t["w_so"]).float().view(-1, H, n), k)
+    v = backend.matmul(t["x"], t["w_v"], rv, in_group=H * k, out_group=k)
+    o = backend.matmul(t["a"], t["w_o"], ro, in_group=k, out_group=H * k)
+    return v, o
+
+
+def att_step(backend, t: dict, s: dict):
+    v, o = att_vo(backend, t, s)
+    return torch.autograd.grad([v, o], [t[name] for name in ("x", "a", "w_sv", "w_so", "w_v", "w_o")],
+                               [t["gv"], t["go"]])
+
+
+def _att_step(s: dict):
+    """One fwd+bwd of the SwitchHead V/O layer at shape s on its own inputs (Triton backend)."""
+    t = att_inputs(s)
+    return lambda: att_step(TritonBackend(), t, s)
+
+
 def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
     """SwitchHead V and O projections with both routers, against the dense model's V and O (d -> d and back:
     16 x 64 heads at 244M, 24 x 64 at 1B)."""
     d, H, n, k, d_h = s["d"], s["heads"], s["n_experts"], s["k"], s["d_h"]
-    g = torch.Generator(device=DEV).manual_seed(1)
-    x = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g).requires_grad_()
-    a = torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g).requires_grad_()
-    w_sv = (torch.randn(H * n, d, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
-    w_so = (torch.randn(H * n, d, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
-    w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16).requires_grad_()
-    w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16).requires_grad_()
-    gv = torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g)
-    go = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
-    params = [x, a, w_sv, w_so, w_v, w_o]
+    t = att_inputs(s)
+    x, w_sv, w_v, gv, go = t["x"], t["w_sv"], t["w_v"], t["gv"], t["go"]
     flops = 2 * 6 * TOKENS * H * k * d * d_h     # V and O expert matmuls, fwd + bwd
-
-    def vo(backend):
-        rv = backend.route(F.linear(x, w_sv).float().view(-1, H, n), k)
-        ro = backend.route(F.linear(x, w_so).float().view(-1, H, n), k)
-        v = backend.matmul(x, w_v, rv, in_group=H * k, out_group=k)
-        o = backend.matmul(a, w_o, ro, in_group=k, out_group=H * k)
-        return v, o
-
-    def step(backend):
-        v, o = vo(backend)
-        return torch.autograd.grad([v, o], params, [gv, go])
-
     if check:
         tb = TritonBackend()
         rv = tb.route(F.linear(x.detach(), w_sv).float().view(-1, H, n), k)
@@ -182,18 +200,18 @@ def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
         print(f"[check att V] rel err vs fp32 reference: out {err[0]:.2e} dx {err[1]:.2e} dW {err[2]:.2e}")
         rows.append(dict(what=f"check att V {name}", err=err))
     for label, backend in (("triton", TritonBackend()), ("reference", ReferenceBackend())):
-        fwd = ms(lambda: vo(backend))
-        t = ms(lambda: step(backend))
-        rows.append(dict(what=f"att V+O {name} {label}", fwd_ms=fwd, fwdbwd_ms=t, tflops=flops / t / 1e9,
-                         frac_peak=flops / t / 1e9 / peak, syncs=count_syncs(lambda: step(backend))))
+        fwd = ms(lambda: att_vo(backend, t, s))
+        step = ms(lambda: att_step(backend, t, s))
+        rows.append(dict(what=f"att V+O {name} {label}", fwd_ms=fwd, fwdbwd_ms=step, tflops=flops / step / 1e9,
+                         frac_peak=flops / step / 1e9 / peak, syncs=count_syncs(lambda: att_step(backend, t, s))))
         print(rows[-1], flush=True)
     Wv = (torch.randn(d, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
     Wo = (torch.randn(d, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
     a2 = torch.randn(TOKENS, d, device=DEV, dtype=BF16, requires_grad=True)
-    t = ms(lambda: torch.autograd.grad([F.linear(x, Wv), F.linear(a2, Wo)], [x, a2, Wv, Wo], [go, go]))
+    step = ms(lambda: torch.autograd.grad([F.linear(x, Wv), F.linear(a2, Wo)], [x, a2, Wv, Wo], [go, go]))
     dflops = 2 * 6 * TOKENS * d * d
-    rows.append(dict(what=f"att V+O dense-{name} ({d // 64}x64)", fwdbwd_ms=t, tflops=dflops / t / 1e9,
-                     frac_peak=dflops / t / 1e9 / peak))
+    rows.append(dict(what=f"att V+O dense-{name} ({d // 64}x64)", fwdbwd_ms=step, tflops=dflops / step / 1e9,
+                     frac_peak=dflops / step / 1e9 / peak))
     print(rows[-1], flush=True)
 
 
@@ -367,6 +385,60 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
            lambda: GM._wgrad(a_gated, 0, gy, hk, po, gw_o), flop=flop1)
 
 
+def sweep_tma(rows: list) -> None:
+    """The resident-A calls (K = d_e = 128) with TMA descriptor loads (TileConfig.tma) next to the same calls with
+    pointer loads, at the FF and SwitchHead shapes of 244M and 1B: FF down forward (sorted A, W plain), FF up
+    input-grad with its masked store (sorted A and ReLU mask, W transposed), attention O forward (gathered A, W
+    plain) and V input-grad with its gated store (gathered A, W transposed). Each TMA row records its largest
+    difference from the pointer-load output. Then each layer's fwd+bwd with TMA off and on, twice, interleaved."""
+    variants = [(8, 3), (8, 2), (4, 3), (4, 2)]            # (warps, stages) of the TMA rows
+    for size in ("244M", "1B"):
+        f, a = FF_SHAPES[size], ATT_SHAPES[size]
+        x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
+        k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
+        logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
+        plan = TritonBackend().route(logits, k).plan
+        P = TOKENS * k
+        h, gh = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
+        side = torch.empty(P, d_e, device=DEV, dtype=BF16)
+        H, n, ka, d_h = a["heads"], a["n_experts"], a["k"], a["d_h"]
+        g = torch.Generator(device=DEV).manual_seed(4)
+        av, gv = (torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g) for _ in range(2))
+        w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16)
+        w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16)
+        rv, ro = (TritonBackend().route(torch.randn(TOKENS, H, n, device=DEV, generator=g), ka) for _ in range(2))
+        Pa, hk = TOKENS * H * ka, H * ka
+        att_side = torch.empty(Pa, d_h, device=DEV, dtype=BF16)
+        calls = {  # name: (call writing into out, out, flop)
+            "FF down_fwd": (lambda c, o: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), (P, d), 2 * P * d * d_e),
+            "FF up_dx_store_masked": (lambda c, o: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c,
+                                                           side_out=side), (P, d), 2 * P * d * d_e),
+            "att O fwd": (lambda c, o: GM._gmm(av, ka, w_o, False, ro.plan, o, True, cfg=c), (Pa, d),
+                          2 * Pa * d * d_h),
+            "att V dx + gated store": (lambda c, o: GM._gmm(gv, ka, w_v, True, rv.plan, o, True,
+                                                            scale=rv.gate.reshape(-1), cfg=c, side_out=att_side),
+                                       (Pa, d), 2 * Pa * d * d_h),
+        }
+        for name, (call, shape, flop) in calls.items():
+            base = GM.gmm_config(shape[1], d_e, BF16, plan.block_m)
+            ref, out = (torch.empty(shape, device=DEV, dtype=BF16) for _ in range(2))
+            _timed(rows, f"tma {size} {name} pointer loads {base}", lambda: call(base, ref), flop=flop)
+            for warps, stages in variants:
+                c = dataclasses.replace(base, tma=True, num_warps=warps, num_stages=stages)
+                _timed(rows, f"tma {size} {name} TMA loads {warps} warps {stages} stages", lambda: call(c, out),
+                       flop=flop)
+                if "ms" in rows[-1]:
+                    rows[-1]["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+        del h, gh, side, av, gv, att_side, ref, out
+        for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):
+            for rep in range(2):
+                for tma in (False, True):
+                    GM.OVERRIDES["gmm"] = dict(tma=tma)
+                    _timed(rows, f"tma layer {layer} fwd+bwd tma={tma} (run {rep})", step)
+            GM.OVERRIDES.pop("gmm")
+        torch.cuda.empty_cache()
+
+
 def window_order(plan: RoutingPlan) -> RoutingPlan:
     """The plan's tiles sorted by their first pair id (unused tiles last): tile j of every expert runs together,
     over a narrow window of tokens, instead of all tiles of a few experts (the routing's expert order)."""
@@ -464,6 +536,8 @@ def main() -> None:
     ap.add_argument("--sweep-att", choices=sorted(ATT_SHAPES), default=None,
                     help="per-call times of the SwitchHead V/O layer at this shape")
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
+    ap.add_argument("--sweep-tma", action="store_true",
+                    help="resident-A calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--profile-layer", default=None,
@@ -494,7 +568,9 @@ def main() -> None:
         sweep_route(rows)
     if args.sweep_order:
         sweep_order(rows)
-    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order)
+    if args.sweep_tma:
+        sweep_tma(rows)
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:
@@ -512,7 +588,8 @@ def main() -> None:
         for r in rows:
             if "ms" in r or "error" in r:
                 rate = f"{r['flop'] / r['ms'] / 1e9:.0f}" if "flop" in r and "ms" in r else ""
-                print(f"| {r['what']} | {r.get('ms', float('nan')):.3f} | {rate or r.get('error', '')} |")
+                diff = f" | {r['max_abs_diff']:.3g}" if "max_abs_diff" in r else ""
+                print(f"| {r['what']} | {r.get('ms', float('nan')):.3f} | {rate or r.get('error', '')}{diff} |")
     print("\n| what | fwd ms | fwd+bwd ms | TFLOP/s | of peak | host syncs |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -49,6 +49,19 @@ def test_sweeps_and_layer_tables_run(tiny, monkeypatch):
     assert checks and all(max(r["err"]) < 2e-2 for r in checks)     # bf16 kernels vs the fp32 reference
 
 
+def test_tma_sweep_runs_and_matches_pointer_loads(tiny, monkeypatch):
+    """--sweep-tma: every row a time, every TMA call's output equal to the pointer-load call's (to bf16 rounding)."""
+    monkeypatch.setitem(B.FF_SHAPES, "1B", dict(FF, d=48, n_experts=9))
+    monkeypatch.setitem(B.ATT_SHAPES, "1B", dict(ATT, d=48, heads=3))
+    rows: list = []
+    B.sweep_tma(rows)
+    assert [r for r in rows if "error" in r] == []
+    diffs = [r["max_abs_diff"] for r in rows if "max_abs_diff" in r]
+    assert len(diffs) == 2 * 4 * 4 and max(diffs) < 1e-2
+    assert sum("tma layer" in r["what"] for r in rows) == 2 * 2 * 4
+    assert "gmm" not in B.GM.OVERRIDES
+
+
 def test_tma_load_probe_matches_the_default(tiny):
     """bench/probe_tma_loads.py runs, and its kernel's output equals gmm_kernel's on the same plan."""
     import probe_tma_loads as probe

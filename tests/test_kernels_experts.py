@@ -5,6 +5,7 @@ token counts that are multiples of no block size, 16-row tiles so that experts s
 """
 from __future__ import annotations
 
+import inspect
 import zlib
 
 from kernel_testing import DEVICE, REF, TOL, rel_err, tiny_moeut  # noqa: E402  (sets TRITON_INTERPRET first)
@@ -160,11 +161,13 @@ LAYOUTS = {  # name: (groups, experts per group, k, d_in, d_out, x rows as a fun
 }
 
 
-def check_against_reference(layout, dtype, n_rows, bias="none", k=None, n=None, seed=0, need=("x", "w", "logits")):
+def check_against_reference(layout, dtype, n_rows, bias="none", k=None, n=None, seed=0, need=("x", "w", "logits"),
+                            widths=None):
     """Output and the gradients w.r.t. `need` (a subset of x, w, logits; the others do not require grad, which
-    selects other backward paths) against the fp32 reference."""
+    selects other backward paths) against the fp32 reference. widths: (d_in, d_out) instead of the layout's."""
     gen = torch.Generator().manual_seed(seed)
     G, n_def, k_def, d_in, d_out, rows = LAYOUTS[layout]
+    d_in, d_out = widths or (d_in, d_out)
     n, k = n or n_def, k or k_def
     logits = make_logits(n_rows, G, n, bias, gen).requires_grad_("logits" in need)
     P = n_rows * G * k
@@ -314,6 +317,42 @@ def test_relu_backward_paths(need, resident, monkeypatch):
     assert (y_r == 0).float().mean() > 0.3          # the mask matters
     for a, b in zip(grads, torch.autograd.grad(y_r, leaves, gy)):
         assert rel_err(a, b) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tma_loads_match_reference(layout, dtype, monkeypatch):
+    """Resident-A launches with TMA descriptor loads (TileConfig.tma) give the reference's values and exactly the
+    pointer loads' values (to the ULP). The short width is 32 (= the interpreter's block_k, which TMA needs) and the long one 40
+    (partial slices: a transposed W slice past N reads the next expert's rows, which must stay masked). The spy
+    checks which operands went by descriptor: W plain (down, attention O) or transposed (up and attention V input
+    gradients), the sorted A tile (down forward, up input gradient) and its ReLU mask (up input gradient)."""
+    from moeut_kernels import _triton, grouped
+    widths = {"ff_up": (40, 32), "ff_down": (32, 40), "att_v": (40, 32), "att_o": (32, 40)}[layout]
+    params = list(inspect.signature(_triton.gmm_kernel.fn).parameters)
+    kernel, seen = _triton.gmm_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(params, args))
+                seen.append((kwargs["TRANS_W"], *(named[d] is not None for d in ("a_desc", "m_desc", "w_desc"))))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    seed = zlib.crc32(f"tma{layout}{dtype}".encode()) % 1000
+    plain = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)
+    monkeypatch.setattr(_triton, "gmm_kernel", Spy())
+    monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"tma": True})
+    tma = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)
+    # equal up to the summation order of the interpreter's matmul on a transposed view (ULPs of the dtype)
+    torch.testing.assert_close(plain[0], tma[0])
+    for a, b in zip(plain[1], tma[1]):
+        assert a is None and b is None or torch.testing.assert_close(a, b) is None
+    by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor) of the launches that used a W descriptor
+        "ff_up": {(True, True, True)}, "ff_down": {(False, True, False)}, "att_v": {(True, False, False)},
+        "att_o": {(False, False, False)}}[layout]
+    assert {s[:3] for s in seen if s[3]} == by_desc
 
 
 def test_auto_backend_is_reference_without_cuda():

@@ -3,13 +3,14 @@
 The interpreter tests check what the kernels compute; they do not compile them. This test records each distinct
 launch (kernel, argument types, constexprs, warps, stages) of a tiny MoEUT's forward and backward, of the
 explicit-rows path of expert parallelism, and of the weight gradient with and without row chunks, all with the
-configurations chosen for GPUs, then compiles each one with Triton's bundled ptxas for sm_90 (H100/H200), sm_80
-(A100) and sm_89 (L40S, RTX 4090: 99 KB of shared memory per block) and checks its shared memory fits the chip.
+configurations chosen for GPUs (also with TMA loads, compiled for sm_90 only), then compiles each one with Triton's
+bundled ptxas for sm_90 (H100/H200), sm_80 (A100) and sm_89 (L40S, RTX 4090: 99 KB of shared memory per block) and checks its shared memory fits the chip.
 The tiny model has the real expert widths (d_e = d_h = 128), so the tile configs and their shared memory are the
 ones real models get. A kernel edit that only a GPU would reject fails here.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -23,6 +24,8 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+
 from moeut_kernels import _triton as K  # noqa: E402
 from moeut_kernels import grouped, routing  # noqa: E402
 
@@ -30,11 +33,16 @@ KERNELS = ("gmm_kernel", "wgrad_kernel", "group_sum_kernel", "segment_sum_kernel
            "sigmoid_topk_kernel")
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
                 torch.int32: "i32", torch.int16: "i16"}
+GMM_PARAMS = list(inspect.signature(K.gmm_kernel.fn).parameters)
 SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376}     # max dynamic shared memory per block (bytes)
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _arg_type(v) -> str:
+    if v is None:                       # an absent TMA descriptor: a constexpr None
+        return "constexpr"
+    if isinstance(v, TensorDescriptor):
+        return f"tensordesc<{TRITON_TYPES[v.base.dtype]}[{', '.join(map(str, v.block_shape))}]>"
     if isinstance(v, torch.Tensor):
         return "*" + TRITON_TYPES[v.dtype]
     if isinstance(v, bool):
@@ -97,6 +105,8 @@ def launches() -> list:
             mp.setitem(grouped.OVERRIDES, "wgrad_splits", splits)
             _tiny_moeut_step()
             _explicit_rows()
+        mp.setitem(grouped.OVERRIDES, "gmm", {"tma": True})     # the resident-A launches with TMA loads
+        _tiny_moeut_step()
     finally:
         mp.undo()
     return sorted(seen, key=repr)
@@ -110,6 +120,15 @@ def test_every_kernel_is_launched(launches):
     assert {c["A_RESIDENT"] for c in gmm} == {True, False}
     # the weight gradient's masked/gated operand, stored by resident-A and by fused-gate-gradient launches
     assert {(c["A_RESIDENT"], c["GATE_GRAD"]) for c in gmm if c["STORE_SIDE"]} == {(True, False), (False, True)}
+    # TMA: W plain and transposed, with the sorted A tile and its ReLU mask
+    descs = {"w": set(), "a": set(), "m": set()}
+    for name, types, consts, _ in launches:
+        if name == "gmm_kernel":
+            named = dict(zip(GMM_PARAMS, types))
+            for d in descs:
+                if named[f"{d}_desc"].startswith("tensordesc"):
+                    descs[d].add(dict(consts)["TRANS_W"])
+    assert descs == {"w": {True, False}, "a": {True, False}, "m": {True}}
 
 
 COMPILE = """
@@ -125,9 +144,10 @@ for name, types, consts, (warps, stages) in launches:
     kernel = getattr(K, name)
     params = list(inspect.signature(kernel.fn).parameters)
     signature = dict(zip(params, types))
-    signature.update({k: "constexpr" for k, _ in consts})
+    constexprs = {k: None for k, t in signature.items() if t == "constexpr"} | dict(consts)
+    signature.update({k: "constexpr" for k in constexprs})
     assert set(signature) == set(params), (name, set(params) - set(signature))
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=dict(consts)),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], name
     assert compiled.metadata.shared <= shared_limit, (name, consts, compiled.metadata.shared)
@@ -140,6 +160,8 @@ print(f"compiled {len(launches)} launches for sm_{arch}")
 def test_every_launch_compiles_for_the_gpu(launches, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # real JIT functions, not interpreted
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH", "")])
+    if arch < 90:      # TMA descriptors are for sm_90+ only (gmm_config turns them on there)
+        launches = [launch for launch in launches if not any(t.startswith("tensordesc") for t in launch[1])]
     proc = subprocess.run([sys.executable, "-c", COMPILE, str(arch), str(SHARED_MEMORY[arch])],
                           input=json.dumps(launches), capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -132,12 +132,12 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, side_ptr,
+               scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, side_ptr, a_desc, m_desc, w_desc,
                N, K, E, n_per_prog,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
-               STORE_SIDE: tl.constexpr,
+               STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -155,6 +155,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
     and unscaled instead of loading the mask or scaling a gathered operand in each of its programs.
+    TMA (A_RESIDENT with K == BLOCK_K; descriptors are None otherwise): w_desc views W as [E*K, N] (or [E*N, K]
+    with TRANS_W) so each slice is one descriptor load; a_desc / m_desc (sorted A, A_GROUP == 0) load the whole
+    A tile and mask from the tile's first sorted position. Rows or columns such a load takes past the tile's expert
+    belong to the next expert or are zero-filled past the tensor; only masked outputs see them.
     """
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(N, n_per_prog)
@@ -184,7 +188,12 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         tl.static_assert(not GATE_GRAD)     # measured slower: the D loads per slice crowd the pipeline
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
-        a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
+        if a_desc is not None:
+            a = a_desc.load([start.to(tl.int32), 0])
+            if MASK_A:
+                a = tl.where(m_desc.load([start.to(tl.int32), 0]) > 0, a, 0.0)
+        else:
+            a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)     # once per tile, not per slice
         if STORE_SIDE:
             if chunk == 0:
@@ -196,8 +205,13 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
-            w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
+            if w_desc is None:
+                w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn,
+                            mask=kmask[:, None] & nmask[None, :], other=0.0)
+            elif TRANS_W:
+                w = tl.trans(w_desc.load([e * N + n0, 0]))
+            else:
+                w = w_desc.load([e * K, n0])
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
             _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
                       s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)

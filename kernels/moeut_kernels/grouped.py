@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeut_kernels import _triton as K
 from moeut_kernels.routing import RoutingPlan
@@ -33,13 +34,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @dataclass(frozen=True)
 class TileConfig:
     """Block shape and pipelining of one kernel launch (chosen by shape class, never re-tuned per batch).
-    a_resident (grouped matmul, K <= block_k): each program keeps its A tile and loops over n_loop output slices."""
+    a_resident (grouped matmul, K <= block_k): each program keeps its A tile and loops over n_loop output slices.
+    tma (with a_resident, K == block_k): W slices, and A and its mask where A is sorted, by TMA descriptor loads
+    (sm_90+); operands a descriptor cannot address fall back to pointer loads."""
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
     a_resident: bool = False
     n_loop: int = 1
+    tma: bool = False
 
     def columns_per_program(self) -> int:
         return self.block_n * (self.n_loop if self.a_resident else 1)
@@ -100,6 +104,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def _descriptor(t: torch.Tensor, rows: int, block: list[int]) -> Optional[TensorDescriptor]:
+    """A TMA descriptor of t viewed as [rows, t.numel() // rows] (a view, never a copy), or None where TMA cannot
+    address it (not viewable that way, base or row stride not 16-byte aligned)."""
+    if not t.is_contiguous() or t.numel() == 0 or t.data_ptr() % 16:
+        return None
+    cols = t.numel() // rows
+    if (cols * t.element_size()) % 16:
+        return None
+    return TensorDescriptor.from_tensor(t.view(rows, cols), block)
+
+
 def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan: RoutingPlan, out: torch.Tensor,
          out_by_pair: bool, *, relu_out: bool = False, amask: Optional[torch.Tensor] = None,
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
@@ -129,13 +144,23 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a_group = -1
     if d_index is not None:
         d_group = -1
+    a_desc = m_desc = w_desc = None
+    if cfg.tma and cfg.a_resident and kdim == cfg.block_k:
+        e_rows = n_experts * (ndim if transpose_w else kdim)
+        w_desc = _descriptor(w, e_rows, [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n])
+        if a_group == 0 and a_index is None:
+            tile = [plan.block_m, cfg.block_k]
+            a_desc = _descriptor(a, a.shape[0], tile)
+            m_desc = _descriptor(amask, amask.shape[0], tile) if amask is not None else None
+            if amask is not None and m_desc is None:
+                a_desc = None
     cols = cfg.columns_per_program()
     grid = (n_tiles * triton.cdiv(ndim, cols),)
     K.gmm_kernel[grid](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
         a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
-        side_out if side_out is not None else a,
+        side_out if side_out is not None else a, a_desc, m_desc, w_desc,
         ndim, kdim, n_experts, cols,
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
@@ -143,7 +168,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         side_out.stride(0) if side_out is not None else 0, side_out.stride(1) if side_out is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident,
-        STORE_SIDE=side_out is not None, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
