@@ -390,7 +390,8 @@ def sweep_tma(rows: list) -> None:
     pointer loads, at the FF and SwitchHead shapes of 244M and 1B: FF down forward (sorted A, W plain), FF up
     input-grad with its masked store (sorted A and ReLU mask, W transposed), attention O forward (gathered A, W
     plain) and V input-grad with its gated store (gathered A, W transposed). Each TMA row records its largest
-    difference from the pointer-load output. Then each layer's fwd+bwd with TMA off and on, twice, interleaved."""
+    difference from the pointer-load output. Then each layer's fwd+bwd with gmm_config's choice on this GPU and
+    with its choice for a GPU without TMA, twice, interleaved."""
     variants = [(8, 3), (8, 2), (4, 3), (4, 2)]            # (warps, stages) of the TMA rows
     for size in ("244M", "1B"):
         f, a = FF_SHAPES[size], ATT_SHAPES[size]
@@ -430,12 +431,15 @@ def sweep_tma(rows: list) -> None:
                 if "ms" in rows[-1]:
                     rows[-1]["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
         del h, gh, side, av, gv, att_side, ref, out
-        for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):
-            for rep in range(2):
-                for tma in (False, True):
-                    GM.OVERRIDES["gmm"] = dict(tma=tma)
-                    _timed(rows, f"tma layer {layer} fwd+bwd tma={tma} (run {rep})", step)
-            GM.OVERRIDES.pop("gmm")
+        has_tma = GM._has_tma
+        try:
+            for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):
+                for rep in range(2):
+                    for tma in (False, True):       # gmm_config's choice with and without TMA on this GPU
+                        GM._has_tma = has_tma if tma else (lambda device: False)
+                        _timed(rows, f"tma layer {layer} fwd+bwd tma={tma} (run {rep})", step)
+        finally:
+            GM._has_tma = has_tma
         torch.cuda.empty_cache()
 
 

@@ -17,6 +17,7 @@ repeatable.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -57,11 +58,20 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
 
 
-def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False) -> TileConfig:
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Whether the GPU has the Tensor Memory Accelerator (sm_90+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False, masked: bool = False,
+               device: Optional[torch.device] = None) -> TileConfig:
     """Heuristic (H200 sweeps, docs/KERNELS.md). Short K without the fused gate gradient (the K = d_e calls that
     write wide [P, d] outputs): the A tile stays resident while the program walks up to 8 output slices of 128,
-    balanced over the columns. Otherwise one 128-wide slice per program, 64-deep K steps (32 for fp32 to fit
-    shared memory), 3 stages. The interpreter uses tiny blocks so tests cross every boundary."""
+    balanced over the columns; in bf16 on sm_90+ with TMA loads at 4 warps and 2 stages, or 3 stages with the
+    ReLU mask (masked), whose tile leaves room for only one program per SM either way. Otherwise one 128-wide
+    slice per program, 64-deep K steps (32 for fp32 to fit shared memory), 3 stages. The interpreter uses tiny
+    blocks so tests cross every boundary."""
     big = dtype != torch.float32
     if INTERPRET:
         if triton.next_power_of_2(k) <= 32 and not gate_grad:
@@ -73,6 +83,8 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
         slices = triton.cdiv(n, block_n)
         cfg = TileConfig(block_n, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True,
                          n_loop=triton.cdiv(slices, triton.cdiv(slices, 8)))
+        if big and device is not None and _has_tma(device):
+            cfg = replace(cfg, tma=True, num_warps=4, num_stages=3 if masked else 2)
     else:
         # 8 warps for short K (K = d_e), 4 for long K (K = d)
         warps = 8 if block_m * min(n, 128) >= 16384 and k < 512 else 4
@@ -129,7 +141,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
     else:
         kdim, ndim, s_wk, s_wn = w.shape[1], w.shape[2], w.stride(1), w.stride(2)
-    cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m, gate_grad=gpart is not None)
+    cfg = cfg or gmm_config(ndim, kdim, a.dtype, plan.block_m, gate_grad=gpart is not None, masked=amask is not None,
+                            device=a.device)
     if cfg.a_resident and (kdim > cfg.block_k or gpart is not None):
         raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
     if side_out is not None and not (cfg.a_resident or (gpart is not None and scale is not None)):
@@ -366,7 +379,8 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     fused_g = need_g and pairs is None    # the gate gradient as partial sums inside the input-gradient launch
     if need_g and not fused_g:
         grad_gate = pair_dot(grad_out, og, pairs, a_index=out_index).to(gate.dtype)
-    cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g)   # of the input-gradient launch
+    cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g, masked=y is not None,
+                     device=x.device)                                          # of the input-gradient launch
     launch = need_x or fused_g
     # The weight gradient's gated operand in sorted pair layout, written by the input-gradient launch: the grad
     # rows times the ReLU mask or the gate (resident A), or gate * x (fused gate gradient). The weight gradient
