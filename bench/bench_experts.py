@@ -389,8 +389,8 @@ def sweep_tma(rows: list) -> None:
     """The resident-A calls (K = d_e = 128) with TMA descriptor loads (TileConfig.tma) next to the same calls with
     pointer loads, at the FF and SwitchHead shapes of 244M and 1B: FF down forward (sorted A, W plain), FF up
     input-grad with its masked store (sorted A and ReLU mask, W transposed), attention O forward (gathered A, W
-    plain) and V input-grad with its gated store (gathered A, W transposed). Each TMA row records its largest
-    difference from the pointer-load output. Then each layer's fwd+bwd with gmm_config's choice on this GPU and
+    plain) and V input-grad with its gated store (gathered A, W transposed), and the four weight gradients with
+    their sorted operand by TMA. Each TMA row records its largest difference from the pointer-load output. Then each layer's fwd+bwd with gmm_config's choice on this GPU and
     with its choice for a GPU without TMA, twice, interleaved."""
     variants = [(8, 3), (8, 2), (4, 3), (4, 2)]            # (warps, stages) of the TMA rows
     for size in ("244M", "1B"):
@@ -430,7 +430,31 @@ def sweep_tma(rows: list) -> None:
                        flop=flop)
                 if "ms" in rows[-1]:
                     rows[-1]["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
-        del h, gh, side, av, gv, att_side, ref, out
+        # the weight gradients, each with one sorted operand (by TMA with tma=True) and one gathered
+        xa, gya = (torch.randn(TOKENS, d, device=DEV, dtype=BF16) for _ in range(2))
+        sorted_a = torch.randn(Pa, d_h, device=DEV, dtype=BF16)      # a sorted attention operand (one per pair)
+        gw1, gw2, gw_v, gw_o = (torch.empty_like(w) for w in (w1, w2, w_v, w_o))
+        wgrads = {  # name: (call, gradient written, flop)
+            "FF wgrad_up (x gathered, masked grad sorted)": (lambda: GM._wgrad(x.detach(), k, gh, 0, plan, gw1),
+                                                            gw1, 2 * P * d * d_e),
+            "FF wgrad_down (gate * h sorted, grad gathered)": (lambda: GM._wgrad(h, 0, gy, k, plan, gw2), gw2,
+                                                              2 * P * d * d_e),
+            "att V wgrad (x gathered, gated grad sorted)": (lambda: GM._wgrad(xa, hk, sorted_a, 0, rv.plan, gw_v), gw_v,
+                                                           2 * Pa * d * d_h),
+            "att O wgrad (gate * a sorted, grad gathered)": (lambda: GM._wgrad(sorted_a, 0, gya, hk, ro.plan, gw_o), gw_o,
+                                                            2 * Pa * d * d_h),
+        }
+        for name, (call, grad, flop) in wgrads.items():
+            GM.OVERRIDES.pop("wgrad", None)
+            _timed(rows, f"tma {size} {name} pointer loads", call, flop=flop)
+            ref = grad.clone()
+            for over in (dict(tma=True), dict(tma=True, num_stages=4), dict(tma=True, num_warps=8)):
+                GM.OVERRIDES["wgrad"] = over
+                _timed(rows, f"tma {size} {name} {over}", call, flop=flop)
+                if "ms" in rows[-1]:
+                    rows[-1]["max_abs_diff"] = (grad.float() - ref.float()).abs().max().item()
+            GM.OVERRIDES.pop("wgrad")
+        del h, gh, side, av, gv, att_side, ref, out, xa, gya, sorted_a, gw1, gw2, gw_v, gw_o
         has_tma = GM._has_tma
         try:
             for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):

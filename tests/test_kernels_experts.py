@@ -326,24 +326,32 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     pointer loads' values (to the ULP). The short width is 32 (= the interpreter's block_k, which TMA needs) and the long one 40
     (partial slices: a transposed W slice past N reads the next expert's rows, which must stay masked). The spy
     checks which operands went by descriptor: W plain (down, attention O) or transposed (up and attention V input
-    gradients), the sorted A tile (down forward, up input gradient) and its ReLU mask (up input gradient)."""
+    gradients), the sorted A tile (down forward, up input gradient) and its ReLU mask (up input gradient), and
+    the weight gradients' sorted operand, with each expert's rows in two chunks."""
     from moeut_kernels import _triton, grouped
     widths = {"ff_up": (40, 32), "ff_down": (32, 40), "att_v": (40, 32), "att_o": (32, 40)}[layout]
-    params = list(inspect.signature(_triton.gmm_kernel.fn).parameters)
-    kernel, seen = _triton.gmm_kernel, []
+    seen: dict = {"gmm_kernel": [], "wgrad_kernel": []}
 
     class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(_triton, name)
+            self.params = list(inspect.signature(self.kernel.fn).parameters)
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                named = dict(zip(params, args))
-                seen.append((kwargs["TRANS_W"], *(named[d] is not None for d in ("a_desc", "m_desc", "w_desc"))))
-                return kernel[grid](*args, **kwargs)
+                named = dict(zip(self.params, args))
+                descs = tuple(named[p] is not None for p in self.params if p.endswith("_desc"))
+                seen[self.name].append((kwargs.get("TRANS_W"), *descs))
+                return self.kernel[grid](*args, **kwargs)
             return launch
 
     seed = zlib.crc32(f"tma{layout}{dtype}".encode()) % 1000
     plain = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)
-    monkeypatch.setattr(_triton, "gmm_kernel", Spy())
+    for name in seen:
+        monkeypatch.setattr(_triton, name, Spy(name))
     monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"tma": True})
+    monkeypatch.setitem(grouped.OVERRIDES, "wgrad", {"tma": True})
+    monkeypatch.setitem(grouped.OVERRIDES, "wgrad_splits", 2)     # rows past a chunk belong to the same expert
     tma = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)
     # equal up to the summation order of the interpreter's matmul on a transposed view (ULPs of the dtype)
     torch.testing.assert_close(plain[0], tma[0])
@@ -352,7 +360,10 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor) of the launches that used a W descriptor
         "ff_up": {(True, True, True)}, "ff_down": {(False, True, False)}, "att_v": {(True, False, False)},
         "att_o": {(False, False, False)}}[layout]
-    assert {s[:3] for s in seen if s[3]} == by_desc
+    assert {s[:3] for s in seen["gmm_kernel"] if s[3]} == by_desc
+    # the weight gradient: its sorted operand (the other one's gathered rows mask the rows past the chunk)
+    sorted_operand = {"ff_up": "b", "ff_down": "a", "att_v": "b", "att_o": "a"}[layout]
+    assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}
 
 
 def test_auto_backend_is_reference_without_cuda():

@@ -281,7 +281,7 @@ def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, si
 
 @triton.jit
 def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale_ptr, aidx_ptr,
-                 bidx_ptr, K, N, E,
+                 bidx_ptr, a_desc, b_desc, K, N, E,
                  s_am, s_ak, s_bm, s_bn, s_gs, s_ge, s_gk, s_gn,
                  A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr,
                  SPLITS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -296,7 +296,9 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale
     forming the tail; each program's result does not depend on that order. A rows gathered (pair // A_GROUP,
     or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP, or bidx[pair] when B_GROUP < 0;
     times the gate when HAS_SCALE) or sorted (the ReLU mask is already applied by the caller). Empty chunks write
-    exact zeros.
+    exact zeros. a_desc / b_desc (or None): a sorted operand loaded by TMA descriptor; its rows past the chunk
+    belong to the next chunk or expert, and add nothing because the other operand, gathered with the row mask, is
+    zero there (so the caller gives a descriptor for one operand at most).
     """
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -324,10 +326,16 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale
         pair = tl.load(order_ptr + pos, mask=rmask, other=0)
         a_row = _source_rows(pair, pos, aidx_ptr, rmask, A_GROUP)
         b_row = _source_rows(pair, pos, bidx_ptr, rmask, B_GROUP)
-        a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :],
-                    other=0.0)
-        b = tl.load(b_ptr + b_row[:, None] * s_bm + ns[None, :] * s_bn, mask=rmask[:, None] & nmask[None, :],
-                    other=0.0)
+        if a_desc is not None:
+            a = a_desc.load([tl.cast(r0, tl.int32), pid_k * BLOCK_K])
+        else:
+            a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+        if b_desc is not None:
+            b = b_desc.load([tl.cast(r0, tl.int32), pid_n * BLOCK_N])
+        else:
+            b = tl.load(b_ptr + b_row[:, None] * s_bm + ns[None, :] * s_bn, mask=rmask[:, None] & nmask[None, :],
+                        other=0.0)
         if HAS_SCALE:
             s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
             b = (b.to(tl.float32) * s[:, None]).to(b.dtype)

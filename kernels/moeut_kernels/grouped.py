@@ -212,14 +212,20 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
     out = grad_w.unsqueeze(0) if splits == 1 else torch.empty(splits, n_experts, kdim, ndim, dtype=torch.float32,
                                                               device=a.device)
     by_load = torch.argsort(plan.offsets[1:] - plan.offsets[:-1], descending=True)    # busiest experts first
+    block_r = _wgrad_block_r(a.dtype)
+    a_desc = b_desc = None
+    if cfg.tma and a_group == 0 and b_group != 0:        # one sorted operand by TMA, the other gathered (masked)
+        a_desc = _descriptor(a, a.shape[0], [block_r, cfg.block_k])
+    elif cfg.tma and b_group == 0 and a_group != 0:
+        b_desc = _descriptor(b, b.shape[0], [block_r, cfg.block_n])
     K.wgrad_kernel[(splits * tiles,)](
         a, b, out, plan.order, plan.offsets, by_load, scale if scale is not None else plan.order,
         a_index if a_index is not None else plan.order, b_index if b_index is not None else plan.order,
-        kdim, ndim, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a_desc, b_desc, kdim, ndim, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         *out.stride(),
         A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, SPLITS=splits,
         FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
-        BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_wgrad_block_r(a.dtype),
+        BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         grad_w.copy_(out.sum(0))
