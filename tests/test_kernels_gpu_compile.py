@@ -129,6 +129,10 @@ def test_every_kernel_is_launched(launches):
                 if named[f"{d}_desc"].startswith("tensordesc"):
                     descs[d].add(dict(consts)["TRANS_W"])
     assert descs == {"w": {True, False}, "a": {True, False}, "m": {True}}
+    wgrad_params = list(inspect.signature(K.wgrad_kernel.fn).parameters)
+    wgrad_descs = {tuple(dict(zip(wgrad_params, types))[d].startswith("tensordesc") for d in ("a_desc", "b_desc"))
+                   for name, types, *_ in launches if name == "wgrad_kernel"}
+    assert wgrad_descs == {(False, False), (True, False), (False, True)}     # a sorted A or B by TMA, or neither
 
 
 COMPILE = """

@@ -36,8 +36,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 class TileConfig:
     """Block shape and pipelining of one kernel launch (chosen by shape class, never re-tuned per batch).
     a_resident (grouped matmul, K <= block_k): each program keeps its A tile and loops over n_loop output slices.
-    tma (with a_resident, K == block_k): W slices, and A and its mask where A is sorted, by TMA descriptor loads
-    (sm_90+); operands a descriptor cannot address fall back to pointer loads."""
+    tma (sm_90+): TMA descriptor loads. Grouped matmul (with a_resident, K == block_k): the W slices, and A and its
+    mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall back to
+    pointer loads."""
     block_n: int
     block_k: int
     num_warps: int
@@ -92,14 +93,17 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
     return replace(cfg, **OVERRIDES.get("gmm", {}))
 
 
-def wgrad_config(k: int, n: int, dtype: torch.dtype) -> TileConfig:
-    """block_n x block_k tiles of W[e]; the row step is _wgrad_block_r."""
+def wgrad_config(k: int, n: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> TileConfig:
+    """block_n x block_k tiles of W[e]; the row step is _wgrad_block_r. In bf16 on sm_90+ the sorted operand comes
+    by TMA, at 8 warps (H200 sweep: 2-11% faster than pointer loads at 4 warps, docs/PERFORMANCE.md)."""
     if INTERPRET:
         cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
     else:
         big = dtype != torch.float32
-        # H200 sweep: 4 warps beat 8 by ~1.45x on both FF weight gradients (docs/KERNELS.md)
+        # H200 sweep: with pointer loads 4 warps beat 8 by ~1.45x on both FF weight gradients (docs/KERNELS.md)
         cfg = TileConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(k, 16, 128), 4, 3 if big else 2)
+        if big and device is not None and _has_tma(device):
+            cfg = replace(cfg, tma=True, num_warps=8)
     return replace(cfg, **OVERRIDES.get("wgrad", {}))
 
 
@@ -206,7 +210,7 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
     n_experts, kdim, ndim = grad_w.shape
     a_group = -1 if a_index is not None else a_group
     b_group = -1 if b_index is not None else b_group
-    cfg = wgrad_config(kdim, ndim, a.dtype)
+    cfg = wgrad_config(kdim, ndim, a.dtype, a.device)
     tiles = n_experts * triton.cdiv(kdim, cfg.block_k) * triton.cdiv(ndim, cfg.block_n)
     splits = _wgrad_splits(tiles, a.device)
     out = grad_w.unsqueeze(0) if splits == 1 else torch.empty(splits, n_experts, kdim, ndim, dtype=torch.float32,
