@@ -60,12 +60,3 @@ def test_tma_sweep_runs_and_matches_pointer_loads(tiny, monkeypatch):
     assert len(diffs) == 2 * 4 * 4 + 2 * 4 * 3 and max(diffs) < 1e-2
     assert sum("tma layer" in r["what"] for r in rows) == 2 * 2 * 4
     assert B.GM._has_tma.__name__ == "_has_tma"      # restored
-
-
-def test_tma_load_probe_matches_the_default(tiny):
-    """bench/probe_tma_loads.py runs, and its kernel's output equals gmm_kernel's on the same plan."""
-    import probe_tma_loads as probe
-    rows = probe.main(block_m=16)
-    assert [r for r in rows if "error" in r] == []
-    diffs = [r["max_abs_diff"] for r in rows if "max_abs_diff" in r]
-    assert len(diffs) == 4 and max(diffs) < 1e-2
