@@ -386,52 +386,73 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
 
 
 def sweep_tma(rows: list) -> None:
-    """The resident-A calls (K = d_e = 128) with TMA descriptor loads (TileConfig.tma) next to the same calls with
-    pointer loads, at the FF and SwitchHead shapes of 244M and 1B: FF down forward (sorted A, W plain), FF up
-    input-grad with its masked store (sorted A and ReLU mask, W transposed), attention O forward (gathered A, W
-    plain) and V input-grad with its gated store (gathered A, W transposed), and the four weight gradients with
-    their sorted operand by TMA. Each TMA row records its largest difference from the pointer-load output. Then each layer's fwd+bwd with gmm_config's choice on this GPU and
-    with its choice for a GPU without TMA, twice, interleaved."""
-    variants = [(8, 3), (8, 2), (4, 3), (4, 2)]            # (warps, stages) of the TMA rows
+    """Kernel calls with TMA descriptor loads (TileConfig.tma) next to the same calls with pointer loads, at the FF
+    and SwitchHead shapes of 244M and 1B. The resident-A calls (K = d_e): FF down forward (sorted A, W plain), FF
+    up input-grad with its masked store (sorted A and ReLU mask, W^T), attention O forward (gathered A, W) and V
+    input-grad with its gated store (gathered A, W^T). The looping-K calls (K = d, gathered A, W by descriptor
+    only): FF up forward, FF down input-grad with the gate gradient, attention V forward and O input-grad. The four
+    weight gradients with their sorted operand by TMA. Each TMA row records its largest difference from the
+    pointer-load output. Then each layer's fwd+bwd with gmm_config's choice on this GPU and with its choice for a
+    GPU without TMA, twice, interleaved."""
     for size in ("244M", "1B"):
         f, a = FF_SHAPES[size], ATT_SHAPES[size]
         x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
         k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
         logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
-        plan = TritonBackend().route(logits, k).plan
+        r = TritonBackend().route(logits, k)
+        plan, gate = r.plan, r.gate.reshape(-1)
         P = TOKENS * k
         h, gh = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
         side = torch.empty(P, d_e, device=DEV, dtype=BF16)
         H, n, ka, d_h = a["heads"], a["n_experts"], a["k"], a["d_h"]
         g = torch.Generator(device=DEV).manual_seed(4)
         av, gv = (torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g) for _ in range(2))
+        xa, gya = (torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g) for _ in range(2))
         w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16)
         w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16)
         rv, ro = (TritonBackend().route(torch.randn(TOKENS, H, n, device=DEV, generator=g), ka) for _ in range(2))
         Pa, hk = TOKENS * H * ka, H * ka
         att_side = torch.empty(Pa, d_h, device=DEV, dtype=BF16)
-        calls = {  # name: (call writing into out, out, flop)
-            "FF down_fwd": (lambda c, o: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), (P, d), 2 * P * d * d_e),
+        gpart = torch.empty(max(P, Pa), 16, device=DEV, dtype=torch.float32)
+        resident = GM.gmm_config(d, d_e, BF16, plan.block_m)           # K = d_e: pointer loads (no device given)
+        looping, looping_g = (GM.gmm_config(d_e, d, BF16, plan.block_m, gate_grad=gg) for gg in (False, True))
+        calls = {  # name: (call writing into out, out shape, flop, pointer-load config)
+            "FF down_fwd": (lambda c, o: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), (P, d), 2 * P * d * d_e,
+                            resident),
             "FF up_dx_store_masked": (lambda c, o: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c,
-                                                           side_out=side), (P, d), 2 * P * d * d_e),
+                                                           side_out=side), (P, d), 2 * P * d * d_e, resident),
             "att O fwd": (lambda c, o: GM._gmm(av, ka, w_o, False, ro.plan, o, True, cfg=c), (Pa, d),
-                          2 * Pa * d * d_h),
+                          2 * Pa * d * d_h, resident),
             "att V dx + gated store": (lambda c, o: GM._gmm(gv, ka, w_v, True, rv.plan, o, True,
                                                             scale=rv.gate.reshape(-1), cfg=c, side_out=att_side),
-                                       (Pa, d), 2 * Pa * d * d_h),
+                                       (Pa, d), 2 * Pa * d * d_h, resident),
+            # the looping-K calls (K = d, A gathered): only W can come by descriptor
+            "FF up_fwd": (lambda c, o: GM._gmm(x.detach(), k, w1, False, plan, o, False, relu_out=True, cfg=c),
+                          (P, d_e), 2 * P * d * d_e, looping),
+            "FF down_dx + gate grad + gated store": (
+                lambda c, o: GM._gmm(gy, k, w2, True, plan, o, False, scale=gate, dsrc=h, gpart=gpart, cfg=c,
+                                     side_out=side), (P, d_e), 2 * P * d * d_e, looping_g),
+            "att V fwd": (lambda c, o: GM._gmm(xa, hk, w_v, False, rv.plan, o, True, cfg=c), (Pa, d_h),
+                          2 * Pa * d * d_h, looping),
+            "att O dx + gate grad + gated store": (
+                lambda c, o: GM._gmm(gya, hk, w_o, True, ro.plan, o, True, scale=ro.gate.reshape(-1), dsrc=av,
+                                     d_group=ka, gpart=gpart, cfg=c, side_out=att_side), (Pa, d_h),
+                2 * Pa * d * d_h, looping_g),
         }
-        for name, (call, shape, flop) in calls.items():
-            base = GM.gmm_config(shape[1], d_e, BF16, plan.block_m)
+        for name, (call, shape, flop, base) in calls.items():
             ref, out = (torch.empty(shape, device=DEV, dtype=BF16) for _ in range(2))
             _timed(rows, f"tma {size} {name} pointer loads {base}", lambda: call(base, ref), flop=flop)
-            for warps, stages in variants:
-                c = dataclasses.replace(base, tma=True, num_warps=warps, num_stages=stages)
-                _timed(rows, f"tma {size} {name} TMA loads {warps} warps {stages} stages", lambda: call(c, out),
-                       flop=flop)
+            if base.a_resident:
+                variants = [dict(num_warps=w, num_stages=st) for w, st in ((8, 3), (8, 2), (4, 3), (4, 2))]
+            else:
+                variants = [{}, dict(num_stages=4), dict(num_warps=12 - base.num_warps)]
+            for over in variants:
+                c = dataclasses.replace(base, tma=True, **over)
+                _timed(rows, f"tma {size} {name} TMA loads {c.num_warps} warps {c.num_stages} stages",
+                       lambda: call(c, out), flop=flop)
                 if "ms" in rows[-1]:
                     rows[-1]["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
         # the weight gradients, each with one sorted operand (by TMA with tma=True) and one gathered
-        xa, gya = (torch.randn(TOKENS, d, device=DEV, dtype=BF16) for _ in range(2))
         sorted_a = torch.randn(Pa, d_h, device=DEV, dtype=BF16)      # a sorted attention operand (one per pair)
         gw1, gw2, gw_v, gw_o = (torch.empty_like(w) for w in (w1, w2, w_v, w_o))
         wgrads = {  # name: (call, gradient written, flop)
@@ -454,7 +475,7 @@ def sweep_tma(rows: list) -> None:
                 if "ms" in rows[-1]:
                     rows[-1]["max_abs_diff"] = (grad.float() - ref.float()).abs().max().item()
             GM.OVERRIDES.pop("wgrad")
-        del h, gh, side, av, gv, att_side, ref, out, xa, gya, sorted_a, gw1, gw2, gw_v, gw_o
+        del h, gh, side, av, gv, att_side, gpart, ref, out, xa, gya, sorted_a, gw1, gw2, gw_v, gw_o
         has_tma = GM._has_tma
         try:
             for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):

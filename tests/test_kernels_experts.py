@@ -322,14 +322,14 @@ def test_relu_backward_paths(need, resident, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_tma_loads_match_reference(layout, dtype, monkeypatch):
-    """Resident-A launches with TMA descriptor loads (TileConfig.tma) give the reference's values and exactly the
-    pointer loads' values (to the ULP). The short width is 32 (= the interpreter's block_k, which TMA needs) and the long one 40
-    (partial slices: a transposed W slice past N reads the next expert's rows, which must stay masked). The spy
-    checks which operands went by descriptor: W plain (down, attention O) or transposed (up and attention V input
-    gradients), the sorted A tile (down forward, up input gradient) and its ReLU mask (up input gradient), and
-    the weight gradients' sorted operand, with each expert's rows in two chunks."""
+    """Launches with TMA descriptor loads (TileConfig.tma) give the reference's values and the pointer loads'
+    values (to the ULP). The short width is 32 (= the interpreter's block_k, which the A descriptor needs) and the
+    long one 72: a transposed W slice past N reads the next expert's rows, which must stay masked, and the looping-K
+    calls take two K steps of 64, the second W tile mostly past K, where A's columns are zero. The spy checks which operands went by descriptor: W plain or
+    transposed in every launch, the sorted A tile (down forward, up input gradient) and its ReLU mask (up input
+    gradient), and the weight gradients' sorted operand, with each expert's rows in two chunks."""
     from moeut_kernels import _triton, grouped
-    widths = {"ff_up": (40, 32), "ff_down": (32, 40), "att_v": (40, 32), "att_o": (32, 40)}[layout]
+    widths = {"ff_up": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}[layout]
     seen: dict = {"gmm_kernel": [], "wgrad_kernel": []}
 
     class Spy:
@@ -357,10 +357,12 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     torch.testing.assert_close(plain[0], tma[0])
     for a, b in zip(plain[1], tma[1]):
         assert a is None and b is None or torch.testing.assert_close(a, b) is None
-    by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor) of the launches that used a W descriptor
-        "ff_up": {(True, True, True)}, "ff_down": {(False, True, False)}, "att_v": {(True, False, False)},
-        "att_o": {(False, False, False)}}[layout]
-    assert {s[:3] for s in seen["gmm_kernel"] if s[3]} == by_desc
+    by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor); the looping-K launches take only W by descriptor
+        "ff_up": {(True, True, True), (False, False, False)}, "ff_down": {(False, True, False), (True, False, False)},
+        "att_v": {(True, False, False), (False, False, False)},
+        "att_o": {(False, False, False), (True, False, False)}}[layout]
+    assert all(s[3] for s in seen["gmm_kernel"])                          # every launch: W by descriptor
+    assert {s[:3] for s in seen["gmm_kernel"]} == by_desc
     # the weight gradient: its sorted operand (the other one's gathered rows mask the rows past the chunk)
     sorted_operand = {"ff_up": "b", "ff_down": "a", "att_v": "b", "att_o": "a"}[layout]
     assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}

@@ -106,6 +106,7 @@ def launches() -> list:
             _tiny_moeut_step()
             _explicit_rows()
         mp.setattr(grouped, "_has_tma", lambda device: True)    # the configs of an sm_90+ GPU: TMA loads
+        mp.setitem(grouped.OVERRIDES, "gmm", {"tma": True})     # and W by TMA in the looping-K calls (a sweep option)
         _tiny_moeut_step()
     finally:
         mp.undo()
@@ -120,15 +121,18 @@ def test_every_kernel_is_launched(launches):
     assert {c["A_RESIDENT"] for c in gmm} == {True, False}
     # the weight gradient's masked/gated operand, stored by resident-A and by fused-gate-gradient launches
     assert {(c["A_RESIDENT"], c["GATE_GRAD"]) for c in gmm if c["STORE_SIDE"]} == {(True, False), (False, True)}
-    # TMA: W plain and transposed, with the sorted A tile and its ReLU mask
+    # TMA: W plain and transposed (in resident and looping-K launches), with the sorted A tile and its ReLU mask
     descs = {"w": set(), "a": set(), "m": set()}
+    w_by_desc = set()      # A_RESIDENT of the launches that load W by descriptor
     for name, types, consts, _ in launches:
         if name == "gmm_kernel":
             named = dict(zip(GMM_PARAMS, types))
             for d in descs:
                 if named[f"{d}_desc"].startswith("tensordesc"):
                     descs[d].add(dict(consts)["TRANS_W"])
-    assert descs == {"w": {True, False}, "a": {True, False}, "m": {True}}
+            if named["w_desc"].startswith("tensordesc"):
+                w_by_desc.add(dict(consts)["A_RESIDENT"])
+    assert descs == {"w": {True, False}, "a": {True, False}, "m": {True}} and w_by_desc == {True, False}
     wgrad_params = list(inspect.signature(K.wgrad_kernel.fn).parameters)
     wgrad_descs = {tuple(dict(zip(wgrad_params, types))[d].startswith("tensordesc") for d in ("a_desc", "b_desc"))
                    for name, types, *_ in launches if name == "wgrad_kernel"}

@@ -155,10 +155,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
     and unscaled instead of loading the mask or scaling a gathered operand in each of its programs.
-    TMA (A_RESIDENT with K == BLOCK_K; descriptors are None otherwise): w_desc views W as [E*K, N] (or [E*N, K]
-    with TRANS_W) so each slice is one descriptor load; a_desc / m_desc (sorted A, A_GROUP == 0) load the whole
-    A tile and mask from the tile's first sorted position. Rows or columns such a load takes past the tile's expert
-    belong to the next expert or are zero-filled past the tensor; only masked outputs see them.
+    TMA (descriptors are None otherwise): w_desc views W as [E*K, N] (or [E*N, K] with TRANS_W) so each W tile is
+    one descriptor load; a_desc / m_desc (A_RESIDENT, sorted A, A_GROUP == 0) load the whole A tile and mask from
+    the tile's first sorted position. Rows or columns such a load takes past the tile's expert belong to the next
+    expert or are zero-filled past the tensor; only masked outputs, or A's zero columns past K, see them.
     """
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(N, n_per_prog)
@@ -205,13 +205,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
-            if w_desc is None:
-                w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn,
-                            mask=kmask[:, None] & nmask[None, :], other=0.0)
-            elif TRANS_W:
-                w = tl.trans(w_desc.load([e * N + n0, 0]))
-            else:
-                w = w_desc.load([e * K, n0])
+            w = _load_w(w_desc, w_base, e, 0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
             _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
                       s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)
@@ -225,14 +219,28 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < K
             a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
-            w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
-                        other=0.0)
+            w = _load_w(w_desc, w_base, e, k0, n_lo, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
         g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
                       s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, STORE_SIDE, BLOCK_M)
         if GATE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
+
+
+@triton.jit
+def _load_w(w_desc, w_base, e, k0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W: tl.constexpr):
+    """W[e][ks, cols] (zeros outside K x N) by pointers, or by descriptor at (k0, n0) (rows of W past K, or for
+    TRANS_W columns past N, then belong to the next expert: the caller's A is zero past K and its outputs past N
+    are masked)."""
+    if w_desc is None:
+        w = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+    elif TRANS_W:
+        w = tl.trans(w_desc.load([e * N + n0, k0]))
+    else:
+        w = w_desc.load([e * K + k0, n0])
+    return w
 
 
 @triton.jit

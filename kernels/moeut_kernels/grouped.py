@@ -36,9 +36,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 class TileConfig:
     """Block shape and pipelining of one kernel launch (chosen by shape class, never re-tuned per batch).
     a_resident (grouped matmul, K <= block_k): each program keeps its A tile and loops over n_loop output slices.
-    tma (sm_90+): TMA descriptor loads. Grouped matmul (with a_resident, K == block_k): the W slices, and A and its
-    mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall back to
-    pointer loads."""
+    tma (sm_90+): TMA descriptor loads. Grouped matmul: the W tiles, and with a_resident and K == block_k the A tile
+    and its mask where A is sorted (gmm_config turns it on for resident configs only: the looping-K calls with W
+    by descriptor are unmeasured). Weight gradient: its sorted operand. Operands a descriptor cannot address fall
+    back to pointer loads."""
     block_n: int
     block_k: int
     num_warps: int
@@ -162,10 +163,10 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     if d_index is not None:
         d_group = -1
     a_desc = m_desc = w_desc = None
-    if cfg.tma and cfg.a_resident and kdim == cfg.block_k:
+    if cfg.tma:
         e_rows = n_experts * (ndim if transpose_w else kdim)
         w_desc = _descriptor(w, e_rows, [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n])
-        if a_group == 0 and a_index is None:
+        if cfg.a_resident and kdim == cfg.block_k and a_group == 0 and a_index is None:
             tile = [plan.block_m, cfg.block_k]
             a_desc = _descriptor(a, a.shape[0], tile)
             m_desc = _descriptor(amask, amask.shape[0], tile) if amask is not None else None
