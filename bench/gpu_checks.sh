@@ -3,15 +3,17 @@
 # OUT_DIR (tar it to take the results away): the kernel tests compiled for the GPU, the expert-layer table (FF and
 # SwitchHead at 244M and 1B; MegaBlocks' row when its source archives are given), the time of each kernel call of
 # the FF and SwitchHead layers at 244M with the chosen configs (and the gathering FF calls in expert vs window tile
-# order), and the compiled 244M full-step rows with their kernel-time profile.
+# order), the calls and layers with and without TMA loads (--sweep-tma, 244M and 1B), and the compiled 244M
+# full-step rows with their kernel-time profile.
 #
 #   bash bench/gpu_checks.sh OUT_DIR [MEGABLOCKS_SRC_DIR]
 #
 # Needs torch, triton and pytest importable (on the GPU image: the carried wheels unpacked on PYTHONPATH) and
-# TORCH_CUDA_ARCH_LIST=9.0 where the image sets 9.0a. ~8 minutes on one H200, ~11.5 with the MegaBlocks build
-# (3.4 min): give the call room for the archive step after it, or results are lost with a killed call.
+# TORCH_CUDA_ARCH_LIST=9.0 where the image sets 9.0a. ~5 minutes on one H200 in the fifth session, plus ~2 for
+# --sweep-tma; the MegaBlocks build adds 3.4 min, which no longer fits one 600 s call with the rest. Give the call
+# room for the archive step after it, or results are lost with a killed call.
 set -u
-[ $# -ge 1 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 out=$1; mb_src=${2:-}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -42,5 +44,6 @@ fi
 TAILN=14 step experts 200 python3 bench/bench_experts.py --only ff244,att,ff1b,att1b --json "$out/experts.json"
 TAILN=70 step sweeps 240 python3 bench/bench_experts.py --only none --sweep defaults --sweep-att 244M --sweep-order \
   --json "$out/sweeps.json"
+TAILN=70 step sweep_tma 240 python3 bench/bench_experts.py --only none --sweep-tma --json "$out/sweep_tma.json"
 TAILN=6 step step_244m_compiled 300 python3 bench/bench_step.py --sizes 244m --no-eager --budget-s 250 --profile-compiled \
   --out "$out/step_244m_compiled"
