@@ -460,10 +460,10 @@ def sweep_tma(rows: list) -> None:
                                                             gw1, 2 * P * d * d_e),
             "FF wgrad_down (gate * h sorted, grad gathered)": (lambda: GM._wgrad(h, 0, gy, k, plan, gw2), gw2,
                                                               2 * P * d * d_e),
-            "att V wgrad (x gathered, gated grad sorted)": (lambda: GM._wgrad(xa, hk, sorted_a, 0, rv.plan, gw_v), gw_v,
-                                                           2 * Pa * d * d_h),
-            "att O wgrad (gate * a sorted, grad gathered)": (lambda: GM._wgrad(sorted_a, 0, gya, hk, ro.plan, gw_o), gw_o,
-                                                            2 * Pa * d * d_h),
+            "att V wgrad (x gathered, gated grad sorted)": (
+                lambda: GM._wgrad(xa, hk, sorted_a, 0, rv.plan, gw_v), gw_v, 2 * Pa * d * d_h),
+            "att O wgrad (gate * a sorted, grad gathered)": (
+                lambda: GM._wgrad(sorted_a, 0, gya, hk, ro.plan, gw_o), gw_o, 2 * Pa * d * d_h),
         }
         for name, (call, grad, flop) in wgrads.items():
             GM.OVERRIDES.pop("wgrad", None)

@@ -319,17 +319,14 @@ def test_relu_backward_paths(need, resident, monkeypatch):
         assert rel_err(a, b) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_tma_loads_match_reference(layout, dtype, monkeypatch):
-    """Launches with TMA descriptor loads (TileConfig.tma) give the reference's values and the pointer loads'
-    values (to the ULP). The short width is 32 (= the interpreter's block_k, which the A descriptor needs) and the
-    long one 72: a transposed W slice past N reads the next expert's rows, which must stay masked, and the looping-K
-    calls take two K steps of 64, the second W tile mostly past K, where A's columns are zero. The spy checks which operands went by descriptor: W plain or
-    transposed in every launch, the sorted A tile (down forward, up input gradient) and its ReLU mask (up input
-    gradient), and the weight gradients' sorted operand, with each expert's rows in two chunks."""
+TMA_WIDTHS = {"ff_up": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}
+
+
+def _tma_on_with_spy(monkeypatch) -> dict:
+    """Turns TileConfig.tma on for every grouped-matmul and weight-gradient launch (two row chunks per expert in
+    the weight gradient: rows past a chunk belong to the same expert) and records, per kernel, each launch's
+    (TRANS_W, which descriptor arguments were given)."""
     from moeut_kernels import _triton, grouped
-    widths = {"ff_up": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}[layout]
     seen: dict = {"gmm_kernel": [], "wgrad_kernel": []}
 
     class Spy:
@@ -345,13 +342,28 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    seed = zlib.crc32(f"tma{layout}{dtype}".encode()) % 1000
-    plain = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)
     for name in seen:
         monkeypatch.setattr(_triton, name, Spy(name))
     monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"tma": True})
     monkeypatch.setitem(grouped.OVERRIDES, "wgrad", {"tma": True})
-    monkeypatch.setitem(grouped.OVERRIDES, "wgrad_splits", 2)     # rows past a chunk belong to the same expert
+    monkeypatch.setitem(grouped.OVERRIDES, "wgrad_splits", 2)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tma_loads_match_reference(layout, dtype, monkeypatch):
+    """Launches with TMA descriptor loads (TileConfig.tma) give the reference's values and the pointer loads'
+    values (to the ULP). The short width is 32 (= the interpreter's block_k, which the A descriptor needs) and the
+    long one 72: a transposed W slice past N reads the next expert's rows, which must stay masked, and the
+    looping-K calls take two K steps of 64, the second W tile mostly past K, where A's columns are zero. The spy
+    checks which operands went by descriptor: W plain or transposed in every launch, the sorted A tile (down
+    forward, up input gradient) and its ReLU mask (up input gradient), and the weight gradients' sorted operand,
+    with each expert's rows in two chunks."""
+    widths = TMA_WIDTHS[layout]
+    seed = zlib.crc32(f"tma{layout}{dtype}".encode()) % 1000
+    plain = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)
+    seen = _tma_on_with_spy(monkeypatch)
     tma = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)
     # equal up to the summation order of the interpreter's matmul on a transposed view (ULPs of the dtype)
     torch.testing.assert_close(plain[0], tma[0])
@@ -366,6 +378,18 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     # the weight gradient: its sorted operand (the other one's gathered rows mask the rows past the chunk)
     sorted_operand = {"ff_up": "b", "ff_down": "a", "att_v": "b", "att_o": "a"}[layout]
     assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}
+
+
+def test_tma_config_without_host_descriptors_uses_pointer_loads(monkeypatch):
+    """On a Triton without host tensor descriptors (< 3.4) a TMA config still runs, with pointer loads, and no
+    GPU reports TMA."""
+    from moeut_kernels import grouped
+    monkeypatch.setattr(grouped, "TensorDescriptor", None)
+    assert not grouped._has_tma.__wrapped__(torch.device("cuda"))
+    seen = _tma_on_with_spy(monkeypatch)
+    check_against_reference("ff_up", torch.float32, 45, bias="uneven", seed=21, widths=TMA_WIDTHS["ff_up"])
+    assert seen["gmm_kernel"] and seen["wgrad_kernel"]
+    assert not any(any(s[1:]) for launches in seen.values() for s in launches)
 
 
 def test_auto_backend_is_reference_without_cuda():

@@ -3,8 +3,9 @@
 The interpreter tests check what the kernels compute; they do not compile them. This test records each distinct
 launch (kernel, argument types, constexprs, warps, stages) of a tiny MoEUT's forward and backward, of the
 explicit-rows path of expert parallelism, and of the weight gradient with and without row chunks, all with the
-configurations chosen for GPUs (also with TMA loads, compiled for sm_90 only), then compiles each one with Triton's
-bundled ptxas for sm_90 (H100/H200), sm_80 (A100) and sm_89 (L40S, RTX 4090: 99 KB of shared memory per block) and checks its shared memory fits the chip.
+configurations chosen for GPUs (also with TMA loads, compiled for sm_90 only), then compiles each one with
+Triton's bundled ptxas for sm_90 (H100/H200), sm_80 (A100) and sm_89 (L40S, RTX 4090: 99 KB of shared memory per
+block) and checks its shared memory fits the chip.
 The tiny model has the real expert widths (d_e = d_h = 128), so the tile configs and their shared memory are the
 ones real models get. A kernel edit that only a GPU would reject fails here.
 """

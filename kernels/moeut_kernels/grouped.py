@@ -24,7 +24,11 @@ from typing import Optional
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:        # Triton >= 3.4; older ones (3.3 ships with torch 2.7) keep pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from moeut_kernels import _triton as K
 from moeut_kernels.routing import RoutingPlan
@@ -62,8 +66,9 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
 
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
-    """Whether the GPU has the Tensor Memory Accelerator (sm_90+)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether the GPU has the Tensor Memory Accelerator (sm_90+) and this Triton has host descriptors."""
+    return (TensorDescriptor is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False, masked: bool = False,
@@ -123,8 +128,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _descriptor(t: torch.Tensor, rows: int, block: list[int]) -> Optional[TensorDescriptor]:
     """A TMA descriptor of t viewed as [rows, t.numel() // rows] (a view, never a copy), or None where TMA cannot
-    address it (not viewable that way, base or row stride not 16-byte aligned)."""
-    if not t.is_contiguous() or t.numel() == 0 or t.data_ptr() % 16:
+    address it (not viewable that way, base or row stride not 16-byte aligned) or this Triton has no descriptors."""
+    if TensorDescriptor is None or not t.is_contiguous() or t.numel() == 0 or t.data_ptr() % 16:
         return None
     cols = t.numel() // rows
     if (cols * t.element_size()) % 16:
