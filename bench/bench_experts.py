@@ -7,7 +7,7 @@ Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real 
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
---sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the resident-A calls and the
+--sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the kernel calls and the
 layers with TMA descriptor loads against pointer loads (`--only none` skips the layer tables). With
 --profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
 
@@ -179,6 +179,12 @@ def _att_step(s: dict):
     return lambda: att_step(TritonBackend(), t, s)
 
 
+def _att_operands(s: dict) -> tuple:
+    """(x, a, grad of V, grad of O, W_v, W_o) of att_inputs(s), detached: the per-call sweeps' operands."""
+    t = att_inputs(s, seed=4)
+    return tuple(t[name].detach() for name in ("x", "a", "gv", "go", "w_v", "w_o"))
+
+
 def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
     """SwitchHead V and O projections with both routers, against the dense model's V and O (d -> d and back:
     16 x 64 heads at 244M, 24 x 64 at 1B)."""
@@ -319,12 +325,8 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     """Time each kernel call of the SwitchHead V/O layer alone (bf16): where its fwd+bwd time goes, with the
     weight gradient's row chunks and the O forward's resident-A path as the variants."""
     d, H, n, k, d_h = s["d"], s["heads"], s["n_experts"], s["k"], s["d_h"]
+    x, a, gv, gy, w_v, w_o = _att_operands(s)
     g = torch.Generator(device=DEV).manual_seed(4)
-    x = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
-    a, gv = (torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g) for _ in range(2))
-    gy = torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g)
-    w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16)
-    w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16)
     tb = TritonBackend()
     logits_v, logits_o = (torch.randn(TOKENS, H, n, device=DEV, generator=g) for _ in range(2))
     rv, ro = tb.route(logits_v, k), tb.route(logits_o, k)
@@ -385,6 +387,13 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
            lambda: GM._wgrad(a_gated, 0, gy, hk, po, gw_o), flop=flop1)
 
 
+def _timed_against(rows: list, what: str, fn, out: torch.Tensor, ref: torch.Tensor, flop: int) -> None:
+    """_timed, then the row also records max |out - ref| (fn writes out; ref holds the pointer-load result)."""
+    _timed(rows, what, fn, flop=flop)
+    if "ms" in rows[-1]:
+        rows[-1]["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+
+
 def sweep_tma(rows: list) -> None:
     """Kernel calls with TMA descriptor loads (TileConfig.tma) next to the same calls with pointer loads, at the FF
     and SwitchHead shapes of 244M and 1B. The resident-A calls (K = d_e): FF down forward (sorted A, W plain), FF
@@ -405,11 +414,8 @@ def sweep_tma(rows: list) -> None:
         h, gh = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
         side = torch.empty(P, d_e, device=DEV, dtype=BF16)
         H, n, ka, d_h = a["heads"], a["n_experts"], a["k"], a["d_h"]
+        xa, av, gv, gya, w_v, w_o = _att_operands(a)
         g = torch.Generator(device=DEV).manual_seed(4)
-        av, gv = (torch.randn(TOKENS * H, d_h, device=DEV, dtype=BF16, generator=g) for _ in range(2))
-        xa, gya = (torch.randn(TOKENS, d, device=DEV, dtype=BF16, generator=g) for _ in range(2))
-        w_v = (torch.randn(H * n, d, d_h, device=DEV, generator=g) * d ** -0.5).to(BF16)
-        w_o = (torch.randn(H * n, d_h, d, device=DEV, generator=g) * (H * d_h) ** -0.5).to(BF16)
         rv, ro = (TritonBackend().route(torch.randn(TOKENS, H, n, device=DEV, generator=g), ka) for _ in range(2))
         Pa, hk = TOKENS * H * ka, H * ka
         att_side = torch.empty(Pa, d_h, device=DEV, dtype=BF16)
@@ -448,10 +454,8 @@ def sweep_tma(rows: list) -> None:
                 variants = [{}, dict(num_stages=4), dict(num_warps=12 - base.num_warps)]
             for over in variants:
                 c = dataclasses.replace(base, tma=True, **over)
-                _timed(rows, f"tma {size} {name} TMA loads {c.num_warps} warps {c.num_stages} stages",
-                       lambda: call(c, out), flop=flop)
-                if "ms" in rows[-1]:
-                    rows[-1]["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+                _timed_against(rows, f"tma {size} {name} TMA loads {c.num_warps} warps {c.num_stages} stages",
+                               lambda: call(c, out), out, ref, flop)
         # the weight gradients, each with one sorted operand (by TMA with tma=True) and one gathered
         sorted_a = torch.randn(Pa, d_h, device=DEV, dtype=BF16)      # a sorted attention operand (one per pair)
         gw1, gw2, gw_v, gw_o = (torch.empty_like(w) for w in (w1, w2, w_v, w_o))
@@ -471,9 +475,7 @@ def sweep_tma(rows: list) -> None:
             ref = grad.clone()
             for over in (dict(tma=True), dict(tma=True, num_stages=4), dict(tma=True, num_warps=8)):
                 GM.OVERRIDES["wgrad"] = over
-                _timed(rows, f"tma {size} {name} {over}", call, flop=flop)
-                if "ms" in rows[-1]:
-                    rows[-1]["max_abs_diff"] = (grad.float() - ref.float()).abs().max().item()
+                _timed_against(rows, f"tma {size} {name} {over}", call, grad, ref, flop)
             GM.OVERRIDES.pop("wgrad")
         del h, gh, side, av, gv, att_side, gpart, ref, out, xa, gya, sorted_a, gw1, gw2, gw_v, gw_o
         has_tma = GM._has_tma
@@ -586,7 +588,7 @@ def main() -> None:
                     help="per-call times of the SwitchHead V/O layer at this shape")
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--sweep-tma", action="store_true",
-                    help="resident-A calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
+                    help="kernel calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--profile-layer", default=None,

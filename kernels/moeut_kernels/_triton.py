@@ -189,9 +189,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         if a_desc is not None:
-            a = a_desc.load([start.to(tl.int32), 0])
+            first = start.to(tl.int32)
+            a = a_desc.load([first, 0])
             if MASK_A:
-                a = tl.where(m_desc.load([start.to(tl.int32), 0]) > 0, a, 0.0)
+                a = tl.where(m_desc.load([first, 0]) > 0, a, 0.0)
         else:
             a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)     # once per tile, not per slice

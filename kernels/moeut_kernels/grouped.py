@@ -65,9 +65,10 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
 
 
 @functools.cache
-def _has_tma(device: torch.device) -> bool:
-    """Whether the GPU has the Tensor Memory Accelerator (sm_90+) and this Triton has host descriptors."""
-    return (TensorDescriptor is not None and device.type == "cuda"
+def _has_tma(device: Optional[torch.device]) -> bool:
+    """Whether the GPU has the Tensor Memory Accelerator (sm_90+) and this Triton has host descriptors (False for
+    no device: the configs of a GPU without TMA)."""
+    return (TensorDescriptor is not None and device is not None and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
@@ -90,7 +91,7 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
         slices = triton.cdiv(n, block_n)
         cfg = TileConfig(block_n, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True,
                          n_loop=triton.cdiv(slices, triton.cdiv(slices, 8)))
-        if big and device is not None and _has_tma(device):
+        if big and _has_tma(device):
             cfg = replace(cfg, tma=True, num_warps=4, num_stages=3 if masked else 2)
     else:
         # 8 warps for short K (K = d_e), 4 for long K (K = d)
@@ -108,7 +109,7 @@ def wgrad_config(k: int, n: int, dtype: torch.dtype, device: Optional[torch.devi
         big = dtype != torch.float32
         # H200 sweep: with pointer loads 4 warps beat 8 by ~1.45x on both FF weight gradients (docs/KERNELS.md)
         cfg = TileConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(k, 16, 128), 4, 3 if big else 2)
-        if big and device is not None and _has_tma(device):
+        if big and _has_tma(device):
             cfg = replace(cfg, tma=True, num_warps=8)
     return replace(cfg, **OVERRIDES.get("wgrad", {}))
 
@@ -171,7 +172,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     if cfg.tma:
         e_rows = n_experts * (ndim if transpose_w else kdim)
         w_desc = _descriptor(w, e_rows, [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n])
-        if cfg.a_resident and kdim == cfg.block_k and a_group == 0 and a_index is None:
+        if cfg.a_resident and kdim == cfg.block_k and a_group == 0:      # sorted A (a_index set a_group -1)
             tile = [plan.block_m, cfg.block_k]
             a_desc = _descriptor(a, a.shape[0], tile)
             m_desc = _descriptor(amask, amask.shape[0], tile) if amask is not None else None
