@@ -490,45 +490,6 @@ def sweep_tma(rows: list) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_gate(rows: list) -> None:
-    """Where FF down's gate meets its weight gradient, at 244M and 1B: the input-grad launch (fused gate gradient)
-    storing gate * h for the weight gradient, or not storing it and the weight gradient scaling the sorted h tiles
-    in its row loop (OVERRIDES["store_sorted_gated_x"] = False). The two calls each way (input-grad with pointer
-    and TMA loads of W), then the FF layer's fwd+bwd both ways, twice, interleaved."""
-    for size in ("244M", "1B"):
-        f = FF_SHAPES[size]
-        x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
-        k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
-        r = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E).detach(), k)
-        plan, gate = r.plan, r.gate.reshape(-1).contiguous()
-        P, flop = TOKENS * k, 2 * TOKENS * k * d * d_e
-        h = torch.randn(P, d_e, device=DEV, dtype=BF16)
-        side, dh = torch.empty_like(h), torch.empty_like(h)
-        base = GM.gmm_config(d_e, d, BF16, plan.block_m, gate_grad=True)
-        gpart = torch.empty(P, triton.cdiv(d_e, base.columns_per_program()), device=DEV, dtype=torch.float32)
-        for tma in (False, True):
-            c = dataclasses.replace(base, tma=tma)
-            for store in (True, False):
-                _timed(rows, f"gate {size} FF down_dx + gate grad, W by TMA {tma}, store gate*h {store}",
-                       lambda: GM._gmm(gy, k, w2, True, plan, dh, False, scale=gate, dsrc=h, gpart=gpart, cfg=c,
-                                       side_out=side if store else None), flop=flop)
-        gw = torch.empty_like(w2)
-        _timed(rows, f"gate {size} FF wgrad_down on stored gate*h", lambda: GM._wgrad(side, 0, gy, k, plan, gw),
-               flop=flop)
-        _timed(rows, f"gate {size} FF wgrad_down scaling sorted h (SCALE_A)",
-               lambda: GM._wgrad(h, 0, gy, k, plan, gw, scale=gate, scale_a=True), flop=flop)
-        del h, side, dh, gpart, gw
-        step = _ff_step(f)
-        try:
-            for rep in range(2):
-                for store in (True, False):
-                    GM.OVERRIDES["store_sorted_gated_x"] = store
-                    _timed(rows, f"gate layer FF {size} fwd+bwd store gate*h {store} (run {rep})", step)
-        finally:
-            GM.OVERRIDES.pop("store_sorted_gated_x", None)
-        torch.cuda.empty_cache()
-
-
 def window_order(plan: RoutingPlan) -> RoutingPlan:
     """The plan's tiles sorted by their first pair id (unused tiles last): tile j of every expert runs together,
     over a narrow window of tokens, instead of all tiles of a few experts (the routing's expert order)."""
@@ -628,8 +589,6 @@ def main() -> None:
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--sweep-tma", action="store_true",
                     help="kernel calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
-    ap.add_argument("--sweep-gate", action="store_true",
-                    help="FF down's gate: stored gate * h vs scaled in the weight gradient (244M, 1B)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--profile-layer", default=None,
@@ -662,10 +621,7 @@ def main() -> None:
         sweep_order(rows)
     if args.sweep_tma:
         sweep_tma(rows)
-    if args.sweep_gate:
-        sweep_gate(rows)
-    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma
-                    or args.sweep_gate)
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:

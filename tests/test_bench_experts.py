@@ -60,13 +60,3 @@ def test_tma_sweep_runs_and_matches_pointer_loads(tiny, monkeypatch):
     assert len(diffs) == 2 * (4 * 4 + 4 * 3 + 4 * 3) and max(diffs) < 1e-2     # resident, looping-K, wgrad
     assert sum("tma layer" in r["what"] for r in rows) == 2 * 2 * 4
     assert B.GM._has_tma.__name__ == "_has_tma"      # restored
-
-
-def test_gate_sweep_runs(tiny, monkeypatch):
-    """--sweep-gate: every call and layer row a time, the override restored."""
-    monkeypatch.setitem(B.FF_SHAPES, "1B", dict(FF, d=48, n_experts=9))
-    rows: list = []
-    B.sweep_gate(rows)
-    assert [r for r in rows if "error" in r] == []
-    assert len(rows) == 2 * (4 + 2 + 4)
-    assert "store_sorted_gated_x" not in B.GM.OVERRIDES

@@ -380,23 +380,6 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ff_down_gate_scaled_in_weight_gradient(dtype, tma, monkeypatch):
-    """FF down without the stored gate * h: the weight gradient scales the sorted h tiles by the gate in its row
-    loop (SCALE_A), with pointer or TMA loads; same values as the reference and as the stored operand."""
-    from moeut_kernels import grouped
-    widths, seed = TMA_WIDTHS["ff_down"], 31
-    if tma:
-        _tma_on_with_spy(monkeypatch)
-    stored = check_against_reference("ff_down", dtype, 45, bias="uneven", seed=seed, widths=widths)
-    monkeypatch.setitem(grouped.OVERRIDES, "store_sorted_gated_x", False)
-    scaled = check_against_reference("ff_down", dtype, 45, bias="uneven", seed=seed, widths=widths)
-    torch.testing.assert_close(stored[0], scaled[0], rtol=0, atol=0)
-    for a, b in zip(stored[1], scaled[1]):      # the gate's fp32 scale of the same bf16 values, rounded the same
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 def test_tma_config_without_host_descriptors_uses_pointer_loads(monkeypatch):
     """On a Triton without host tensor descriptors (< 3.4) a TMA config still runs, with pointer loads, and no
     GPU reports TMA."""

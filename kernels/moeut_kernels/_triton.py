@@ -292,7 +292,7 @@ def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, si
 def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale_ptr, aidx_ptr,
                  bidx_ptr, a_desc, b_desc, K, N, E,
                  s_am, s_ak, s_bm, s_bn, s_gs, s_ge, s_gk, s_gn,
-                 A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_A: tl.constexpr,
+                 A_GROUP: tl.constexpr, B_GROUP: tl.constexpr, HAS_SCALE: tl.constexpr,
                  SPLITS: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """gW[s, e, k-tile, n-tile] = sum over chunk s of e's sorted rows of A^T B, in a fixed order: no atomics,
@@ -303,9 +303,8 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale
     fill the GPU; with SPLITS > 1 the caller sums the chunks in a fixed order. Programs take the experts in the
     order eorder (the caller passes the most loaded first), so that the longest programs start first instead of
     forming the tail; each program's result does not depend on that order. A rows gathered (pair // A_GROUP,
-    or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP, or bidx[pair] when B_GROUP < 0)
-    or sorted (the ReLU mask is already applied by the caller). HAS_SCALE multiplies B's rows by the gate, or A's
-    with SCALE_A (cheaper when A is the sorted operand: its tile comes whole, not row by row). Empty chunks write
+    or aidx[pair] when A_GROUP < 0) or sorted; B rows gathered (pair // B_GROUP, or bidx[pair] when B_GROUP < 0;
+    times the gate when HAS_SCALE) or sorted (the ReLU mask is already applied by the caller). Empty chunks write
     exact zeros. a_desc / b_desc (or None): a sorted operand loaded by TMA descriptor; its rows past the chunk
     belong to the next chunk or expert, and add nothing because the other operand, gathered with the row mask, is
     zero there (so the caller gives a descriptor for one operand at most).
@@ -348,10 +347,7 @@ def wgrad_kernel(a_ptr, b_ptr, gw_ptr, order_ptr, offsets_ptr, eorder_ptr, scale
                         other=0.0)
         if HAS_SCALE:
             s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
-            if SCALE_A:
-                a = (a.to(tl.float32) * s[:, None]).to(a.dtype)
-            else:
-                b = (b.to(tl.float32) * s[:, None]).to(b.dtype)
+            b = (b.to(tl.float32) * s[:, None]).to(b.dtype)
         acc = _dot(tl.trans(a), b, acc, FP32_DOT, PRECISION)
     gmask = kmask[:, None] & nmask[None, :]
     tl.store(gw_ptr + split.to(tl.int64) * s_gs + e.to(tl.int64) * s_ge + ks[:, None] * s_gk + ns[None, :] * s_gn,

@@ -209,12 +209,11 @@ def _wgrad_splits(n_programs: int, device: torch.device) -> int:
 
 
 def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: RoutingPlan, grad_w: torch.Tensor, *,
-           scale: Optional[torch.Tensor] = None, scale_a: bool = False, a_index: Optional[torch.Tensor] = None,
+           scale: Optional[torch.Tensor] = None, a_index: Optional[torch.Tensor] = None,
            b_index: Optional[torch.Tensor] = None) -> None:
     """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics: with several
     row chunks per expert, fp32 partial sums are added in chunk order). The busiest experts' programs go first
-    (their row loops are the longest). a_index / b_index (int64, by pair id) replace a_group / b_group when given.
-    scale (by pair id) multiplies B's rows, or A's with scale_a."""
+    (their row loops are the longest). a_index / b_index (int64, by pair id) replace a_group / b_group when given."""
     n_experts, kdim, ndim = grad_w.shape
     a_group = -1 if a_index is not None else a_group
     b_group = -1 if b_index is not None else b_group
@@ -235,7 +234,7 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
         a_index if a_index is not None else plan.order, b_index if b_index is not None else plan.order,
         a_desc, b_desc, kdim, ndim, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         *out.stride(),
-        A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, SCALE_A=scale_a, SPLITS=splits,
+        A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, SPLITS=splits,
         FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -405,7 +404,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     # then pairs it with the other operand gathered and unscaled (measured: the gate's scale of a gathered operand
     # in the weight gradient's row loop cost 0.17-0.32 ms per call at 244M, docs/PERFORMANCE.md).
     side_of_grad = launch and need_w and cfg.a_resident and (y is not None or summed_out)
-    side_of_x = launch and need_w and fused_g and (gathered_in or OVERRIDES.get("store_sorted_gated_x", True))
+    side_of_x = launch and need_w and fused_g
     side = None
     if side_of_grad or side_of_x:
         side = torch.empty(n_pairs, weight.shape[2] if side_of_grad else d_in, dtype=x.dtype, device=x.device)
@@ -434,8 +433,6 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
             _wgrad(side, 0, grad_out, og, plan, grad_w, b_index=out_index)
         elif side_of_grad:
             _wgrad(x, ig, side, 0, plan, grad_w, a_index=in_index)
-        elif summed_out and not gathered_in:       # x sorted: the gate scales its tiles in the row loop
-            _wgrad(x, 0, grad_out, og, plan, grad_w, scale=gate, scale_a=True, b_index=out_index)
         else:
             _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if summed_out else None, a_index=in_index,
                    b_index=out_index)
