@@ -49,10 +49,15 @@ def test_sweeps_and_layer_tables_run(tiny, monkeypatch):
     assert checks and all(max(r["err"]) < 2e-2 for r in checks)     # bf16 kernels vs the fp32 reference
 
 
-def test_tma_sweep_runs_and_matches_pointer_loads(tiny, monkeypatch):
-    """--sweep-tma: every row a time, every TMA call's output equal to the pointer-load call's (to bf16 rounding)."""
+@pytest.fixture
+def tiny_1b(tiny, monkeypatch):
+    """The sweeps that run both sizes: a second tiny shape as "1B"."""
     monkeypatch.setitem(B.FF_SHAPES, "1B", dict(FF, d=48, n_experts=9))
     monkeypatch.setitem(B.ATT_SHAPES, "1B", dict(ATT, d=48, heads=3))
+
+
+def test_tma_sweep_runs_and_matches_pointer_loads(tiny_1b):
+    """--sweep-tma: every row a time, every TMA call's output equal to the pointer-load call's (to bf16 rounding)."""
     rows: list = []
     B.sweep_tma(rows)
     assert [r for r in rows if "error" in r] == []
@@ -60,3 +65,12 @@ def test_tma_sweep_runs_and_matches_pointer_loads(tiny, monkeypatch):
     assert len(diffs) == 2 * (4 * 4 + 4 * 3 + 4 * 3) and max(diffs) < 1e-2     # resident, looping-K, wgrad
     assert sum("tma layer" in r["what"] for r in rows) == 2 * 2 * 4
     assert B.GM._has_tma.__name__ == "_has_tma"      # restored
+
+
+def test_side_sweep_runs(tiny_1b):
+    """--sweep-side: every call and layer row a time, the override restored."""
+    rows: list = []
+    B.sweep_side(rows)
+    assert [r for r in rows if "error" in r] == []
+    assert len(rows) == 2 * (2 * 4 + 2 * 4)
+    assert "gmm" not in B.GM.OVERRIDES

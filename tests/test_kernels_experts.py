@@ -380,6 +380,21 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}
 
 
+@pytest.mark.parametrize("layout", ["ff_down", "att_o"])
+def test_side_store_before_the_k_loop(layout, monkeypatch):
+    """side_first: the fused-gate-gradient launch stores D * gate before its K loop instead of in the epilogue;
+    the reference's values, and bitwise the epilogue store's."""
+    from moeut_kernels import grouped
+    seed = zlib.crc32(f"side{layout}".encode()) % 1000
+    for dtype in (torch.float32, torch.bfloat16):
+        epilogue = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed)
+        monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"side_first": True})
+        first = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed)
+        monkeypatch.delitem(grouped.OVERRIDES, "gmm")
+        for a, b in zip((epilogue[0], *epilogue[1]), (first[0], *first[1])):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_tma_config_without_host_descriptors_uses_pointer_loads(monkeypatch):
     """On a Triton without host tensor descriptors (< 3.4) a TMA config still runs, with pointer loads, and no
     GPU reports TMA."""

@@ -137,7 +137,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
-               STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
+               STORE_SIDE: tl.constexpr, SIDE_FIRST: tl.constexpr, TRANS_W: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -154,7 +154,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     STORE_SIDE: also writes, at the sorted position in side, the operand the weight gradient will pair with the
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
-    and unscaled instead of loading the mask or scaling a gathered operand in each of its programs.
+    and unscaled instead of loading the mask or scaling a gathered operand in each of its programs. SIDE_FIRST
+    (looping K): that store happens before the K loop, from its own load of D, instead of in the epilogue.
     TMA (descriptors are None otherwise): w_desc views W as [E*K, N] (or [E*N, K] with TRANS_W) so each W tile is
     one descriptor load; a_desc / m_desc (A_RESIDENT, sorted A, A_GROUP == 0) load the whole A tile and mask from
     the tile's first sorted position. Rows or columns such a load takes past the tile's expert belong to the next
@@ -214,6 +215,12 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
+        if STORE_SIDE and SIDE_FIRST:
+            omask = rmask[:, None] & nmask[None, :]
+            d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
+            s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
+            tl.store(side_ptr + pos[:, None] * s_om + cols[None, :] * s_ok,
+                     (d.to(tl.float32) * s[:, None]).to(d.dtype), mask=omask)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_hi = tl.where(valid, K, 0)
         for k0 in range(0, k_hi, BLOCK_K):
@@ -224,7 +231,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
         g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
-                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, STORE_SIDE, BLOCK_M)
+                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD,
+                      STORE_SIDE and not SIDE_FIRST, BLOCK_M)
         if GATE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
