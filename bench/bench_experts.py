@@ -493,7 +493,9 @@ def sweep_tma(rows: list) -> None:
 def sweep_side(rows: list) -> None:
     """The fused-gate-gradient input-grads (FF down, attention O) store D * gate for the weight gradient: from the
     epilogue, or before the K loop from a load of their own (TileConfig.side_first), at 4 and 8 warps with W by
-    TMA, at 244M and 1B. Then the FF and attention layers' fwd+bwd both ways, twice, interleaved."""
+    TMA, at 244M and 1B. Then the FF and attention layers' fwd+bwd with gmm_config's choice (8 warps, epilogue
+    store) and with the store before the K loop at 4 warps, twice, interleaved (every other gmm launch of these
+    layers already runs 4 warps on sm_90, so the override changes only the fused-gate-gradient launches)."""
     dev = torch.device(DEV)
     for size in ("244M", "1B"):
         f, a = FF_SHAPES[size], ATT_SHAPES[size]
@@ -524,9 +526,9 @@ def sweep_side(rows: list) -> None:
         try:
             for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):
                 for rep in range(2):
-                    for first in (False, True):
-                        GM.OVERRIDES["gmm"] = dict(side_first=first)
-                        _timed(rows, f"side layer {layer} fwd+bwd side_first {first} (run {rep})", step)
+                    for what, over in (("default", {}), ("side_first 4 warps", dict(side_first=True, num_warps=4))):
+                        GM.OVERRIDES["gmm"] = over
+                        _timed(rows, f"side layer {layer} fwd+bwd {what} (run {rep})", step)
         finally:
             GM.OVERRIDES.pop("gmm", None)
         torch.cuda.empty_cache()

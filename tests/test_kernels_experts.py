@@ -6,6 +6,7 @@ token counts that are multiples of no block size, 16-row tiles so that experts s
 from __future__ import annotations
 
 import inspect
+import threading
 import zlib
 
 from kernel_testing import DEVICE, REF, TOL, rel_err, tiny_moeut  # noqa: E402  (sets TRITON_INTERPRET first)
@@ -393,6 +394,37 @@ def test_side_store_before_the_k_loop(layout, monkeypatch):
         monkeypatch.delitem(grouped.OVERRIDES, "gmm")
         for a, b in zip((epilogue[0], *epilogue[1]), (first[0], *first[1])):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tma_launch_as_the_first_cuda_work_of_a_thread(monkeypatch):
+    """A TMA launch that is the first CUDA work of its thread (as our backward ops can be in autograd's backward
+    thread) binds the CUDA context itself. On a GPU, Triton would otherwise fail to encode the descriptors
+    ("invalid device context"); on CPU this checks that the thread gives the main thread's result."""
+    from moeut_kernels import grouped
+    gen = torch.Generator().manual_seed(5)
+    n_rows, n, k, d_in, d_out = 45, 7, 3, 72, 32
+    tb = TritonBackend()
+    plan = tb.route(make_logits(n_rows, 1, n, "uneven", gen), k).plan
+    x = torch.randn(n_rows, d_in, generator=gen).to(DEVICE, torch.bfloat16)
+    w = torch.randn(n, d_in, d_out, generator=gen).to(DEVICE, torch.bfloat16)
+    seen = _tma_on_with_spy(monkeypatch)
+    outs = [torch.zeros(n_rows * k, d_out, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
+    errors = []
+
+    def up_forward(out: torch.Tensor) -> None:       # the looping-K call: W by descriptor
+        try:
+            grouped._gmm(x, k, w, False, plan, out, False, relu_out=True)
+        except Exception as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=up_forward, args=(outs[0],))
+    thread.start()
+    thread.join()
+    up_forward(outs[1])
+    assert errors == []
+    assert [s[3] for s in seen["gmm_kernel"]] == [True, True]                  # W by descriptor both times
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert outs[1].abs().sum() > 0
 
 
 def test_tma_config_without_host_descriptors_uses_pointer_loads(monkeypatch):

@@ -17,8 +17,10 @@ repeatable.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import threading
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -131,6 +133,32 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+_THREAD = threading.local()
+
+
+def _bind_cuda_context(device: torch.device) -> None:
+    """Make the device's primary CUDA context current in this thread (once per thread and device). Triton encodes
+    host TMA descriptors at launch before it binds a context itself, so the first TMA launch in a thread without a
+    current context fails with "invalid device context": autograd's backward thread, when one of our backward ops
+    is its first CUDA work (pytorch/pytorch#124565; seen on the H200, docs/KERNELS.md)."""
+    bound = _THREAD.__dict__.setdefault("devices", set())
+    if device.type != "cuda" or device.index in bound:
+        return
+    cuda, ctx = ctypes.CDLL("libcuda.so.1"), ctypes.c_void_p()
+    _driver(cuda.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+    if not ctx.value:
+        dev = ctypes.c_int()
+        _driver(cuda.cuDeviceGet(ctypes.byref(dev), device.index), "cuDeviceGet")
+        _driver(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        _driver(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    bound.add(device.index)
+
+
+def _driver(result: int, call: str) -> None:
+    if result:
+        raise RuntimeError(f"CUDA driver call {call} failed with CUresult {result}")
+
+
 def _descriptor(t: torch.Tensor, rows: int, block: list[int]) -> Optional[TensorDescriptor]:
     """A TMA descriptor of t viewed as [rows, t.numel() // rows] (a view, never a copy), or None where TMA cannot
     address it (not viewable that way, base or row stride not 16-byte aligned) or this Triton has no descriptors."""
@@ -139,6 +167,7 @@ def _descriptor(t: torch.Tensor, rows: int, block: list[int]) -> Optional[Tensor
     cols = t.numel() // rows
     if (cols * t.element_size()) % 16:
         return None
+    _bind_cuda_context(t.device)
     return TensorDescriptor.from_tensor(t.view(rows, cols), block)
 
 
