@@ -490,50 +490,6 @@ def sweep_tma(rows: list) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_side(rows: list) -> None:
-    """The fused-gate-gradient input-grads (FF down, attention O) store D * gate for the weight gradient: from the
-    epilogue, or before the K loop from a load of their own (TileConfig.side_first), at 4 and 8 warps with W by
-    TMA, at 244M and 1B. Then the FF and attention layers' fwd+bwd with gmm_config's choice (8 warps, epilogue
-    store) and with the store before the K loop at 4 warps, twice, interleaved (every other gmm launch of these
-    layers already runs 4 warps on sm_90, so the override changes only the fused-gate-gradient launches)."""
-    dev = torch.device(DEV)
-    for size in ("244M", "1B"):
-        f, a = FF_SHAPES[size], ATT_SHAPES[size]
-        x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
-        k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
-        r = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E).detach(), k)
-        P = TOKENS * k
-        h = torch.randn(P, d_e, device=DEV, dtype=BF16)
-        H, ka, d_h = a["heads"], a["k"], a["d_h"]
-        xa, av, gv, gya, w_v, w_o = _att_operands(a)
-        ro = TritonBackend().route(torch.randn(TOKENS, H, a["n_experts"], device=DEV), ka)
-        Pa = TOKENS * H * ka
-        base = GM.gmm_config(d_e, d, BF16, r.plan.block_m, gate_grad=True, device=dev)
-        calls = {  # name: (input rows, group, W, routing, D rows, D group, output by pair id, pairs, flop)
-            "FF down_dx": (gy, k, w2, r, h, 0, False, P, 2 * P * d * d_e),
-            "att O dx": (gya, H * ka, w_o, ro, av, ka, True, Pa, 2 * Pa * d * d_h)}
-        for name, (g_in, group, w, rt, dsrc, d_group, by_pair, n_pairs, flop) in calls.items():
-            out, side = (torch.empty(n_pairs, w.shape[1], device=DEV, dtype=BF16) for _ in range(2))
-            gpart = torch.empty(n_pairs, 1, device=DEV, dtype=torch.float32)
-            gate = rt.gate.reshape(-1).contiguous()
-            for warps in (4, 8):
-                for first in (False, True):
-                    c = dataclasses.replace(base, num_warps=warps, side_first=first)
-                    _timed(rows, f"side {size} {name} + gate grad + store, {warps} warps, side_first {first}",
-                           lambda: GM._gmm(g_in, group, w, True, rt.plan, out, by_pair, scale=gate, dsrc=dsrc,
-                                           d_group=d_group, gpart=gpart, cfg=c, side_out=side), flop=flop)
-        del h, xa, av, gv, gya, out, side, gpart
-        try:
-            for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):
-                for rep in range(2):
-                    for what, over in (("default", {}), ("side_first 4 warps", dict(side_first=True, num_warps=4))):
-                        GM.OVERRIDES["gmm"] = over
-                        _timed(rows, f"side layer {layer} fwd+bwd {what} (run {rep})", step)
-        finally:
-            GM.OVERRIDES.pop("gmm", None)
-        torch.cuda.empty_cache()
-
-
 def window_order(plan: RoutingPlan) -> RoutingPlan:
     """The plan's tiles sorted by their first pair id (unused tiles last): tile j of every expert runs together,
     over a narrow window of tokens, instead of all tiles of a few experts (the routing's expert order)."""
@@ -633,8 +589,6 @@ def main() -> None:
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--sweep-tma", action="store_true",
                     help="kernel calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
-    ap.add_argument("--sweep-side", action="store_true",
-                    help="the gated side store of FF down / attention O input-grads: epilogue vs before the K loop")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--profile-layer", default=None,
@@ -667,10 +621,7 @@ def main() -> None:
         sweep_order(rows)
     if args.sweep_tma:
         sweep_tma(rows)
-    if args.sweep_side:
-        sweep_side(rows)
-    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma
-                    or args.sweep_side)
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:

@@ -66,11 +66,3 @@ def test_tma_sweep_runs_and_matches_pointer_loads(tiny_1b):
     assert sum("tma layer" in r["what"] for r in rows) == 2 * 2 * 4
     assert B.GM._has_tma.__name__ == "_has_tma"      # restored
 
-
-def test_side_sweep_runs(tiny_1b):
-    """--sweep-side: every call and layer row a time, the override restored."""
-    rows: list = []
-    B.sweep_side(rows)
-    assert [r for r in rows if "error" in r] == []
-    assert len(rows) == 2 * (2 * 4 + 2 * 4)
-    assert "gmm" not in B.GM.OVERRIDES

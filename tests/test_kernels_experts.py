@@ -6,8 +6,11 @@ token counts that are multiples of no block size, 16-row tiles so that experts s
 from __future__ import annotations
 
 import inspect
-import threading
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 from kernel_testing import DEVICE, REF, TOL, rel_err, tiny_moeut  # noqa: E402  (sets TRITON_INTERPRET first)
 
@@ -381,50 +384,27 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}
 
 
-@pytest.mark.parametrize("layout", ["ff_down", "att_o"])
-def test_side_store_before_the_k_loop(layout, monkeypatch):
-    """side_first: the fused-gate-gradient launch stores D * gate before its K loop instead of in the epilogue;
-    the reference's values, and bitwise the epilogue store's."""
-    from moeut_kernels import grouped
-    seed = zlib.crc32(f"side{layout}".encode()) % 1000
-    for dtype in (torch.float32, torch.bfloat16):
-        epilogue = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed)
-        monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"side_first": True})
-        first = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed)
-        monkeypatch.delitem(grouped.OVERRIDES, "gmm")
-        for a, b in zip((epilogue[0], *epilogue[1]), (first[0], *first[1])):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+FIRST_IN_BACKWARD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import test_kernels_experts as T
+from moeut_kernels import grouped
+grouped.OVERRIDES.update(gmm={"tma": True}, wgrad={"tma": True})
+T.check_against_reference("ff_down", torch.bfloat16, 45, bias="uneven", seed=41, widths=T.TMA_WIDTHS["ff_down"])
+"""
 
 
-def test_tma_launch_as_the_first_cuda_work_of_a_thread(monkeypatch):
-    """A TMA launch that is the first CUDA work of its thread (as our backward ops can be in autograd's backward
-    thread) binds the CUDA context itself. On a GPU, Triton would otherwise fail to encode the descriptors
-    ("invalid device context"); on CPU this checks that the thread gives the main thread's result."""
-    from moeut_kernels import grouped
-    gen = torch.Generator().manual_seed(5)
-    n_rows, n, k, d_in, d_out = 45, 7, 3, 72, 32
-    tb = TritonBackend()
-    plan = tb.route(make_logits(n_rows, 1, n, "uneven", gen), k).plan
-    x = torch.randn(n_rows, d_in, generator=gen).to(DEVICE, torch.bfloat16)
-    w = torch.randn(n, d_in, d_out, generator=gen).to(DEVICE, torch.bfloat16)
-    seen = _tma_on_with_spy(monkeypatch)
-    outs = [torch.zeros(n_rows * k, d_out, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
-    errors = []
-
-    def up_forward(out: torch.Tensor) -> None:       # the looping-K call: W by descriptor
-        try:
-            grouped._gmm(x, k, w, False, plan, out, False, relu_out=True)
-        except Exception as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=up_forward, args=(outs[0],))
-    thread.start()
-    thread.join()
-    up_forward(outs[1])
-    assert errors == []
-    assert [s[3] for s in seen["gmm_kernel"]] == [True, True]                  # W by descriptor both times
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    assert outs[1].abs().sum() > 0
+def test_tma_launch_first_in_the_backward_thread():
+    """A TMA launch that is the first CUDA work of autograd's backward thread (FF down's input gradient, W by
+    descriptor) binds the CUDA context itself; on a GPU, Triton would otherwise fail to encode the descriptor
+    ("invalid device context"). A fresh process, because this one's backward thread has done CUDA work already."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests.parent / "kernels"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", FIRST_IN_BACKWARD, str(tests)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_tma_config_without_host_descriptors_uses_pointer_loads(monkeypatch):

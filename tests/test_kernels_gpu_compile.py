@@ -108,8 +108,6 @@ def launches() -> list:
             _explicit_rows()
         mp.setattr(grouped, "_has_tma", lambda device: True)    # the configs of an sm_90+ GPU: TMA loads
         _tiny_moeut_step()
-        mp.setitem(grouped.OVERRIDES, "gmm", {"side_first": True})      # a sweep option
-        _tiny_moeut_step()
     finally:
         mp.undo()
     return sorted(seen, key=repr)
@@ -123,7 +121,6 @@ def test_every_kernel_is_launched(launches):
     assert {c["A_RESIDENT"] for c in gmm} == {True, False}
     # the weight gradient's masked/gated operand, stored by resident-A and by fused-gate-gradient launches
     assert {(c["A_RESIDENT"], c["GATE_GRAD"]) for c in gmm if c["STORE_SIDE"]} == {(True, False), (False, True)}
-    assert {c["SIDE_FIRST"] for c in gmm if c["STORE_SIDE"] and not c["A_RESIDENT"]} == {False, True}
     # TMA: W plain and transposed (in resident and looping-K launches), with the sorted A tile and its ReLU mask
     descs = {"w": set(), "a": set(), "m": set()}
     w_by_desc = set()      # A_RESIDENT of the launches that load W by descriptor

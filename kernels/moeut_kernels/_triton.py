@@ -137,7 +137,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
-               STORE_SIDE: tl.constexpr, SIDE_FIRST: tl.constexpr, TRANS_W: tl.constexpr,
+               STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -154,8 +154,9 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     STORE_SIDE: also writes, at the sorted position in side, the operand the weight gradient will pair with the
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
-    and unscaled instead of loading the mask or scaling a gathered operand in each of its programs. SIDE_FIRST
-    (looping K): that store happens before the K loop, from its own load of D, instead of in the epilogue.
+    and unscaled instead of loading the mask or scaling a gathered operand in each of its programs. With GATE_GRAD
+    that store comes before the K loop, from a load of its own (D is loaded again for the gate gradient after the
+    loop): measured faster than storing from the epilogue, which holds the accumulator and D at once.
     TMA (descriptors are None otherwise): w_desc views W as [E*K, N] (or [E*N, K] with TRANS_W) so each W tile is
     one descriptor load; a_desc / m_desc (A_RESIDENT, sorted A, A_GROUP == 0) load the whole A tile and mask from
     the tile's first sorted position. Rows or columns such a load takes past the tile's expert belong to the next
@@ -209,13 +210,13 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             nmask = cols < N
             w = _load_w(w_desc, w_base, e, 0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
-                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD, False, BLOCK_M)
+            _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr,
+                      s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
     else:
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
-        if STORE_SIDE and SIDE_FIRST:
+        if STORE_SIDE:
             omask = rmask[:, None] & nmask[None, :]
             d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
             s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
@@ -230,9 +231,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = _load_w(w_desc, w_base, e, k0, n_lo, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
-        g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
-                      s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT, HAS_SCALE, GATE_GRAD,
-                      STORE_SIDE and not SIDE_FIRST, BLOCK_M)
+        g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr,
+                      s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
         if GATE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
@@ -274,20 +274,15 @@ def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, side_ptr,
-              s_cm, s_cn, s_dm, s_dk, s_om, s_ok, RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-              GATE_GRAD: tl.constexpr, STORE_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
+              RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE;
-    returns this slice's gate-gradient partial sum_n acc * D[d_row] (zeros without GATE_GRAD). STORE_D: also
-    stores D[d_row] * s at the sorted position in side (the weight gradient's gated operand)."""
+    returns this slice's gate-gradient partial sum_n acc * D[d_row] (zeros without GATE_GRAD)."""
     omask = rmask[:, None] & nmask[None, :]
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATE_GRAD:
         d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
         g = tl.sum(acc * d.to(tl.float32), axis=1)
-        if STORE_D:
-            tl.store(side_ptr + pos[:, None] * s_om + cols[None, :] * s_ok, (d.to(tl.float32) * s[:, None]).to(d.dtype),
-                     mask=omask)
     if RELU_OUT:
         acc = tl.maximum(acc, 0.0)
     if HAS_SCALE:
