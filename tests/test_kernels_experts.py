@@ -390,15 +390,32 @@ sys.path.insert(0, sys.argv[1])
 import torch
 import test_kernels_experts as T
 from moeut_kernels import grouped
+from moeut_ds.experts.triton_backend import TritonBackend
+
 grouped.OVERRIDES.update(gmm={"tma": True}, wgrad={"tma": True})
-T.check_against_reference("ff_down", torch.bfloat16, 45, bias="uneven", seed=41, widths=T.TMA_WIDTHS["ff_down"])
+gen = torch.Generator().manual_seed(41)
+n_rows, n, k, d_e, d = 45, 7, 3, 32, 72                     # FF down: x [pairs, d_e] sorted, out_group k
+logits = T.make_logits(n_rows, 1, n, "uneven", gen).requires_grad_()
+routing = TritonBackend().route(logits, k)
+h = torch.randn(n_rows * k, d_e, generator=gen).to(T.DEVICE, torch.bfloat16).requires_grad_()
+w = torch.randn(n, d_e, d, generator=gen).to(T.DEVICE, torch.bfloat16).requires_grad_()
+y = TritonBackend().matmul(h, w, routing, in_group=None, out_group=k)
+gy = torch.randn(y.shape, generator=gen).to(T.DEVICE, torch.bfloat16)
+p = routing.plan
+# the backward op once in this thread, so that its kernels are compiled and loaded here (loading binds a context)
+main = torch.ops.moeut.grouped_matmul_backward(gy, h, w, routing.gate.reshape(-1), None, None, p.order, p.offsets,
+                                               p.tile_expert, p.tile_start, p.block_m, 0, k, True, True, True)
+# then the same launches as the first CUDA work of autograd's backward thread
+grads = torch.autograd.grad(y, [h, w, logits], gy)
+for a, b in zip(main[:2], grads[:2]):
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 """
 
 
 def test_tma_launch_first_in_the_backward_thread():
-    """A TMA launch that is the first CUDA work of autograd's backward thread (FF down's input gradient, W by
-    descriptor) binds the CUDA context itself; on a GPU, Triton would otherwise fail to encode the descriptor
-    ("invalid device context"). A fresh process, because this one's backward thread has done CUDA work already."""
+    """A TMA launch of an already loaded kernel as the first CUDA work of autograd's backward thread (FF down's input
+    gradient, W by descriptor) binds the CUDA context itself; on the H200 Triton otherwise failed to encode the
+    descriptor ("invalid device context"). A fresh process: this one's backward thread has done CUDA work already."""
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests.parent / "kernels"),
                                                        os.environ.get("PYTHONPATH", "")]))
