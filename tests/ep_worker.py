@@ -73,6 +73,32 @@ for case, make in cases.items():
     distinct = sum(len(set(row.tolist())) for row in owner)
     errors[f"{case}/rows_sent_minus_distinct_owners"] = float(ep.stats.rows_sent - distinct)
 
+# 1b. under bf16 autocast the token rows travel as bf16 (forward rows and their gradients), with the results of the
+# single-process computation under the same autocast
+import moeut_ds.parallel.expert_parallel as EPM  # noqa: E402
+sent: list = []
+exchange = EPM._exchange
+EPM._exchange = lambda t, o, i, g: (sent.append((t.dtype, t.shape[1:])), exchange(t, o, i, g))[1]
+torch.manual_seed(4)
+idx_all = cases["random"]()
+x_all, gate_all = torch.randn(n_tok * world, d), torch.rand(n_tok * world, k)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    xr, gr = x_all.clone().requires_grad_(), gate_all.clone().requires_grad_()
+    yr = ref_backend.mlp(xr, w1_full, w2_full, ref_backend.routing(gr, idx_all, n_experts))
+    yr.float().pow(2).sum().backward()
+    sl = slice(rank * n_tok, (rank + 1) * n_tok)
+    x, g = x_all[sl].clone().requires_grad_(), gate_all[sl].clone().requires_grad_()
+    ep = EPM.ExpertParallelBackend(ref_backend, groups)
+    y = ep.mlp(x, w1_full[lo:hi], w2_full[lo:hi], ep.routing(g, idx_all[sl], n_experts))
+    y.float().pow(2).sum().backward()
+EPM._exchange = exchange
+err("autocast/y", y.float(), yr[sl].float())
+err("autocast/dx", x.grad, xr.grad[sl])
+err("autocast/dgate", g.grad, gr.grad[sl])
+rows = [dtype for dtype, rest in sent if tuple(rest) == (d,)]      # token rows out, results back, their gradients
+errors["autocast/fp32_row_exchanges"] = float(sum(dtype == torch.float32 for dtype in rows))
+errors["autocast/row_exchanges"] = float(len(rows))
+
 # 2. the whole model: loss and every gradient equal the single-process model on the global batch
 cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=4, group_size=2, n_heads=2, d_head=8, att_n_experts=3,
                   att_k=2, ff_n_experts=6, ff_expert_size=4, ff_k=3)

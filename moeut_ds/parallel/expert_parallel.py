@@ -125,8 +125,8 @@ class ExpertParallelBackend(ExpertBackend):
         pair_order = torch.argsort(dest.reshape(-1), stable=True)                           # pairs, rank-major
         pair_dest = dest.reshape(-1)[pair_order]
         pair_token = pair_order // k
-        pair_meta = torch.stack([row_in_block[pair_token, pair_dest],
-                                 routing.expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1)
+        pair_meta = torch.stack([row_in_block[pair_token, pair_dest],      # int32: half the bytes of int64
+                                 routing.expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1).int()
         # counts without bincount/nonzero (each would sync with the host to size its output)
         pairs_per_rank = torch.zeros(ep, dtype=torch.long, device=dev).index_add_(
             0, pair_dest, torch.ones_like(pair_dest))
@@ -137,7 +137,10 @@ class ExpertParallelBackend(ExpertBackend):
         recv_rows, recv_pairs = [c[0] for c in both[ep:]], [c[1] for c in both[ep:]]
         send_token = torch.nonzero_static(need.t(), size=sum(send_rows))[:, 1]             # rows, rank-major
 
-        rows = _all_to_all(x[send_token], recv_rows, send_rows, group, differentiable=True)
+        # rows travel in the dtype the experts compute in (autocast casts there anyway; the cast's backward sends
+        # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+        rows = _all_to_all(x[send_token].to(dtype), recv_rows, send_rows, group, differentiable=True)
         meta = _all_to_all(pair_meta, recv_pairs, send_pairs, group, differentiable=False)
         gate = _all_to_all(routing.gate.reshape(-1)[pair_order].unsqueeze(1), recv_pairs, send_pairs, group,
                            differentiable=True).squeeze(1)
@@ -145,18 +148,18 @@ class ExpertParallelBackend(ExpertBackend):
         block_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
         sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, 1],
                                          output_size=sum(recv_pairs))
-        row_index = meta[:, 0] + block_start[sender]                    # non-decreasing: by sender, then token
+        row_index = meta[:, 0].long() + block_start[sender]             # non-decreasing: by sender, then token
         row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
-        local = self.local.routing(gate.unsqueeze(1), meta[:, 1:2], w1.shape[0])
+        local = self.local.routing(gate.unsqueeze(1), meta[:, 1:2].long(), w1.shape[0])
         y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)          # gated sum per row
         back = _all_to_all(y_rows, send_rows, recv_rows, group, differentiable=True)
         out = back.new_zeros(n_tokens, back.shape[1]).index_add(0, send_token, back)
 
         me = self.groups.ep_rank
-        remote_rows = sum(send_rows) - send_rows[me] + sum(recv_rows) - recv_rows[me]     # tokens out, results back
+        rows_out, rows_back = sum(send_rows) - send_rows[me], sum(recv_rows) - recv_rows[me]    # remote only
         remote_pairs = sum(send_pairs) - send_pairs[me]
         self.stats.rows_sent += len(send_token)
-        self.stats.bytes_sent += (remote_rows * x.shape[1] * x.element_size()
+        self.stats.bytes_sent += (x.shape[1] * (rows_out * rows.element_size() + rows_back * back.element_size())
                                   + remote_pairs * (pair_meta.element_size() * 2 + gate.element_size()))
         return out
 
