@@ -3,6 +3,7 @@
     python bench/bench_expert_parallel.py --preset moeut-1b --micro 8                    # one GPU (baseline)
     torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 1   # data parallel
     torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 2   # expert parallel
+        [--chunks 2]    # each application's tokens in 2 slices: one slice's all-to-all overlaps the other's experts
 
 A plain PyTorch step (bf16 autocast, fp32 weights, AdamW, Triton experts) around the project's expert-parallel
 dispatch (moeut_ds/parallel): non-expert gradients are averaged with DDP, expert shards with
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo, reference experts)")
     ap.add_argument("--trace", default=None, help="folder for a torch.profiler trace of one more step per rank")
+    ap.add_argument("--chunks", type=int, default=1,
+                    help="token slices per σ-MoE application whose all-to-alls overlap the others' compute (ep > 1)")
     a = ap.parse_args()
 
     from torch.nn.parallel import DistributedDataParallel
@@ -90,6 +93,8 @@ def main() -> None:
     with device:
         model = LanguageModel(cfg, expert_backend="reference" if a.cpu else "triton")
     shards = shard_experts(model, build_expert_parallel_groups(a.ep)) if a.ep > 1 else None
+    if shards:
+        shards.model_backend.chunks = a.chunks
     params = list(model.parameters()) + (shards.parameters() if shards else [])
     n_local = sum(p.numel() for p in params)
     ddp = DistributedDataParallel(model) if world > 1 else model
@@ -123,7 +128,7 @@ def main() -> None:
     bytes_per_step = shards.model_backend.stats.reset()["bytes_sent"] / (a.steps + a.warmup) if shards else 0
     share = comm_share(step) if world > 1 and not a.cpu else {}
     ms = statistics.median(times) * 1e3
-    res = {"preset": a.preset, "gpus": world, "ep": a.ep, "micro": a.micro, "context": a.context,
+    res = {"preset": a.preset, "gpus": world, "ep": a.ep, "chunks": a.chunks, "micro": a.micro, "context": a.context,
            "params_total": count_parameters(cfg)["total"], "params_on_gpu": n_local, "step_ms": ms,
            "tokens_per_s_per_gpu": a.micro * a.context / ms * 1e3,
            "peak_gib": 0.0 if a.cpu else torch.cuda.max_memory_allocated() / 2 ** 30,

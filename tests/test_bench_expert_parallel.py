@@ -13,13 +13,13 @@ def test_expert_parallel_bench_runs_on_cpu(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "bench" / "bench_expert_parallel.py"), "--cpu", "--preset", "moeut-tiny", "--micro", "2",
-           "--context", "32", "--ep", "2", "--steps", "2", "--warmup", "1", "--trace", str(tmp_path)]
+           "--context", "32", "--ep", "2", "--chunks", "2", "--steps", "2", "--warmup", "1", "--trace", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 1                       # rank 0 only
     r = results[0]
-    assert r["gpus"] == 2 and r["ep"] == 2 and r["step_ms"] > 0
+    assert r["gpus"] == 2 and r["ep"] == 2 and r["chunks"] == 2 and r["step_ms"] > 0
     assert r["a2a_bytes_sent_per_step"] > 0        # tokens really crossed ranks
     assert 0 < r["params_on_gpu"] < r["params_total"]    # each rank holds half the FF experts
     for rank in (0, 1):

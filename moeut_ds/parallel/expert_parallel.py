@@ -11,8 +11,12 @@ holds shard `ep_rank` (`shard_bounds`). For one application of a layer:
 3. the per-row sums go back through the reverse all-to-all and are added into the token outputs.
 Split sizes are exchanged first (one small all-to-all, then the one host sync of an application, to size the buffers:
 NCCL needs them; everything else is sized from those host counts, so nothing else waits for the GPU);
-no capacity factor, no padding to the busiest expert. Everything is differentiable (torch.distributed.nn), so
-expert-weight gradients land on the owner and token gradients flow back to the sender.
+no capacity factor, no padding to the busiest expert. The all-to-alls are differentiable (their backward is the
+reverse exchange), so expert-weight gradients land on the owner and token gradients flow back to the sender.
+With `chunks` > 1 (an experiment, unmeasured) an application's tokens go in that many slices: every slice's
+dispatch is started first, and each slice's results are sent back as soon as its experts are done, so on NCCL
+(which waits on the stream, not the host) transfers of one slice run while another computes. The backward does
+not overlap (each reverse exchange runs in stream order).
 
 Attention experts (SwitchHead V/O) stay replicated: they are ~10% of a layer's parameters, and dispatching them
 would add two all-to-alls per layer application for little memory.
@@ -40,30 +44,85 @@ def shard_bounds(n_experts: int, ep_size: int) -> list[int]:
     return [(n_experts * r) // ep_size for r in range(ep_size + 1)]
 
 
-def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool = False):
+    """all_to_all_single into a new tensor; with async_op, (tensor, work): read the tensor only after _wait."""
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
+    work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single whose backward is the reverse all_to_all of the gradient."""
+class _AllToAllStart(torch.autograd.Function):
+    """Starts an all_to_all_single and returns its (not yet filled) output; `works` receives the handle, which
+    _wait must complete before the output is read. Backward: the reverse all_to_all of the gradient."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
+    def forward(ctx, x, out_splits, in_splits, group, works):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _exchange(x, out_splits, in_splits, group)
+        out, work = _exchange(x, out_splits, in_splits, group, async_op=True)
+        works.append(work)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, differentiable: bool):
-    if differentiable:
-        return _AllToAll.apply(x, out_splits, in_splits, group)
-    return _exchange(x, out_splits, in_splits, group)
+class _Wait(torch.autograd.Function):
+    """Completes an all-to-all started by _AllToAllStart before its output is used (identity for autograd). With
+    NCCL the current stream waits, not the host, so GPU work queued before this point overlaps the transfer."""
+
+    @staticmethod
+    def forward(ctx, t, work):
+        work.wait()
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, works: list) -> torch.Tensor:
+    if x.requires_grad:
+        return _AllToAllStart.apply(x, out_splits, in_splits, group, works)
+    out, work = _exchange(x, out_splits, in_splits, group, async_op=True)
+    works.append(work)
+    return out
+
+
+def _wait(t: torch.Tensor, work) -> torch.Tensor:
+    if t.requires_grad:
+        return _Wait.apply(t, work)
+    work.wait()
+    return t
+
+
+@dataclass
+class _Chunk:
+    """One slice [lo, hi) of an application's tokens, planned for dispatch: the ranks each token needs (need
+    [n, ep]), its pairs in rank-major order and their (row in the block sent to that rank, local expert) metadata,
+    and what it sends to each rank (counts [ep, 2]: rows, pairs)."""
+    lo: int
+    need: torch.Tensor
+    pair_order: torch.Tensor
+    pair_meta: torch.Tensor
+    counts: torch.Tensor
+
+
+def _plan_chunk(lo: int, dest: torch.Tensor, expert_index: torch.Tensor, bounds: torch.Tensor, ep: int) -> _Chunk:
+    """dest / expert_index [n, K]: the owner rank and global id of each pair of the chunk's tokens. No host sync."""
+    n, k = dest.shape
+    need = torch.zeros(n, ep, dtype=torch.bool, device=dest.device)
+    need.scatter_(1, dest, True)                                                        # token -> rank needed
+    row_in_block = torch.cumsum(need.long(), 0) - 1                                     # row index per block
+    pair_order = torch.argsort(dest.reshape(-1), stable=True)                           # pairs, rank-major
+    pair_dest = dest.reshape(-1)[pair_order]
+    pair_meta = torch.stack([row_in_block[pair_order // k, pair_dest],  # int32: half the bytes of int64
+                             expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1).int()
+    # counts without bincount/nonzero (each would sync with the host to size its output)
+    pairs_per_rank = torch.zeros(ep, dtype=torch.long, device=dest.device).index_add_(
+        0, pair_dest, torch.ones_like(pair_dest))
+    return _Chunk(lo, need, pair_order, pair_meta, torch.stack([need.sum(0), pairs_per_rank], 1))
 
 
 @dataclass
@@ -84,6 +143,7 @@ class ExpertParallelBackend(ExpertBackend):
     local: ExpertBackend
     groups: ExpertParallelGroups
     stats: CommStats = field(default_factory=CommStats)
+    chunks: int = 1
     name: str = "expert-parallel"
     _bounds_cache: dict = field(default_factory=dict, repr=False)
 
@@ -119,49 +179,63 @@ class ExpertParallelBackend(ExpertBackend):
         dev = x.device
         bounds = self._bounds(routing.n_experts, ep, dev)
         dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
-        need = torch.zeros(n_tokens, ep, dtype=torch.bool, device=dev)
-        need.scatter_(1, dest, True)                                                        # token -> rank needed
-        row_in_block = torch.cumsum(need.long(), 0) - 1                                     # row index per block
-        pair_order = torch.argsort(dest.reshape(-1), stable=True)                           # pairs, rank-major
-        pair_dest = dest.reshape(-1)[pair_order]
-        pair_token = pair_order // k
-        pair_meta = torch.stack([row_in_block[pair_token, pair_dest],      # int32: half the bytes of int64
-                                 routing.expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1).int()
-        # counts without bincount/nonzero (each would sync with the host to size its output)
-        pairs_per_rank = torch.zeros(ep, dtype=torch.long, device=dev).index_add_(
-            0, pair_dest, torch.ones_like(pair_dest))
-        counts = torch.stack([need.sum(0), pairs_per_rank], 1)
-        recv_counts = _all_to_all(counts, [1] * ep, [1] * ep, group, differentiable=False)
-        both = torch.cat([counts, recv_counts]).tolist()                                    # the one host sync
-        send_rows, send_pairs = [c[0] for c in both[:ep]], [c[1] for c in both[:ep]]
-        recv_rows, recv_pairs = [c[0] for c in both[ep:]], [c[1] for c in both[ep:]]
-        send_token = torch.nonzero_static(need.t(), size=sum(send_rows))[:, 1]             # rows, rank-major
-
+        n_chunks = max(1, min(self.chunks, n_tokens))
+        spans = [(n_tokens * c // n_chunks, n_tokens * (c + 1) // n_chunks) for c in range(n_chunks)]
+        plans = [_plan_chunk(lo, dest[lo:hi], routing.expert_index[lo:hi], bounds, ep) for lo, hi in spans]
+        counts = torch.stack([p.counts for p in plans], 1)                                 # [ep, chunks, 2]
+        recv_counts = _exchange(counts.reshape(ep, -1), [1] * ep, [1] * ep, group).view_as(counts)
+        sent, received = torch.stack([counts, recv_counts]).tolist()                       # the one host sync
         # rows travel in the dtype the experts compute in (autocast casts there anyway; the cast's backward sends
         # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
-        rows = _all_to_all(x[send_token].to(dtype), recv_rows, send_rows, group, differentiable=True)
-        meta = _all_to_all(pair_meta, recv_pairs, send_pairs, group, differentiable=False)
-        gate = _all_to_all(routing.gate.reshape(-1)[pair_order].unsqueeze(1), recv_pairs, send_pairs, group,
-                           differentiable=True).squeeze(1)
-        # received pair rows are relative to their sender's block: shift by where that block starts
-        block_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
-        sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, 1],
-                                         output_size=sum(recv_pairs))
-        row_index = meta[:, 0].long() + block_start[sender]             # non-decreasing: by sender, then token
-        row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
-        local = self.local.routing(gate.unsqueeze(1), meta[:, 1:2].long(), w1.shape[0])
-        y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)          # gated sum per row
-        back = _all_to_all(y_rows, send_rows, recv_rows, group, differentiable=True)
-        out = back.new_zeros(n_tokens, back.shape[1]).index_add(0, send_token, back)
-
-        me = self.groups.ep_rank
-        rows_out, rows_back = sum(send_rows) - send_rows[me], sum(recv_rows) - recv_rows[me]    # remote only
-        remote_pairs = sum(send_pairs) - send_pairs[me]
-        self.stats.rows_sent += len(send_token)
-        self.stats.bytes_sent += (x.shape[1] * (rows_out * rows.element_size() + rows_back * back.element_size())
-                                  + remote_pairs * (pair_meta.element_size() * 2 + gate.element_size()))
+        gate_flat = routing.gate.reshape(n_tokens, k)
+        # 1. start every chunk's dispatch; 2. per chunk: wait for its rows, compute, start sending the results
+        # back; 3. collect. With NCCL, chunk c+1's transfers run while chunk c's experts compute.
+        dispatched = []
+        for c, p in enumerate(plans):
+            send_rows, send_pairs = [sent[r][c][0] for r in range(ep)], [sent[r][c][1] for r in range(ep)]
+            recv_rows, recv_pairs = [received[r][c][0] for r in range(ep)], [received[r][c][1] for r in range(ep)]
+            send_token = torch.nonzero_static(p.need.t(), size=sum(send_rows))[:, 1] + p.lo  # rows, rank-major
+            works: list = []
+            rows = _start(x[send_token].to(dtype), recv_rows, send_rows, group, works)
+            meta = _start(p.pair_meta, recv_pairs, send_pairs, group, works)
+            gate = _start(gate_flat[p.lo:p.lo + len(p.need)].reshape(-1)[p.pair_order].unsqueeze(1), recv_pairs,
+                          send_pairs, group, works)
+            dispatched.append((send_token, send_rows, recv_rows, recv_pairs, rows, meta, gate, works))
+        returned = []
+        for c, (send_token, send_rows, recv_rows, recv_pairs, rows, meta, gate, works) in enumerate(dispatched):
+            rows, meta, gate = (_wait(t, w) for t, w in zip((rows, meta, gate), works))
+            # received pair rows are relative to their sender's block: shift by where that block starts
+            block_start = torch.cumsum(recv_counts[:, c, 0], 0) - recv_counts[:, c, 0]
+            sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, c, 1],
+                                             output_size=sum(recv_pairs))
+            row_index = meta[:, 0].long() + block_start[sender]      # non-decreasing: by sender, then token
+            row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
+            local = self.local.routing(gate, meta[:, 1:2].long(), w1.shape[0])
+            y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)      # gated sum per row
+            back_works: list = []
+            back = _start(y_rows, send_rows, recv_rows, group, back_works)
+            returned.append((send_token, back, back_works[0]))
+        out = None
+        for send_token, back, work in returned:
+            back = _wait(back, work)
+            out = back.new_zeros(n_tokens, back.shape[1]) if out is None else out
+            out = out.index_add(0, send_token, back)
+        self._count(sent, received, (x.shape[1] * dtype.itemsize, x.shape[1] * out.dtype.itemsize),
+                    2 * plans[0].pair_meta.element_size() + routing.gate.element_size())
         return out
+
+    def _count(self, sent: list, received: list, row_bytes: tuple[int, int], pair_bytes: int) -> None:
+        """Add one application's traffic to stats: rows sent (to every rank), and bytes sent to other ranks (token
+        rows out, result rows back, per-pair metadata). sent / received: [rank][chunk] = [rows, pairs]."""
+        me = self.groups.ep_rank
+
+        def total(counts: list, i: int, remote: bool = True) -> int:
+            return sum(c[i] for r, chunks in enumerate(counts) for c in chunks if not (remote and r == me))
+
+        self.stats.rows_sent += total(sent, 0, remote=False)
+        self.stats.bytes_sent += (total(sent, 0) * row_bytes[0] + total(received, 0) * row_bytes[1]
+                                  + total(sent, 1) * pair_bytes)
 
 
 class ExpertShards:
