@@ -1,10 +1,12 @@
-"""bench/bench_expert_parallel.py still runs end to end (CPU, gloo, 2 ranks, ep=2, with a trace): the two-GPU
-benchmark of issue 7 waits for a machine that is rarely lent, so it must not rot in between."""
+"""bench/bench_expert_parallel.py and bench/ep_checks.sh still run end to end (CPU, gloo, 2 ranks, ep=2, with a
+trace): the two-GPU benchmark of issue 7 waits for a machine that is rarely lent, so it must not rot in between."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +26,20 @@ def test_expert_parallel_bench_runs_on_cpu(tmp_path):
     assert 0 < r["params_on_gpu"] < r["params_total"]    # each rank holds half the FF experts
     for rank in (0, 1):
         assert list(tmp_path.glob(f"step*_rank{rank}.json")), sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_ep_checks_script_runs_every_step_on_cpu(tmp_path):
+    """bench/ep_checks.sh 1b (the two-GPU call of issue 7) end to end, each step on CPU ranks: every run succeeds
+    and prints its RESULT line, and the profiled ep=2 step writes its traces."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]),
+               EP_CHECKS_ARGS="--cpu --preset moeut-tiny --context 32 --micro 2 --steps 1 --warmup 1",
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "ep_checks.sh"), str(tmp_path), "1b"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("rc=0") == 7, proc.stdout[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [(r["gpus"], r["ep"], r["chunks"]) for r in results] == [
+        (1, 1, 1), (1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 4)]
+    assert list((tmp_path / "trace_ep2_m8").glob("step*_rank1.json"))
