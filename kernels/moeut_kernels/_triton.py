@@ -216,10 +216,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
+        s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
         if STORE_SIDE:
             omask = rmask[:, None] & nmask[None, :]
-            d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
-            s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
+            d = _load_d(dsrc_ptr, d_row, cols, omask, s_dm, s_dk)
             tl.store(side_ptr + pos[:, None] * s_om + cols[None, :] * s_ok,
                      (d.to(tl.float32) * s[:, None]).to(d.dtype), mask=omask)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -230,7 +230,6 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
             w = _load_w(w_desc, w_base, e, k0, n_lo, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-        s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
         g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr,
                       s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
         if GATE_GRAD:
@@ -264,6 +263,12 @@ def _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_
 
 
 @triton.jit
+def _load_d(dsrc_ptr, d_row, cols, omask, s_dm, s_dk):
+    """The D rows of the fused gate gradient (the forward's input rows), zeros outside omask."""
+    return tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
+
+
+@triton.jit
 def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Each row's per-pair scale (the gate) in fp32; ones without HAS_SCALE (then never applied)."""
     if HAS_SCALE:
@@ -281,7 +286,7 @@ def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_
     omask = rmask[:, None] & nmask[None, :]
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATE_GRAD:
-        d = tl.load(dsrc_ptr + d_row[:, None] * s_dm + cols[None, :] * s_dk, mask=omask, other=0.0)
+        d = _load_d(dsrc_ptr, d_row, cols, omask, s_dm, s_dk)
         g = tl.sum(acc * d.to(tl.float32), axis=1)
     if RELU_OUT:
         acc = tl.maximum(acc, 0.0)

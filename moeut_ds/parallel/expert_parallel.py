@@ -45,7 +45,7 @@ def shard_bounds(n_experts: int, ep_size: int) -> list[int]:
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool = False):
-    """all_to_all_single into a new tensor; with async_op, (tensor, work): read the tensor only after _wait."""
+    """all_to_all_single into a new tensor; with async_op, (tensor, work): read the tensor only after work.wait()."""
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
     return (out, work) if async_op else out
@@ -53,7 +53,8 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 
 class _AllToAllStart(torch.autograd.Function):
     """Starts an all_to_all_single and returns its (not yet filled) output; `works` receives the handle, which
-    _wait must complete before the output is read. Backward: the reverse all_to_all of the gradient."""
+    _Wait must complete before the output is read. Backward: the reverse all_to_all of the gradient. (For inputs
+    that need no gradient, apply just runs forward.)"""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, works):
@@ -80,21 +81,6 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-def _start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, works: list) -> torch.Tensor:
-    if x.requires_grad:
-        return _AllToAllStart.apply(x, out_splits, in_splits, group, works)
-    out, work = _exchange(x, out_splits, in_splits, group, async_op=True)
-    works.append(work)
-    return out
-
-
-def _wait(t: torch.Tensor, work) -> torch.Tensor:
-    if t.requires_grad:
-        return _Wait.apply(t, work)
-    work.wait()
-    return t
 
 
 @dataclass
@@ -189,36 +175,36 @@ class ExpertParallelBackend(ExpertBackend):
         # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
         gate_flat = routing.gate.reshape(n_tokens, k)
+        def split(table: list, c: int, i: int) -> list[int]:     # chunk c's rows (i = 0) or pairs (1) per rank
+            return [table[r][c][i] for r in range(ep)]
+
         # 1. start every chunk's dispatch; 2. per chunk: wait for its rows, compute, start sending the results
         # back; 3. collect. With NCCL, chunk c+1's transfers run while chunk c's experts compute.
         dispatched = []
         for c, p in enumerate(plans):
-            send_rows, send_pairs = [sent[r][c][0] for r in range(ep)], [sent[r][c][1] for r in range(ep)]
-            recv_rows, recv_pairs = [received[r][c][0] for r in range(ep)], [received[r][c][1] for r in range(ep)]
-            send_token = torch.nonzero_static(p.need.t(), size=sum(send_rows))[:, 1] + p.lo  # rows, rank-major
+            send_token = torch.nonzero_static(p.need.t(), size=sum(split(sent, c, 0)))[:, 1] + p.lo  # rank-major
+            pair_gate = gate_flat[p.lo:p.lo + len(p.need)].reshape(-1)[p.pair_order].unsqueeze(1)
             works: list = []
-            rows = _start(x[send_token].to(dtype), recv_rows, send_rows, group, works)
-            meta = _start(p.pair_meta, recv_pairs, send_pairs, group, works)
-            gate = _start(gate_flat[p.lo:p.lo + len(p.need)].reshape(-1)[p.pair_order].unsqueeze(1), recv_pairs,
-                          send_pairs, group, works)
-            dispatched.append((send_token, send_rows, recv_rows, recv_pairs, rows, meta, gate, works))
+            tensors = [_AllToAllStart.apply(t, split(received, c, i), split(sent, c, i), group, works)
+                       for t, i in ((x[send_token].to(dtype), 0), (p.pair_meta, 1), (pair_gate, 1))]
+            dispatched.append((send_token, tensors, works))
         returned = []
-        for c, (send_token, send_rows, recv_rows, recv_pairs, rows, meta, gate, works) in enumerate(dispatched):
-            rows, meta, gate = (_wait(t, w) for t, w in zip((rows, meta, gate), works))
+        for c, (send_token, tensors, works) in enumerate(dispatched):
+            rows, meta, gate = (_Wait.apply(t, w) for t, w in zip(tensors, works))
             # received pair rows are relative to their sender's block: shift by where that block starts
             block_start = torch.cumsum(recv_counts[:, c, 0], 0) - recv_counts[:, c, 0]
             sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, c, 1],
-                                             output_size=sum(recv_pairs))
+                                             output_size=len(meta))
             row_index = meta[:, 0].long() + block_start[sender]      # non-decreasing: by sender, then token
             row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
             local = self.local.routing(gate, meta[:, 1:2].long(), w1.shape[0])
             y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)      # gated sum per row
-            back_works: list = []
-            back = _start(y_rows, send_rows, recv_rows, group, back_works)
-            returned.append((send_token, back, back_works[0]))
+            works = []
+            back = _AllToAllStart.apply(y_rows, split(sent, c, 0), split(received, c, 0), group, works)
+            returned.append((send_token, back, works[0]))
         out = None
         for send_token, back, work in returned:
-            back = _wait(back, work)
+            back = _Wait.apply(back, work)
             out = back.new_zeros(n_tokens, back.shape[1]) if out is None else out
             out = out.index_add(0, send_token, back)
         self._count(sent, received, (x.shape[1] * dtype.itemsize, x.shape[1] * out.dtype.itemsize),
