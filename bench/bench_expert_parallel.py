@@ -3,13 +3,17 @@
     python bench/bench_expert_parallel.py --preset moeut-1b --micro 8                    # one GPU (baseline)
     torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 1   # data parallel
     torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 2   # expert parallel
-        [--chunks 2]    # each application's tokens in 2 slices: one slice's all-to-all overlaps the other's experts
+    python bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --sync-each-application   # prices the sync
 
 A plain PyTorch step (bf16 autocast, fp32 weights, AdamW, Triton experts) around the project's expert-parallel
 dispatch (moeut_ds/parallel): non-expert gradients are averaged with DDP, expert shards with
 ExpertShards.all_reduce_gradients. Random token ids (the routing is then not a trained model's: the bytes moved are
 close to the worst case of spread-out routing). The trainer adds DeepSpeed ZeRO on top (tested on CPU); this
-isolates what expert parallelism itself costs. Prints one JSON line per run (rank 0). `--trace DIR` profiles one
+isolates what expert parallelism itself costs. Prints one JSON line per run (rank 0), with every rank's forward /
+backward / optimizer GPU time (CUDA events, no extra syncs) and the (token, expert) pairs its experts computed per
+step: at each exchange the ranks of a group wait for the busiest. `--sync-each-application` adds, on any run, the
+host sync that an expert-parallel dispatch makes once per σ-MoE application (to size its all-to-all buffers), to
+price that sync on one GPU. `--trace DIR` profiles one
 more step on every rank (torch.profiler: DIR/step<N>_rank<r>.json/.txt) and prints bench/trace_gaps.py's summary
 of each rank's trace (device busy vs idle, syncs, the longest idle gaps): where an expert-parallel step waits.
 """
@@ -21,6 +25,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -71,8 +76,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo, reference experts)")
     ap.add_argument("--trace", default=None, help="folder for a torch.profiler trace of one more step per rank")
-    ap.add_argument("--chunks", type=int, default=1,
-                    help="token slices per σ-MoE application whose all-to-alls overlap the others' compute (ep > 1)")
+    ap.add_argument("--sync-each-application", action="store_true",
+                    help="a host sync before every σ-MoE application (what an ep > 1 dispatch makes once each)")
     a = ap.parse_args()
 
     from torch.nn.parallel import DistributedDataParallel
@@ -93,25 +98,42 @@ def main() -> None:
     with device:
         model = LanguageModel(cfg, expert_backend="reference" if a.cpu else "triton")
     shards = shard_experts(model, build_expert_parallel_groups(a.ep)) if a.ep > 1 else None
-    if shards:
-        shards.model_backend.chunks = a.chunks
+    sync = (lambda: None) if a.cpu else torch.cuda.synchronize
+    if a.sync_each_application:
+        backend = shards.model_backend if shards else model.expert_backend
+        mlp = backend.mlp
+
+        def synced_mlp(*args, **kwargs) -> torch.Tensor:
+            sync()
+            return mlp(*args, **kwargs)
+        backend.mlp = synced_mlp
     params = list(model.parameters()) + (shards.parameters() if shards else [])
     n_local = sum(p.numel() for p in params)
     ddp = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(params, lr=1e-4, fused=not a.cpu)
     gen = torch.Generator(device=device).manual_seed(1 + rank)
-    sync = (lambda: None) if a.cpu else torch.cuda.synchronize
 
-    def step() -> torch.Tensor:
+    marks: list[list] = []          # per timed step: CUDA events at start, after forward, backward, optimizer
+
+    def mark(events: Optional[list]) -> None:
+        if events is not None and not a.cpu:
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+
+    def step(events: Optional[list] = None) -> torch.Tensor:
+        mark(events)
         tokens = torch.randint(0, cfg.vocab_size, (a.micro, a.context + 1), device=device, generator=gen)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = ddp(tokens[:, :-1])
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + out.reg_loss
+        mark(events)
         loss.backward()
         if shards:
             shards.all_reduce_gradients()
+        mark(events)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark(events)
         return loss.detach()
 
     for _ in range(a.warmup):
@@ -121,18 +143,27 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(a.steps):
+        marks.append([])
         t0 = time.perf_counter()
-        step()
+        step(marks[-1])
         sync()
         times.append(time.perf_counter() - t0)
-    bytes_per_step = shards.model_backend.stats.reset()["bytes_sent"] / (a.steps + a.warmup) if shards else 0
+    stats = shards.model_backend.stats.reset() if shards else {"bytes_sent": 0, "pairs_received": 0}
+    bytes_per_step = stats["bytes_sent"] / (a.steps + a.warmup)
+    phases = {name: round(statistics.median(ev[i].elapsed_time(ev[i + 1]) for ev in marks), 1)
+              for i, name in enumerate(("forward_ms", "backward_ms", "optimizer_ms"))} if not a.cpu else {}
+    mine = {**phases, "pairs_per_step": stats["pairs_received"] / (a.steps + a.warmup)}
+    per_rank = [mine] * world
+    if world > 1:
+        dist.all_gather_object(per_rank, mine)
     share = comm_share(step) if world > 1 and not a.cpu else {}
     ms = statistics.median(times) * 1e3
-    res = {"preset": a.preset, "gpus": world, "ep": a.ep, "chunks": a.chunks, "micro": a.micro, "context": a.context,
+    res = {"preset": a.preset, "gpus": world, "ep": a.ep, "micro": a.micro, "context": a.context,
+           "sync_each_application": a.sync_each_application,
            "params_total": count_parameters(cfg)["total"], "params_on_gpu": n_local, "step_ms": ms,
            "tokens_per_s_per_gpu": a.micro * a.context / ms * 1e3,
            "peak_gib": 0.0 if a.cpu else torch.cuda.max_memory_allocated() / 2 ** 30,
-           "a2a_bytes_sent_per_step": bytes_per_step, **share}
+           "a2a_bytes_sent_per_step": bytes_per_step, **share, "per_rank": per_rank}
     if rank == 0:
         print("RESULT " + json.dumps(res), flush=True)
     if a.trace:

@@ -51,40 +51,39 @@ for case, make in cases.items():
     w1r, w2r = w1_full.clone().requires_grad_(), w2_full.clone().requires_grad_()
     yr = ref_backend.mlp(xr, w1r, w2r, ref_backend.routing(gr, idx_all, n_experts))
     yr.pow(2).sum().backward()
-    # expert parallel: this rank's tokens and shard; in one piece, and in 4 chunks of 1-2 tokens (the dispatch of
-    # every chunk started before any chunk computes)
+    # expert parallel: this rank's tokens and shard
     from moeut_ds.parallel.expert_parallel import ExpertParallelBackend
-    sent_bytes = {}
-    for chunks in (1, 4):
-        ep = ExpertParallelBackend(ref_backend, groups, chunks=chunks)
-        sl = slice(rank * n_tok, (rank + 1) * n_tok)
-        x, g = x_all[sl].clone().requires_grad_(), gate_all[sl].clone().requires_grad_()
-        w1, w2 = w1_full[lo:hi].clone().requires_grad_(), w2_full[lo:hi].clone().requires_grad_()
-        y = ep.mlp(x, w1, w2, ep.routing(g, idx_all[sl], n_experts))
-        y.pow(2).sum().backward()
-        name = case if chunks == 1 else f"{case}/chunks{chunks}"
-        err(f"{name}/y", y, yr[sl])
-        err(f"{name}/dx", x.grad, xr.grad[sl])
-        err(f"{name}/dgate", g.grad, gr.grad[sl])
-        # weight grads: sum over the EP group's tokens lands on the owner; add the other EP groups' contributions
-        for wname, got, want in (("dw1", w1.grad, w1r.grad[lo:hi]), ("dw2", w2.grad, w2r.grad[lo:hi])):
-            if groups.edp_size > 1:
-                dist.all_reduce(got, group=groups.edp_group)
-            err(f"{name}/{wname}", got, want)
-        sent_bytes[chunks] = ep.stats.bytes_sent
-        # each token goes once to each rank owning any of its experts: count the distinct (token, owner) pairs
-        owner = torch.searchsorted(torch.tensor(shard_bounds(n_experts, ep_size)), idx_all[sl], right=True) - 1
-        distinct = sum(len(set(row.tolist())) for row in owner)
-        errors[f"{name}/rows_sent_minus_distinct_owners"] = float(ep.stats.rows_sent - distinct)
-    errors[f"{case}/bytes_sent"] = float(sent_bytes[1])
-    errors[f"{case}/chunked_minus_plain_bytes"] = float(abs(sent_bytes[4] - sent_bytes[1]))
+    ep = ExpertParallelBackend(ref_backend, groups)
+    sl = slice(rank * n_tok, (rank + 1) * n_tok)
+    x, g = x_all[sl].clone().requires_grad_(), gate_all[sl].clone().requires_grad_()
+    w1, w2 = w1_full[lo:hi].clone().requires_grad_(), w2_full[lo:hi].clone().requires_grad_()
+    y = ep.mlp(x, w1, w2, ep.routing(g, idx_all[sl], n_experts))
+    y.pow(2).sum().backward()
+    err(f"{case}/y", y, yr[sl])
+    err(f"{case}/dx", x.grad, xr.grad[sl])
+    err(f"{case}/dgate", g.grad, gr.grad[sl])
+    # weight grads: sum over the EP group's tokens lands on the owner; add the other EP groups' contributions
+    for wname, got, want in (("dw1", w1.grad, w1r.grad[lo:hi]), ("dw2", w2.grad, w2r.grad[lo:hi])):
+        if groups.edp_size > 1:
+            dist.all_reduce(got, group=groups.edp_group)
+        err(f"{case}/{wname}", got, want)
+    # each token goes once to each rank owning any of its experts: count the distinct (token, owner) pairs
+    owner = torch.searchsorted(torch.tensor(shard_bounds(n_experts, ep_size)), idx_all[sl], right=True) - 1
+    distinct = sum(len(set(row.tolist())) for row in owner)
+    errors[f"{case}/rows_sent_minus_distinct_owners"] = float(ep.stats.rows_sent - distinct)
+    errors[f"{case}/bytes_sent"] = float(ep.stats.bytes_sent)
+    # this rank's experts received exactly the pairs of its EP group's tokens that fall in its shard
+    group_start = (rank // ep_size) * ep_size
+    group_idx = idx_all[group_start * n_tok:(group_start + ep_size) * n_tok]
+    in_shard = int(((group_idx >= lo) & (group_idx < hi)).sum())
+    errors[f"{case}/pairs_received_minus_in_shard"] = float(ep.stats.pairs_received - in_shard)
 
 # 1b. under bf16 autocast the token rows travel as bf16 (forward rows and their gradients), with the results of the
 # single-process computation under the same autocast
 import moeut_ds.parallel.expert_parallel as EPM  # noqa: E402
 sent: list = []
 exchange = EPM._exchange
-EPM._exchange = lambda t, o, i, g, **kw: (sent.append((t.dtype, t.shape[1:])), exchange(t, o, i, g, **kw))[1]
+EPM._exchange = lambda t, o, i, g: (sent.append((t.dtype, t.shape[1:])), exchange(t, o, i, g))[1]
 torch.manual_seed(4)
 idx_all = cases["random"]()
 x_all, gate_all = torch.randn(n_tok * world, d), torch.rand(n_tok * world, k)

@@ -33,11 +33,11 @@ def test_expert_parallel_matches_single_process(ep, world, tmp_path):
                 continue
             if name.startswith("autocast/"):         # bf16 against bf16, different summation orders
                 assert value < 3e-2, (r, name, value)
-            elif name.endswith("rows_sent_minus_distinct_owners"):
+            elif name.endswith(("rows_sent_minus_distinct_owners", "pairs_received_minus_in_shard")):
                 assert value == 0, name          # one copy per (token, owner rank), not one per expert
             else:
                 assert value < 1e-5, (r, name, value)
         assert errors["model/grad_norm"] < 1e-5
         # a shard that receives nothing still answers (zero-size all-to-alls) and the results stay exact
-        assert "all_on_shard0/dw1" in errors and "all_on_shard0/chunks4/dw1" in errors
+        assert "all_on_shard0/dw1" in errors
         assert errors["random/bytes_sent"] > 0

@@ -13,10 +13,8 @@ Split sizes are exchanged first (one small all-to-all, then the one host sync of
 NCCL needs them; everything else is sized from those host counts, so nothing else waits for the GPU);
 no capacity factor, no padding to the busiest expert. The all-to-alls are differentiable (their backward is the
 reverse exchange), so expert-weight gradients land on the owner and token gradients flow back to the sender.
-With `chunks` > 1 (an experiment, unmeasured) an application's tokens go in that many slices: every slice's
-dispatch is started first, and each slice's results are sent back as soon as its experts are done, so on NCCL
-(which waits on the stream, not the host) transfers of one slice run while another computes. The backward does
-not overlap (each reverse exchange runs in stream order).
+(Slicing an application's tokens so that one slice's all-to-all overlaps another's experts was tried and made the
+step slower; docs/PARALLEL.md.)
 
 Attention experts (SwitchHead V/O) stay replicated: they are ~10% of a layer's parameters, and dispatching them
 would add two all-to-alls per layer application for little memory.
@@ -44,82 +42,69 @@ def shard_bounds(n_experts: int, ep_size: int) -> list[int]:
     return [(n_experts * r) // ep_size for r in range(ep_size + 1)]
 
 
-def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool = False):
-    """all_to_all_single into a new tensor; with async_op, (tensor, work): read the tensor only after work.wait()."""
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """all_to_all_single into a new tensor: send in_splits[r] rows of x to rank r, receive out_splits[r] from it."""
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
-    return (out, work) if async_op else out
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
 
 
-class _AllToAllStart(torch.autograd.Function):
-    """Starts an all_to_all_single and returns its (not yet filled) output; `works` receives the handle, which
-    _Wait must complete before the output is read. Backward: the reverse all_to_all of the gradient. (For inputs
+class _AllToAll(torch.autograd.Function):
+    """Differentiable all_to_all_single: the backward sends the gradient back along the reverse splits. (For inputs
     that need no gradient, apply just runs forward.)"""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, works):
+    def forward(ctx, x, out_splits, in_splits, group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out, work = _exchange(x, out_splits, in_splits, group, async_op=True)
-        works.append(work)
-        return out
+        return _exchange(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None
-
-
-class _Wait(torch.autograd.Function):
-    """Completes an all-to-all started by _AllToAllStart before its output is used (identity for autograd). With
-    NCCL the current stream waits, not the host, so GPU work queued before this point overlaps the transfer."""
-
-    @staticmethod
-    def forward(ctx, t, work):
-        work.wait()
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
 @dataclass
-class _Chunk:
-    """One slice [lo, hi) of an application's tokens, planned for dispatch: the ranks each token needs (need
-    [n, ep]), its pairs in rank-major order and their (row in the block sent to that rank, local expert) metadata,
-    and what it sends to each rank (counts [ep, 2]: rows, pairs)."""
-    lo: int
+class _Plan:
+    """An application's dispatch, planned on the device: the ranks each token needs (need [ep, N]), its pairs in
+    rank-major order and their (row in the block sent to that rank, local expert) metadata, and what it sends to
+    each rank (counts [ep, 2]: rows, pairs)."""
     need: torch.Tensor
     pair_order: torch.Tensor
     pair_meta: torch.Tensor
     counts: torch.Tensor
 
 
-def _plan_chunk(lo: int, dest: torch.Tensor, expert_index: torch.Tensor, bounds: torch.Tensor, ep: int) -> _Chunk:
-    """dest / expert_index [n, K]: the owner rank and global id of each pair of the chunk's tokens. No host sync."""
+def _plan(dest: torch.Tensor, expert_index: torch.Tensor, bounds: torch.Tensor, ep: int) -> _Plan:
+    """dest / expert_index [N, K]: the owner rank and global id of each pair. No host sync."""
     n, k = dest.shape
-    need = torch.zeros(n, ep, dtype=torch.bool, device=dest.device)
-    need.scatter_(1, dest, True)                                                        # token -> rank needed
-    row_in_block = torch.cumsum(need.long(), 0) - 1                                     # row index per block
+    need = torch.zeros(ep, n, dtype=torch.int32, device=dest.device)
+    need.scatter_(0, dest.t(), 1)                                                       # rank <- token needed
+    # rank-major with tokens innermost: the scan runs along contiguous memory (a [N, ep] cumsum over dim 0 took
+    # 0.76 ms per application at MoEUT-1B on the H200, docs/PERFORMANCE.md)
+    row_in_block = torch.cumsum(need, 1) - 1
     pair_order = torch.argsort(dest.reshape(-1), stable=True)                           # pairs, rank-major
     pair_dest = dest.reshape(-1)[pair_order]
-    pair_meta = torch.stack([row_in_block[pair_order // k, pair_dest],  # int32: half the bytes of int64
+    pair_meta = torch.stack([row_in_block[pair_dest, pair_order // k],  # int32: half the bytes of int64
                              expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1).int()
     # counts without bincount/nonzero (each would sync with the host to size its output)
     pairs_per_rank = torch.zeros(ep, dtype=torch.long, device=dest.device).index_add_(
         0, pair_dest, torch.ones_like(pair_dest))
-    return _Chunk(lo, need, pair_order, pair_meta, torch.stack([need.sum(0), pairs_per_rank], 1))
+    return _Plan(need, pair_order, pair_meta, torch.stack([need.sum(1, dtype=torch.long), pairs_per_rank], 1))
 
 
 @dataclass
 class CommStats:
-    """Bytes this rank sent through expert all-to-alls (forward: tokens out + results back) since last reset."""
+    """Since the last reset: bytes this rank sent through expert all-to-alls (forward: tokens out + results back),
+    token rows it sent, and (token, expert) pairs its experts received (its share of the expert work: the ranks of
+    a group wait for the busiest at every exchange)."""
     bytes_sent: int = 0
     rows_sent: int = 0
+    pairs_received: int = 0
 
     def reset(self) -> dict[str, int]:
-        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent}
-        self.bytes_sent = self.rows_sent = 0
+        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent, "pairs_received": self.pairs_received}
+        self.bytes_sent = self.rows_sent = self.pairs_received = 0
         return out
 
 
@@ -129,7 +114,6 @@ class ExpertParallelBackend(ExpertBackend):
     local: ExpertBackend
     groups: ExpertParallelGroups
     stats: CommStats = field(default_factory=CommStats)
-    chunks: int = 1
     name: str = "expert-parallel"
     _bounds_cache: dict = field(default_factory=dict, repr=False)
 
@@ -165,61 +149,42 @@ class ExpertParallelBackend(ExpertBackend):
         dev = x.device
         bounds = self._bounds(routing.n_experts, ep, dev)
         dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
-        n_chunks = max(1, min(self.chunks, n_tokens))
-        spans = [(n_tokens * c // n_chunks, n_tokens * (c + 1) // n_chunks) for c in range(n_chunks)]
-        plans = [_plan_chunk(lo, dest[lo:hi], routing.expert_index[lo:hi], bounds, ep) for lo, hi in spans]
-        counts = torch.stack([p.counts for p in plans], 1)                                 # [ep, chunks, 2]
-        recv_counts = _exchange(counts.reshape(ep, -1), [1] * ep, [1] * ep, group).view_as(counts)
-        sent, received = torch.stack([counts, recv_counts]).tolist()                       # the one host sync
+        plan = _plan(dest, routing.expert_index, bounds, ep)
+        recv_counts = _exchange(plan.counts, [1] * ep, [1] * ep, group)                    # [ep, 2]
+        sent, received = torch.stack([plan.counts, recv_counts]).tolist()                  # the one host sync
+        rows_out, pairs_out = [c[0] for c in sent], [c[1] for c in sent]
+        rows_in, pairs_in = [c[0] for c in received], [c[1] for c in received]
         # rows travel in the dtype the experts compute in (autocast casts there anyway; the cast's backward sends
         # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
-        gate_flat = routing.gate.reshape(n_tokens, k)
-        def split(table: list, c: int, i: int) -> list[int]:     # chunk c's rows (i = 0) or pairs (1) per rank
-            return [table[r][c][i] for r in range(ep)]
-
-        # 1. start every chunk's dispatch; 2. per chunk: wait for its rows, compute, start sending the results
-        # back; 3. collect. With NCCL, chunk c+1's transfers run while chunk c's experts compute.
-        dispatched = []
-        for c, p in enumerate(plans):
-            send_token = torch.nonzero_static(p.need.t(), size=sum(split(sent, c, 0)))[:, 1] + p.lo  # rank-major
-            pair_gate = gate_flat[p.lo:p.lo + len(p.need)].reshape(-1)[p.pair_order].unsqueeze(1)
-            works: list = []
-            tensors = [_AllToAllStart.apply(t, split(received, c, i), split(sent, c, i), group, works)
-                       for t, i in ((x[send_token].to(dtype), 0), (p.pair_meta, 1), (pair_gate, 1))]
-            dispatched.append((send_token, tensors, works))
-        returned = []
-        for c, (send_token, tensors, works) in enumerate(dispatched):
-            rows, meta, gate = (_Wait.apply(t, w) for t, w in zip(tensors, works))
-            # received pair rows are relative to their sender's block: shift by where that block starts
-            block_start = torch.cumsum(recv_counts[:, c, 0], 0) - recv_counts[:, c, 0]
-            sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, c, 1],
-                                             output_size=len(meta))
-            row_index = meta[:, 0].long() + block_start[sender]      # non-decreasing: by sender, then token
-            row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
-            local = self.local.routing(gate, meta[:, 1:2].long(), w1.shape[0])
-            y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)      # gated sum per row
-            works = []
-            back = _AllToAllStart.apply(y_rows, split(sent, c, 0), split(received, c, 0), group, works)
-            returned.append((send_token, back, works[0]))
-        out = None
-        for send_token, back, work in returned:
-            back = _Wait.apply(back, work)
-            out = back.new_zeros(n_tokens, back.shape[1]) if out is None else out
-            out = out.index_add(0, send_token, back)
+        send_token = torch.nonzero_static(plan.need, size=sum(rows_out))[:, 1]             # rank-major
+        pair_gate = routing.gate.reshape(-1)[plan.pair_order].unsqueeze(1)
+        rows = _AllToAll.apply(x[send_token].to(dtype), rows_in, rows_out, group)
+        meta = _exchange(plan.pair_meta, pairs_in, pairs_out, group)
+        gate = _AllToAll.apply(pair_gate, pairs_in, pairs_out, group)
+        # received pair rows are relative to their sender's block: shift by where that block starts
+        block_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
+        sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, 1], output_size=len(meta))
+        row_index = meta[:, 0].long() + block_start[sender]          # non-decreasing: by sender, then token
+        row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
+        local = self.local.routing(gate, meta[:, 1:2].long(), w1.shape[0])
+        y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)          # gated sum per row
+        back = _AllToAll.apply(y_rows, rows_out, rows_in, group)
+        out = back.new_zeros(n_tokens, back.shape[1]).index_add(0, send_token, back)
         self._count(sent, received, (x.shape[1] * dtype.itemsize, x.shape[1] * out.dtype.itemsize),
-                    2 * plans[0].pair_meta.element_size() + routing.gate.element_size())
+                    2 * plan.pair_meta.element_size() + routing.gate.element_size())
         return out
 
     def _count(self, sent: list, received: list, row_bytes: tuple[int, int], pair_bytes: int) -> None:
         """Add one application's traffic to stats: rows sent (to every rank), and bytes sent to other ranks (token
-        rows out, result rows back, per-pair metadata). sent / received: [rank][chunk] = [rows, pairs]."""
+        rows out, result rows back, per-pair metadata). sent / received: [rank] = [rows, pairs]."""
         me = self.groups.ep_rank
 
         def total(counts: list, i: int, remote: bool = True) -> int:
-            return sum(c[i] for r, chunks in enumerate(counts) for c in chunks if not (remote and r == me))
+            return sum(c[i] for r, c in enumerate(counts) if not (remote and r == me))
 
         self.stats.rows_sent += total(sent, 0, remote=False)
+        self.stats.pairs_received += total(received, 1, remote=False)
         self.stats.bytes_sent += (total(sent, 0) * row_bytes[0] + total(received, 0) * row_bytes[1]
                                   + total(sent, 1) * pair_bytes)
 
