@@ -2,10 +2,10 @@
 # The expert-parallel measurements of issue 7 on the GPUs of one host (kind nvidia-h200-x2), each run under its own
 # time limit, whole logs under OUT_DIR and every run's RESULT line printed (tar OUT_DIR to take the results away).
 #
-#   bash bench/ep_checks.sh OUT_DIR 1b    # MoEUT-1B: one GPU at micro 8 and 16, and at 16 with a host sync per
-#                                         # σ-MoE application; ep=1 and ep=2 (with a profiled step) at 8; ep=2 at 16
-#                                         # (~5 min)
-#   bash bench/ep_checks.sh OUT_DIR 8b    # MoEUT-8B at ep=2, micro-batch 4 then 8 (up to 2 x 270 s)
+#   bash bench/ep_checks.sh OUT_DIR 1b    # MoEUT-1B: one GPU and ep=2 at micro 8, 16 and 32 (a profiled ep=2
+#                                         # step at 8), ep=1 at 8 (~5 min)
+#   bash bench/ep_checks.sh OUT_DIR 8b    # MoEUT-8B at ep=2, micro-batch 4 then 6 (8 runs out of memory; up to
+#                                         # 2 x 270 s)
 #
 # Needs torch and triton importable by $PYTHON (default python3; on the GPU image: the carried wheels unpacked on
 # PYTHONPATH) and two GPUs.
@@ -34,13 +34,11 @@ run() {   # run NAME SECONDS GPUS ARGS...: one benchmark run, its log kept whole
 case $part in
   1b)
     p=(--preset moeut-1b --steps 5 --warmup 2)
-    run one_gpu_m8 120 1 "${p[@]}" --micro 8
-    run one_gpu_m16 120 1 "${p[@]}" --micro 16
-    run one_gpu_m16_sync 120 1 "${p[@]}" --micro 16 --sync-each-application
+    for m in 8 16 32; do run "one_gpu_m$m" 120 1 "${p[@]}" --micro "$m"; done
     run ep1_m8 150 2 "${p[@]}" --micro 8 --ep 1
     run ep2_m8_trace 180 2 "${p[@]}" --micro 8 --ep 2 --trace "$out/trace_ep2_m8"
-    run ep2_m16 150 2 "${p[@]}" --micro 16 --ep 2 ;;
+    for m in 16 32; do run "ep2_m$m" 150 2 "${p[@]}" --micro "$m" --ep 2; done ;;
   8b)
-    for m in 4 8; do run "ep2_8b_m$m" 270 2 --preset moeut-8b --micro "$m" --ep 2 --steps 3 --warmup 1; done ;;
+    for m in 4 6; do run "ep2_8b_m$m" 270 2 --preset moeut-8b --micro "$m" --ep 2 --steps 3 --warmup 1; done ;;
   *) echo "part must be 1b or 8b" >&2; exit 2 ;;
 esac

@@ -15,13 +15,13 @@ def test_expert_parallel_bench_runs_on_cpu(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "bench" / "bench_expert_parallel.py"), "--cpu", "--preset", "moeut-tiny", "--micro", "2",
-           "--context", "32", "--ep", "2", "--steps", "2", "--warmup", "1", "--trace", str(tmp_path)]
+           "--context", "32", "--ep", "2", "--sync-each-application", "--steps", "2", "--warmup", "1", "--trace", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 1                       # rank 0 only
     r = results[0]
-    assert r["gpus"] == 2 and r["ep"] == 2 and r["step_ms"] > 0
+    assert r["gpus"] == 2 and r["ep"] == 2 and r["sync_each_application"] and r["step_ms"] > 0
     assert len(r["per_rank"]) == 2 and all(p["pairs_per_step"] > 0 for p in r["per_rank"])   # both computed experts
     assert r["a2a_bytes_sent_per_step"] > 0        # tokens really crossed ranks
     assert 0 < r["params_on_gpu"] < r["params_total"]    # each rank holds half the FF experts
@@ -39,8 +39,7 @@ def test_ep_checks_script_runs_every_step_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "ep_checks.sh"), str(tmp_path), "1b"], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("rc=0") == 6, proc.stdout[-3000:]
+    assert proc.stdout.count("rc=0") == 7, proc.stdout[-3000:]
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert [(r["gpus"], r["ep"], r["sync_each_application"]) for r in results] == [
-        (1, 1, False), (1, 1, False), (1, 1, True), (2, 1, False), (2, 2, False), (2, 2, False)]
+    assert [(r["gpus"], r["ep"]) for r in results] == [(1, 1)] * 3 + [(2, 1)] + [(2, 2)] * 3
     assert list((tmp_path / "trace_ep2_m8").glob("step*_rank1.json"))
