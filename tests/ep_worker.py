@@ -100,9 +100,15 @@ EPM._exchange = exchange
 err("autocast/y", y.float(), yr[sl].float())
 err("autocast/dx", x.grad, xr.grad[sl])
 err("autocast/dgate", g.grad, gr.grad[sl])
-rows = [dtype for dtype, rest in sent if tuple(rest) == (d,)]      # token rows out, results back, their gradients
+rows = [dtype for dtype, rest in sent if tuple(rest) == (d,)]      # results back and their gradients
 errors["autocast/fp32_row_exchanges"] = float(sum(dtype == torch.float32 for dtype in rows))
 errors["autocast/row_exchanges"] = float(len(rows))
+# token rows out (with their gates and expert slots) and their gradients back travel packed: as wide as bf16 rows
+like = [torch.empty(1, k, dtype=torch.int32), torch.empty(1, k, dtype=gate_all.dtype), torch.empty(1, d, dtype=torch.bfloat16)]
+bf16_widths = {EPM._layout(like)[1], EPM._layout(like[1:])[1]}
+packed = [rest[0] for dtype, rest in sent if dtype == torch.uint8]
+errors["autocast/packed_exchanges"] = float(len(packed))
+errors["autocast/wide_packed_exchanges"] = float(sum(w not in bf16_widths for w in packed))
 
 # 2. the whole model: loss and every gradient equal the single-process model on the global batch
 cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=4, group_size=2, n_heads=2, d_head=8, att_n_experts=3,

@@ -2,12 +2,13 @@
 
 Each σ-MoE layer's N_E experts are split into ep contiguous shards; rank `ep_rank` of an expert-parallel group
 holds shard `ep_rank` (`shard_bounds`). For one application of a layer:
-1. every token is sent ONCE to each rank that holds at least one of its K experts (<= min(K, ep) copies, not K),
-   with its (row, local expert, gate) pairs;
+1. every token is sent ONCE to each rank that holds at least one of its K experts (<= min(K, ep) copies, not K).
+   Packed beside the row in the same message go its K gates and K slots naming the local expert of each (-1 where
+   another rank owns it): one all-to-all per direction, not one per tensor;
 2. the receiving rank runs its local experts on the received rows through the local backend's `mlp_rows`
-   (reference or Triton): each received pair names its row (`row_index`), the pairs of one row are contiguous
-   (sorted by sender, then token), so the gated outputs are summed over CSR segments (`row_offsets`). The rows are
-   gathered inside the grouped matmul: no [pairs, d] copy is made or saved for backward;
+   (reference or Triton): its pairs are the valid slots in row order (`row_index`), so the gated outputs are
+   summed over CSR segments (`row_offsets`). The rows are gathered inside the grouped matmul: no [pairs, d] copy
+   is made or saved for backward;
 3. the per-row sums go back through the reverse all-to-all and are added into the token outputs.
 Split sizes are exchanged first (one small all-to-all, then the one host sync of an application, to size the buffers:
 NCCL needs them; everything else is sized from those host counts, so nothing else waits for the GPU);
@@ -50,8 +51,7 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 
 
 class _AllToAll(torch.autograd.Function):
-    """Differentiable all_to_all_single: the backward sends the gradient back along the reverse splits. (For inputs
-    that need no gradient, apply just runs forward.)"""
+    """Differentiable all_to_all_single: the backward sends the gradient back along the reverse splits."""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group):
@@ -64,33 +64,77 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
+def _row_bytes(t: torch.Tensor) -> int:
+    return t.shape[1:].numel() * t.element_size()
+
+
+def _layout(parts: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Byte offset of each part inside a packed row (aligned to its element size) and the row width (a multiple
+    of 4), so that every part can be viewed back from the packed bytes."""
+    starts, width = [], 0
+    for t in parts:
+        width += -width % t.element_size()
+        starts.append(width)
+        width += _row_bytes(t)
+    return starts, width + -width % 4
+
+
+def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[R, ...] tensors with one row count -> one [R, W] uint8 tensor laid out by `_layout`."""
+    rows = parts[0].shape[0]
+    starts, width = _layout(parts)
+    buf = parts[0].new_zeros((rows, width), dtype=torch.uint8)
+    for t, start in zip(parts, starts):
+        buf[:, start:start + _row_bytes(t)] = t.reshape(rows, t.shape[1:].numel()).contiguous().view(torch.uint8)
+    return buf
+
+
+def _unpack(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of `_pack` for parts with the per-row shape and dtype of `like` (any row count)."""
+    starts, _ = _layout(like)
+    return [buf[:, s:s + _row_bytes(t)].contiguous().view(t.dtype).reshape((buf.shape[0],) + tuple(t.shape[1:]))
+            for t, s in zip(like, starts)]
+
+
+class _Dispatch(torch.autograd.Function):
+    """Token rows with their gates and expert slots ([R, ...] each) in one all_to_all_single of packed rows.
+    Backward: the row and gate gradients go back, packed the same way, in one reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, rows, gate, slots, out_splits, in_splits, group):
+        ctx.splits, ctx.group, ctx.like = (out_splits, in_splits), group, (gate[:0], rows[:0])
+        received = _exchange(_pack([slots, gate, rows]), out_splits, in_splits, group)
+        slots_in, gate_in, rows_in = _unpack(received, [slots, gate, rows])
+        ctx.mark_non_differentiable(slots_in)
+        return rows_in, gate_in, slots_in
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_gate, _):
+        out_splits, in_splits = ctx.splits
+        gate_like, rows_like = ctx.like
+        back = _exchange(_pack([grad_gate.to(gate_like.dtype), grad_rows.to(rows_like.dtype)]), in_splits,
+                         out_splits, ctx.group)
+        grad_gate, grad_rows = _unpack(back, [gate_like, rows_like])
+        return grad_rows, grad_gate, None, None, None, None
+
+
 @dataclass
 class _Plan:
-    """An application's dispatch, planned on the device: the ranks each token needs (need [ep, N]), its pairs in
-    rank-major order and their (row in the block sent to that rank, local expert) metadata, and what it sends to
-    each rank (counts [ep, 2]: rows, pairs)."""
+    """An application's dispatch, planned on the device: the ranks each token needs (need [ep, N], int32) and what
+    it sends to each rank (counts [ep, 2]: rows, pairs)."""
     need: torch.Tensor
-    pair_order: torch.Tensor
-    pair_meta: torch.Tensor
     counts: torch.Tensor
 
 
-def _plan(dest: torch.Tensor, expert_index: torch.Tensor, bounds: torch.Tensor, ep: int) -> _Plan:
-    """dest / expert_index [N, K]: the owner rank and global id of each pair. No host sync."""
+def _plan(dest: torch.Tensor, ep: int) -> _Plan:
+    """dest [N, K]: the owner rank of each pair. No host sync (bincount or nonzero would size their outputs on the
+    host)."""
     n, k = dest.shape
     need = torch.zeros(ep, n, dtype=torch.int32, device=dest.device)
     need.scatter_(0, dest.t(), 1)                                                       # rank <- token needed
-    # rank-major with tokens innermost: the scan runs along contiguous memory (a [N, ep] cumsum over dim 0 took
-    # 0.76 ms per application at MoEUT-1B on the H200, docs/PERFORMANCE.md)
-    row_in_block = torch.cumsum(need, 1) - 1
-    pair_order = torch.argsort(dest.reshape(-1), stable=True)                           # pairs, rank-major
-    pair_dest = dest.reshape(-1)[pair_order]
-    pair_meta = torch.stack([row_in_block[pair_dest, pair_order // k],  # int32: half the bytes of int64
-                             expert_index.reshape(-1)[pair_order] - bounds[pair_dest]], 1).int()
-    # counts without bincount/nonzero (each would sync with the host to size its output)
-    pairs_per_rank = torch.zeros(ep, dtype=torch.long, device=dest.device).index_add_(
-        0, pair_dest, torch.ones_like(pair_dest))
-    return _Plan(need, pair_order, pair_meta, torch.stack([need.sum(1, dtype=torch.long), pairs_per_rank], 1))
+    pairs = torch.zeros(ep, dtype=torch.long, device=dest.device).index_add_(
+        0, dest.reshape(-1), torch.ones(n * k, dtype=torch.long, device=dest.device))
+    return _Plan(need, torch.stack([need.sum(1, dtype=torch.long), pairs], 1))
 
 
 @dataclass
@@ -149,35 +193,33 @@ class ExpertParallelBackend(ExpertBackend):
         dev = x.device
         bounds = self._bounds(routing.n_experts, ep, dev)
         dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
-        plan = _plan(dest, routing.expert_index, bounds, ep)
+        plan = _plan(dest, ep)
         recv_counts = _exchange(plan.counts, [1] * ep, [1] * ep, group)                    # [ep, 2]
         sent, received = torch.stack([plan.counts, recv_counts]).tolist()                  # the one host sync
-        rows_out, pairs_out = [c[0] for c in sent], [c[1] for c in sent]
-        rows_in, pairs_in = [c[0] for c in received], [c[1] for c in received]
+        rows_out, rows_in = [c[0] for c in sent], [c[0] for c in received]
         # rows travel in the dtype the experts compute in (autocast casts there anyway; the cast's backward sends
         # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
-        send_token = torch.nonzero_static(plan.need, size=sum(rows_out))[:, 1]             # rank-major
-        pair_gate = routing.gate.reshape(-1)[plan.pair_order].unsqueeze(1)
-        rows = _AllToAll.apply(x[send_token].to(dtype), rows_in, rows_out, group)
-        meta = _exchange(plan.pair_meta, pairs_in, pairs_out, group)
-        gate = _AllToAll.apply(pair_gate, pairs_in, pairs_out, group)
-        # received pair rows are relative to their sender's block: shift by where that block starts
-        block_start = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
-        sender = torch.repeat_interleave(torch.arange(ep, device=dev), recv_counts[:, 1], output_size=len(meta))
-        row_index = meta[:, 0].long() + block_start[sender]          # non-decreasing: by sender, then token
+        to_rank, send_token = torch.nonzero_static(plan.need, size=sum(rows_out)).unbind(1)   # rank-major
+        # each sent row's K slots: the expert's id in the receiving shard, or -1 where another rank owns it
+        slots = torch.where(dest[send_token] == to_rank[:, None],
+                            routing.expert_index[send_token] - bounds[to_rank][:, None], -1).int()
+        rows, gate, slots = _Dispatch.apply(x[send_token].to(dtype), routing.gate[send_token], slots, rows_in,
+                                            rows_out, group)
+        pair = torch.nonzero_static(slots.reshape(-1) >= 0, size=sum(c[1] for c in received))[:, 0]
+        row_index = pair // k                                        # non-decreasing: by sender, then token
         row_offsets = torch.searchsorted(row_index, torch.arange(rows.shape[0] + 1, device=dev))
-        local = self.local.routing(gate, meta[:, 1:2].long(), w1.shape[0])
+        local = self.local.routing(gate.reshape(-1)[pair].unsqueeze(1), slots.reshape(-1)[pair].long().unsqueeze(1),
+                                   w1.shape[0])
         y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)          # gated sum per row
         back = _AllToAll.apply(y_rows, rows_out, rows_in, group)
         out = back.new_zeros(n_tokens, back.shape[1]).index_add(0, send_token, back)
-        self._count(sent, received, (x.shape[1] * dtype.itemsize, x.shape[1] * out.dtype.itemsize),
-                    2 * plan.pair_meta.element_size() + routing.gate.element_size())
+        self._count(sent, received, _layout([slots, gate, rows])[1], _row_bytes(back))
         return out
 
-    def _count(self, sent: list, received: list, row_bytes: tuple[int, int], pair_bytes: int) -> None:
-        """Add one application's traffic to stats: rows sent (to every rank), and bytes sent to other ranks (token
-        rows out, result rows back, per-pair metadata). sent / received: [rank] = [rows, pairs]."""
+    def _count(self, sent: list, received: list, packed_row_bytes: int, result_row_bytes: int) -> None:
+        """Add one application's traffic to stats: rows sent (to every rank), pairs received, and bytes sent to
+        other ranks (packed token rows out, result rows back). sent / received: [rank] = [rows, pairs]."""
         me = self.groups.ep_rank
 
         def total(counts: list, i: int, remote: bool = True) -> int:
@@ -185,8 +227,7 @@ class ExpertParallelBackend(ExpertBackend):
 
         self.stats.rows_sent += total(sent, 0, remote=False)
         self.stats.pairs_received += total(received, 1, remote=False)
-        self.stats.bytes_sent += (total(sent, 0) * row_bytes[0] + total(received, 0) * row_bytes[1]
-                                  + total(sent, 1) * pair_bytes)
+        self.stats.bytes_sent += total(sent, 0) * packed_row_bytes + total(received, 0) * result_row_bytes
 
 
 class ExpertShards:
