@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,25 @@ def test_ep_checks_script_runs_every_step_on_cpu(tmp_path):
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert [(r["gpus"], r["ep"]) for r in results] == [(1, 1)] * 3 + [(2, 1)] + [(2, 2)] * 3
     assert list((tmp_path / "trace_ep2_m8").glob("step*_rank1.json"))
+
+
+@pytest.mark.slow
+def test_ep_checks_trainer_part_stops_the_run_on_cpu(tmp_path):
+    """bench/ep_checks.sh 8b-trainer on CPU ranks with the tiny preset: it prepares the data, trains through the
+    real trainer at ep=2, prints the logged steps, and kills every rank after 10 logged steps, so no checkpoint is
+    written and no rank is left running (on the GPU an 8B checkpoint is ~100 GB)."""
+    env = dict(os.environ, PYTHON=sys.executable, EP_CHECKS_LAUNCH_ARGS="--cpu",
+               EP_CHECKS_TRAIN_ARGS="model.preset=moeut-tiny data.context=32 deepspeed_config=ds_configs/zero2.json")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "ep_checks.sh"), str(tmp_path), "8b-trainer"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [json.loads(line[len("STEP "):]) for line in proc.stdout.splitlines() if line.startswith("STEP ")]
+    assert len(steps) >= 10 and steps[0]["step"] == 1 and all(s["train/loss"] > 0 for s in steps)
+    run = tmp_path / "train_8b_m4"
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    for _ in range(10):                             # SIGKILL is asynchronous: give the ranks a moment to go
+        ranks = subprocess.run(["pgrep", "-f", f"run_dir={run}"], capture_output=True, text=True).stdout.strip()
+        if not ranks:
+            break
+        time.sleep(0.5)
+    assert not ranks, f"ranks still running after the kill: {ranks}"
