@@ -43,7 +43,7 @@ def test_ep_checks_script_runs_every_step_on_cpu(tmp_path):
     assert proc.stdout.count("rc=0") == 7, proc.stdout[-3000:]
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert [(r["gpus"], r["ep"]) for r in results] == [(1, 1)] * 3 + [(2, 1)] + [(2, 2)] * 3
-    assert list((tmp_path / "trace_ep2_m8").glob("step*_rank1.json"))
+    assert list((tmp_path / "trace_ep2_m32").glob("step*_rank1.json"))
 
 
 @pytest.mark.slow
