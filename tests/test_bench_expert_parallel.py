@@ -1,7 +1,9 @@
 """bench/bench_expert_parallel.py and bench/ep_checks.sh still run end to end (CPU, gloo, 2 ranks, ep=2, with a
 trace): the two-GPU benchmark of issue 7 waits for a machine that is rarely lent, so it must not rot in between."""
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,3 +68,5 @@ def test_ep_checks_trainer_part_stops_the_run_on_cpu(tmp_path):
             break
         time.sleep(0.5)
     assert not ranks, f"ranks still running after the kill: {ranks}"
+    port = re.search(r"MASTER_PORT=(\d+)", proc.stdout).group(1)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")   # killed ranks' segments
