@@ -84,7 +84,7 @@ def main() -> None:
 
     from moeut_ds import LanguageModel, get_preset
     from moeut_ds.accounting import count_parameters
-    from moeut_ds.parallel import build_expert_parallel_groups, shard_experts
+    from moeut_ds.parallel import CommStats, build_expert_parallel_groups, shard_experts
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -148,7 +148,7 @@ def main() -> None:
         step(marks[-1])
         sync()
         times.append(time.perf_counter() - t0)
-    stats = shards.model_backend.stats.reset() if shards else {"bytes_sent": 0, "pairs_received": 0}
+    stats = (shards.model_backend.stats if shards else CommStats()).reset()
     bytes_per_step = stats["bytes_sent"] / (a.steps + a.warmup)
     phases = {name: round(statistics.median(ev[i].elapsed_time(ev[i + 1]) for ev in marks), 1)
               for i, name in enumerate(("forward_ms", "backward_ms", "optimizer_ms"))} if not a.cpu else {}

@@ -44,9 +44,8 @@ descendants() {  # descendants PID: PID and every process below it (torchrun sta
 
 train_until() {   # train_until RUN_DIR STEPS SECONDS LOCAL_SH_ARGS...: a trainer run, killed (with every process
   local run=$1 steps=$2 limit=$3 n=0; shift 3   # below it) once metrics.jsonl has STEPS lines or after SECONDS
-  local port; port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  echo "== $(basename "$run") ($(date -u +%T), MASTER_PORT=$port)"
-  MASTER_PORT=$port MOEUT_PYTHON=$py bash launch/local.sh "$@" run_dir="$run" > "$run.log" 2>&1 &
+  echo "== $(basename "$run") ($(date -u +%T))"
+  MOEUT_PYTHON=$py bash launch/local.sh "$@" run_dir="$run" > "$run.log" 2>&1 &
   local pid=$! t0; t0=$(date +%s)
   while kill -0 "$pid" 2> /dev/null; do
     sleep 2
@@ -57,9 +56,11 @@ train_until() {   # train_until RUN_DIR STEPS SECONDS LOCAL_SH_ARGS...: a traine
     fi
   done
   wait "$pid" 2> /dev/null
-  # killed CPU ranks leave DeepSpeed's shared-memory all-reduce segments (~66 MB each) in RAM (docs/TRAINING.md)
-  rm -f /dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_"${port}"_*
-  echo "logged steps: $n after $(($(date +%s) - t0)) s"
+  # killed CPU ranks leave DeepSpeed's shared-memory all-reduce segments (~66 MB each) in RAM (docs/TRAINING.md),
+  # named by the port that local.sh chose and logged
+  local port; port=$(grep -om1 'MASTER_PORT=[0-9]*' "$run.log" | cut -d= -f2)
+  [ -n "$port" ] && rm -f /dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_"${port}"_*
+  echo "logged steps: $n after $(($(date +%s) - t0)) s (MASTER_PORT=$port)"
   [ "$n" -gt 0 ] || { tail -n 20 "$run.log"; return 1; }
   "$py" - "$run/metrics.jsonl" <<'PY'
 import json, sys

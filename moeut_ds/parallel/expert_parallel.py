@@ -121,23 +121,16 @@ class _Dispatch(torch.autograd.Function):
         return grad_rows, grad_gate, None, None, None, None
 
 
-@dataclass
-class _Plan:
-    """An application's dispatch, planned on the device: the ranks each token needs (need [ep, N], int32) and what
-    it sends to each rank (counts [ep, 2]: rows, pairs)."""
-    need: torch.Tensor
-    counts: torch.Tensor
-
-
-def _plan(dest: torch.Tensor, ep: int) -> _Plan:
-    """dest [N, K]: the owner rank of each pair. No host sync (bincount or nonzero would size their outputs on the
-    host)."""
+def _plan(dest: torch.Tensor, ep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dest [N, K]: the owner rank of each pair -> the ranks each token needs (need [ep, N], int32) and what this
+    rank sends to each (counts [ep, 2]: rows, pairs). No host sync (bincount or nonzero would size their outputs on
+    the host)."""
     n, k = dest.shape
     need = torch.zeros(ep, n, dtype=torch.int32, device=dest.device)
     need.scatter_(0, dest.t(), 1)                                                       # rank <- token needed
     pairs = torch.zeros(ep, dtype=torch.long, device=dest.device).index_add_(
         0, dest.reshape(-1), torch.ones(n * k, dtype=torch.long, device=dest.device))
-    return _Plan(need, torch.stack([need.sum(1, dtype=torch.long), pairs], 1))
+    return need, torch.stack([need.sum(1, dtype=torch.long), pairs], 1)
 
 
 @dataclass
@@ -196,14 +189,14 @@ class ExpertParallelBackend(ExpertBackend):
         dev = x.device
         bounds = self._bounds(routing.n_experts, ep, dev)
         dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
-        plan = _plan(dest, ep)
-        recv_counts = _exchange(plan.counts, [1] * ep, [1] * ep, group)                    # [ep, 2]
-        sent, received = torch.stack([plan.counts, recv_counts]).tolist()                  # the one host sync
+        need, counts = _plan(dest, ep)
+        recv_counts = _exchange(counts, [1] * ep, [1] * ep, group)                         # [ep, 2]
+        sent, received = torch.stack([counts, recv_counts]).tolist()                       # the one host sync
         rows_out, rows_in = [c[0] for c in sent], [c[0] for c in received]
         # rows travel in the dtype the experts compute in (autocast casts there anyway; the cast's backward sends
         # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
-        to_rank, send_token = torch.nonzero_static(plan.need, size=sum(rows_out)).unbind(1)   # rank-major
+        to_rank, send_token = torch.nonzero_static(need, size=sum(rows_out)).unbind(1)   # rank-major
         # each sent row's K slots: the expert's id in the receiving shard, or -1 where another rank owns it
         slots = torch.where(dest[send_token] == to_rank[:, None],
                             routing.expert_index[send_token] - bounds[to_rank][:, None], -1).int()
