@@ -3,6 +3,7 @@
     python bench/bench_expert_parallel.py --preset moeut-1b --micro 8                    # one GPU (baseline)
     torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 1   # data parallel
     torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --ep 2   # expert parallel
+    torchrun --nproc_per_node 2 bench/bench_expert_parallel.py --micro 8 --ep 2 --dispatch alltoall  # the other dispatch
     python bench/bench_expert_parallel.py --preset moeut-1b --micro 8 --sync-each-application   # prices the sync
 
 A plain PyTorch step (bf16 autocast, fp32 weights, AdamW, Triton experts) around the project's expert-parallel
@@ -70,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="moeut-1b")
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--dispatch", default="auto", help="expert dispatch: auto, allgather or alltoall")
     ap.add_argument("--micro", type=int, default=8, help="sequences per GPU per step")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
@@ -85,6 +87,7 @@ def main() -> None:
     from moeut_ds import LanguageModel, get_preset
     from moeut_ds.accounting import count_parameters
     from moeut_ds.parallel import CommStats, build_expert_parallel_groups, shard_experts
+    from moeut_ds.parallel.expert_parallel import choose_dispatch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -97,7 +100,7 @@ def main() -> None:
     torch.manual_seed(0)
     with device:
         model = LanguageModel(cfg, expert_backend="reference" if a.cpu else "triton")
-    shards = shard_experts(model, build_expert_parallel_groups(a.ep)) if a.ep > 1 else None
+    shards = shard_experts(model, build_expert_parallel_groups(a.ep), a.dispatch) if a.ep > 1 else None
     sync = (lambda: None) if a.cpu else torch.cuda.synchronize
     if a.sync_each_application:
         backend = shards.model_backend if shards else model.expert_backend
@@ -158,7 +161,8 @@ def main() -> None:
         dist.all_gather_object(per_rank, mine)
     share = comm_share(step) if world > 1 and not a.cpu else {}
     ms = statistics.median(times) * 1e3
-    res = {"preset": a.preset, "gpus": world, "ep": a.ep, "micro": a.micro, "context": a.context,
+    res = {"preset": a.preset, "gpus": world, "ep": a.ep, "dispatch": choose_dispatch(a.dispatch, a.ep) if a.ep > 1
+           else None, "micro": a.micro, "context": a.context,
            "sync_each_application": a.sync_each_application,
            "params_total": count_parameters(cfg)["total"], "params_on_gpu": n_local, "step_ms": ms,
            "tokens_per_s_per_gpu": a.micro * a.context / ms * 1e3,

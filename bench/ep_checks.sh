@@ -2,9 +2,9 @@
 # The expert-parallel measurements of issue 7 on the GPUs of one host (kind nvidia-h200-x2), each run under its own
 # time limit, whole logs under OUT_DIR and every run's RESULT line printed (tar OUT_DIR to take the results away).
 #
-#   bash bench/ep_checks.sh OUT_DIR 1b    # MoEUT-1B: one GPU and ep=2 at micro 8, 16 and 32 (a profiled ep=2
-#                                         # step at 32, where the extra time grows with the tokens), ep=1 at 8
-#                                         # (~5 min)
+#   bash bench/ep_checks.sh OUT_DIR 1b    # MoEUT-1B: one GPU and ep=2 (all-gather dispatch) at micro 8, 16 and
+#                                         # 32 (the ep=2 step at 32 profiled), the all-to-all dispatch at 16 and
+#                                         # 32, ep=1 at 8 (~6 min)
 #   bash bench/ep_checks.sh OUT_DIR 8b    # MoEUT-8B at ep=2, micro-batch 4 then 6 (8 runs out of memory; up to
 #                                         # 2 x 270 s)
 #   bash bench/ep_checks.sh OUT_DIR 8b-trainer   # MoEUT-8B through the trainer (ZeRO-2 + ep=2, micro-batch 4) on
@@ -76,9 +76,9 @@ case $part in
     p=(--preset moeut-1b --steps 5 --warmup 2)
     for m in 8 16 32; do run "one_gpu_m$m" 120 1 "${p[@]}" --micro "$m"; done
     run ep1_m8 150 2 "${p[@]}" --micro 8 --ep 1
-    run ep2_m8 150 2 "${p[@]}" --micro 8 --ep 2
-    run ep2_m16 150 2 "${p[@]}" --micro 16 --ep 2
-    run ep2_m32_trace 180 2 "${p[@]}" --micro 32 --ep 2 --trace "$out/trace_ep2_m32" ;;
+    for m in 8 16; do run "ep2_allgather_m$m" 150 2 "${p[@]}" --micro "$m" --ep 2 --dispatch allgather; done
+    run ep2_allgather_m32_trace 180 2 "${p[@]}" --micro 32 --ep 2 --dispatch allgather --trace "$out/trace_ep2_m32"
+    for m in 16 32; do run "ep2_alltoall_m$m" 150 2 "${p[@]}" --micro "$m" --ep 2 --dispatch alltoall; done ;;
   8b)
     for m in 4 6; do run "ep2_8b_m$m" 270 2 --preset moeut-8b --micro "$m" --ep 2 --steps 3 --warmup 1; done ;;
   8b-trainer)

@@ -44,7 +44,8 @@ def _gib(n: int) -> str:
 def print_memory(m: dict) -> None:
     ds, ex, act = m["deepspeed"], m["experts"], m["activations"]
     ac = ", activation checkpointing" if m["activation_checkpointing"] else ""
-    print(f"memory per GPU: {m['gpus']} GPU(s), ZeRO-{m['zero']}, ep {m['ep']}, micro-batch {m['micro_batch']} x "
+    ep = f"ep {m['ep']} ({m['dispatch']} dispatch)" if m["ep"] > 1 else "ep 1"
+    print(f"memory per GPU: {m['gpus']} GPU(s), ZeRO-{m['zero']}, {ep}, micro-batch {m['micro_batch']} x "
           f"{m['context']} tokens{ac} (estimate: moeut_ds/memory.py)")
     what = "all parameters (experts included, ep 1)" if m["experts_in_deepspeed"] else "non-expert parameters"
     print(f"  DeepSpeed, {what}: {m['params_total'] - (0 if m['experts_in_deepspeed'] else m['params_expert']):,}")
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--gpus", type=int, help="data-parallel ranks (GPUs) in the run (default 1)")
     mem.add_argument("--ep", type=int, help="expert_parallel_size: ranks that split each σ-MoE layer's experts "
                                             "(default 1; > 1 needs --zero 1 or 2)")
+    mem.add_argument("--dispatch", choices=("auto", "allgather", "alltoall"),
+                     help="expert_dispatch with --ep > 1 (default auto: allgather for ep 2, alltoall above)")
     mem.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)")
     mem.add_argument("--micro-batch", type=int, help="sequences per GPU per forward/backward (default 8)")
     mem.add_argument("--gpu-mem-gib", type=float, help=f"GPU memory to fit in, GiB (default {H200_GIB:g}, an H200)")
@@ -83,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="with train.activation_checkpointing=true (layer applications recomputed in backward)")
     a = ap.parse_args(argv)
     memory = None
-    if any(v is not None for v in (a.gpus, a.ep, a.zero, a.micro_batch, a.gpu_mem_gib)) or a.activation_checkpointing:
+    if (any(v is not None for v in (a.gpus, a.ep, a.zero, a.micro_batch, a.gpu_mem_gib, a.dispatch))
+            or a.activation_checkpointing):
         memory = {"gpus": 1 if a.gpus is None else a.gpus, "ep": 1 if a.ep is None else a.ep,
+                  "dispatch": a.dispatch or "auto",
                   "zero": 2 if a.zero is None else a.zero, "micro_batch": 8 if a.micro_batch is None else a.micro_batch,
                   "activation_checkpointing": a.activation_checkpointing,
                   "gpu_mem_gib": H200_GIB if a.gpu_mem_gib is None else a.gpu_mem_gib}

@@ -82,8 +82,9 @@ def max_shard_experts(cfg: ModelConfig, ep: int) -> int:
     return math.ceil(cfg.ff_n_experts / ep)
 
 
-def activation_bytes_per_token_layer(cfg: ModelConfig, ep: int = 1) -> dict[str, int]:
-    """Bytes autograd keeps per token for one layer application (Triton backend, bf16 autocast, fp32 residual)."""
+def activation_bytes_per_token_layer(cfg: ModelConfig, ep: int = 1, dispatch: str = "alltoall") -> dict[str, int]:
+    """Bytes autograd keeps per token for one layer application (Triton backend, bf16 autocast, fp32 residual).
+    dispatch (ep > 1): 'alltoall' or 'allgather' (moeut_ds/parallel/expert_parallel.py)."""
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
     if cfg.arch == "dense":
         d_ff = cfg.d_ff
@@ -101,10 +102,14 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, ep: int = 1) -> dict[str,
         "ff_router": FP32 * d + BF16 * d + 3 * FP32 * cfg.ff_n_experts,
         # expert inputs: the token once (ep = 1: the kernel gathers rows by pair) or, with ep > 1, the received copies
         # of it: one per destination rank (<= min(K, ep); the kernels read the received rows through a pair -> row
-        # index, so nothing of size K x d is kept); plus the ReLU output of every pair (bf16, K x d_e)
+        # index, so nothing of size K x d is kept); plus the ReLU output of every pair (bf16, K x d_e). The
+        # all-gather dispatch keeps every rank's tokens and sizes the per-pair tensors for all of their pairs.
         "ff_experts": BF16 * d * min(k, ep) + BF16 * k * de,
         "routing_metadata": PAIR_METADATA * (k + 2 * h * cfg.att_k),
     }
+    if ep > 1 and dispatch == "allgather":
+        parts["ff_experts"] = ep * (BF16 * d + BF16 * k * de)
+        parts["routing_metadata"] = PAIR_METADATA * (ep * k + 2 * h * cfg.att_k)
     if dh < d:   # V's pre-gate products of its H K_A pairs, kept for the gate gradient (moeut_kernels keeps_pairs)
         parts["attention_v_pairs"] = BF16 * h * cfg.att_k * dh
     return parts
@@ -133,9 +138,9 @@ def checkpointed_bytes_per_token_layer(cfg: ModelConfig) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, context: int, ep: int = 1,
-                     checkpointing: bool = False) -> dict[str, int]:
+                     checkpointing: bool = False, dispatch: str = "alltoall") -> dict[str, int]:
     tokens = micro_batch * context
-    per_layer = sum(activation_bytes_per_token_layer(cfg, ep).values())
+    per_layer = sum(activation_bytes_per_token_layer(cfg, ep, dispatch).values())
     d, v = cfg.d_model, cfg.vocab_size
     # checkpointing: every application keeps its input; one at a time is recomputed with everything it saves
     layers = (cfg.n_layers * checkpointed_bytes_per_token_layer(cfg) + per_layer if checkpointing
@@ -159,6 +164,7 @@ def bucket_bytes(zero: int, reduce_bucket_size: int = REDUCE_BUCKET, overlap_com
 class MemoryEstimate:
     gpus: int
     ep: int
+    dispatch: str                         # the expert dispatch (ep > 1), 'auto' resolved
     zero: int
     micro_batch: int
     context: int
@@ -206,9 +212,13 @@ class MemoryEstimate:
 def estimate_memory(cfg: ModelConfig, *, gpus: int = 1, ep: int = 1, zero: int = 2, micro_batch: int = 8,
                     context: int = 1024, activation_checkpointing: bool = False, gpu_mem_gib: float = H200_GIB,
                     params_total: int | None = None, reduce_bucket_size: int = REDUCE_BUCKET,
-                    overlap_comm: bool | None = None) -> MemoryEstimate:
-    """Bytes per GPU; params_total defaults to the measured count (accounting.count_parameters)."""
+                    overlap_comm: bool | None = None, dispatch: str = "auto") -> MemoryEstimate:
+    """Bytes per GPU; params_total defaults to the measured count (accounting.count_parameters). dispatch: the
+    run config's expert_dispatch."""
+    from moeut_ds.parallel.expert_parallel import choose_dispatch
+
     check_layout(gpus, ep, zero, cfg)
+    dispatch = choose_dispatch(dispatch, ep)
     if micro_batch < 1 or context < 1:
         raise ConfigError(f"--micro-batch {micro_batch} --context {context}: both must be at least 1")
     if params_total is None:
@@ -219,12 +229,12 @@ def estimate_memory(cfg: ModelConfig, *, gpus: int = 1, ep: int = 1, zero: int =
     ds_params = params_total - n_expert if sharded else params_total
     shard = cfg.n_distinct_layers * 2 * max_shard_experts(cfg, ep) * cfg.d_model * cfg.ff_expert_size if sharded else 0
     return MemoryEstimate(
-        gpus=gpus, ep=ep, zero=zero, micro_batch=micro_batch, context=context,
+        gpus=gpus, ep=ep, dispatch=dispatch, zero=zero, micro_batch=micro_batch, context=context,
         activation_checkpointing=activation_checkpointing, gpu_mem_gib=gpu_mem_gib,
         params_total=params_total, params_expert=n_expert, experts_in_deepspeed=not sharded,
         deepspeed=zero_state_bytes(ds_params, zero, gpus),
         experts={"params": FP32 * shard, "grads": FP32 * shard, "optimizer": 2 * FP32 * shard},
         buckets=bucket_bytes(zero, reduce_bucket_size, overlap_comm),
-        activations=activation_bytes(cfg, micro_batch, context, ep, activation_checkpointing),
-        per_token_layer=activation_bytes_per_token_layer(cfg, ep),
+        activations=activation_bytes(cfg, micro_batch, context, ep, activation_checkpointing, dispatch),
+        per_token_layer=activation_bytes_per_token_layer(cfg, ep, dispatch),
         checkpointed_per_token_layer=checkpointed_bytes_per_token_layer(cfg))

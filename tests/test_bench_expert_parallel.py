@@ -42,9 +42,10 @@ def test_ep_checks_script_runs_every_step_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "ep_checks.sh"), str(tmp_path), "1b"], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("rc=0") == 7, proc.stdout[-3000:]
+    assert proc.stdout.count("rc=0") == 9, proc.stdout[-3000:]
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert [(r["gpus"], r["ep"]) for r in results] == [(1, 1)] * 3 + [(2, 1)] + [(2, 2)] * 3
+    assert [(r["gpus"], r["ep"], r["dispatch"]) for r in results] == (
+        [(1, 1, None)] * 3 + [(2, 1, None)] + [(2, 2, "allgather")] * 3 + [(2, 2, "alltoall")] * 2)
     assert list((tmp_path / "trace_ep2_m32").glob("step*_rank1.json"))
 
 

@@ -227,9 +227,77 @@ def test_opcheck_grouped_matmul_rows():
         assert all(v == "SUCCESS" for v in result.values()), result
 
 
+# ---------------------------------------------------------------- remote pairs (shard_routing, all-gather dispatch)
+
+SHARD_CASES = ["mixed", "no_local_pair", "all_local", "one_local_expert"]
+
+
+def shard_problem(case: str, dtype: torch.dtype, seed: int):
+    """Tokens with K distinct experts of 9; this rank holds experts [3, 7) (lo, hi)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_experts, lo, hi, n, k, d, d_e = 9, 3, 7, 37, 3, 40, 24
+    pool = {"mixed": range(9), "no_local_pair": [0, 1, 2, 7, 8], "all_local": range(3, 7),
+            "one_local_expert": [0, 1, 5, 8]}[case]
+    pool = torch.tensor(list(pool))
+    expert = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(n)])
+    x = torch.randn(n, d, generator=gen)
+    w1 = torch.randn(n_experts, d, d_e, generator=gen) / d ** 0.5
+    w2 = torch.randn(n_experts, d_e, d, generator=gen) / d_e ** 0.5
+    gate = torch.rand(n, k, generator=gen)
+    return [t.to(DEVICE, dtype) for t in (x, w1, w2, gate)], expert.to(DEVICE), lo, hi
+
+
+def shard_truth(x, w1, w2, gate, expert, lo, hi):
+    """Every expert on one process with the remote pairs' gates zeroed: the shard's share of the output."""
+    local = ((expert >= lo) & (expert < hi)).to(gate.dtype)
+    return REF.mlp(x, w1, w2, REF.routing(gate * local, expert, w1.shape[0]))
+
+
+@pytest.mark.parametrize("case", SHARD_CASES)
+def test_reference_shard_routing_matches_masked_gates(case):
+    (x, w1, w2, gate), expert, lo, hi = shard_problem(case, torch.float64, seed=SHARD_CASES.index(case))
+    leaves = [t.requires_grad_() for t in (x, w1, w2, gate)]
+    routing = REF.shard_routing(gate, expert, lo, hi)
+    assert int(routing.offsets[-1]) == int(routing.local.sum())
+    y = REF.mlp(x, w1[lo:hi], w2[lo:hi], routing)
+    y_t = shard_truth(x, w1, w2, gate, expert, lo, hi)
+    torch.testing.assert_close(y, y_t)
+    gy = torch.randn_like(y)
+    g = torch.autograd.grad(y, leaves, gy, allow_unused=True)
+    g_t = torch.autograd.grad(y_t, leaves, gy)
+    for a, b in zip(g, g_t):
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", SHARD_CASES)
+def test_triton_shard_routing_never_reads_remote_rows(case, dtype):
+    """Triton against the reference with every uninitialised buffer filled with NaN (torch's deterministic mode):
+    a remote pair's rows are never written, so any read of one would put NaN into the outputs or gradients."""
+    leaves, expert, lo, hi = shard_problem(case, dtype, seed=10 + SHARD_CASES.index(case))
+    x, w1, w2, gate = [t.requires_grad_() for t in leaves]
+    ref = [t.detach().float().requires_grad_() for t in leaves]
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    torch.use_deterministic_algorithms(True)
+    try:
+        tb = TritonBackend()
+        y = tb.mlp(x, w1[lo:hi], w2[lo:hi], tb.shard_routing(gate, expert, lo, hi))
+        grads = torch.autograd.grad(y, [x, w1, w2, gate], gy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    y_r = REF.mlp(ref[0], ref[1][lo:hi], ref[2][lo:hi], REF.shard_routing(ref[3], expert, lo, hi))
+    grads_r = torch.autograd.grad(y_r, ref, gy.float(), allow_unused=True)
+    assert rel_err(y, y_r) < TOL[dtype]
+    for name, a, b in zip(("x", "w1", "w2", "gate"), grads, grads_r):
+        b = torch.zeros_like(a, dtype=torch.float32) if b is None else b
+        assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b))
+    remote = ~((expert >= lo) & (expert < hi))
+    assert torch.equal(grads[3][remote], torch.zeros_like(grads[3][remote]))
+
+
 # ---------------------------------------------------------------- expert parallelism with the Triton backend
 
-def _ep_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+def _ep_worker(rank: int, world: int, init_file: str, result_file: str, dispatch: str) -> None:
     """One rank: EP(Triton) on this rank's tokens vs Triton mlp on the whole batch in one process."""
     import json
     from datetime import timedelta
@@ -255,7 +323,7 @@ def _ep_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
         yr = tb.mlp(xr, w1r, w2r, tb.routing(gr, idx_all, n_experts))
         yr.pow(2).sum().backward()
         lo, hi = shard_bounds(n_experts, world)[rank:rank + 2]
-        ep = ExpertParallelBackend(tb, groups)
+        ep = ExpertParallelBackend(tb, groups, dispatch)
         sl = slice(rank * n_tok, (rank + 1) * n_tok)
         x, g = x_all[sl].clone().requires_grad_(), gate_all[sl].clone().requires_grad_()
         w1, w2 = w1_full[lo:hi].clone().requires_grad_(), w2_full[lo:hi].clone().requires_grad_()
@@ -272,14 +340,15 @@ def _ep_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="CPU ranks over gloo: the kernels run there only under TRITON_INTERPRET=1 "
                     "(as in CI); on GPUs bench/bench_expert_parallel.py runs the NCCL path")
-def test_expert_parallel_triton_matches_single_process(tmp_path):
+@pytest.mark.parametrize("dispatch", ["alltoall", "allgather"])
+def test_expert_parallel_triton_matches_single_process(tmp_path, dispatch):
     import json
 
     import torch.multiprocessing as mp
     world = 2
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ep_worker, args=(r, world, str(tmp_path / "init"), str(tmp_path / f"rank{r}.json")))
-             for r in range(world)]
+    procs = [ctx.Process(target=_ep_worker, args=(r, world, str(tmp_path / "init"), str(tmp_path / f"rank{r}.json"),
+                                                  dispatch)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -16,7 +16,7 @@ def test_tiny_estimate_equals_hand_computation():
     # moeut-tiny: d 128, L 4, G 2, H 2, d_h 32, N_A 4, K_A 2, N_E 16, d_e 32, K 4, V 8000
     cfg = get_preset("moeut-tiny")
     total = count_parameters(cfg)["total"]
-    e = estimate_memory(cfg, gpus=2, ep=2, zero=2, micro_batch=2, context=16)
+    e = estimate_memory(cfg, gpus=2, ep=2, zero=2, micro_batch=2, context=16, dispatch="alltoall")
     experts = 2 * 2 * 16 * 128 * 32                       # G x (W1 + W2) x N_E x d x d_e
     assert e.params_expert == expert_parameters(cfg) == experts and not e.experts_in_deepspeed
     shard = experts // 2                                  # 8 of 16 experts per rank
@@ -44,7 +44,8 @@ def test_tiny_estimate_equals_hand_computation():
     assert e.fits and e.max_micro_batch > 2
     # activation checkpointing: each of the L applications keeps its fp32 input, its fp32 router logits and the
     # regulariser's softmax of them (N_E + 2 x H*N_A per token); one application is recomputed at full size
-    ac = estimate_memory(cfg, gpus=2, ep=2, zero=2, micro_batch=2, context=16, activation_checkpointing=True)
+    ac = estimate_memory(cfg, gpus=2, ep=2, zero=2, micro_batch=2, context=16, activation_checkpointing=True,
+                         dispatch="alltoall")
     kept = 4 * 128 + 2 * 4 * (16 + 2 * 8)
     assert ac.activations["layers"] == tokens * (4 * kept + 4848)
     assert {k: v for k, v in ac.activations.items() if k != "layers"} == {
@@ -68,6 +69,14 @@ def test_more_gpus_and_ep_lower_per_gpu_memory():
     assert ep8.activations["expert_weights_once"] < one.activations["expert_weights_once"] / 4
     ep2 = estimate_memory(cfg, gpus=2, ep=2, zero=2)
     assert sum(ep8.experts.values()) < sum(ep2.experts.values()) / 3.9
+    # the dispatch: auto is the all-gather at ep 2, which keeps both ranks' tokens and sizes the ReLU output and the
+    # routing metadata for all their pairs; only the activations differ
+    a2a = estimate_memory(cfg, gpus=2, ep=2, zero=2, dispatch="alltoall")
+    assert ep2.dispatch == "allgather" and ep8.dispatch == "alltoall" and a2a.dispatch == "alltoall"
+    k, de, d = cfg.ff_k, cfg.ff_expert_size, cfg.d_model
+    extra = 8 * 1024 * cfg.n_layers * (2 * k * de + 20 * k)       # one more rank's h and pair metadata per token
+    assert ep2.activations["layers"] - a2a.activations["layers"] == extra
+    assert ep2.experts == a2a.experts and ep2.deepspeed == a2a.deepspeed
     assert ep8.total < ep2.total
     assert sum(ep8.deepspeed.values()) + sum(ep8.experts.values()) < (sum(eight_dp.deepspeed.values()))
     # ZeRO stages order the states; the micro-batch scales the token-proportional activations linearly

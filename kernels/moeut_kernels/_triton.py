@@ -385,7 +385,8 @@ def group_sum_kernel(buf_ptr, out_ptr, scale_ptr, n_out, N, s_bm, s_bn, s_om, s_
                      GROUP: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[r] = sum_j scale[r*GROUP+j] * buf[r*GROUP+j] in fixed j order, fp32 accumulation (deterministic).
 
-    buf is indexed by pair id, so a row's GROUP pairs are contiguous: every load is a coalesced row segment.
+    buf is indexed by pair id, so a row's GROUP pairs are contiguous: every load is a coalesced row segment. Rows
+    with a zero scale are not read: a remote pair (expert parallelism) has no computed row, only a zero scale.
     """
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -396,9 +397,12 @@ def group_sum_kernel(buf_ptr, out_ptr, scale_ptr, n_out, N, s_bm, s_bn, s_om, s_
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(GROUP):
         p = rows * GROUP + j
-        v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
-            v = v * tl.load(scale_ptr + p, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            s = tl.load(scale_ptr + p, mask=rmask, other=0.0).to(tl.float32)
+            v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn, mask=mask & (s != 0)[:, None],
+                        other=0.0).to(tl.float32) * s[:, None]
+        else:
+            v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
         acc += v
     tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -408,7 +412,8 @@ def segment_sum_kernel(buf_ptr, out_ptr, scale_ptr, seg_ptr, perm_ptr, n_out, N,
                        HAS_SCALE: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """out[r] = sum_j scale[p_j] * buf[p_j] over j in [seg[r], seg[r+1]), p_j = perm[j] or j, in increasing j with
-    fp32 accumulation: the variable-length sibling of group_sum_kernel (deterministic, no atomics).
+    fp32 accumulation: the variable-length sibling of group_sum_kernel (deterministic, no atomics; rows with a
+    zero scale are not read).
 
     A block of BLOCK_R rows loops to its longest segment; shorter rows are masked (segments of one expert-parallel
     dispatch have 1..K pairs, so the waste is bounded by K per block). Empty segments give exact zeros.
@@ -429,10 +434,13 @@ def segment_sum_kernel(buf_ptr, out_ptr, scale_ptr, seg_ptr, perm_ptr, n_out, N,
             p = tl.load(perm_ptr + q, mask=live, other=0)
         else:
             p = q
-        v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn, mask=live[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
         if HAS_SCALE:
-            v = v * tl.load(scale_ptr + p, mask=live, other=0.0).to(tl.float32)[:, None]
+            s = tl.load(scale_ptr + p, mask=live, other=0.0).to(tl.float32)
+            v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn,
+                        mask=(live & (s != 0))[:, None] & cmask[None, :], other=0.0).to(tl.float32) * s[:, None]
+        else:
+            v = tl.load(buf_ptr + p[:, None] * s_bm + cols[None, :] * s_bn, mask=live[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
         acc += v
     tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])

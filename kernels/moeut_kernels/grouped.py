@@ -8,6 +8,9 @@ For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
 - Explicit rows (expert parallelism, where a received row has a variable number of pairs): in_index [P] gives the
   input row of each pair (read in the kernel's loads instead of p // in_group), out_offsets [R+1] gives CSR
   segments of contiguous pair ids summed into each output row (instead of fixed groups of out_group).
+- Remote pairs (expert parallelism by all-gather, where every rank sees every token's pairs but holds only some
+  experts): local [P] bool marks the pairs this rank computes. The plan sorts the others past offsets[-1] (no tile
+  covers them), so their rows are never written: sums skip them (zero scale) and their gate gradient is zero.
 Backward: the input gradient reuses the forward kernel on W^T (gathering grad rows, gate in the epilogue, the
 gate's gradient as <x_p, g_row W^T> per output slice, again without atomics, or, for outputs narrower than their
 input, as <g_row, y_p> from the per-pair products the forward kept (keeps_pairs); with in_index the per-pair
@@ -352,33 +355,38 @@ def segment_ids(seg_offsets: torch.Tensor, n_pairs: int) -> torch.Tensor:
     return torch.searchsorted(seg_offsets[1:].to(torch.int64).contiguous(), pairs, right=True)
 
 
-def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """[P, d] by pair id -> [n_rows, d]: row r sums its pairs (in_index[p] == r) in increasing p. A stable sort of
-    the index gives each row's pairs as one segment, so the sum is fixed-order (deterministic), without atomics."""
+def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int, scale: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+    """[P, d] by pair id -> [n_rows, d]: row r sums its pairs (in_index[p] == r), times scale[p] if given, in
+    increasing p. A stable sort of the index gives each row's pairs as one segment, so the sum is fixed-order
+    (deterministic), without atomics."""
     perm = torch.argsort(in_index, stable=True)
     rows = torch.arange(n_rows + 1, device=in_index.device, dtype=torch.int64)
     seg = torch.searchsorted(in_index[perm].contiguous(), rows)
-    return segment_sum(buf, seg, perm=perm)
+    return segment_sum(buf, seg, scale, perm=perm)
 
 
 @torch.library.custom_op("moeut::grouped_matmul", mutates_args=())
 def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
             offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
             out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
-            out_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (output, pairs). Output: [P, d_out] in sorted pair layout (out_group 0, no out_offsets),
     [P // out_group, d_out] or [len(out_offsets) - 1, d_out] gate-weighted row sums. in_group / out_group 0 mean
     None (sorted pair layout); in_index / out_offsets (int64) take precedence over them. pairs: the pre-gate
-    per-pair products by pair id where keeps_pairs says so (saved for the gate's gradient), else empty."""
+    per-pair products by pair id where keeps_pairs says so (saved for the gate's gradient), else empty. local:
+    [P] bool, the pairs computed here (None: all)."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     n_pairs, d_out = order.numel(), weight.shape[2]
     if _summed(out_group, out_offsets):
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
         _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu, a_index=in_index)
+        scale = gate.contiguous() if local is None else torch.where(local, gate, 0)   # remote rows: never read
         if out_offsets is not None:
-            out = segment_sum(buf, out_offsets, gate.contiguous())
+            out = segment_sum(buf, out_offsets, scale)
         else:
-            out = group_sum(buf, out_group, gate.contiguous())
+            out = group_sum(buf, out_group, scale)
         return out, buf if _kept(weight, out_group, out_offsets) else buf.new_empty(0)
     out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
     _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, a_index=in_index)
@@ -389,7 +397,8 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
 def _gmm_fake(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
               offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
               out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
-              out_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     n_pairs, d_out = order.shape[0], weight.shape[2]
     pairs = x.new_empty(n_pairs, d_out) if _kept(weight, out_group, out_offsets) else x.new_empty(0)
     if out_offsets is not None:
@@ -405,14 +414,15 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
                 y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor,
                 tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int,
                 need_x: bool, need_w: bool, need_g: bool, in_index: Optional[torch.Tensor] = None,
-                out_offsets: Optional[torch.Tensor] = None) -> GradOut:
+                out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> GradOut:
     """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved ReLU
     output, None without ReLU. pairs: the forward's pre-gate per-pair products (keeps_pairs), None otherwise; with
     them the gate's gradient is one pair_dot pass instead of a partial sum fused into the input-gradient launch.
     The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch applies the mask as it loads
     its A tile and stores the product once (one read of the mask instead of one per weight-gradient program);
     otherwise one torch pass makes it first. Likewise the gate: the input-gradient launch stores the operand it
-    scales (side_out) so that the weight gradient needs no scale."""
+    scales (side_out) so that the weight gradient needs no scale. local: as in the forward; a remote pair's rows of
+    every per-pair buffer are left unwritten, so the input-gradient sums skip them and its gate gradient is zero."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     ig, og = in_group, out_group
     grad_out = grad_out.to(x.dtype)
@@ -451,12 +461,15 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
              dsrc=x if fused_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
              side_out=side)
         if need_x:
+            mask = local.to(buf.dtype) if local is not None else None
             if in_index is not None:
-                grad_x = _rows_sum(buf, in_index, x.shape[0])
+                grad_x = _rows_sum(buf, in_index, x.shape[0], mask)
             else:
-                grad_x = group_sum(buf, ig) if ig else buf
+                grad_x = group_sum(buf, ig, mask) if ig else buf
         if fused_g:
             grad_gate = gpart.sum(1).to(gate.dtype)
+    if need_g and local is not None:
+        grad_gate = torch.where(local, grad_gate, 0)
     if need_w:
         grad_w = torch.empty_like(weight)
         if side_of_x:
@@ -474,7 +487,8 @@ def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                   y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor,
                   offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int,
                   in_group: int, out_group: int, need_x: bool, need_w: bool, need_g: bool,
-                  in_index: Optional[torch.Tensor] = None, out_offsets: Optional[torch.Tensor] = None) -> GradOut:
+                  in_index: Optional[torch.Tensor] = None, out_offsets: Optional[torch.Tensor] = None,
+                  local: Optional[torch.Tensor] = None) -> GradOut:
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_w else x.new_empty(0)
     summed_out = _summed(out_group, out_offsets)
@@ -484,26 +498,26 @@ def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
     (x, weight, gate, order, offsets, tile_expert, tile_start, block_m, in_group, out_group, relu, in_index,
-     out_offsets) = inputs
+     out_offsets, local) = inputs
     out, pairs = output
     ctx.mark_non_differentiable(pairs)
     ctx.set_materialize_grads(False)
     kept = pairs if _kept(weight, out_group, out_offsets) else None
     ctx.save_for_backward(x, weight, gate, out if relu else None, kept, order, offsets, tile_expert, tile_start,
-                          in_index, out_offsets)
+                          in_index, out_offsets, local)
     ctx.ints = (block_m, in_group, out_group)
 
 
 def _gmm_backward(ctx, grad_out: Optional[torch.Tensor], grad_pairs: None) -> tuple[Optional[torch.Tensor], ...]:
-    x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, in_index, out_offsets = ctx.saved_tensors
+    x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, in_index, out_offsets, local = ctx.saved_tensors
     block_m, ig, og = ctx.ints
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_g = _summed(og, out_offsets) and gate is not None and ctx.needs_input_grad[2]
     grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
         grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w,
-        need_g, in_index, out_offsets)
+        need_g, in_index, out_offsets, local)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 _gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
@@ -512,9 +526,10 @@ _gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, in_group: Optional[int],
                    out_group: Optional[int], gate: Optional[torch.Tensor] = None,
                    activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
-                   out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped expert matmul; see the module docstring. gate [N, S] is needed (and differentiated) iff the output
-    rows are sums (out_group or out_offsets).
+    rows are sums (out_group or out_offsets). local [N, S] bool: the pairs computed here, with the plan's remote
+    pairs (plan_from_expert_index) False; None when every pair is computed.
 
     in_index [P] (input row of each pair, any order; excludes in_group) and out_offsets [R+1] (CSR segments of
     contiguous pair ids, offsets[0] = 0, offsets[R] = P; excludes out_group) are integer tensors on x's device;
@@ -548,10 +563,15 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
         if out_offsets.dim() != 1 or out_offsets.numel() < 1:
             raise ValueError("out_offsets must be a 1-d tensor of R + 1 segment starts")
         out_offsets = out_offsets.to(torch.int64).contiguous()
+    if local is not None:
+        if local.dtype != torch.bool or local.numel() != plan.n_pairs:
+            raise ValueError(f"local must be a bool tensor with one entry per pair ({plan.n_pairs}), got "
+                             f"{local.dtype} with {local.numel()}")
+        local = local.reshape(-1).contiguous()
     gate_flat = gate.reshape(-1) if summed else None
     if gate_flat is not None and gate_flat.stride(0) != 1:
         gate_flat = gate_flat.contiguous()
     out, _ = torch.ops.moeut.grouped_matmul(x, weight, gate_flat, plan.order, plan.offsets, plan.tile_expert,
                                             plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu,
-                                            in_index, out_offsets)
+                                            in_index, out_offsets, local)
     return out

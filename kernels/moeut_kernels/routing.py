@@ -85,13 +85,15 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
 
 
 def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: int) -> RoutingPlan:
-    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort + histogram + plan kernel, no sync."""
+    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort + histogram + plan kernel, no sync.
+    An id equal to n_experts marks a remote pair (held by another rank): it sorts after every local pair, past
+    offsets[-1], and no tile covers it."""
     flat = expert_index.reshape(-1)
-    key = flat.to(torch.int16 if n_experts < 2 ** 15 else torch.int32)
+    key = flat.to(torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32)
     order = torch.argsort(key, stable=True)
-    counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device)
+    counts = torch.zeros(n_experts + 1, dtype=torch.int32, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))   # integer adds: exact
-    offsets, tile_expert, tile_start = _plan(counts, flat.numel(), n_experts, block_m)
+    offsets, tile_expert, tile_start = _plan(counts[:n_experts], flat.numel(), n_experts, block_m)
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 

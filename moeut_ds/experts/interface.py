@@ -23,6 +23,11 @@ use fixed groups. `in_index` [P] (the input row of each pair, used instead of p 
 out_group) describe that layout; `mlp_rows` is the FF expert computation on it. The received rows are gathered
 inside the grouped matmul, so no [P, d] copy of them is made (or saved for backward).
 
+Remote pairs (expert parallelism by all-gather: a rank sees every token of its group but holds only the experts
+[lo, hi)): `shard_routing` gives them the id n_experts and marks the others in `Routing.local`. They sort last, past
+offsets[-1], are never computed, add nothing to any sum, and get zero gradients; outputs in sorted pair layout are
+meaningless at their positions.
+
 Backends (reference PyTorch, Triton, expert-parallel) implement `route` and `matmul`; `mlp` (the whole FF expert
 computation) is a separate entry point so expert parallelism can ship tokens once per FF layer.
 """
@@ -44,6 +49,7 @@ class Routing:
     n_experts: int               # total experts addressed (G * n)
     order: torch.Tensor          # [P] int64: pair ids sorted by expert (stable)
     offsets: torch.Tensor        # [n_experts + 1] int64: start of each expert's pairs in `order`
+    local: Optional[torch.Tensor] = None   # [N, S] bool: the pairs computed here (None: all; see shard_routing)
 
     @property
     def n_pairs(self) -> int:
@@ -68,7 +74,16 @@ class ExpertBackend(ABC):
     @abstractmethod
     def routing(self, gate: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> Routing:
         """Build the routing metadata for given gates and expert ids [N, S] (expert parallelism routes on one
-        rank and computes on another, so it needs this separately from `route`)."""
+        rank and computes on another, so it needs this separately from `route`). An id equal to n_experts is a
+        remote pair: sorted last, past offsets[-1] (see shard_routing)."""
+
+    def shard_routing(self, gate: torch.Tensor, expert_index: torch.Tensor, lo: int, hi: int) -> Routing:
+        """Routing of every pair of expert_index [N, S] (global ids) over the experts [lo, hi) held here: theirs
+        become local ids e - lo, every other pair is remote (module docstring)."""
+        local = (expert_index >= lo) & (expert_index < hi)
+        routing = self.routing(gate, torch.where(local, expert_index - lo, hi - lo), hi - lo)
+        routing.local = local
+        return routing
 
     @abstractmethod
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
@@ -101,10 +116,11 @@ def segment_ids(offsets: torch.Tensor, n_pairs: int) -> torch.Tensor:
 
 
 def sort_pairs(expert_index: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs sorted by expert (stable) and per-expert offsets; plain PyTorch, no host sync."""
+    """Pairs sorted by expert (stable) and per-expert offsets; plain PyTorch, no host sync. Remote pairs (id
+    n_experts) sort last and are left out of the offsets."""
     flat = expert_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
     offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=flat.device)
     offsets[1:] = torch.cumsum(counts, 0)
     return order, offsets

@@ -1,7 +1,7 @@
 """Reference expert backend in plain PyTorch: exact, device-agnostic, no Python loop over experts.
 
 Pairs are sorted by expert and packed into a zero-padded [E, max_count, d_in] tensor so that one `torch.bmm` does
-every expert at once. The padding costs memory (E * max_count rows) and `max_count` needs one host sync: fine for
+every expert at once. The padding costs memory (E * max_count rows) and `max_count` needs a host sync (so does leaving out remote pairs): fine for
 tests and CPU runs; the Triton backend removes both.
 """
 from __future__ import annotations
@@ -42,18 +42,20 @@ class ReferenceBackend(ExpertBackend):
         if out_offsets is not None and out_group is not None:
             raise ValueError("give out_group or out_offsets, not both")
         order = routing.order
+        n_remote = routing.n_pairs - int(routing.offsets[-1])       # remote pairs sort last: leave them out
+        order = order[:order.numel() - n_remote]
         expert_sorted = routing.expert_index.reshape(-1)[order]
         if in_index is not None:
             rows = x[in_index.reshape(-1)[order]]
         else:
-            rows = x if in_group is None else x[order // in_group]
+            rows = x[:order.numel()] if in_group is None else x[order // in_group]
         y = grouped_matmul(rows, weight, expert_sorted, routing.offsets)
         if activation == "relu":
             y = F.relu(y)
         elif activation is not None:
             raise ValueError(f"unknown activation {activation!r}; supported: 'relu' or None")
         if out_group is None and out_offsets is None:
-            return y
+            return torch.cat([y, y.new_zeros(n_remote, y.shape[1])]) if n_remote else y
         y = y * routing.gate.reshape(-1)[order].unsqueeze(1).to(y.dtype)
         if out_offsets is not None:
             out = y.new_zeros(out_offsets.numel() - 1, y.shape[1])

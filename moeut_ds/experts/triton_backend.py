@@ -91,6 +91,8 @@ class TritonBackend(ExpertBackend):
         summed = out_group is not None or out_offsets is not None
         if activation is not None and summed:
             # Not fused (the fused gate gradient needs a linear output); no projection of the model uses it.
+            if routing.local is not None:
+                raise NotImplementedError("an activation on a summed output with remote pairs")
             y = grouped_matmul(x, weight, plan, in_group=in_group, out_group=None, activation=activation,
                                in_index=in_index)
             y = y * routing.gate.reshape(-1)[routing.order].unsqueeze(1).to(y.dtype)
@@ -101,4 +103,4 @@ class TritonBackend(ExpertBackend):
             return out.index_add(0, routing.order // out_group, y)
         return grouped_matmul(x, weight, plan, in_group=in_group, out_group=out_group,
                               gate=routing.gate if summed else None, activation=activation, in_index=in_index,
-                              out_offsets=out_offsets)
+                              out_offsets=out_offsets, local=routing.local)

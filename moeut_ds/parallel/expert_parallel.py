@@ -1,7 +1,18 @@
-"""Expert parallelism for the σ-MoE feed-forward: dropless all-to-all dispatch behind the expert interface.
+"""Expert parallelism for the σ-MoE feed-forward: dropless dispatch behind the expert interface.
 
 Each σ-MoE layer's N_E experts are split into ep contiguous shards; rank `ep_rank` of an expert-parallel group
-holds shard `ep_rank` (`shard_bounds`). For one application of a layer:
+holds shard `ep_rank` (`shard_bounds`). Two dispatches, both dropless (`expert_dispatch`, `choose_dispatch`):
+
+**all-gather** (the default for ep = 2): every rank gathers every token of its group with the tokens' K gates
+and expert ids (one all_gather of packed rows), computes the pairs that fall in its shard through the local
+backend's `mlp` (`shard_routing`: the other pairs are remote, never computed), and one reduce_scatter sums the
+ranks' partial outputs back onto each token's own rank. Fixed sizes: no counts exchange, no host sync, so the
+host runs ahead of the GPU as in a one-GPU step. With K >= 16 of hundreds of experts nearly every token has an
+expert on every rank, so it moves what the all-to-all moves at ep = 2; it costs per-pair buffers sized for all
+ep * N * K pairs of the group (the ReLU output kept for backward is ep times the one-GPU size), which is why the
+all-to-all stays the default above ep = 2.
+
+**all-to-all**, for one application of a layer:
 1. every token is sent ONCE to each rank that holds at least one of its K experts (<= min(K, ep) copies, not K).
    Packed beside the row in the same message go its K gates and K slots naming the local expert of each (-1 where
    another rank owns it): one all-to-all per direction, not one per tensor;
@@ -41,6 +52,70 @@ from moeut_ds.parallel.groups import ExpertParallelGroups
 def shard_bounds(n_experts: int, ep_size: int) -> list[int]:
     """Expert id boundaries of the ep shards: shard r holds [b[r], b[r+1]) (sizes differ by at most one)."""
     return [(n_experts * r) // ep_size for r in range(ep_size + 1)]
+
+
+DISPATCHES = ("auto", "allgather", "alltoall")
+
+
+def choose_dispatch(dispatch: str, ep: int) -> str:
+    """'auto' -> 'allgather' for ep <= 2 (same bytes as the all-to-all at MoEUT's K, no host sync; measured faster
+    on two H200, docs/PARALLEL.md), 'alltoall' above (the all-gather's per-pair buffers grow with ep)."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"expert_dispatch={dispatch!r}: choose one of {', '.join(DISPATCHES)}")
+    if dispatch == "auto":
+        return "allgather" if ep <= 2 else "alltoall"
+    return dispatch
+
+
+# all_gather_single / reduce_scatter_single replace the *_tensor names in torch 2.13 (same arguments)
+_ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def _gather(x: torch.Tensor, ep: int, group) -> torch.Tensor:
+    """[R, ...] on each of the ep ranks -> [ep * R, ...], rank-major."""
+    out = x.new_empty((ep * x.shape[0],) + tuple(x.shape[1:]))
+    _ALL_GATHER(out, x.contiguous(), group=group)
+    return out
+
+
+def _scatter_sum(x: torch.Tensor, ep: int, group) -> torch.Tensor:
+    """[ep * R, ...] on each rank -> [R, ...]: rank r gets the sum over ranks of rows [r * R, (r + 1) * R)."""
+    out = x.new_empty((x.shape[0] // ep,) + tuple(x.shape[1:]))
+    _REDUCE_SCATTER(out, x.contiguous(), group=group)
+    return out
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Every rank's token rows with their gates and expert ids, in one all_gather of packed rows. Backward: the
+    ranks' gradients of every row and gate are summed onto the rows' own rank (two reduce_scatters: the row and
+    gate gradients differ in dtype, and packed bytes cannot be summed)."""
+
+    @staticmethod
+    def forward(ctx, rows, gate, expert_index, ep, group):
+        ctx.ep, ctx.group = ep, group
+        gathered = _gather(_pack([expert_index, gate, rows]), ep, group)
+        index_all, gate_all, rows_all = _unpack(gathered, [expert_index, gate, rows])
+        ctx.mark_non_differentiable(index_all)
+        return rows_all, gate_all, index_all
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_gate, _):
+        return (_scatter_sum(grad_rows, ctx.ep, ctx.group), _scatter_sum(grad_gate, ctx.ep, ctx.group), None, None,
+                None)
+
+
+class _ScatterSum(torch.autograd.Function):
+    """Partial outputs for every token of the group -> this rank's tokens, summed over ranks. Backward: all_gather."""
+
+    @staticmethod
+    def forward(ctx, y, ep, group):
+        ctx.ep, ctx.group = ep, group
+        return _scatter_sum(y, ep, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.ep, ctx.group), None, None
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -135,24 +210,27 @@ def _plan(dest: torch.Tensor, ep: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class CommStats:
-    """Since the last reset: bytes this rank sent through expert all-to-alls (forward: tokens out + results back),
-    token rows it sent, and (token, expert) pairs its experts received (its share of the expert work: the ranks of
-    a group wait for the busiest at every exchange)."""
+    """Since the last reset: bytes this rank sent to other ranks through the expert dispatch (forward: tokens out +
+    results back), token rows it sent (to every rank, itself included), and (token, expert) pairs its experts
+    computed (its share of the expert work: the ranks of a group wait for the busiest at every exchange). The
+    all-gather dispatch knows its pair count only on the device: it is added there and read at `reset`."""
     bytes_sent: int = 0
     rows_sent: int = 0
-    pairs_received: int = 0
+    pairs_received: int | torch.Tensor = 0
 
     def reset(self) -> dict[str, int]:
-        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent, "pairs_received": self.pairs_received}
+        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent, "pairs_received": int(self.pairs_received)}
         self.bytes_sent = self.rows_sent = self.pairs_received = 0
         return out
 
 
 @dataclass
 class ExpertParallelBackend(ExpertBackend):
-    """Wraps a local backend; `mlp` dispatches to the expert owners, everything else runs locally."""
+    """Wraps a local backend; `mlp` dispatches to the expert owners, everything else runs locally. dispatch:
+    'allgather' or 'alltoall' (module docstring; `choose_dispatch` resolves 'auto')."""
     local: ExpertBackend
     groups: ExpertParallelGroups
+    dispatch: str = "alltoall"
     stats: CommStats = field(default_factory=CommStats)
     name: str = "expert-parallel"
     _bounds_cache: dict = field(default_factory=dict, repr=False)
@@ -185,17 +263,19 @@ class ExpertParallelBackend(ExpertBackend):
             w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
         if ep == 1:                                          # one shard holds every expert: nothing to send
             return self.local.mlp(x, w1, w2, routing)
-        n_tokens, k = routing.expert_index.shape
         dev = x.device
+        # rows travel in the dtype the experts compute in (autocast casts there anyway; the cast's backward sends
+        # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+        if self.dispatch == "allgather":
+            return self._mlp_allgather(x.to(dtype), w1, w2, routing)
+        n_tokens, k = routing.expert_index.shape
         bounds = self._bounds(routing.n_experts, ep, dev)
         dest = torch.searchsorted(bounds, routing.expert_index, right=True) - 1            # [N, K] owner rank
         need, counts = _plan(dest, ep)
         recv_counts = _exchange(counts, [1] * ep, [1] * ep, group)                         # [ep, 2]
         sent, received = torch.stack([counts, recv_counts]).tolist()                       # the one host sync
         rows_out, rows_in = [c[0] for c in sent], [c[0] for c in received]
-        # rows travel in the dtype the experts compute in (autocast casts there anyway; the cast's backward sends
-        # the gradient back in that dtype too): half the bytes of fp32 activations under bf16 autocast
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
         to_rank, send_token = torch.nonzero_static(need, size=sum(rows_out)).unbind(1)   # rank-major
         # each sent row's K slots: the expert's id in the receiving shard, or -1 where another rank owns it
         slots = torch.where(dest[send_token] == to_rank[:, None],
@@ -213,6 +293,20 @@ class ExpertParallelBackend(ExpertBackend):
         self._count(sent, received, _layout([slots, gate, rows])[1], _row_bytes(back))
         return out
 
+    def _mlp_allgather(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The all-gather dispatch (module docstring): no host sync, every size fixed."""
+        ep, group, me = self.groups.ep_size, self.groups.ep_group, self.groups.ep_rank
+        lo, hi = shard_bounds(routing.n_experts, ep)[me:me + 2]
+        index = routing.expert_index.int()
+        rows, gate, index = _GatherTokens.apply(x, routing.gate, index, ep, group)
+        shard = self.local.shard_routing(gate, index.long(), lo, hi)
+        y = _ScatterSum.apply(self.local.mlp(rows, w1, w2, shard), ep, group)
+        n = x.shape[0]
+        self.stats.rows_sent += ep * n
+        self.stats.pairs_received = self.stats.pairs_received + shard.offsets[-1]
+        self.stats.bytes_sent += (ep - 1) * n * (_layout([index, gate, x])[1] + _row_bytes(y))
+        return y
+
     def _count(self, sent: list, received: list, packed_row_bytes: int, result_row_bytes: int) -> None:
         """Add one application's traffic to stats: rows sent (to every rank), pairs received, and bytes sent to
         other ranks (packed token rows out, result rows back). sent / received: [rank] = [rows, pairs]."""
@@ -229,7 +323,7 @@ class ExpertParallelBackend(ExpertBackend):
 class ExpertShards:
     """This rank's slices of every σ-MoE layer's expert weights, kept out of the nn.Module tree (see module doc)."""
 
-    def __init__(self, model: nn.Module, groups: ExpertParallelGroups):
+    def __init__(self, model: nn.Module, groups: ExpertParallelGroups, dispatch: str = "auto"):
         self.groups = groups
         self.params: dict[str, torch.Tensor] = {}       # "layers.{g}.ffn.w1" -> local shard (leaf, requires_grad)
         self.bounds: dict[str, tuple[int, int, int]] = {}   # name -> (first expert, end, total experts)
@@ -243,7 +337,7 @@ class ExpertShards:
                 setattr(ffn, attr, shard)             # plain attribute: SigmaMoE.forward reads self.w1 / self.w2
                 name = f"layers.{g}.ffn.{attr}"
                 self.params[name], self.bounds[name] = shard, (lo, hi, ffn.n_experts)
-        self.model_backend = ExpertParallelBackend(model.expert_backend, groups)
+        self.model_backend = ExpertParallelBackend(model.expert_backend, groups, choose_dispatch(dispatch, groups.ep_size))
         model.set_expert_backend(self.model_backend)
 
     def to(self, device: torch.device | str) -> "ExpertShards":
@@ -285,9 +379,10 @@ class ExpertShards:
         return sq
 
 
-def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> ExpertShards:
+def shard_experts(model: nn.Module, groups: ExpertParallelGroups, dispatch: str = "auto") -> ExpertShards:
     """Split every σ-MoE layer's experts across the expert-parallel group (ep = 1: one shard holding all of them,
-    still owned outside DeepSpeed, which is how a checkpoint saved with ep > 1 resumes on fewer ranks)."""
+    still owned outside DeepSpeed, which is how a checkpoint saved with ep > 1 resumes on fewer ranks). dispatch:
+    'auto', 'allgather' or 'alltoall' (module docstring)."""
     if getattr(model, "cfg", None) is None or model.cfg.arch != "moeut":
         raise ValueError("expert parallelism needs an arch='moeut' model (the dense baseline has no experts)")
-    return ExpertShards(model, groups)
+    return ExpertShards(model, groups, dispatch)

@@ -87,6 +87,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "moeut-tiny"})
     expert_backend: str = "auto"
     expert_parallel_size: int = 1       # ranks that split each σ-MoE layer's experts (needs ZeRO-1/2; 1 = off)
+    expert_dispatch: str = "auto"       # allgather | alltoall | auto (allgather for ep <= 2); docs/PARALLEL.md
     deepspeed_config: str = "ds_configs/zero2.json"
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)   # merged into the ds config (nested keys)
     data: DataSection = field(default_factory=DataSection)
@@ -154,6 +155,10 @@ class RunConfig:
         need(isinstance(self.expert_parallel_size, int) and self.expert_parallel_size >= 1,
              f"expert_parallel_size={self.expert_parallel_size!r}: must be a positive integer (1 = no expert "
              f"parallelism)")
+        from moeut_ds.parallel.expert_parallel import DISPATCHES
+
+        need(self.expert_dispatch in DISPATCHES,
+             f"expert_dispatch={self.expert_dispatch!r}: use one of {', '.join(DISPATCHES)}")
         need(self.expert_parallel_size == 1 or self.expert_backend != "megablocks",
              f"expert_parallel_size={self.expert_parallel_size} with expert_backend=megablocks: the MegaBlocks backend "
              f"has no expert-parallel path; use expert_backend=triton (or auto)")

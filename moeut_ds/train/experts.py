@@ -40,7 +40,7 @@ class ExpertTraining:
         if zero_stage not in (1, 2):
             raise ConfigError(f"expert_parallel_size={ep_size} needs ZeRO stage 1 or 2 (the ds config has stage "
                               f"{zero_stage}): use ds_configs/zero1*.json or zero2*.json")
-        shards = shard_experts(model, build_expert_parallel_groups(ep_size))
+        shards = shard_experts(model, build_expert_parallel_groups(ep_size), cfg.expert_dispatch)
         o = cfg.optim
         return cls(shards, o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip, o.warmup_steps, cfg.train.steps,
                    o.min_lr_ratio)
