@@ -278,7 +278,7 @@ def test_triton_shard_routing_never_reads_remote_rows(case, dtype):
     x, w1, w2, gate = [t.requires_grad_() for t in leaves]
     ref = [t.detach().float().requires_grad_() for t in leaves]
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)      # warn only: CUDA's scatter_add has no such mode
     try:
         tb = TritonBackend()
         y = tb.mlp(x, w1[lo:hi], w2[lo:hi], tb.shard_routing(gate, expert, lo, hi))
