@@ -295,6 +295,38 @@ def test_triton_shard_routing_never_reads_remote_rows(case, dtype):
     assert torch.equal(grads[3][remote], torch.zeros_like(grads[3][remote]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shards_sum_to_the_whole_layer(dtype):
+    """What the all-gather dispatch computes: every shard's routing over all tokens, summed over the shards, equals
+    the whole layer in one piece (forward and every gradient, the router's included); on a GPU at MoEUT-1B's width
+    and expert count (d 1536, 565 experts, K 24). Uninitialised memory is NaN-filled, as in the test above: on the
+    GPU that also covers the TMA loads, which the interpreter does not run."""
+    n, d, d_e, n_experts, k = (70, 40, 24, 9, 3) if INTERPRET else (8192, 1536, 128, 565, 24)
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(n, 1, n_experts, generator=gen).to(DEVICE).requires_grad_()
+    x = torch.randn(n, d, generator=gen).to(DEVICE, dtype).requires_grad_()
+    w1 = (torch.randn(n_experts, d, d_e, generator=gen) / d ** 0.5).to(DEVICE, dtype).requires_grad_()
+    w2 = (torch.randn(n_experts, d_e, d, generator=gen) / d_e ** 0.5).to(DEVICE, dtype).requires_grad_()
+    gy = torch.randn(n, d, generator=gen).to(DEVICE, dtype)
+    tb = TritonBackend()
+    routing = tb.route(logits, k)
+    y_whole = tb.mlp(x, w1, w2, routing)
+    whole = torch.autograd.grad(y_whole, [x, w1, w2, logits], gy, retain_graph=True)   # the router's graph is shared
+    ys = []
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for lo, hi in ((0, n_experts // 3), (n_experts // 3, n_experts)):
+            shard = tb.shard_routing(routing.gate, routing.expert_index, lo, hi)
+            ys.append(tb.mlp(x, w1[lo:hi], w2[lo:hi], shard))
+        parts = torch.autograd.grad(ys, [x, w1, w2, logits], [gy, gy])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    y = ys[0].float() + ys[1].float()
+    assert rel_err(y, y_whole.float()) < TOL[dtype]
+    for name, a, b in zip(("x", "w1", "w2", "logits"), parts, whole):
+        assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b))
+
+
 # ---------------------------------------------------------------- expert parallelism with the Triton backend
 
 def _ep_worker(rank: int, world: int, init_file: str, result_file: str, dispatch: str) -> None:

@@ -243,10 +243,13 @@ def _wgrad_splits(n_programs: int, device: torch.device) -> int:
 
 def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: RoutingPlan, grad_w: torch.Tensor, *,
            scale: Optional[torch.Tensor] = None, a_index: Optional[torch.Tensor] = None,
-           b_index: Optional[torch.Tensor] = None) -> None:
+           b_index: Optional[torch.Tensor] = None, remote: bool = False) -> None:
     """Launch wgrad_kernel: grad_w[e] = A_e^T B_e over expert e's pairs (deterministic, no atomics: with several
     row chunks per expert, fp32 partial sums are added in chunk order). The busiest experts' programs go first
-    (their row loops are the longest). a_index / b_index (int64, by pair id) replace a_group / b_group when given."""
+    (their row loops are the longest). a_index / b_index (int64, by pair id) replace a_group / b_group when given.
+    remote: the plan has remote pairs. Then no operand comes by TMA: a descriptor load of the last local expert's
+    rows reads past them into the remote rows, which were never written (NaN times the other operand's masked zero
+    is NaN)."""
     n_experts, kdim, ndim = grad_w.shape
     a_group = -1 if a_index is not None else a_group
     b_group = -1 if b_index is not None else b_group
@@ -258,9 +261,10 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
     by_load = torch.argsort(plan.offsets[1:] - plan.offsets[:-1], descending=True)    # busiest experts first
     block_r = _wgrad_block_r(a.dtype)
     a_desc = b_desc = None
-    if cfg.tma and a_group == 0 and b_group != 0:        # one sorted operand by TMA, the other gathered (masked)
+    tma = cfg.tma and not remote
+    if tma and a_group == 0 and b_group != 0:        # one sorted operand by TMA, the other gathered (masked)
         a_desc = _descriptor(a, a.shape[0], [block_r, cfg.block_k])
-    elif cfg.tma and b_group == 0 and a_group != 0:
+    elif tma and b_group == 0 and a_group != 0:
         b_desc = _descriptor(b, b.shape[0], [block_r, cfg.block_n])
     K.wgrad_kernel[(splits * tiles,)](
         a, b, out, plan.order, plan.offsets, by_load, scale if scale is not None else plan.order,
@@ -472,13 +476,14 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
         grad_gate = torch.where(local, grad_gate, 0)
     if need_w:
         grad_w = torch.empty_like(weight)
+        remote = local is not None
         if side_of_x:
-            _wgrad(side, 0, grad_out, og, plan, grad_w, b_index=out_index)
+            _wgrad(side, 0, grad_out, og, plan, grad_w, b_index=out_index, remote=remote)
         elif side_of_grad:
-            _wgrad(x, ig, side, 0, plan, grad_w, a_index=in_index)
+            _wgrad(x, ig, side, 0, plan, grad_w, a_index=in_index, remote=remote)
         else:
             _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if summed_out else None, a_index=in_index,
-                   b_index=out_index)
+                   b_index=out_index, remote=remote)
     return grad_x, grad_w, grad_gate
 
 
