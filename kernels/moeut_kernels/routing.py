@@ -90,10 +90,12 @@ def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: 
     offsets[-1], and no tile covers it."""
     flat = expert_index.reshape(-1)
     key = flat.to(torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32)
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(n_experts + 1, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))   # integer adds: exact
-    offsets, tile_expert, tile_start = _plan(counts[:n_experts], flat.numel(), n_experts, block_m)
+    sorted_key, order = torch.sort(key, stable=True)
+    # each expert's first sorted position, by binary search: a histogram by scatter_add contends on a few hundred
+    # counters (H200, all-gather dispatch at MoEUT-1B: 0.68 ms per call for 1.6M pairs, docs/PARALLEL.md)
+    starts = torch.searchsorted(sorted_key, torch.arange(n_experts + 1, dtype=key.dtype, device=key.device))
+    counts = (starts[1:] - starts[:-1]).to(torch.int32)
+    offsets, tile_expert, tile_start = _plan(counts, flat.numel(), n_experts, block_m)
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
