@@ -85,14 +85,15 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
 
 
 def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: int) -> RoutingPlan:
-    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort + histogram + plan kernel, no sync.
+    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort, each expert's start by binary search,
+    plan kernel; no sync.
     An id equal to n_experts marks a remote pair (held by another rank): it sorts after every local pair, past
     offsets[-1], and no tile covers it."""
     flat = expert_index.reshape(-1)
     key = flat.to(torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32)
     sorted_key, order = torch.sort(key, stable=True)
     # each expert's first sorted position, by binary search: a histogram by scatter_add contends on a few hundred
-    # counters (H200, all-gather dispatch at MoEUT-1B: 0.68 ms per call for 1.6M pairs, docs/PARALLEL.md)
+    # counters (H200, all-gather dispatch at MoEUT-1B: 0.68 ms per call for 1.6M pairs, docs/KERNELS.md)
     starts = torch.searchsorted(sorted_key, torch.arange(n_experts + 1, dtype=key.dtype, device=key.device))
     counts = (starts[1:] - starts[:-1]).to(torch.int32)
     offsets, tile_expert, tile_start = _plan(counts, flat.numel(), n_experts, block_m)
