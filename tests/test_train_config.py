@@ -23,6 +23,7 @@ OK = ["data.path=/some/data"]
     (OK + ["deepspeed_config=nope.json"], "deepspeed_config='nope.json': no such file"),
     (OK + ["model.preset=moeut-huge"], "unknown preset 'moeut-huge'"),
     (OK + ["expert_backend=bogus"], "expert_backend='bogus': use one of auto, reference"),
+    (OK + ["expert_dispatch=broadcast"], "expert_dispatch='broadcast': use one of auto, allgather, alltoall"),
     (OK + ["log.profile_step=-1"], "log.profile_step=-1: must be an integer >= 0"),
     (OK + ["model.n_layers=5"], "n_layers=5 is not divisible by group_size=2"),
     (OK + ["model.colour=3"], "model: .*colour"),

@@ -25,6 +25,8 @@ def runs(tmp_path_factory, data_dir):
     base = tmp_path_factory.mktemp("ep")
     run_train(base, 2, *_over(data_dir, base / "ep1"), name="ep1-logs")
     run_train(base, 2, *_over(data_dir, base / "ep2", expert_parallel_size=2), name="ep2-logs")
+    run_train(base, 2, *_over(data_dir, base / "ep2_a2a", expert_parallel_size=2, expert_dispatch="alltoall"),
+              name="ep2-a2a-logs")
     run_train(base, 2, *_over(data_dir, base / "ep2_ac", expert_parallel_size=2,
                               **{"train.activation_checkpointing": True}), name="ep2-ac-logs")
     return base
@@ -35,14 +37,18 @@ def _close(a: float, b: float, rel: float = 1e-5) -> bool:
 
 
 @pytest.mark.slow
-def test_ep2_losses_and_clipping_norm_equal_ep1(runs):
-    ep1, ep2 = read_jsonl(runs / "ep1"), read_jsonl(runs / "ep2")
+@pytest.mark.parametrize("run,dispatch", [("ep2", "allgather"), ("ep2_a2a", "alltoall")])
+def test_ep2_losses_and_clipping_norm_equal_ep1(runs, run, dispatch):
+    """Either dispatch (auto takes the all-gather at ep=2) trains like ep=1."""
+    ep1, ep2 = read_jsonl(runs / "ep1"), read_jsonl(runs / run)
     for step in range(1, STEPS + 1):
         for key in ("train/loss", "train/reg_loss", "train/grad_norm"):
             assert _close(ep1[step][key], ep2[step][key]), (step, key, ep1[step][key], ep2[step][key])
         assert ep2[step]["train/grad_norm"] > 0.05        # clipping was active: the global norm decided the update
     assert ep2[STEPS]["comm/expert_alltoall_bytes_per_step"] > 0
     assert "comm/expert_alltoall_bytes_per_step" not in ep1[STEPS]
+    logs = runs / (run.replace("_", "-") + "-logs") / "rank0.log"
+    assert f"{dispatch} dispatch" in logs.read_text()
 
 
 @pytest.mark.slow

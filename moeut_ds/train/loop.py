@@ -172,6 +172,7 @@ class Trainer:
         self.experts = ExpertTraining.create(model, cfg.expert_parallel_size, self.zero_stage, cfg) if sharded else None
         if self.experts:
             self.log(f"expert parallelism: {cfg.expert_parallel_size} ranks per expert group, "
+                     f"{self.experts.shards.model_backend.dispatch} dispatch, "
                      f"{sum(p.numel() for p in self.experts.shards.parameters()):,} expert parameters on this rank")
         saved = ckpt.read_state(start) if start is not None else None
         if saved is not None:
