@@ -1,8 +1,8 @@
 """Reference expert backend in plain PyTorch: exact, device-agnostic, no Python loop over experts.
 
 Pairs are sorted by expert and packed into a zero-padded [E, max_count, d_in] tensor so that one `torch.bmm` does
-every expert at once. The padding costs memory (E * max_count rows) and `max_count` needs a host sync (so does leaving out remote pairs): fine for
-tests and CPU runs; the Triton backend removes both.
+every expert at once. The padding costs memory (E * max_count rows) and `max_count` needs a host sync (so does
+leaving out remote pairs): fine for tests and CPU runs; the Triton backend removes both.
 """
 from __future__ import annotations
 

@@ -230,7 +230,7 @@ class ExpertParallelBackend(ExpertBackend):
     'allgather' or 'alltoall' (module docstring; `choose_dispatch` resolves 'auto')."""
     local: ExpertBackend
     groups: ExpertParallelGroups
-    dispatch: str = "alltoall"
+    dispatch: str
     stats: CommStats = field(default_factory=CommStats)
     name: str = "expert-parallel"
     _bounds_cache: dict = field(default_factory=dict, repr=False)
@@ -337,7 +337,8 @@ class ExpertShards:
                 setattr(ffn, attr, shard)             # plain attribute: SigmaMoE.forward reads self.w1 / self.w2
                 name = f"layers.{g}.ffn.{attr}"
                 self.params[name], self.bounds[name] = shard, (lo, hi, ffn.n_experts)
-        self.model_backend = ExpertParallelBackend(model.expert_backend, groups, choose_dispatch(dispatch, groups.ep_size))
+        self.model_backend = ExpertParallelBackend(model.expert_backend, groups,
+                                                   choose_dispatch(dispatch, groups.ep_size))
         model.set_expert_backend(self.model_backend)
 
     def to(self, device: torch.device | str) -> "ExpertShards":
