@@ -11,6 +11,7 @@ import sys
 from moeut_ds.accounting import active_parameters, count_parameters, forward_macs_per_token, paper_macs_per_token
 from moeut_ds.config import ConfigError
 from moeut_ds.memory import GIB, H200_GIB, estimate_memory
+from moeut_ds.parallel.expert_parallel import DISPATCHES
 from moeut_ds.presets import get_preset
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--gpus", type=int, help="data-parallel ranks (GPUs) in the run (default 1)")
     mem.add_argument("--ep", type=int, help="expert_parallel_size: ranks that split each σ-MoE layer's experts "
                                             "(default 1; > 1 needs --zero 1 or 2)")
-    mem.add_argument("--dispatch", choices=("auto", "allgather", "alltoall"),
+    mem.add_argument("--dispatch", choices=DISPATCHES,
                      help="expert_dispatch with --ep > 1 (default auto: allgather for ep 2, alltoall above)")
     mem.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)")
     mem.add_argument("--micro-batch", type=int, help="sequences per GPU per forward/backward (default 8)")

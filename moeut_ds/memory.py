@@ -91,6 +91,8 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, ep: int = 1, dispatch: st
         return {"attention": FP32 * d + 3 * BF16 * d + 5 * BF16 * h * dh,     # LN in, Q/K/V inputs, SDPA q k v out
                 "feed_forward": FP32 * d + BF16 * d + BF16 * d_ff}          # LN in, W1 input, ReLU output
     hna, k, de = h * cfg.att_n_experts, cfg.ff_k, cfg.ff_expert_size
+    gathered = ep > 1 and dispatch == "allgather"
+    copies, pair_sets = (ep, ep) if gathered else (min(k, ep), 1)
     parts = {
         # LN_att input (fp32); bf16 casts of LN'd x for Q, K and the V/O routers; bf16 x for the V experts
         "attention_inputs": FP32 * d + 4 * BF16 * d + BF16 * d,
@@ -103,13 +105,11 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, ep: int = 1, dispatch: st
         # expert inputs: the token once (ep = 1: the kernel gathers rows by pair) or, with ep > 1, the received copies
         # of it: one per destination rank (<= min(K, ep); the kernels read the received rows through a pair -> row
         # index, so nothing of size K x d is kept); plus the ReLU output of every pair (bf16, K x d_e). The
-        # all-gather dispatch keeps every rank's tokens and sizes the per-pair tensors for all of their pairs.
-        "ff_experts": BF16 * d * min(k, ep) + BF16 * k * de,
-        "routing_metadata": PAIR_METADATA * (k + 2 * h * cfg.att_k),
+        # all-gather dispatch keeps every rank's tokens (ep copies) and sizes the per-pair tensors for all of their
+        # pairs (ep sets of K).
+        "ff_experts": BF16 * d * copies + pair_sets * BF16 * k * de,
+        "routing_metadata": PAIR_METADATA * (pair_sets * k + 2 * h * cfg.att_k),
     }
-    if ep > 1 and dispatch == "allgather":
-        parts["ff_experts"] = ep * (BF16 * d + BF16 * k * de)
-        parts["routing_metadata"] = PAIR_METADATA * (ep * k + 2 * h * cfg.att_k)
     if dh < d:   # V's pre-gate products of its H K_A pairs, kept for the gate gradient (moeut_kernels keeps_pairs)
         parts["attention_v_pairs"] = BF16 * h * cfg.att_k * dh
     return parts

@@ -295,6 +295,32 @@ def test_triton_shard_routing_never_reads_remote_rows(case, dtype):
     assert torch.equal(grads[3][remote], torch.zeros_like(grads[3][remote]))
 
 
+@pytest.mark.parametrize("case", ["mixed", "no_local_pair"])
+def test_triton_activation_on_summed_output_with_remote_pairs(case):
+    """The unfused path (ReLU before the gate-weighted sum; no projection of the model uses it) with remote pairs and
+    NaN-filled buffers, against the reference: forward and every gradient."""
+    (x, w1, _, gate), expert, lo, hi = shard_problem(case, torch.float32, seed=30)
+    k = expert.shape[1]
+    leaves = [x.requires_grad_(), w1[lo:hi].detach().requires_grad_(), gate.requires_grad_()]
+    ref = [t.detach().clone().requires_grad_() for t in leaves]
+    gy = torch.randn(x.shape[0], w1.shape[2], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        tb = TritonBackend()
+        y = tb.matmul(leaves[0], leaves[1], tb.shard_routing(leaves[2], expert, lo, hi), in_group=k, out_group=k,
+                      activation="relu")
+        grads = torch.autograd.grad(y, leaves, gy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    y_r = REF.matmul(ref[0], ref[1], REF.shard_routing(ref[2], expert, lo, hi), in_group=k, out_group=k,
+                     activation="relu")
+    grads_r = torch.autograd.grad(y_r, ref, gy, allow_unused=True)
+    assert rel_err(y, y_r) < TOL[torch.float32]
+    for name, a, b in zip(("x", "w", "gate"), grads, grads_r):
+        b = torch.zeros_like(a) if b is None else b
+        assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shards_sum_to_the_whole_layer(dtype):
     """What the all-gather dispatch computes: every shard's routing over all tokens, summed over the shards, equals

@@ -91,10 +91,10 @@ class TritonBackend(ExpertBackend):
         summed = out_group is not None or out_offsets is not None
         if activation is not None and summed:
             # Not fused (the fused gate gradient needs a linear output); no projection of the model uses it.
-            if routing.local is not None:
-                raise NotImplementedError("an activation on a summed output with remote pairs")
             y = grouped_matmul(x, weight, plan, in_group=in_group, out_group=None, activation=activation,
-                               in_index=in_index)
+                               in_index=in_index, local=routing.local)
+            if routing.local is not None:    # remote rows were never written: zero them before the gate (NaN * 0)
+                y = torch.where(routing.local.reshape(-1)[routing.order].unsqueeze(1), y, 0)
             y = y * routing.gate.reshape(-1)[routing.order].unsqueeze(1).to(y.dtype)
             if out_offsets is not None:
                 out = y.new_zeros(out_offsets.numel() - 1, y.shape[1])

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moeut_ds.config import ConfigError
 from moeut_ds.experts.interface import ExpertBackend, Routing
 from moeut_ds.parallel.groups import ExpertParallelGroups
 
@@ -61,7 +62,7 @@ def choose_dispatch(dispatch: str, ep: int) -> str:
     """'auto' -> 'allgather' for ep <= 2 (same bytes as the all-to-all at MoEUT's K, no host sync; measured faster
     on two H200, docs/PARALLEL.md), 'alltoall' above (the all-gather's per-pair buffers grow with ep)."""
     if dispatch not in DISPATCHES:
-        raise ValueError(f"expert_dispatch={dispatch!r}: choose one of {', '.join(DISPATCHES)}")
+        raise ConfigError(f"expert_dispatch={dispatch!r}: use one of {', '.join(DISPATCHES)}")
     if dispatch == "auto":
         return "allgather" if ep <= 2 else "alltoall"
     return dispatch

@@ -155,10 +155,9 @@ class RunConfig:
         need(isinstance(self.expert_parallel_size, int) and self.expert_parallel_size >= 1,
              f"expert_parallel_size={self.expert_parallel_size!r}: must be a positive integer (1 = no expert "
              f"parallelism)")
-        from moeut_ds.parallel.expert_parallel import DISPATCHES
+        from moeut_ds.parallel.expert_parallel import choose_dispatch
 
-        need(self.expert_dispatch in DISPATCHES,
-             f"expert_dispatch={self.expert_dispatch!r}: use one of {', '.join(DISPATCHES)}")
+        choose_dispatch(self.expert_dispatch, self.expert_parallel_size)      # raises for an unknown dispatch
         need(self.expert_parallel_size == 1 or self.expert_backend != "megablocks",
              f"expert_parallel_size={self.expert_parallel_size} with expert_backend=megablocks: the MegaBlocks backend "
              f"has no expert-parallel path; use expert_backend=triton (or auto)")
