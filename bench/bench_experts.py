@@ -524,9 +524,9 @@ def sweep_order(rows: list) -> None:
 
 def sweep_route(rows: list) -> None:
     """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route (fp32- and bf16-valued
-    logits), the fused sigmoid/top-k/histogram kernel at several row blocks and warp counts (fp32 values),
-    torch.topk for comparison, the stable sort and the plan kernel."""
-    from moeut_kernels import _triton as K
+    logits, the latter at several top-k row blocks and warp counts), torch.topk for comparison, the stable sort, the
+    counts and the plan kernel."""
+    from moeut_kernels import routing as R
     g = torch.Generator(device=DEV).manual_seed(5)
     for name, groups, n, k in (("FF 244M", 1, FF_SHAPES["244M"]["n_experts"], FF_SHAPES["244M"]["k"]),
                                ("att 244M", ATT_SHAPES["244M"]["heads"], ATT_SHAPES["244M"]["n_experts"],
@@ -537,23 +537,22 @@ def sweep_route(rows: list) -> None:
         # what a bf16 router GEMM gives (low 16 bits zero): the top-k kernel packs into int32 instead of int64
         logits16 = logits.bfloat16().float()
         _timed(rows, f"route {name}: whole, bf16-valued logits", lambda: tb.route(logits16, k))
-        S, E = groups * k, groups * n
-        gate = torch.empty(TOKENS, S, device=DEV)
-        index = torch.empty(TOKENS, S, device=DEV, dtype=torch.int64)
-        key = torch.empty(TOKENS, S, device=DEV, dtype=torch.int16)
-        counts = torch.zeros(E, device=DEV, dtype=torch.int32)
         block_n = triton.next_power_of_2(n)
         for block_r in sorted({max(1, 512 // block_n), max(1, 1024 // block_n), max(1, 4096 // block_n)}):
             for warps in (1, 2, 4):
-                grid = (triton.cdiv(TOKENS, block_r), groups)
-                _timed(rows, f"route {name}: top-k kernel rows {block_r} warps {warps}",
-                       lambda: K.sigmoid_topk_kernel[grid](logits, gate, index, key, counts, TOKENS, n,
-                                                           logits.stride(0), logits.stride(1), K=k, BLOCK_R=block_r,
-                                                           BLOCK_N=block_n, num_warps=warps))
+                R.TOPK_OVERRIDE = (block_r, warps)
+                try:
+                    _timed(rows, f"route {name}: whole, bf16-valued, top-k rows {block_r} warps {warps}",
+                           lambda: tb.route(logits16, k))
+                finally:
+                    R.TOPK_OVERRIDE = None
         _timed(rows, f"route {name}: torch.topk of the sigmoid", lambda: torch.sigmoid(logits).topk(k, dim=-1))
-        flat = key.reshape(-1)
-        _timed(rows, f"route {name}: stable sort", lambda: torch.argsort(flat, stable=True))
-        _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(counts, flat.numel(), 128))
+        key = tb.route(logits16, k).expert_index.reshape(-1).to(torch.int16)
+        _timed(rows, f"route {name}: stable sort", lambda: torch.sort(key, stable=True))
+        sorted_key = torch.sort(key, stable=True)[0]
+        _timed(rows, f"route {name}: counts", lambda: R._counts_of_sorted(sorted_key, groups * n))
+        counts = R._counts_of_sorted(sorted_key, groups * n)
+        _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(counts, key.numel(), 128))
 
 
 def _ff_step(shape: dict):

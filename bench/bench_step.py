@@ -94,9 +94,9 @@ def free() -> None:
 
 
 def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: int, steps: int,
-          profile: bool = False) -> dict:
-    """Time one variant (with `profile`, also its kernel_table); raises torch.OutOfMemoryError if the micro-batch
-    does not fit."""
+          profile_top: int = 0) -> dict:
+    """Time one variant (with `profile_top` > 0, also its kernel_table listing that many kernels); raises
+    torch.OutOfMemoryError if the micro-batch does not fit."""
     torch._dynamo.reset()               # no graphs (or automatic dynamic shapes) carried over from another model
     tr = Trainer(preset, backend, compile_model, micro)
     first: dict = {}
@@ -121,7 +121,8 @@ def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: in
         syncs = count_syncs(tr.step, warm=False)
         med = statistics.median(times)
         mode = "compiled" if compile_model else "eager"
-        table = kernel_table(tr, f"one {mode} {preset} step (micro-batch {micro})") if profile else None
+        title = f"one {mode} {preset} step (micro-batch {micro})"
+        table = kernel_table(tr, title, profile_top) if profile_top else None
         return dict(profile=table, preset=preset, backend=backend, mode=mode, micro=micro,
                     ms=med, ms_min=min(times), ms_max=max(times), tok_s=BATCH * SEQ / med * 1e3, peak_gib=peak,
                     syncs=syncs, first_step_s=first_s, first_loss=first["loss"], first_grad_norm=first["grad_norm"],
@@ -132,11 +133,11 @@ def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: in
 
 
 def bench_fit(preset: str, backend: str, compile_model: bool, micros: list[int], warmup: int, steps: int,
-              profile: bool = False) -> Optional[dict]:
+              profile_top: int = 0) -> Optional[dict]:
     """bench() at the largest micro-batch that fits."""
     for micro in micros:
         try:
-            r = bench(preset, backend, compile_model, micro, warmup, steps, profile)
+            r = bench(preset, backend, compile_model, micro, warmup, steps, profile_top)
             log(f"{preset} {r['mode']}: micro {micro}, {r['ms']:.1f} ms/step ({r['ms_min']:.1f}-{r['ms_max']:.1f}), "
                 f"{r['tok_s']:,.0f} tok/s, peak {r['peak_gib']:.1f} GiB, syncs {r['syncs']}, "
                 f"first step {r['first_step_s']:.1f} s")
@@ -230,6 +231,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for bench_step.json and profile.md")
     ap.add_argument("--profile-compiled", action="store_true",
                     help="also profile one step of each compiled variant (kernel time by category) into profile.md")
+    ap.add_argument("--profile-top", type=int, default=15, help="kernels listed in each profile table")
     args = ap.parse_args()
     out = Path(args.out) if args.out else None
     import triton
@@ -276,7 +278,7 @@ def main() -> None:
         start = micros.index(fitted[preset]) if preset in fitted else 0
         try:
             r = bench_fit(preset, backend, comp, micros[start:], args.warmup, args.steps,
-                          profile=comp and args.profile_compiled)
+                          profile_top=args.profile_top if comp and args.profile_compiled else 0)
         except Exception as e:  # a variant that fails (e.g. compile) is reported, the rest still run
             log(f"{preset} {'compiled' if comp else 'eager'} failed: {type(e).__name__}: {str(e)[:800]}")
             results.setdefault("failed", []).append(f"{preset} compiled={comp}: {type(e).__name__}: {str(e)[:800]}")

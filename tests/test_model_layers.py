@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moeut_ds import LanguageModel, ModelConfig
 from moeut_ds.experts import get_backend
+from moeut_ds.model.linear import linear_split
 from moeut_ds.model.rope import apply_rope, rope_tables
 from moeut_ds.model.sigma_moe import SigmaMoE, router_logits
 from moeut_ds.model.switchhead import SwitchHead
@@ -48,6 +49,24 @@ def test_router_logits_padding_is_invisible(n_out):
     assert gw.shape == w.shape
     torch.testing.assert_close(gx, wx, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("widths", [[8, 8, 3, 2], [5], [16, 16, 16]])
+def test_linear_split_equals_separate_projections(widths):
+    """Q, K and the routers as one padded GEMM: the same outputs, input gradient and weight gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ws = [torch.randn(n, 16, requires_grad=True) for n in widths]
+    got = linear_split(x, ws)
+    want = [F.linear(x, w) for w in ws]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    grads = [torch.randn_like(w) for w in want]
+    g_got = torch.autograd.grad(got, [x, *ws], grads)
+    g_want = torch.autograd.grad(want, [x, *ws], grads)
+    for a, b in zip(g_got, g_want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_sigmoid_topk_without_renormalisation():

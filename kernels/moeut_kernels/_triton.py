@@ -19,16 +19,17 @@ def _flip_sign_magnitude(b):
 
 
 @triton.jit
-def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_rows, n, stride_row, stride_group,
-                        K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, n_rows, n, stride_row, stride_group,
+                        K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program = BLOCK_R rows of one group: top-K by logit (= by sigmoid, monotonic), lowest index on ties.
 
     Each logit and its column are packed into one integer (order-preserving bits of the value high,
     BLOCK_N-1-column low), so one max-reduction per pick finds the largest value and, among equal values, the lowest
     column. When every logit of the block is a bf16 value held in fp32 (router logits from a bf16 GEMM: the low 16
     bits are zero), the 16 value bits and the column fit one int32, whose reductions cost half those of the int64
-    packing that exact fp32 logits need; both give the same picks. Writes gate, global expert id (int64) and a
-    narrow sort key per pair, and counts pairs per expert with integer atomics (exact, hence deterministic).
+    packing that exact fp32 logits need; both give the same picks. The picks collect in registers and each row's
+    gates, global expert ids (int64) and narrow sort keys are stored once, K contiguous values per row. No
+    histogram: the per-expert counts come from the sorted keys (routing.py), so no atomics contend here.
     """
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
@@ -44,40 +45,44 @@ def sigmoid_topk_kernel(logits_ptr, gate_ptr, index_ptr, key_ptr, counts_ptr, n_
     code = (BLOCK_N - 1 - cols)[None, :]
     bf16_values = tl.max(tl.max(bits & 0xFFFF, axis=1), axis=0) == 0
     if bf16_values & (BLOCK_N <= 65536):                             # the column code needs <= 16 bits
-        _pick_topk(((ordered >> 16) << 16) | code, rows, rmask, cols, cmask, g, n, gate_ptr, index_ptr, key_ptr,
-                   counts_ptr, K, BLOCK_N, 16)
+        value, idx = _pick_topk(((ordered >> 16) << 16) | code, cols, cmask, K, BLOCK_K, BLOCK_N, 16)
     else:
-        _pick_topk((ordered.to(tl.int64) << 32) | code.to(tl.int64), rows, rmask, cols, cmask, g, n, gate_ptr,
-                   index_ptr, key_ptr, counts_ptr, K, BLOCK_N, 32)
+        value, idx = _pick_topk((ordered.to(tl.int64) << 32) | code.to(tl.int64), cols, cmask, K, BLOCK_K, BLOCK_N,
+                                32)
+    slots = tl.arange(0, BLOCK_K)
+    out = rows.to(tl.int64)[:, None] * (tl.num_programs(1) * K) + g * K + slots[None, :]
+    omask = rmask[:, None] & (slots < K)[None, :]
+    expert = g * n + idx
+    tl.store(gate_ptr + out, tl.sigmoid(value).to(gate_ptr.dtype.element_ty), mask=omask)
+    tl.store(index_ptr + out, expert.to(tl.int64), mask=omask)
+    tl.store(key_ptr + out, expert.to(key_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _pick_topk(packed, rows, rmask, cols, cmask, g, n, gate_ptr, index_ptr, key_ptr, counts_ptr, K: tl.constexpr,
-               BLOCK_N: tl.constexpr, SHIFT: tl.constexpr):
-    """K max-reductions over packed values (value bits above SHIFT, column code below): store each pick's gate,
-    expert and key, count it, and mask its column with the packing's minimum (padding columns start masked)."""
-    S = tl.num_programs(1) * K
+def _pick_topk(packed, cols, cmask, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+               SHIFT: tl.constexpr):
+    """K max-reductions over packed values (value bits above SHIFT, column code below), each pick masking its
+    column with the packing's minimum (padding columns start masked). Returns the picks' logits [R, BLOCK_K] fp32
+    and columns [R, BLOCK_K] int32, in pick order (slots past K hold nothing; the caller masks them)."""
     if SHIFT == 16:
         taken = -2147483648                 # below every packed logit (the packing's minimum)
     else:
         taken = -9223372036854775808
     packed = tl.where(cmask[None, :], packed, taken)                 # padding columns are never picked
+    slots = tl.arange(0, BLOCK_K)[None, :]
+    picks = tl.zeros([packed.shape[0], BLOCK_K], dtype=packed.dtype)
     for j in tl.static_range(K):
         best = tl.max(packed, axis=1)
+        picks = tl.where(slots == j, best[:, None], picks)
         idx = BLOCK_N - 1 - (best & ((1 << SHIFT) - 1)).to(tl.int32)
-        if SHIFT == 16:
-            hi = best >> 16                                                  # the value's ordered bf16 bits
-            bits = (hi ^ ((hi >> 15) & 0x7FFF)) << 16
-        else:
-            bits = _flip_sign_magnitude((best >> 32).to(tl.int32))
-        value = bits.to(tl.float32, bitcast=True)
-        expert = g * n + idx
-        out = rows.to(tl.int64) * S + g * K + j
-        tl.store(gate_ptr + out, tl.sigmoid(value).to(gate_ptr.dtype.element_ty), mask=rmask)
-        tl.store(index_ptr + out, expert.to(tl.int64), mask=rmask)
-        tl.store(key_ptr + out, expert.to(key_ptr.dtype.element_ty), mask=rmask)
-        tl.atomic_add(counts_ptr + expert, tl.full([best.shape[0]], 1, tl.int32), mask=rmask)
         packed = tl.where(cols[None, :] == idx[:, None], taken, packed)
+    idx = BLOCK_N - 1 - (picks & ((1 << SHIFT) - 1)).to(tl.int32)
+    if SHIFT == 16:
+        hi = picks >> 16                                                     # the value's ordered bf16 bits
+        bits = (hi ^ ((hi >> 15) & 0x7FFF)) << 16
+    else:
+        bits = _flip_sign_magnitude((picks >> 32).to(tl.int32))
+    return bits.to(tl.float32, bitcast=True), idx
 
 
 @triton.jit

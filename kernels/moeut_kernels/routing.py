@@ -1,9 +1,10 @@
 """σ-gating: logits -> sigmoid -> top-k per group -> pairs sorted by expert + tile list, with no host sync.
 
-Launches per routing: a memset of the histogram, the fused sigmoid/top-k/histogram kernel, torch's stable radix sort
-of a 16-bit key (2 radix passes for < 32768 experts), and the plan kernel (offsets + tile list). Every buffer is sized
-by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for the device. Routing and plan are
-torch.library custom ops (moeut::sigmoid_topk_route, moeut::plan) with fake impls, so torch.compile traces them.
+Launches per routing: the fused sigmoid/top-k kernel, torch's stable radix sort of a 16-bit key (2 radix passes for
+< 32767 experts), a binary search of each expert's first sorted position (the counts), and the plan kernel (offsets
++ tile list). Every buffer is sized by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for
+the device. Routing and plan are torch.library custom ops (moeut::sigmoid_topk_route, moeut::plan) with fake impls,
+so torch.compile traces them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ import triton
 from moeut_kernels import _triton as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# (rows per program, warps) of the top-k kernel instead of the default (a benchmark's sweep sets it). Default: one
+# warp per 1024 logits keeps each pick's max-reduction inside a warp (shuffles, no shared-memory round trip);
+# H200, FF 244M (block_n 512) with the histogram atomics: 2 rows per program, 1 warp 0.40 ms, 4 warps 0.63.
+TOPK_OVERRIDE: Optional[tuple[int, int]] = None
 
 
 @dataclass
@@ -84,19 +89,26 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
+def _counts_of_sorted(sorted_key: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Pairs per expert [n_experts] int32 from stably sorted expert keys: each expert's first sorted position by
+    binary search. (A histogram by atomics contends on a few hundred counters: a `scatter_add_` of 1.6M pairs
+    into ~283 counters took 0.68 ms on the H200, docs/KERNELS.md.) Keys equal to n_experts (remote pairs) are not
+    counted."""
+    ids = torch.arange(n_experts + 1, dtype=sorted_key.dtype, device=sorted_key.device)
+    starts = torch.searchsorted(sorted_key, ids)
+    return (starts[1:] - starts[:-1]).to(torch.int32)
+
+
 def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: int) -> RoutingPlan:
-    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort, each expert's start by binary search,
-    plan kernel; no sync.
+    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort, counts by binary search, plan
+    kernel; no sync.
     An id equal to n_experts marks a remote pair (held by another rank): it sorts after every local pair, past
     offsets[-1], and no tile covers it."""
     flat = expert_index.reshape(-1)
     key = flat.to(torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32)
     sorted_key, order = torch.sort(key, stable=True)
-    # each expert's first sorted position, by binary search: a histogram by scatter_add contends on a few hundred
-    # counters (H200, all-gather dispatch at MoEUT-1B: 0.68 ms per call for 1.6M pairs, docs/KERNELS.md)
-    starts = torch.searchsorted(sorted_key, torch.arange(n_experts + 1, dtype=key.dtype, device=key.device))
-    counts = (starts[1:] - starts[:-1]).to(torch.int32)
-    offsets, tile_expert, tile_start = _plan(counts, flat.numel(), n_experts, block_m)
+    offsets, tile_expert, tile_start = _plan(_counts_of_sorted(sorted_key, n_experts), flat.numel(), n_experts,
+                                             block_m)
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
@@ -116,18 +128,15 @@ def _route_op(logits: torch.Tensor, k: int, block_m: int) -> RouteOut:
     device = logits.device
     gate = torch.empty(n_rows, S, dtype=logits.dtype, device=device)
     expert_index = torch.empty(n_rows, S, dtype=torch.int64, device=device)
-    key = torch.empty(n_rows, S, dtype=torch.int16 if n_experts < 2 ** 15 else torch.int32, device=device)
-    counts = torch.zeros(n_experts, dtype=torch.int32, device=device)
+    key = torch.empty(n_rows, S, dtype=torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32, device=device)
     block_n = triton.next_power_of_2(n)
-    # H200, FF 244M (block_n 512): 2 rows per program with 1 warp 0.40 ms, with 4 warps 0.63, 8 rows 0.70-1.03.
-    # One warp per 1024 logits keeps each pick's max-reduction inside a warp (shuffles, no shared-memory round trip).
-    block_r = max(1, (16384 if INTERPRET else 1024) // block_n)
+    block_r, warps = TOPK_OVERRIDE or (max(1, (16384 if INTERPRET else 1024) // block_n), max(1, block_n // 1024))
     if n_rows:
         K.sigmoid_topk_kernel[(triton.cdiv(n_rows, block_r), n_groups)](
-            logits, gate, expert_index, key, counts, n_rows, n, logits.stride(0), logits.stride(1),
-            K=k, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=max(1, block_n // 1024))
-    order = torch.argsort(key.reshape(-1), stable=True)
-    offsets, tile_expert, tile_start = _plan_op(counts, order.numel(), block_m)
+            logits, gate, expert_index, key, n_rows, n, logits.stride(0), logits.stride(1),
+            K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
+    sorted_key, order = torch.sort(key.reshape(-1), stable=True)
+    offsets, tile_expert, tile_start = _plan_op(_counts_of_sorted(sorted_key, n_experts), order.numel(), block_m)
     return gate, expert_index, order, offsets, tile_expert, tile_start
 
 

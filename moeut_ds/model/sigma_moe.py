@@ -6,18 +6,12 @@ import torch
 import torch.nn as nn
 
 from moeut_ds.experts import ExpertBackend
+from moeut_ds.model.linear import as_router_logits, linear_split
 
 
 def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
-    """x @ router.T in fp32, computed with the router's rows zero-padded to a multiple of 8.
-
-    cuBLAS has no aligned bf16 kernel for an output width like N_E = 387 and falls back to slow unaligned ones
-    (~1.6 ms per σ-MoE layer forward+backward at 244M on an H200); the padded columns are sliced off again."""
-    n_out = router.shape[0]
-    if n_out % 8 == 0:
-        return nn.functional.linear(x, router).float()
-    padded = nn.functional.pad(router, (0, 0, 0, -n_out % 8))
-    return nn.functional.linear(x, padded)[..., :n_out].float().contiguous()   # a copy, not a view of the GEMM
+    """x @ router.T as fp32 logits (one GEMM, rows padded for aligned kernels: linear_split)."""
+    return as_router_logits(linear_split(x, [router])[0])
 
 
 class SigmaMoE(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moeut_ds.experts import ExpertBackend
 from moeut_ds.model.rope import RopeTables, apply_rope
-from moeut_ds.model.sigma_moe import router_logits
+from moeut_ds.model.linear import as_router_logits, linear_split
 
 KVCache = dict[str, torch.Tensor]   # {"k": rotated keys [B, H, T, d_h], "v": mixed values [B, H, T, d_h]}
 
@@ -60,9 +60,10 @@ class SwitchHead(nn.Module):
                 nn.init.normal_(w, 0, std_scale / math.sqrt(d_model))
                 renorm_rows_keep_std(w)
 
-    def _route(self, xn: torch.Tensor, router: torch.Tensor, backend: ExpertBackend):
-        """Raw logits [B, T, H, N_A] (for the regulariser) and the per-head sigmoid top-K_A routing."""
-        logits = router_logits(xn, router).view(*xn.shape[:-1], self.n_heads, self.n_experts)
+    def _route(self, scores: torch.Tensor, backend: ExpertBackend):
+        """scores: one router's GEMM output [B, T, H*N_A]. Returns the raw logits [B, T, H, N_A] (fp32, for the
+        regulariser) and the per-head sigmoid top-K_A routing."""
+        logits = as_router_logits(scores).view(*scores.shape[:-1], self.n_heads, self.n_experts)
         selection = logits
         if self.training and self.expert_dropout > 0:
             selection = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
@@ -79,18 +80,18 @@ class SwitchHead(nn.Module):
         Returns the output [B, T, d], the new cache and the raw router logits {"v", "o"} (empty when N_A = 1)."""
         bsz, seq, d_model = x.shape
         scale = self.d_head ** -0.25
-        q = self._heads(F.linear(xn, self.w_q) * scale)
-        k = self._heads(F.linear(xn, self.w_k) * scale)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        routers = [self.router_v, self.router_o] if self.n_experts > 1 else [self.router_o]
+        q, k, *scores = linear_split(xn, [self.w_q, self.w_k, *routers])     # everything that reads xn: one GEMM
+        q, k = apply_rope(self._heads(q * scale), rope), apply_rope(self._heads(k * scale), rope)
         logits: dict[str, torch.Tensor] = {}
         if self.n_experts > 1:
-            logits["v"], routing_v = self._route(xn, self.router_v, backend)
-            logits["o"], routing_o = self._route(xn, self.router_o, backend)
+            logits["v"], routing_v = self._route(scores[0], backend)
+            logits["o"], routing_o = self._route(scores[1], backend)
             group = self.n_heads * self.k
             v = backend.matmul(x.reshape(-1, d_model), self.w_v, routing_v, in_group=group, out_group=self.k)
             v = v.view(bsz, seq, self.n_heads, self.d_head).transpose(1, 2)
         else:
-            o_gate = torch.sigmoid(F.linear(xn, self.router_o))                         # [B, T, H]
+            o_gate = torch.sigmoid(scores[0])                                          # [B, T, H]
             v = self._heads(F.linear(x, self.w_v))
         if cache is not None:
             k = torch.cat([cache["k"], k], dim=-2) if cache else k
