@@ -38,20 +38,20 @@ def test_opcheck_route_and_plan():
     _check(torch.ops.moeut.plan.default, (counts, int(counts.sum()), BLOCK_M))
 
 
-@pytest.mark.parametrize("layout", ["up_relu", "down", "narrow_sum"])
+@pytest.mark.parametrize("layout", ["up_relu", "up_relu_gated", "down", "down_plain", "narrow_sum"])
 def test_opcheck_grouped_matmul(layout):
     gate, plan = _plan()
     ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
     n_rows, S = gate.shape
     gate_arg = gate.reshape(-1).clone().requires_grad_()
-    if layout == "up_relu":      # gathered token rows -> sorted pairs, ReLU
+    if layout.startswith("up_relu"):     # gathered token rows -> sorted pairs, ReLU (gated: the Triton mlp's)
         x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=True)
         w = torch.randn(plan.n_experts, 24, 20, device=DEVICE, requires_grad=True)
-        args = (x, w, None, *ptensors, S, 0, True)
-    elif layout == "down":       # sorted pairs -> gate-weighted row sums (wider than the input: fused gate grad)
+        args = (x, w, gate_arg if layout == "up_relu_gated" else None, *ptensors, S, 0, True)
+    elif layout.startswith("down"):      # sorted pairs -> row sums, gate-weighted (wider: fused gate grad) or plain
         x = torch.randn(plan.n_pairs, 20, device=DEVICE, requires_grad=True)
         w = torch.randn(plan.n_experts, 20, 24, device=DEVICE, requires_grad=True)
-        args = (x, w, gate_arg, *ptensors, 0, S, False)
+        args = (x, w, gate_arg if layout == "down" else None, *ptensors, 0, S, False)
     else:                        # gathered rows -> sums narrower than the input (attention V: keeps the pairs)
         x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=True)
         w = torch.randn(plan.n_experts, 24, 8, device=DEVICE, requires_grad=True)
@@ -60,9 +60,10 @@ def test_opcheck_grouped_matmul(layout):
     out, pairs = torch.ops.moeut.grouped_matmul(*args)
     assert pairs.shape == ((plan.n_pairs, 8) if layout == "narrow_sum" else (0,))
     g = torch.randn(out.shape, device=DEVICE)
-    y = out.detach() if layout == "up_relu" else None
+    y = out.detach() if layout.startswith("up_relu") else None
     bargs = (g, x.detach(), w.detach(), args[2].detach() if args[2] is not None else None, y,
-             pairs.detach() if pairs.numel() else None, *ptensors, args[-3], args[-2], True, True, layout != "up_relu")
+             pairs.detach() if pairs.numel() else None, *ptensors, args[-3], args[-2], args[-1], True, True,
+             args[2] is not None)
     _check(torch.ops.moeut.grouped_matmul_backward.default, bargs)
 
 

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 from moeut_ds.experts import get_backend  # noqa: E402
 from moeut_ds.experts.interface import Routing, sigmoid_topk, sort_pairs  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
-from moeut_kernels import sigmoid_topk_route  # noqa: E402
+from moeut_kernels import grouped_matmul, sigmoid_topk_route  # noqa: E402
 
 
 def make_logits(n_rows: int, n_groups: int, n: int, bias: str = "none", gen=None) -> torch.Tensor:
@@ -148,6 +148,12 @@ def run_layout(backend, layout, logits, x, w, expert_index, routing):
     k = expert_index.shape[1] // n_groups
     if layout == "ff_up":
         return backend.matmul(x, w, routing, in_group=k, out_group=None, activation="relu")
+    if layout == "ff_up_gated":     # the Triton backend's mlp gates the up projection's rows (gate * relu(x W1))
+        if isinstance(backend, TritonBackend):
+            return grouped_matmul(x, w, routing.plan, in_group=k, out_group=None, gate=routing.gate,
+                                  activation="relu")
+        y = backend.matmul(x, w, routing, in_group=k, out_group=None, activation="relu")
+        return y * routing.gate.reshape(-1)[routing.order].unsqueeze(1).to(y.dtype)
     if layout == "ff_down":
         return backend.matmul(x, w, routing, in_group=None, out_group=k)
     if layout == "att_v":
@@ -159,6 +165,7 @@ def run_layout(backend, layout, logits, x, w, expert_index, routing):
 
 LAYOUTS = {  # name: (groups, experts per group, k, d_in, d_out, x rows as a function of (N, P))
     "ff_up": (1, 7, 3, 40, 24, lambda N, P, G, k: N),
+    "ff_up_gated": (1, 7, 3, 40, 24, lambda N, P, G, k: N),
     "ff_down": (1, 7, 3, 24, 40, lambda N, P, G, k: P),
     "att_v": (3, 5, 2, 40, 24, lambda N, P, G, k: N),
     "att_o": (3, 5, 2, 24, 40, lambda N, P, G, k: N * G),
@@ -298,32 +305,37 @@ def test_weight_grad_row_splits(layout, splits, monkeypatch):
 
 
 @pytest.mark.parametrize("resident", [True, False])
-@pytest.mark.parametrize("need", ["x_and_w", "w_only", "x_only"])
-def test_relu_backward_paths(need, resident, monkeypatch):
+@pytest.mark.parametrize("need,gated", [("x_and_w", False), ("w_only", False), ("x_only", False),
+                                        ("x_and_w", True), ("w_only", True), ("x_only", True), ("none", True)])
+def test_relu_backward_paths(need, gated, resident, monkeypatch):
     """The up projection's ReLU gradient mask reaches both gradients on every path: applied in the resident
     input-gradient launch, which stores grad * mask for the weight gradient (x and W), or in one torch pass first
-    (W only, or configs without a resident A tile)."""
+    (W only, or configs without a resident A tile). Gated (the Triton mlp's up projection, gate * relu(x W)): the
+    gate's gradient <grad, y> / gate comes from the resident launch, or from one torch pass without one."""
     from moeut_kernels import grouped
     if not resident:
         monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"a_resident": False})
     gen = torch.Generator().manual_seed(14)
     n_rows, n, k, d, d_e = 45, 7, 3, 40, 24
-    logits = make_logits(n_rows, 1, n, "uneven", gen)
-    x = torch.randn(n_rows, d, generator=gen).to(DEVICE).requires_grad_(need != "w_only")
-    w = (torch.randn(n, d, d_e, generator=gen) / d ** 0.5).to(DEVICE).requires_grad_(need != "x_only")
-    leaves = [t for t in (x, w) if t.requires_grad]
+    logits = make_logits(n_rows, 1, n, "uneven", gen).requires_grad_(gated)
+    x = torch.randn(n_rows, d, generator=gen).to(DEVICE).requires_grad_(need in ("x_and_w", "x_only"))
+    w = (torch.randn(n, d, d_e, generator=gen) / d ** 0.5).to(DEVICE).requires_grad_(need in ("x_and_w", "w_only"))
+    layout = "ff_up_gated" if gated else "ff_up"
     routing = TritonBackend().route(logits, k)
-    y = TritonBackend().matmul(x, w, routing, in_group=k, out_group=None, activation="relu")
+    y = run_layout(TritonBackend(), layout, logits, x, w, routing.expert_index, routing)
     gy = torch.randn(y.shape, generator=gen).to(DEVICE)
-    grads = torch.autograd.grad(y, leaves, gy)
-    y_r = REF.matmul(x, w, reference_routing(logits, routing.expert_index), in_group=k, out_group=None,
-                     activation="relu")
+    grads = torch.autograd.grad(y, [t for t in (x, w, logits) if t.requires_grad], gy)
+    logits_r = logits.detach().clone().requires_grad_(gated)
+    y_r = run_layout(REF, layout, logits_r, x, w, routing.expert_index,
+                     reference_routing(logits_r, routing.expert_index))
     assert (y_r == 0).float().mean() > 0.3          # the mask matters
-    for a, b in zip(grads, torch.autograd.grad(y_r, leaves, gy)):
+    grads_r = torch.autograd.grad(y_r, [t for t in (x, w, logits_r) if t.requires_grad], gy)
+    assert len(grads) == len(grads_r) > 0
+    for a, b in zip(grads, grads_r):
         assert rel_err(a, b) < TOL[torch.float32]
 
 
-TMA_WIDTHS = {"ff_up": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}
+TMA_WIDTHS = {"ff_up": (72, 32), "ff_up_gated": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}
 
 
 def _tma_on_with_spy(monkeypatch) -> dict:
@@ -374,13 +386,14 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     for a, b in zip(plain[1], tma[1]):
         assert a is None and b is None or torch.testing.assert_close(a, b) is None
     by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor); the looping-K launches take only W by descriptor
-        "ff_up": {(True, True, True), (False, False, False)}, "ff_down": {(False, True, False), (True, False, False)},
+        "ff_up": {(True, True, True), (False, False, False)},
+        "ff_up_gated": {(True, True, True), (False, False, False)}, "ff_down": {(False, True, False), (True, False, False)},
         "att_v": {(True, False, False), (False, False, False)},
         "att_o": {(False, False, False), (True, False, False)}}[layout]
     assert all(s[3] for s in seen["gmm_kernel"])                          # every launch: W by descriptor
     assert {s[:3] for s in seen["gmm_kernel"]} == by_desc
     # the weight gradient: its sorted operand (the other one's gathered rows mask the rows past the chunk)
-    sorted_operand = {"ff_up": "b", "ff_down": "a", "att_v": "b", "att_o": "a"}[layout]
+    sorted_operand = {"ff_up": "b", "ff_up_gated": "b", "ff_down": "a", "att_v": "b", "att_o": "a"}[layout]
     assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}
 
 
@@ -404,7 +417,7 @@ gy = torch.randn(y.shape, generator=gen).to(T.DEVICE, torch.bfloat16)
 p = routing.plan
 # the backward op once in this thread, so that its kernels are compiled and loaded here (loading binds a context)
 main = torch.ops.moeut.grouped_matmul_backward(gy, h, w, routing.gate.reshape(-1), None, None, p.order, p.offsets,
-                                               p.tile_expert, p.tile_start, p.block_m, 0, k, True, True, True)
+                                               p.tile_expert, p.tile_start, p.block_m, 0, k, False, True, True, True)
 # then the same launches as the first CUDA work of autograd's backward thread
 grads = torch.autograd.grad(y, [h, w, logits], gy)
 for a, b in zip(main[:2], grads[:2]):

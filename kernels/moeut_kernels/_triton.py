@@ -141,8 +141,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                N, K, E, n_per_prog,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
-               MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, A_RESIDENT: tl.constexpr,
-               STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
+               MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+               A_RESIDENT: tl.constexpr, STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
@@ -156,6 +156,9 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs; not with GATE_GRAD): the
     tile's A rows (and mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead
     of once per slice by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
+    SCALE_GRAD (A_RESIDENT, MASK_A, HAS_SCALE: the input gradient of a gated output y = s * relu(.), where A is dy
+    and the mask source is y): also writes gpart[pair] = <dy, y> / s, the gradient of the scale s (0 where s = 0),
+    once per tile from the two tiles the launch loads anyway.
     STORE_SIDE: also writes, at the sorted position in side, the operand the weight gradient will pair with the
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
@@ -199,10 +202,19 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             first = start.to(tl.int32)
             a = a_desc.load([first, 0])
             if MASK_A:
-                a = tl.where(m_desc.load([first, 0]) > 0, a, 0.0)
+                m = m_desc.load([first, 0])
         else:
-            a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
+            a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, False)
+            if MASK_A:
+                m = _load_mask(amask_ptr, pos, ks, rmask, kmask, s_mm, s_mk)
+        if MASK_A:
+            a = tl.where(m > 0, a, 0.0)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)     # once per tile, not per slice
+        if SCALE_GRAD:
+            tl.static_assert(MASK_A and HAS_SCALE)
+            if chunk == 0:       # <dy, y> over the masked dy equals it over dy: y is 0 where the mask is
+                gs = tl.sum(a.to(tl.float32) * m.to(tl.float32), axis=1)
+                tl.store(gpart_ptr + pair * s_gp, tl.where(s != 0.0, gs / tl.where(s != 0.0, s, 1.0), 0.0), mask=rmask)
         if STORE_SIDE:
             if chunk == 0:
                 side = a
@@ -219,6 +231,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                       s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
     else:
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
+        tl.static_assert(not SCALE_GRAD)
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
@@ -262,9 +275,15 @@ def _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_
     m2 = rmask[:, None] & kmask[None, :]
     a = tl.load(a_ptr + a_row[:, None] * s_am + ks[None, :] * s_ak, mask=m2, other=0.0)
     if MASK_A:
-        m = tl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :] * s_mk, mask=m2, other=0.0)
-        a = tl.where(m > 0, a, 0.0)
+        a = tl.where(_load_mask(amask_ptr, pos, ks, rmask, kmask, s_mm, s_mk) > 0, a, 0.0)
     return a
+
+
+@triton.jit
+def _load_mask(amask_ptr, pos, ks, rmask, kmask, s_mm, s_mk):
+    """The mask source (the forward's output) at the sorted positions, zeros outside the tile."""
+    return tl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :] * s_mk, mask=rmask[:, None] & kmask[None, :],
+                   other=0.0)
 
 
 @triton.jit

@@ -176,10 +176,12 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
          gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
          a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
-         side_out: Optional[torch.Tensor] = None) -> None:
+         side_out: Optional[torch.Tensor] = None, scale_grad: Optional[torch.Tensor] = None) -> None:
     """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id)
     replace a_group / d_group when given. side_out [P, K] (resident-A configs) or [P, N] (with gpart and scale):
-    also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's gated operand."""
+    also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's gated operand.
+    scale_grad [P] fp32 (resident-A configs, with amask and scale): receives <A, amask> / scale by pair id, the
+    gradient of a gated output's gate (SCALE_GRAD)."""
     n_experts = w.shape[0]
     if transpose_w:
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
@@ -191,6 +193,10 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
     if side_out is not None and not (cfg.a_resident or (gpart is not None and scale is not None)):
         raise ValueError("side_out needs a resident-A config or a fused gate gradient")
+    if scale_grad is not None and not (cfg.a_resident and amask is not None and scale is not None):
+        raise ValueError("scale_grad needs a resident-A config, the mask source and the scale")
+    if scale_grad is not None:
+        gpart = scale_grad.view(-1, 1)       # the kernel writes it through the gate-gradient partials' slot
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
         return
@@ -224,7 +230,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         gpart.stride(0) if gpart is not None else 0,
         side_out.stride(0) if side_out is not None else 0, side_out.stride(1) if side_out is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
-        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None, A_RESIDENT=cfg.a_resident,
+        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None and scale_grad is None,
+        SCALE_GRAD=scale_grad is not None, A_RESIDENT=cfg.a_resident,
         STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -377,23 +384,27 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
             out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (output, pairs). Output: [P, d_out] in sorted pair layout (out_group 0, no out_offsets),
-    [P // out_group, d_out] or [len(out_offsets) - 1, d_out] gate-weighted row sums. in_group / out_group 0 mean
-    None (sorted pair layout); in_index / out_offsets (int64) take precedence over them. pairs: the pre-gate
+    [P // out_group, d_out] or [len(out_offsets) - 1, d_out] row sums. gate (by pair id, optional) scales each
+    pair's product after the activation: the sums are gate-weighted, the sorted rows gated. in_group / out_group 0
+    mean None (sorted pair layout); in_index / out_offsets (int64) take precedence over them. pairs: the pre-gate
     per-pair products by pair id where keeps_pairs says so (saved for the gate's gradient), else empty. local:
     [P] bool, the pairs computed here (None: all)."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     n_pairs, d_out = order.numel(), weight.shape[2]
+    gate = gate.contiguous() if gate is not None else None
     if _summed(out_group, out_offsets):
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
         _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu, a_index=in_index)
-        scale = gate.contiguous() if local is None else torch.where(local, gate, 0)   # remote rows: never read
+        scale = gate
+        if local is not None:     # remote rows were never written: a zero scale makes the sums skip them
+            scale = torch.where(local, gate, 0) if gate is not None else local.to(x.dtype)
         if out_offsets is not None:
             out = segment_sum(buf, out_offsets, scale)
         else:
             out = group_sum(buf, out_group, scale)
         return out, buf if _kept(weight, out_group, out_offsets) else buf.new_empty(0)
     out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
-    _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, a_index=in_index)
+    _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, scale=gate, a_index=in_index)
     return out, out.new_empty(0)
 
 
@@ -417,11 +428,13 @@ GradOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
                 y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor,
                 tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int,
-                need_x: bool, need_w: bool, need_g: bool, in_index: Optional[torch.Tensor] = None,
+                relu: bool, need_x: bool, need_w: bool, need_g: bool, in_index: Optional[torch.Tensor] = None,
                 out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> GradOut:
-    """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved ReLU
-    output, None without ReLU. pairs: the forward's pre-gate per-pair products (keeps_pairs), None otherwise; with
-    them the gate's gradient is one pair_dot pass instead of a partial sum fused into the input-gradient launch.
+    """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved
+    output of a ReLU or gated sorted-layout projection, None otherwise. pairs: the forward's pre-gate per-pair
+    products (keeps_pairs), None otherwise; with them the gate's gradient is one pair_dot pass instead of a partial
+    sum fused into the input-gradient launch. A gated sorted output's gate gradient is <grad, y> / gate, written by
+    the resident input-gradient launch from the tiles it loads anyway.
     The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch applies the mask as it loads
     its A tile and stores the product once (one read of the mask instead of one per weight-gradient program);
     otherwise one torch pass makes it first. Likewise the gate: the input-gradient launch stores the operand it
@@ -435,43 +448,55 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     gathered_in = bool(ig) or in_index is not None      # x rows gathered (else x is in sorted pair layout)
     summed_out = _summed(og, out_offsets)
     out_index = segment_ids(out_offsets, n_pairs) if out_offsets is not None else None   # grad row of each pair
-    need_g = need_g and summed_out
+    need_g = need_g and gate is not None
     grad_x, grad_w, grad_gate = (x.new_empty(0) for _ in range(3))     # distinct: outputs may not alias
-    fused_g = need_g and pairs is None    # the gate gradient as partial sums inside the input-gradient launch
-    if need_g and not fused_g:
+    fused_g = need_g and summed_out and pairs is None   # as partial sums <x_p, g_row W^T> in the input-gradient launch
+    if need_g and summed_out and not fused_g:
         grad_gate = pair_dot(grad_out, og, pairs, a_index=out_index).to(gate.dtype)
-    cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g, masked=y is not None,
+    mask = y if relu else None
+    cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g, masked=mask is not None,
                      device=x.device)                                          # of the input-gradient launch
+    resident_dx = need_x and cfg.a_resident
+    scale_g = need_g and not summed_out                  # a gated sorted output: <grad, y> / gate
+    kernel_scale_g = scale_g and resident_dx and mask is not None
+    if scale_g and not kernel_scale_g:
+        gated = (grad_out.float() * y.float()).sum(1)
+        g_sorted = gate[order].float()
+        grad_gate = torch.empty(n_pairs, dtype=gate.dtype, device=x.device).index_copy_(
+            0, order, torch.where(g_sorted != 0, gated / g_sorted, 0).to(gate.dtype))
     launch = need_x or fused_g
     # The weight gradient's gated operand in sorted pair layout, written by the input-gradient launch: the grad
     # rows times the ReLU mask or the gate (resident A), or gate * x (fused gate gradient). The weight gradient
     # then pairs it with the other operand gathered and unscaled (measured: the gate's scale of a gathered operand
     # in the weight gradient's row loop cost 0.17-0.32 ms per call at 244M, docs/PERFORMANCE.md).
-    side_of_grad = launch and need_w and cfg.a_resident and (y is not None or summed_out)
+    side_of_grad = launch and need_w and cfg.a_resident and (mask is not None or gate is not None)
     side_of_x = launch and need_w and fused_g
     side = None
     if side_of_grad or side_of_x:
         side = torch.empty(n_pairs, weight.shape[2] if side_of_grad else d_in, dtype=x.dtype, device=x.device)
-    if y is not None and not (need_x and cfg.a_resident):
-        grad_out, y = grad_out * (y > 0), None
+    if mask is not None and not resident_dx:
+        grad_out, mask = grad_out * (mask > 0), None
     if launch:
         gpart = None
         if fused_g:
             # one gate-gradient partial per program's column chunk
             gpart = torch.empty(n_pairs, triton.cdiv(d_in, cfg.columns_per_program()), dtype=torch.float32,
                                 device=x.device)
+        scale_grad = torch.empty(n_pairs, dtype=torch.float32, device=x.device) if kernel_scale_g else None
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
-        _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=y, scale=gate if summed_out else None,
+        _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=mask, scale=gate,
              dsrc=x if fused_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
-             side_out=side)
+             side_out=side, scale_grad=scale_grad)
         if need_x:
-            mask = local.to(buf.dtype) if local is not None else None
+            lmask = local.to(buf.dtype) if local is not None else None
             if in_index is not None:
-                grad_x = _rows_sum(buf, in_index, x.shape[0], mask)
+                grad_x = _rows_sum(buf, in_index, x.shape[0], lmask)
             else:
-                grad_x = group_sum(buf, ig, mask) if ig else buf
+                grad_x = group_sum(buf, ig, lmask) if ig else buf
         if fused_g:
             grad_gate = gpart.sum(1).to(gate.dtype)
+        if kernel_scale_g:
+            grad_gate = scale_grad.to(gate.dtype)
     if need_g and local is not None:
         grad_gate = torch.where(local, grad_gate, 0)
     if need_w:
@@ -482,8 +507,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
         elif side_of_grad:
             _wgrad(x, ig, side, 0, plan, grad_w, a_index=in_index, remote=remote)
         else:
-            _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate if summed_out else None, a_index=in_index,
-                   b_index=out_index, remote=remote)
+            _wgrad(x, ig, grad_out, og, plan, grad_w, scale=gate, a_index=in_index, b_index=out_index, remote=remote)
     return grad_x, grad_w, grad_gate
 
 
@@ -491,14 +515,19 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
 def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
                   y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor,
                   offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int,
-                  in_group: int, out_group: int, need_x: bool, need_w: bool, need_g: bool,
+                  in_group: int, out_group: int, relu: bool, need_x: bool, need_w: bool, need_g: bool,
                   in_index: Optional[torch.Tensor] = None, out_offsets: Optional[torch.Tensor] = None,
                   local: Optional[torch.Tensor] = None) -> GradOut:
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
     grad_w = torch.empty_like(weight) if need_w else x.new_empty(0)
-    summed_out = _summed(out_group, out_offsets)
-    grad_gate = gate.new_empty(order.shape[0]) if need_g and summed_out and gate is not None else x.new_empty(0)
+    grad_gate = gate.new_empty(order.shape[0]) if need_g and gate is not None else x.new_empty(0)
     return grad_x, grad_w, grad_gate
+
+
+def _saves_output(relu: bool, gate: Optional[torch.Tensor], out_group: int, out_offsets: Optional[torch.Tensor]
+                  ) -> bool:
+    """Whether backward needs the op's output: the ReLU mask, or a gated sorted output's gate gradient."""
+    return relu or (gate is not None and not _summed(out_group, out_offsets))
 
 
 def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -508,19 +537,20 @@ def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) ->
     ctx.mark_non_differentiable(pairs)
     ctx.set_materialize_grads(False)
     kept = pairs if _kept(weight, out_group, out_offsets) else None
-    ctx.save_for_backward(x, weight, gate, out if relu else None, kept, order, offsets, tile_expert, tile_start,
-                          in_index, out_offsets, local)
-    ctx.ints = (block_m, in_group, out_group)
+    y = out if _saves_output(relu, gate, out_group, out_offsets) else None
+    ctx.save_for_backward(x, weight, gate, y, kept, order, offsets, tile_expert, tile_start, in_index, out_offsets,
+                          local)
+    ctx.ints = (block_m, in_group, out_group, relu)
 
 
 def _gmm_backward(ctx, grad_out: Optional[torch.Tensor], grad_pairs: None) -> tuple[Optional[torch.Tensor], ...]:
     x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, in_index, out_offsets, local = ctx.saved_tensors
-    block_m, ig, og = ctx.ints
+    block_m, ig, og, relu = ctx.ints
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_g = _summed(og, out_offsets) and gate is not None and ctx.needs_input_grad[2]
+    need_g = gate is not None and ctx.needs_input_grad[2]
     grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
-        grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w,
-        need_g, in_index, out_offsets, local)
+        grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, relu, need_x,
+        need_w, need_g, in_index, out_offsets, local)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
             None, None, None, None, None, None, None, None, None, None, None)
 
@@ -532,9 +562,10 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
                    out_group: Optional[int], gate: Optional[torch.Tensor] = None,
                    activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
                    out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Grouped expert matmul; see the module docstring. gate [N, S] is needed (and differentiated) iff the output
-    rows are sums (out_group or out_offsets). local [N, S] bool: the pairs computed here, with the plan's remote
-    pairs (plan_from_expert_index) False; None when every pair is computed.
+    """Grouped expert matmul; see the module docstring. gate [N, S] (optional, differentiated) scales each pair's
+    product after the activation: gate-weighted sums for summed outputs (out_group or out_offsets; without a gate
+    the sums are plain), gated rows in sorted layout otherwise. local [N, S] bool: the pairs computed here, with the
+    plan's remote pairs (plan_from_expert_index) False; None when every pair is computed.
 
     in_index [P] (input row of each pair, any order; excludes in_group) and out_offsets [R+1] (CSR segments of
     contiguous pair ids, offsets[0] = 0, offsets[R] = P; excludes out_group) are integer tensors on x's device;
@@ -551,8 +582,6 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
     relu = activation == "relu"
     if relu and summed:
         raise NotImplementedError("activation with out_group is not supported by the Triton kernels")
-    if summed and gate is None:
-        raise ValueError("out_group needs the gate")
     if x.dtype != weight.dtype:
         raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
     if in_index is not None:
@@ -573,7 +602,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
             raise ValueError(f"local must be a bool tensor with one entry per pair ({plan.n_pairs}), got "
                              f"{local.dtype} with {local.numel()}")
         local = local.reshape(-1).contiguous()
-    gate_flat = gate.reshape(-1) if summed else None
+    gate_flat = gate.reshape(-1) if gate is not None else None
     if gate_flat is not None and gate_flat.stride(0) != 1:
         gate_flat = gate_flat.contiguous()
     out, _ = torch.ops.moeut.grouped_matmul(x, weight, gate_flat, plan.order, plan.offsets, plan.tile_expert,

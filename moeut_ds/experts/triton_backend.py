@@ -80,13 +80,41 @@ class TritonBackend(ExpertBackend):
             return plan
         return plan_from_sorted(routing.order, routing.offsets, self.block_m)  # a routing made by another backend
 
-    def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
-               out_group: Optional[int], activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
-               out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _operands(self, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x and the weights in the autocast dtype (what autocast does for the reference's bmm), or x's dtype."""
         self._check_device(x)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        x, weight = x.to(dtype), self._cast(weight, dtype)   # what autocast does for the reference's bmm
+        return (x.to(dtype), *(self._cast(w, dtype) for w in weights))
+
+    def mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+        k = routing.expert_index.shape[1]
+        return self._gated_mlp(x, w1, w2, routing, in_group=k, out_group=k)
+
+    def mlp_rows(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing,
+                 row_index: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+        return self._gated_mlp(x, w1, w2, routing, in_index=row_index, out_offsets=row_offsets)
+
+    def _gated_mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing, *,
+                   in_group: Optional[int] = None, out_group: Optional[int] = None,
+                   in_index: Optional[torch.Tensor] = None, out_offsets: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+        """The σ-MoE experts with each pair's gate applied to its hidden units, (gate * relu(x W1)) W2 summed per
+        row, instead of to its output: the same value. Then the down projection is a plain sum, whose input
+        gradient is a plain gathered matmul (no gate gradient fused into it, no gated copy of h stored for the
+        weight gradient: the saved gated h is that operand), and the up projection's resident input-gradient
+        launch gets the gate's gradient, <grad h, gate * h> / gate, from tiles it loads anyway."""
+        x, w1, w2 = self._operands(x, w1, w2)
+        plan = self._plan(routing)
+        h = grouped_matmul(x, w1, plan, in_group=in_group, out_group=None, gate=routing.gate, activation="relu",
+                           in_index=in_index, local=routing.local)
+        return grouped_matmul(h, w2, plan, in_group=None, out_group=out_group, out_offsets=out_offsets,
+                              local=routing.local)
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
+               out_group: Optional[int], activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
+               out_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, weight = self._operands(x, weight)
         plan = self._plan(routing)
         summed = out_group is not None or out_offsets is not None
         if activation is not None and summed:
