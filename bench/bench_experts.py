@@ -265,12 +265,17 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
         buf = torch.empty(P, d, device=DEV, dtype=BF16)
         gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)  # room for every column chunk
         h_side = torch.empty(P, d_e, device=DEV, dtype=BF16)
+        sgrad = torch.empty(P, device=DEV, dtype=torch.float32)
+        # The FF training path since the tenth session (TritonBackend.mlp: the gate on the hidden units): up_fwd
+        # (gated), down_fwd, down_dx_plain, up_dx_store_masked_gate_grad, wgrad_up, wgrad_down. down_dx and
+        # down_dx_store_gated (fused gate gradient) are the FF's earlier path and attention O's current one.
         calls = {  # name: (call, configs besides the default)
-            "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=c),
+            "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, scale=gate, cfg=c),
                        [TileConfig(128, 64, 8, 3)]),
+            "down_dx_plain": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, cfg=c), []),
             "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart,
                                           cfg=c), [TileConfig(128, 64, 8, 3)]),
-            # the training path: also stores h * gate once for the weight gradient
+            # also stores h * gate once for the weight gradient
             "down_dx_store_gated": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h,
                                                       gpart=gpart, cfg=c, side_out=h_side), []),
             "down_fwd": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, True, cfg=c), resident),
@@ -282,6 +287,9 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             # the training path: also stores grad_h * mask once for the weight gradient
             "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
                                                      side_out=out_h), []),
+            # and with the gate: scales the rows, writes the gate's gradient <grad, y> / gate
+            "up_dx_store_masked_gate_grad": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
+                                                               scale=gate, side_out=out_h, scale_grad=sgrad), []),
         }
         for name, (call, cfgs) in calls.items():
             extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]
@@ -297,7 +305,7 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
                 GM.OVERRIDES["wgrad"] = dict(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps,
                                              num_stages=c.num_stages)
             for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1)),
-                               ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2, scale=gate))):
+                               ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2))):   # h: the gated h
                 _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", call, flop=flop1)
             GM.OVERRIDES.pop("wgrad", None)
             if block_m != 128 or defaults_only:
@@ -310,14 +318,10 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
                flop=flop1)
         _timed(rows, f"sweep wgrad_down on pre-gathered, pre-scaled grad BM{block_m}",
                lambda: GM._wgrad(h, 0, gy_sorted, 0, plan, gw2), flop=flop1)
-        # the gate on the sorted operand instead (h * gate stored by an earlier kernel), grad gathered unscaled
-        h_gated = sorted_operand(h, 0, plan, gate)
-        _timed(rows, f"sweep wgrad_down on h * gate, grad gathered unscaled BM{block_m}",
-               lambda: GM._wgrad(h_gated, 0, gy, k, plan, gw2), flop=flop1)
-        # what the same gated operand costs as a separate torch pass (against the down_dx_store_gated row)
+        # what a gated copy of h costs as a separate torch pass (against the down_dx_store_gated row)
         _timed(rows, f"sweep gate * h as a torch pass BM{block_m}", lambda: sorted_operand(h, 0, plan, gate),
                gbytes=2 * P * d_e * 2 / 1e9)
-        del x_sorted, gy_sorted, h_gated
+        del x_sorted, gy_sorted
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
 
 

@@ -387,7 +387,8 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
         assert a is None and b is None or torch.testing.assert_close(a, b) is None
     by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor); the looping-K launches take only W by descriptor
         "ff_up": {(True, True, True), (False, False, False)},
-        "ff_up_gated": {(True, True, True), (False, False, False)}, "ff_down": {(False, True, False), (True, False, False)},
+        "ff_up_gated": {(True, True, True), (False, False, False)},
+        "ff_down": {(False, True, False), (True, False, False)},
         "att_v": {(True, False, False), (False, False, False)},
         "att_o": {(False, False, False), (True, False, False)}}[layout]
     assert all(s[3] for s in seen["gmm_kernel"])                          # every launch: W by descriptor

@@ -214,7 +214,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             tl.static_assert(MASK_A and HAS_SCALE)
             if chunk == 0:       # <dy, y> over the masked dy equals it over dy: y is 0 where the mask is
                 gs = tl.sum(a.to(tl.float32) * m.to(tl.float32), axis=1)
-                tl.store(gpart_ptr + pair * s_gp, tl.where(s != 0.0, gs / tl.where(s != 0.0, s, 1.0), 0.0), mask=rmask)
+                tl.store(gpart_ptr + pair * s_gp, tl.where(s != 0.0, gs / tl.where(s != 0.0, s, 1.0), 0.0),
+                         mask=rmask)
         if STORE_SIDE:
             if chunk == 0:
                 side = a
