@@ -25,15 +25,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPAT
 extra=${EP_CHECKS_ARGS:-}
 py=${PYTHON:-python3}
 
-run() {   # run NAME SECONDS GPUS ARGS...: one benchmark run, its log kept whole, its RESULT line printed
+run() {   # run NAME SECONDS GPUS ARGS...: one benchmark run, its output kept whole, its RESULT line printed
   local name=$1 limit=$2 gpus=$3; shift 3
   local launch=("$py" bench/bench_expert_parallel.py)
   [ "$gpus" -gt 1 ] && launch=("$py" -m torch.distributed.run --standalone --nproc_per_node "$gpus" \
     bench/bench_expert_parallel.py)
   echo "== $name ($(date -u +%T))"
   # shellcheck disable=SC2086  # $extra is a list of arguments
-  timeout "$limit" "${launch[@]}" "$@" $extra > "$out/$name.log" 2>&1
-  echo "rc=$?"; grep '^RESULT' "$out/$name.log" || tail -n 5 "$out/$name.log"
+  # stderr apart: another rank's warning written while rank 0 prints RESULT could share its line (seen in CI with
+  # the profiler's warning of the traced run)
+  timeout "$limit" "${launch[@]}" "$@" $extra > "$out/$name.log" 2> "$out/$name.err"
+  echo "rc=$?"; grep '^RESULT' "$out/$name.log" || tail -n 5 "$out/$name.log" "$out/$name.err"
 }
 
 descendants() {  # descendants PID: PID and every process below it (torchrun starts each rank in its own session)

@@ -4,7 +4,9 @@ backward; fake impls and registered autograd, so torch.compile traces through th
 For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
 - Input rows: x[p // in_group] gathered inside the kernel's loads, or x in expert-sorted pair layout (in_group None).
 - Output: expert-sorted pair layout [P, d_out] (out_group None), or out[r] = sum_j gate[r*og+j] * y[r*og+j]: the
-  kernel writes y by pair id and a second, deterministic kernel sums each row's og contiguous pairs (fp32).
+  kernel writes y by pair id and a second, deterministic kernel sums each row's og contiguous pairs (fp32). The
+  gate is optional: without it the sums are plain; on a sorted output it scales each pair's row (after the
+  activation), and its gradient is <grad, y> / gate.
 - Explicit rows (expert parallelism, where a received row has a variable number of pairs): in_index [P] gives the
   input row of each pair (read in the kernel's loads instead of p // in_group), out_offsets [R+1] gives CSR
   segments of contiguous pair ids summed into each output row (instead of fixed groups of out_group).
