@@ -287,7 +287,9 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             # the training path: also stores grad_h * mask once for the weight gradient
             "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
                                                      side_out=out_h), []),
-            # and with the gate: scales the rows, writes the gate's gradient <grad, y> / gate
+            # with the gate's scale only, then also writing the gate's gradient <grad, y> / gate (the training path)
+            "up_dx_store_masked_scaled": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
+                                                            scale=gate, side_out=out_h), []),
             "up_dx_store_masked_gate_grad": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
                                                                scale=gate, side_out=out_h, scale_grad=sgrad), []),
         }
