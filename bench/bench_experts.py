@@ -255,6 +255,9 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
     resident = [TileConfig(128, 128, 8, 3, True, n) for n in (8, 4, 2)] + [
         TileConfig(128, 128, 4, 3, True, 4), TileConfig(128, 128, 8, 2, True, 4), TileConfig(64, 128, 4, 3, True, 8),
         TileConfig(256, 128, 8, 2, True, 2), TileConfig(128, 64, 8, 3)]     # last: one slice per program, K loop
+    # 8 warps for the gated up input-grad: at the default 4, ptxas (sm_90a, CPU) reports 255 registers and 200-364
+    # bytes of spills once the gate's scale and gradient are fused, none at 8 (docs/KERNELS.md)
+    resident_tma = [TileConfig(128, 128, w, st, True, 8, tma=True) for w, st in ((8, 3), (8, 2))]
     for block_m in (128,) if defaults_only else (128, 256):
         tb = TritonBackend(block_m=block_m)
         r = tb.route(logits, k)
@@ -289,9 +292,10 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
                                                      side_out=out_h), []),
             # with the gate's scale only, then also writing the gate's gradient <grad, y> / gate (the training path)
             "up_dx_store_masked_scaled": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
-                                                            scale=gate, side_out=out_h), []),
+                                                            scale=gate, side_out=out_h), resident_tma),
             "up_dx_store_masked_gate_grad": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
-                                                               scale=gate, side_out=out_h, scale_grad=sgrad), []),
+                                                               scale=gate, side_out=out_h, scale_grad=sgrad),
+                                             resident_tma),
         }
         for name, (call, cfgs) in calls.items():
             extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]
