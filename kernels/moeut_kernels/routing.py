@@ -89,6 +89,12 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
+def _key_dtype(n_experts: int) -> torch.dtype:
+    """The narrowest sort key that holds every expert id and the remote id n_experts: int16 sorts in 2 radix
+    passes instead of 8 for int64."""
+    return torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32
+
+
 def _counts_of_sorted(sorted_key: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Pairs per expert [n_experts] int32 from stably sorted expert keys: each expert's first sorted position by
     binary search. (A histogram by atomics contends on a few hundred counters: a `scatter_add_` of 1.6M pairs
@@ -99,17 +105,18 @@ def _counts_of_sorted(sorted_key: torch.Tensor, n_experts: int) -> torch.Tensor:
     return (starts[1:] - starts[:-1]).to(torch.int32)
 
 
+def _sorted_plan(key: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """order, offsets, tile_expert, tile_start from the expert key of every pair (by pair id, _key_dtype): a stable
+    sort, the counts, the plan kernel. Keys equal to n_experts (remote pairs) sort last."""
+    sorted_key, order = torch.sort(key.reshape(-1), stable=True)
+    return (order, *_plan(_counts_of_sorted(sorted_key, n_experts), order.numel(), n_experts, block_m))
+
+
 def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: int) -> RoutingPlan:
-    """Plan for experts chosen elsewhere (e.g. on another rank): stable sort, counts by binary search, plan
-    kernel; no sync.
+    """Plan for experts chosen elsewhere (e.g. on another rank), no sync.
     An id equal to n_experts marks a remote pair (held by another rank): it sorts after every local pair, past
     offsets[-1], and no tile covers it."""
-    flat = expert_index.reshape(-1)
-    key = flat.to(torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32)
-    sorted_key, order = torch.sort(key, stable=True)
-    offsets, tile_expert, tile_start = _plan(_counts_of_sorted(sorted_key, n_experts), flat.numel(), n_experts,
-                                             block_m)
-    return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
+    return RoutingPlan(*_sorted_plan(expert_index.to(_key_dtype(n_experts)), n_experts, block_m), n_experts, block_m)
 
 
 RouteOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -128,16 +135,14 @@ def _route_op(logits: torch.Tensor, k: int, block_m: int) -> RouteOut:
     device = logits.device
     gate = torch.empty(n_rows, S, dtype=logits.dtype, device=device)
     expert_index = torch.empty(n_rows, S, dtype=torch.int64, device=device)
-    key = torch.empty(n_rows, S, dtype=torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32, device=device)
+    key = torch.empty(n_rows, S, dtype=_key_dtype(n_experts), device=device)
     block_n = triton.next_power_of_2(n)
     block_r, warps = TOPK_OVERRIDE or (max(1, (16384 if INTERPRET else 1024) // block_n), max(1, block_n // 1024))
     if n_rows:
         K.sigmoid_topk_kernel[(triton.cdiv(n_rows, block_r), n_groups)](
             logits, gate, expert_index, key, n_rows, n, logits.stride(0), logits.stride(1),
             K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
-    sorted_key, order = torch.sort(key.reshape(-1), stable=True)
-    offsets, tile_expert, tile_start = _plan_op(_counts_of_sorted(sorted_key, n_experts), order.numel(), block_m)
-    return gate, expert_index, order, offsets, tile_expert, tile_start
+    return (gate, expert_index, *_sorted_plan(key, n_experts, block_m))
 
 
 @_route_op.register_fake
