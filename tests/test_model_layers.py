@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from moeut_ds import LanguageModel, ModelConfig
 from moeut_ds.experts import get_backend
 from moeut_ds.model.linear import linear_split
-from moeut_ds.model.rope import apply_rope, rope_tables
+from moeut_ds.model.rope import apply_rope, rope_tables, rotated_heads
 from moeut_ds.model.sigma_moe import SigmaMoE, router_logits
 from moeut_ds.model.switchhead import SwitchHead
 
@@ -258,3 +258,13 @@ def test_generate_greedy_matches_argmax_of_full_forward():
         assert torch.equal(out[:, t], logits.argmax(-1))
     sampled = generate(model, prompt, 6, temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, 10) and torch.equal(sampled[:, :4], prompt)
+
+
+def test_rotated_heads_equals_rope_on_transposed_heads():
+    """The rotation before the head transpose (model code) is the same map as rotating the [B, H, T, d_h] heads."""
+    t = torch.randn(2, 5, 3 * 8, requires_grad=True)
+    tables = rope_tables(4, 100.0, 5)
+    got = rotated_heads(t, 3, 0.5, tables)
+    want = apply_rope((t * 0.5).view(2, 5, 3, 8).transpose(1, 2), tables)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(rotated_heads(t, 3, 0.5, None), (t * 0.5).view(2, 5, 3, 8).transpose(1, 2))

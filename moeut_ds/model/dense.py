@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeut_ds.config import ModelConfig
-from moeut_ds.model.rope import RopeTables, apply_rope
+from moeut_ds.model.rope import RopeTables, rotated_heads
 from moeut_ds.model.switchhead import KVCache, attend
 
 
@@ -43,8 +43,8 @@ class DenseLayer(nn.Module):
         """Same signature as MoEUTLayer (no routers: the logits dict is empty)."""
         xn = self.ln_att(x)
         scale = self.d_head ** -0.25
-        q = apply_rope(self._heads(self.w_q(xn) * scale), rope)
-        k = apply_rope(self._heads(self.w_k(xn) * scale), rope)
+        q = rotated_heads(self.w_q(xn), self.n_heads, scale, rope)
+        k = rotated_heads(self.w_k(xn), self.n_heads, scale, rope)
         v = self._heads(self.w_v(xn))
         if cache is not None:
             k = torch.cat([cache["k"], k], dim=-2) if cache else k

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeut_ds.experts import ExpertBackend
-from moeut_ds.model.rope import RopeTables, apply_rope
+from moeut_ds.model.rope import RopeTables, rotated_heads
 from moeut_ds.model.linear import as_router_logits, linear_split
 
 KVCache = dict[str, torch.Tensor]   # {"k": rotated keys [B, H, T, d_h], "v": mixed values [B, H, T, d_h]}
@@ -82,7 +82,7 @@ class SwitchHead(nn.Module):
         scale = self.d_head ** -0.25
         routers = [self.router_v, self.router_o] if self.n_experts > 1 else [self.router_o]
         q, k, *scores = linear_split(xn, [self.w_q, self.w_k, *routers])     # everything that reads xn: one GEMM
-        q, k = apply_rope(self._heads(q * scale), rope), apply_rope(self._heads(k * scale), rope)
+        q, k = rotated_heads(q, self.n_heads, scale, rope), rotated_heads(k, self.n_heads, scale, rope)
         logits: dict[str, torch.Tensor] = {}
         if self.n_experts > 1:
             logits["v"], routing_v = self._route(scores[0], backend)
