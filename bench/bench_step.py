@@ -1,7 +1,7 @@
 """Full training step on one GPU: MoEUT (triton expert backend) vs the dense baseline, eager and torch.compile.
 
     PYTHONPATH=.:kernels python bench/bench_step.py [--sizes 244m,1b] [--budget-s 300] [--out DIR]
-        [--no-compile | --no-eager] [--micro 32]
+        [--no-compile | --no-eager] [--micro 32] [--compile-mode reduce-overhead] [--trace]
 
 One step = forward + backward of cross-entropy (+ the entropy regulariser, training mode) over 64 x 1024 tokens
 under bf16 autocast with fp32 master weights, then a fused AdamW step and zero_grad. Plain PyTorch, no DeepSpeed.
@@ -10,7 +10,8 @@ says which). Per variant: median ms/step over the timed steps (CUDA events, afte
 separately), tokens/s, steady-state peak memory (torch.cuda.max_memory_allocated), host syncs in one steady step
 (torch.cuda.set_sync_debug_mode). Also: a quick correctness check (triton vs reference backend forward loss; eager
 vs compiled loss and gradient norm), and a torch.profiler breakdown of one eager MoEUT step (kernel time by category
-and top kernels; with --profile-compiled also of each compiled step).
+and top kernels; with --profile-compiled also of each compiled step, and with --trace its Chrome trace for
+bench/trace_gaps.py, trace_*.json). --compile-mode passes torch.compile's mode (reduce-overhead: CUDA graphs).
 Variants run in order of importance and stop when --budget-s is spent.
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ from bench_utils import count_syncs  # noqa: E402
 BATCH, SEQ = 64, 1024
 DEV = "cuda"
 T0 = time.time()
+COMPILE_MODE: Optional[str] = None     # torch.compile's mode (--compile-mode)
+TRACE_DIR: Optional[Path] = None        # where profiled steps write their Chrome traces (--trace)
 torch._dynamo.config.automatic_dynamic_shapes = False   # static shapes: every variant compiles for its own shapes
 
 
@@ -64,7 +67,7 @@ class Trainer:
     def __init__(self, preset: str, backend: str, compile_model: bool, micro: int):
         torch.manual_seed(0)
         self.model = LanguageModel(get_preset(preset), expert_backend=backend).to(DEV).train()
-        self.fn: Callable = torch.compile(self.model) if compile_model else self.model
+        self.fn: Callable = torch.compile(self.model, mode=COMPILE_MODE) if compile_model else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         self.micro = micro
         self.inp, self.tgt = make_batch(self.model.cfg.vocab_size)
@@ -120,7 +123,7 @@ def bench(preset: str, backend: str, compile_model: bool, micro: int, warmup: in
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
         syncs = count_syncs(tr.step, warm=False)
         med = statistics.median(times)
-        mode = "compiled" if compile_model else "eager"
+        mode = ("compiled" + (f" {COMPILE_MODE}" if COMPILE_MODE else "")) if compile_model else "eager"
         title = f"one {mode} {preset} step (micro-batch {micro})"
         table = kernel_table(tr, title, profile_top) if profile_top else None
         return dict(profile=table, preset=preset, backend=backend, mode=mode, micro=micro,
@@ -187,6 +190,10 @@ def kernel_table(tr: "Trainer", title: str, top: int = 15) -> str:
         tr.step()
         torch.cuda.synchronize()
         wall = (time.time() - t) * 1e3
+    if TRACE_DIR is not None:
+        TRACE_DIR.mkdir(parents=True, exist_ok=True)
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in title)
+        prof.export_chrome_trace(str(TRACE_DIR / f"trace_{name}.json"))
     avgs = prof.key_averages()
     events = [e for e in avgs if "CUDA" in str(getattr(e, "device_type", "")) and e.self_device_time_total > 0]
     if not events:   # older profilers: no device_type on the averages
@@ -232,7 +239,12 @@ def main() -> None:
     ap.add_argument("--profile-compiled", action="store_true",
                     help="also profile one step of each compiled variant (kernel time by category) into profile.md")
     ap.add_argument("--profile-top", type=int, default=15, help="kernels listed in each profile table")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    ap.add_argument("--trace", action="store_true", help="write each profiled step's Chrome trace into --out")
     args = ap.parse_args()
+    global COMPILE_MODE, TRACE_DIR
+    COMPILE_MODE = args.compile_mode
+    TRACE_DIR = Path(args.out) if args.trace and args.out else None
     out = Path(args.out) if args.out else None
     import triton
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
