@@ -268,3 +268,21 @@ def test_rotated_heads_equals_rope_on_transposed_heads():
     want = apply_rope((t * 0.5).view(2, 5, 3, 8).transpose(1, 2), tables)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(rotated_heads(t, 3, 0.5, None), (t * 0.5).view(2, 5, 3, 8).transpose(1, 2))
+
+
+
+def test_entropy_regulariser_compiles_to_the_eager_gradients():
+    """torch.compile (inductor, CPU) gives the regulariser's eager value and gradients. A guard: the same math
+    reduced per application first, stack([logsumexp(log_softmax(s_r), dim=1)]) then logsumexp over the stack,
+    compiled to gradients 10-1000x off in torch 2.13 (docs/KERNELS.md, eleventh session)."""
+    from moeut_ds.model.regularizer import mean_selection_neg_entropy
+    torch.manual_seed(4)
+    logits = [(torch.randn(2, 33, 3, 10) * 2).requires_grad_() for _ in range(5)]     # R=5 of [B, T, H, E]
+    want = mean_selection_neg_entropy(logits)
+    g_want = torch.autograd.grad(want, logits)
+    torch._dynamo.reset()
+    got = torch.compile(mean_selection_neg_entropy)(logits)
+    g_got = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
