@@ -1,14 +1,15 @@
 """Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
 
     PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b] [--sweep] [--sweep-att 244M]
-        [--sweep-tma] [--json out.json]
+        [--sweep-tma] [--host-overhead] [--json out.json]
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
 --sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the kernel calls and the
-layers with TMA descriptor loads against pointer loads (`--only none` skips the layer tables). With
+layers with TMA descriptor loads against pointer loads, with --host-overhead the host time per call of the expert
+ops against their GPU time (`--only none` skips the layer tables). With
 --profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
 
     ncu --profile-from-start off -k regex:'gmm_kernel|wgrad_kernel|group_sum_kernel|sigmoid_topk_kernel' \
@@ -18,10 +19,14 @@ layers with TMA descriptor loads against pointer loads (`--only none` skips the 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import datetime
+import io
 import json
+import pstats
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -565,6 +570,52 @@ def sweep_route(rows: list) -> None:
         _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(counts, key.numel(), 128))
 
 
+def host_overhead(rows: list, tokens: int = 256, calls: int = 200) -> None:
+    """Host time per call of the expert ops at the 244M shapes but few tokens (GPU work of microseconds): a loop of
+    `calls` launches timed on the host before synchronizing, against the GPU time of one call (do_bench). Where
+    the host time is larger, a step of such calls is launch-bound; the compiled step idles ~8 ms at its start,
+    while the host launches the first layers' routing and expert ops (PERFORMANCE.md, eleventh session)."""
+    global TOKENS
+    saved, TOKENS = TOKENS, tokens
+    try:
+        ff, att = FF_SHAPES["244M"], ATT_SHAPES["244M"]
+        x, w_s, w1, w2, gy = ff_inputs(ff, seed=8)
+        tb = TritonBackend()
+        logits = router_logits(x, w_s).view(-1, 1, ff["n_experts"]).detach()
+        routing = tb.route(logits, ff["k"])
+        t = att_inputs(att, seed=9)
+        ops = {
+            "FF route (sigmoid_topk_route)": lambda: tb.route(logits, ff["k"]),
+            "FF up projection forward (grouped_matmul)": lambda: tb.matmul(
+                x.detach(), w1.detach(), routing, in_group=ff["k"], out_group=None, activation="relu"),
+            "FF experts forward (mlp)": lambda: tb.mlp(x.detach(), w1.detach(), w2.detach(), routing),
+            "FF layer forward (router GEMM + route + mlp)": lambda: ff_layer(tb, x, w_s, w1, w2, ff["k"]),
+            "FF layer forward + backward": lambda: torch.autograd.grad(
+                ff_layer(tb, x, w_s, w1, w2, ff["k"]), [x, w_s, w1, w2], gy),
+            "SwitchHead V+O forward + backward": lambda: att_step(tb, t, att),
+        }
+        for what, fn in ops.items():
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host_us = (time.perf_counter() - start) / calls * 1e6
+            torch.cuda.synchronize()
+            rows.append(dict(what=f"host {what}, {tokens} tokens", host_us=host_us, gpu_us=ms(fn, rep=50) * 1e3))
+            print(rows[-1], flush=True)
+        # where the host time of the FF layer's fwd+bwd goes, by Python function (own time)
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [ops["FF layer forward + backward"]() for _ in range(calls)])
+        torch.cuda.synchronize()
+        stats = io.StringIO()
+        pstats.Stats(profiler, stream=stats).sort_stats("tottime").print_stats(20)
+        print(stats.getvalue(), flush=True)
+    finally:
+        TOKENS = saved
+
+
 def _ff_step(shape: dict):
     """One fwd+bwd of the FF layer at `shape` on its own inputs (a closure per shape, not per loop variable)."""
     x, w_s, w1, w2, gy = ff_inputs(shape)
@@ -600,6 +651,8 @@ def main() -> None:
                     help="kernel calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="host time per call of the expert ops (244M shapes, 256 tokens) against their GPU time")
     ap.add_argument("--profile-layer", default=None,
                     help="comma list of ff244, ff1b: one profiled fwd+bwd each, for ncu --profile-from-start off")
     ap.add_argument("--no-check", action="store_true")
@@ -630,7 +683,10 @@ def main() -> None:
         sweep_order(rows)
     if args.sweep_tma:
         sweep_tma(rows)
-    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma)
+    if args.host_overhead:
+        host_overhead(rows)
+    sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma
+                    or args.host_overhead)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:

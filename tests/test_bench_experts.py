@@ -66,3 +66,11 @@ def test_tma_sweep_runs_and_matches_pointer_loads(tiny_1b):
     assert sum("tma layer" in r["what"] for r in rows) == 2 * 2 * 4
     assert B.GM._has_tma.__name__ == "_has_tma"      # restored
 
+
+
+def test_host_overhead_runs(tiny):
+    """--host-overhead: a host time and a GPU time for every op, and the module's token count restored."""
+    rows: list = []
+    B.host_overhead(rows, tokens=32, calls=2)
+    assert len(rows) == 6 and all(r["host_us"] > 0 and r["gpu_us"] > 0 for r in rows)
+    assert B.TOKENS == 64
