@@ -281,6 +281,9 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, scale=gate, cfg=c),
                        [TileConfig(128, 64, 8, 3)]),
             "down_dx_plain": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, cfg=c), []),
+            # the same with each row scaled by its gate in the epilogue: what moving the up input-grad's scale
+            # upstream would cost here (docs/NEXT.md)
+            "down_dx_plain_scaled": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, cfg=c), []),
             "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart,
                                           cfg=c), [TileConfig(128, 64, 8, 3)]),
             # also stores h * gate once for the weight gradient
