@@ -33,7 +33,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, tables: Optional[RopeTables]) -> torch.Tensor:
-    """x [B, H, T, d_h]: rotate dims [:n_rot] by position with rope_tables(n_rot, ..., seq=T) (None: unchanged)."""
+    """x [B, H, T, d_h]: rotate dims [:n_rot] by position with rope_tables(n_rot, ..., seq=T) (None: unchanged).
+    Any layout whose dims broadcast against the tables works: x [B, T, H, d_h] with tables [T, 1, n_rot]."""
     if tables is None:
         return x
     cos, sin = (t.to(x.dtype) for t in tables)
