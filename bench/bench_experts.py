@@ -260,9 +260,6 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
     resident = [TileConfig(128, 128, 8, 3, True, n) for n in (8, 4, 2)] + [
         TileConfig(128, 128, 4, 3, True, 4), TileConfig(128, 128, 8, 2, True, 4), TileConfig(64, 128, 4, 3, True, 8),
         TileConfig(256, 128, 8, 2, True, 2), TileConfig(128, 64, 8, 3)]     # last: one slice per program, K loop
-    # 8 warps for the gated up input-grad: at the default 4, ptxas (sm_90a, CPU) reports 255 registers and 200-364
-    # bytes of spills once the gate's scale and gradient are fused, none at 8 (docs/KERNELS.md)
-    resident_tma = [TileConfig(128, 128, w, st, True, 8, tma=True) for w, st in ((8, 3), (8, 2))]
     for block_m in (128,) if defaults_only else (128, 256):
         tb = TritonBackend(block_m=block_m)
         r = tb.route(logits, k)
@@ -274,15 +271,15 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
         gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)  # room for every column chunk
         h_side = torch.empty(P, d_e, device=DEV, dtype=BF16)
         sgrad = torch.empty(P, device=DEV, dtype=torch.float32)
-        # The FF training path since the tenth session (TritonBackend.mlp: the gate on the hidden units): up_fwd
-        # (gated), down_fwd, down_dx_plain, up_dx_store_masked_gate_grad, wgrad_up, wgrad_down. down_dx and
-        # down_dx_store_gated (fused gate gradient) are the FF's earlier path and attention O's current one.
+        # The FF training path (moeut_kernels.gated_mlp): up_fwd (gated), down_fwd, down_dx_plain_scaled,
+        # up_dx_store_masked_gate_grad, wgrad_up, wgrad_down. down_dx_plain and up_dx_store_masked_scaled (+ the
+        # gate gradient) were the tenth session's; down_dx and down_dx_store_gated (fused gate gradient) the FF's
+        # path before that and attention O's current one.
         calls = {  # name: (call, configs besides the default)
             "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, scale=gate, cfg=c),
                        [TileConfig(128, 64, 8, 3)]),
             "down_dx_plain": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, cfg=c), []),
-            # the same with each row scaled by its gate in the epilogue: what moving the up input-grad's scale
-            # upstream would cost here (docs/NEXT.md)
+            # the same with each row scaled by its gate in the epilogue (stores gate * dh: the training path)
             "down_dx_plain_scaled": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, cfg=c), []),
             "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart,
                                           cfg=c), [TileConfig(128, 64, 8, 3)]),
@@ -295,15 +292,16 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c), resident),
             # what the ReLU mask's loads cost
             "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c), resident[:2]),
-            # the training path: also stores grad_h * mask once for the weight gradient
+            # also stores grad_h * mask once for the weight gradient
             "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
                                                      side_out=out_h), []),
-            # with the gate's scale only, then also writing the gate's gradient <grad, y> / gate (the training path)
+            # with the gate's scale applied here (the tenth session's path, without its gate gradient)
             "up_dx_store_masked_scaled": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
-                                                            scale=gate, side_out=out_h), resident_tma),
+                                                            scale=gate, side_out=out_h), []),
+            # the training path: A came scaled by the gate; writes the gate's gradient <A, y> / gate^2
             "up_dx_store_masked_gate_grad": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
-                                                               scale=gate, side_out=out_h, scale_grad=sgrad),
-                                             resident_tma),
+                                                               side_out=out_h, scale_grad=sgrad, scaled_by=gate),
+                                             []),
         }
         for name, (call, cfgs) in calls.items():
             extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]

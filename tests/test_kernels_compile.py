@@ -38,16 +38,16 @@ def test_opcheck_route_and_plan():
     _check(torch.ops.moeut.plan.default, (counts, int(counts.sum()), BLOCK_M))
 
 
-@pytest.mark.parametrize("layout", ["up_relu", "up_relu_gated", "down", "down_plain", "narrow_sum"])
+@pytest.mark.parametrize("layout", ["up_relu", "down", "down_plain", "narrow_sum"])
 def test_opcheck_grouped_matmul(layout):
     gate, plan = _plan()
     ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
     n_rows, S = gate.shape
     gate_arg = gate.reshape(-1).clone().requires_grad_()
-    if layout.startswith("up_relu"):     # gathered token rows -> sorted pairs, ReLU (gated: the Triton mlp's)
+    if layout == "up_relu":      # gathered token rows -> sorted pairs, ReLU
         x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=True)
         w = torch.randn(plan.n_experts, 24, 20, device=DEVICE, requires_grad=True)
-        args = (x, w, gate_arg if layout == "up_relu_gated" else None, *ptensors, S, 0, True)
+        args = (x, w, None, *ptensors, S, 0, True)
     elif layout.startswith("down"):      # sorted pairs -> row sums, gate-weighted (wider: fused gate grad) or plain
         x = torch.randn(plan.n_pairs, 20, device=DEVICE, requires_grad=True)
         w = torch.randn(plan.n_experts, 20, 24, device=DEVICE, requires_grad=True)
@@ -60,11 +60,30 @@ def test_opcheck_grouped_matmul(layout):
     out, pairs = torch.ops.moeut.grouped_matmul(*args)
     assert pairs.shape == ((plan.n_pairs, 8) if layout == "narrow_sum" else (0,))
     g = torch.randn(out.shape, device=DEVICE)
-    y = out.detach() if layout.startswith("up_relu") else None
+    y = out.detach() if layout == "up_relu" else None
     bargs = (g, x.detach(), w.detach(), args[2].detach() if args[2] is not None else None, y,
              pairs.detach() if pairs.numel() else None, *ptensors, args[-3], args[-2], args[-1], True, True,
              args[2] is not None)
     _check(torch.ops.moeut.grouped_matmul_backward.default, bargs)
+
+
+@pytest.mark.parametrize("need_x", [True, False])
+def test_opcheck_gated_mlp(need_x):
+    """The σ-MoE MLP op and its backward (without the input gradient: the gate's gradient by a torch pass)."""
+    gate, plan = _plan(n_groups=1)
+    ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
+    n_rows, S = gate.shape
+    x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=need_x)
+    w1 = torch.randn(plan.n_experts, 24, 20, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(plan.n_experts, 20, 24, device=DEVICE, requires_grad=True)
+    args = (x, w1, w2, gate.reshape(-1).clone().requires_grad_(), *ptensors, S, S)
+    _check(torch.ops.moeut.gated_mlp.default, args)
+    out, h = torch.ops.moeut.gated_mlp(*args)
+    assert h.shape == (plan.n_pairs, 20)
+    g = torch.randn(out.shape, device=DEVICE)
+    bargs = (g, x.detach(), w1.detach(), w2.detach(), args[3].detach(), h.detach(), *ptensors, S, S, need_x, True,
+             True, True)
+    _check(torch.ops.moeut.gated_mlp_backward.default, bargs)
 
 
 def test_compile_fullgraph_tiny_moeut_matches_eager():

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 from moeut_ds.experts import get_backend  # noqa: E402
 from moeut_ds.experts.interface import Routing, sigmoid_topk, sort_pairs  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
-from moeut_kernels import grouped_matmul, sigmoid_topk_route  # noqa: E402
+from moeut_kernels import sigmoid_topk_route  # noqa: E402
 
 
 def make_logits(n_rows: int, n_groups: int, n: int, bias: str = "none", gen=None) -> torch.Tensor:
@@ -148,12 +148,8 @@ def run_layout(backend, layout, logits, x, w, expert_index, routing):
     k = expert_index.shape[1] // n_groups
     if layout == "ff_up":
         return backend.matmul(x, w, routing, in_group=k, out_group=None, activation="relu")
-    if layout == "ff_up_gated":     # the Triton backend's mlp gates the up projection's rows (gate * relu(x W1))
-        if isinstance(backend, TritonBackend):
-            return grouped_matmul(x, w, routing.plan, in_group=k, out_group=None, gate=routing.gate,
-                                  activation="relu")
-        y = backend.matmul(x, w, routing, in_group=k, out_group=None, activation="relu")
-        return y * routing.gate.reshape(-1)[routing.order].unsqueeze(1).to(y.dtype)
+    if layout == "ff_mlp":          # w is W1 of the whole σ-MoE MLP; W2 is fixed (its gradient: test_mlp_*)
+        return backend.mlp(x, w, mlp_w2(w), routing)
     if layout == "ff_down":
         return backend.matmul(x, w, routing, in_group=None, out_group=k)
     if layout == "att_v":
@@ -163,9 +159,16 @@ def run_layout(backend, layout, logits, x, w, expert_index, routing):
     raise AssertionError(layout)
 
 
+def mlp_w2(w1: torch.Tensor) -> torch.Tensor:
+    """A fixed W2 [E, d_e, d] for W1 [E, d, d_e], exact in bf16 (so the fp32 reference sees the same values)."""
+    n, d, d_e = w1.shape
+    w2 = torch.randn(n, d_e, d, generator=torch.Generator().manual_seed(d * d_e + n)) / d_e ** 0.5
+    return w2.bfloat16().to(w1.device, w1.dtype)
+
+
 LAYOUTS = {  # name: (groups, experts per group, k, d_in, d_out, x rows as a function of (N, P))
     "ff_up": (1, 7, 3, 40, 24, lambda N, P, G, k: N),
-    "ff_up_gated": (1, 7, 3, 40, 24, lambda N, P, G, k: N),
+    "ff_mlp": (1, 7, 3, 40, 24, lambda N, P, G, k: N),      # d_out: the hidden width d_e
     "ff_down": (1, 7, 3, 24, 40, lambda N, P, G, k: P),
     "att_v": (3, 5, 2, 40, 24, lambda N, P, G, k: N),
     "att_o": (3, 5, 2, 24, 40, lambda N, P, G, k: N * G),
@@ -310,8 +313,8 @@ def test_weight_grad_row_splits(layout, splits, monkeypatch):
 def test_relu_backward_paths(need, gated, resident, monkeypatch):
     """The up projection's ReLU gradient mask reaches both gradients on every path: applied in the resident
     input-gradient launch, which stores grad * mask for the weight gradient (x and W), or in one torch pass first
-    (W only, or configs without a resident A tile). Gated (the Triton mlp's up projection, gate * relu(x W)): the
-    gate's gradient <grad, y> / gate comes from the resident launch, or from one torch pass without one."""
+    (W only, or configs without a resident A tile). Gated (the whole σ-MoE MLP, gate * relu(x W1) then W2): the
+    gate's gradient <gate dh, h> / gate^2 comes from the resident launch, or from one torch pass without one."""
     from moeut_kernels import grouped
     if not resident:
         monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"a_resident": False})
@@ -320,7 +323,7 @@ def test_relu_backward_paths(need, gated, resident, monkeypatch):
     logits = make_logits(n_rows, 1, n, "uneven", gen).requires_grad_(gated)
     x = torch.randn(n_rows, d, generator=gen).to(DEVICE).requires_grad_(need in ("x_and_w", "x_only"))
     w = (torch.randn(n, d, d_e, generator=gen) / d ** 0.5).to(DEVICE).requires_grad_(need in ("x_and_w", "w_only"))
-    layout = "ff_up_gated" if gated else "ff_up"
+    layout = "ff_mlp" if gated else "ff_up"
     routing = TritonBackend().route(logits, k)
     y = run_layout(TritonBackend(), layout, logits, x, w, routing.expert_index, routing)
     gy = torch.randn(y.shape, generator=gen).to(DEVICE)
@@ -328,14 +331,16 @@ def test_relu_backward_paths(need, gated, resident, monkeypatch):
     logits_r = logits.detach().clone().requires_grad_(gated)
     y_r = run_layout(REF, layout, logits_r, x, w, routing.expert_index,
                      reference_routing(logits_r, routing.expert_index))
-    assert (y_r == 0).float().mean() > 0.3          # the mask matters
+    hidden = REF.matmul(x, w, reference_routing(logits_r, routing.expert_index), in_group=k, out_group=None,
+                        activation="relu")
+    assert (hidden == 0).float().mean() > 0.3          # the mask matters
     grads_r = torch.autograd.grad(y_r, [t for t in (x, w, logits_r) if t.requires_grad], gy)
     assert len(grads) == len(grads_r) > 0
     for a, b in zip(grads, grads_r):
         assert rel_err(a, b) < TOL[torch.float32]
 
 
-TMA_WIDTHS = {"ff_up": (72, 32), "ff_up_gated": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}
+TMA_WIDTHS = {"ff_up": (72, 32), "ff_mlp": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}
 
 
 def _tma_on_with_spy(monkeypatch) -> dict:
@@ -387,14 +392,15 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
         assert a is None and b is None or torch.testing.assert_close(a, b) is None
     by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor); the looping-K launches take only W by descriptor
         "ff_up": {(True, True, True), (False, False, False)},
-        "ff_up_gated": {(True, True, True), (False, False, False)},
+        # up forward, down forward (sorted A), down input-grad, up input-grad (sorted A and its mask)
+        "ff_mlp": {(False, False, False), (False, True, False), (True, False, False), (True, True, True)},
         "ff_down": {(False, True, False), (True, False, False)},
         "att_v": {(True, False, False), (False, False, False)},
         "att_o": {(False, False, False), (True, False, False)}}[layout]
     assert all(s[3] for s in seen["gmm_kernel"])                          # every launch: W by descriptor
     assert {s[:3] for s in seen["gmm_kernel"]} == by_desc
     # the weight gradient: its sorted operand (the other one's gathered rows mask the rows past the chunk)
-    sorted_operand = {"ff_up": "b", "ff_up_gated": "b", "ff_down": "a", "att_v": "b", "att_o": "a"}[layout]
+    sorted_operand = {"ff_up": "b", "ff_mlp": "b", "ff_down": "a", "att_v": "b", "att_o": "a"}[layout]
     assert {s[1:] for s in seen["wgrad_kernel"]} == {(sorted_operand == "a", sorted_operand == "b")}
 
 

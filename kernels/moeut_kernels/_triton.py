@@ -156,9 +156,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs; not with GATE_GRAD): the
     tile's A rows (and mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead
     of once per slice by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
-    SCALE_GRAD (A_RESIDENT, MASK_A, HAS_SCALE: the input gradient of a gated output y = s * relu(.), where A is dy
-    and the mask source is y): also writes gpart[pair] = <dy, y> / s, the gradient of the scale s (0 where s = 0),
-    once per tile from the two tiles the launch loads anyway.
+    SCALE_GRAD (A_RESIDENT, MASK_A, not HAS_SCALE: the input gradient of a gated output y = s * relu(.), where A is
+    s * dy, scaled upstream, and the mask source is y; s is read from scale_ptr): also writes gpart[pair] =
+    <s dy, y> / s^2 = <dy, relu(.)>, the gradient of the scale s (0 where s^2 is 0), once per tile from the two
+    tiles the launch loads anyway.
     STORE_SIDE: also writes, at the sorted position in side, the operand the weight gradient will pair with the
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
@@ -211,10 +212,12 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             a = tl.where(m > 0, a, 0.0)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)     # once per tile, not per slice
         if SCALE_GRAD:
-            tl.static_assert(MASK_A and HAS_SCALE)
-            if chunk == 0:       # <dy, y> over the masked dy equals it over dy: y is 0 where the mask is
+            tl.static_assert(MASK_A and not HAS_SCALE)
+            if chunk == 0:       # <A, y> over the masked A equals it over A: y is 0 where the mask is
+                g = _pair_scale(scale_ptr, pair, rmask, True, BLOCK_M)
                 gs = tl.sum(a.to(tl.float32) * m.to(tl.float32), axis=1)
-                tl.store(gpart_ptr + pair * s_gp, tl.where(s != 0.0, gs / tl.where(s != 0.0, s, 1.0), 0.0),
+                g2 = g * g     # 0 also where it underflows (s < ~1e-19): then s(1-s), the logit's factor, is ~0
+                tl.store(gpart_ptr + pair * s_gp, tl.where(g2 > 0.0, gs / tl.where(g2 > 0.0, g2, 1.0), 0.0),
                          mask=rmask)
         if STORE_SIDE:
             if chunk == 0:

@@ -5,8 +5,7 @@ For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
 - Input rows: x[p // in_group] gathered inside the kernel's loads, or x in expert-sorted pair layout (in_group None).
 - Output: expert-sorted pair layout [P, d_out] (out_group None), or out[r] = sum_j gate[r*og+j] * y[r*og+j]: the
   kernel writes y by pair id and a second, deterministic kernel sums each row's og contiguous pairs (fp32). The
-  gate is optional: without it the sums are plain; on a sorted output it scales each pair's row (after the
-  activation), and its gradient is <grad, y> / gate.
+  gate is optional: without it the sums are plain. (A gate on sorted ReLU rows is the σ-MoE MLP's: mlp.py.)
 - Explicit rows (expert parallelism, where a received row has a variable number of pairs): in_index [P] gives the
   input row of each pair (read in the kernel's loads instead of p // in_group), out_offsets [R+1] gives CSR
   segments of contiguous pair ids summed into each output row (instead of fixed groups of out_group).
@@ -178,12 +177,14 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
          gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
          a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
-         side_out: Optional[torch.Tensor] = None, scale_grad: Optional[torch.Tensor] = None) -> None:
+         side_out: Optional[torch.Tensor] = None, scale_grad: Optional[torch.Tensor] = None,
+         scaled_by: Optional[torch.Tensor] = None) -> None:
     """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id)
     replace a_group / d_group when given. side_out [P, K] (resident-A configs) or [P, N] (with gpart and scale):
     also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's gated operand.
-    scale_grad [P] fp32 (resident-A configs, with amask and scale): receives <A, amask> / scale by pair id, the
-    gradient of a gated output's gate (SCALE_GRAD)."""
+    scale_grad [P] fp32 (resident-A configs, with amask and scaled_by, no scale): receives <A, amask> / scaled_by^2
+    by pair id: the gradient of the gate of a gated output amask = gate * relu(.), whose output gradient A came
+    scaled by the same gate (SCALE_GRAD)."""
     n_experts = w.shape[0]
     if transpose_w:
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
@@ -195,8 +196,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
     if side_out is not None and not (cfg.a_resident or (gpart is not None and scale is not None)):
         raise ValueError("side_out needs a resident-A config or a fused gate gradient")
-    if scale_grad is not None and not (cfg.a_resident and amask is not None and scale is not None):
-        raise ValueError("scale_grad needs a resident-A config, the mask source and the scale")
+    if scale_grad is not None and not (cfg.a_resident and amask is not None and scaled_by is not None
+                                       and scale is None):
+        raise ValueError("scale_grad needs a resident-A config, the mask source and scaled_by, and no scale")
     if scale_grad is not None:
         gpart = scale_grad.view(-1, 1)       # the kernel writes it through the gate-gradient partials' slot
     n_tiles = plan.tile_expert.numel()
@@ -223,7 +225,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     grid = (n_tiles * triton.cdiv(ndim, cols),)
     K.gmm_kernel[grid](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
-        scale if scale is not None else dummy, amask_t, dsrc_t, gpart if gpart is not None else dummy,
+        scale if scale is not None else scaled_by if scaled_by is not None else dummy, amask_t, dsrc_t,
+        gpart if gpart is not None else dummy,
         a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
         side_out if side_out is not None else a, a_desc, m_desc, w_desc,
         ndim, kdim, n_experts, cols,
@@ -386,9 +389,9 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
             out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (output, pairs). Output: [P, d_out] in sorted pair layout (out_group 0, no out_offsets),
-    [P // out_group, d_out] or [len(out_offsets) - 1, d_out] row sums. gate (by pair id, optional) scales each
-    pair's product after the activation: the sums are gate-weighted, the sorted rows gated. in_group / out_group 0
-    mean None (sorted pair layout); in_index / out_offsets (int64) take precedence over them. pairs: the pre-gate
+    [P // out_group, d_out] or [len(out_offsets) - 1, d_out] row sums. gate (by pair id, optional, summed outputs
+    only) weights each pair's product in the sums. in_group / out_group 0 mean None (sorted pair layout);
+    in_index / out_offsets (int64) take precedence over them. pairs: the pre-gate
     per-pair products by pair id where keeps_pairs says so (saved for the gate's gradient), else empty. local:
     [P] bool, the pairs computed here (None: all)."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
@@ -406,7 +409,7 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
             out = group_sum(buf, out_group, scale)
         return out, buf if _kept(weight, out_group, out_offsets) else buf.new_empty(0)
     out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
-    _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, scale=gate, a_index=in_index)
+    _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, a_index=in_index)
     return out, out.new_empty(0)
 
 
@@ -433,10 +436,9 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
                 relu: bool, need_x: bool, need_w: bool, need_g: bool, in_index: Optional[torch.Tensor] = None,
                 out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> GradOut:
     """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved
-    output of a ReLU or gated sorted-layout projection, None otherwise. pairs: the forward's pre-gate per-pair
-    products (keeps_pairs), None otherwise; with them the gate's gradient is one pair_dot pass instead of a partial
-    sum fused into the input-gradient launch. A gated sorted output's gate gradient is <grad, y> / gate, written by
-    the resident input-gradient launch from the tiles it loads anyway.
+    output of a ReLU projection, None otherwise. pairs: the forward's pre-gate per-pair products (keeps_pairs),
+    None otherwise; with them the gate's gradient is one pair_dot pass instead of a partial sum fused into the
+    input-gradient launch.
     The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch applies the mask as it loads
     its A tile and stores the product once (one read of the mask instead of one per weight-gradient program);
     otherwise one torch pass makes it first. Likewise the gate: the input-gradient launch stores the operand it
@@ -459,13 +461,6 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g, masked=mask is not None,
                      device=x.device)                                          # of the input-gradient launch
     resident_dx = need_x and cfg.a_resident
-    scale_g = need_g and not summed_out                  # a gated sorted output: <grad, y> / gate
-    kernel_scale_g = scale_g and resident_dx and mask is not None
-    if scale_g and not kernel_scale_g:
-        gated = (grad_out.float() * y.float()).sum(1)
-        g_sorted = gate[order].float()
-        grad_gate = torch.empty(n_pairs, dtype=gate.dtype, device=x.device).index_copy_(
-            0, order, torch.where(g_sorted != 0, gated / g_sorted, 0).to(gate.dtype))
     launch = need_x or fused_g
     # The weight gradient's gated operand in sorted pair layout, written by the input-gradient launch: the grad
     # rows times the ReLU mask or the gate (resident A), or gate * x (fused gate gradient). The weight gradient
@@ -484,11 +479,10 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
             # one gate-gradient partial per program's column chunk
             gpart = torch.empty(n_pairs, triton.cdiv(d_in, cfg.columns_per_program()), dtype=torch.float32,
                                 device=x.device)
-        scale_grad = torch.empty(n_pairs, dtype=torch.float32, device=x.device) if kernel_scale_g else None
         buf = torch.empty(n_pairs, d_in, dtype=x.dtype, device=x.device)
         _gmm(grad_out, og, weight, True, plan, buf, gathered_in, amask=mask, scale=gate,
              dsrc=x if fused_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
-             side_out=side, scale_grad=scale_grad)
+             side_out=side)
         if need_x:
             lmask = local.to(buf.dtype) if local is not None else None
             if in_index is not None:
@@ -497,8 +491,6 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
                 grad_x = group_sum(buf, ig, lmask) if ig else buf
         if fused_g:
             grad_gate = gpart.sum(1).to(gate.dtype)
-        if kernel_scale_g:
-            grad_gate = scale_grad.to(gate.dtype)
     if need_g and local is not None:
         grad_gate = torch.where(local, grad_gate, 0)
     if need_w:
@@ -526,12 +518,6 @@ def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return grad_x, grad_w, grad_gate
 
 
-def _saves_output(relu: bool, gate: Optional[torch.Tensor], out_group: int, out_offsets: Optional[torch.Tensor]
-                  ) -> bool:
-    """Whether backward needs the op's output: the ReLU mask, or a gated sorted output's gate gradient."""
-    return relu or (gate is not None and not _summed(out_group, out_offsets))
-
-
 def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
     (x, weight, gate, order, offsets, tile_expert, tile_start, block_m, in_group, out_group, relu, in_index,
      out_offsets, local) = inputs
@@ -539,7 +525,7 @@ def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) ->
     ctx.mark_non_differentiable(pairs)
     ctx.set_materialize_grads(False)
     kept = pairs if _kept(weight, out_group, out_offsets) else None
-    y = out if _saves_output(relu, gate, out_group, out_offsets) else None
+    y = out if relu else None         # the ReLU mask
     ctx.save_for_backward(x, weight, gate, y, kept, order, offsets, tile_expert, tile_start, in_index, out_offsets,
                           local)
     ctx.ints = (block_m, in_group, out_group, relu)
@@ -564,26 +550,43 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
                    out_group: Optional[int], gate: Optional[torch.Tensor] = None,
                    activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
                    out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Grouped expert matmul; see the module docstring. gate [N, S] (optional, differentiated) scales each pair's
-    product after the activation: gate-weighted sums for summed outputs (out_group or out_offsets; without a gate
-    the sums are plain), gated rows in sorted layout otherwise. local [N, S] bool: the pairs computed here, with the
-    plan's remote pairs (plan_from_expert_index) False; None when every pair is computed.
+    """Grouped expert matmul; see the module docstring. gate [N, S] (optional, differentiated; summed outputs
+    only) weights each pair's product in the sums (out_group or out_offsets; without a gate the sums are plain).
+    local [N, S] bool: the pairs computed here, with the plan's remote pairs (plan_from_expert_index) False; None
+    when every pair is computed.
 
     in_index [P] (input row of each pair, any order; excludes in_group) and out_offsets [R+1] (CSR segments of
     contiguous pair ids, offsets[0] = 0, offsets[R] = P; excludes out_group) are integer tensors on x's device;
     nothing here reads their values on the host. x and weight must share a dtype (the caller resolves autocast).
     ReLU with a summed output is not supported: the fused gate gradient <x, g W^T> holds only for a linear output.
+    A gate on sorted ReLU rows is the σ-MoE MLP's (mlp.gated_mlp).
     """
     if activation not in (None, "relu"):
         raise ValueError(f"unknown activation {activation!r}; supported: 'relu' or None")
-    if in_index is not None and in_group is not None:
-        raise ValueError("give in_group or in_index, not both")
-    if out_offsets is not None and out_group is not None:
-        raise ValueError("give out_group or out_offsets, not both")
     summed = out_group is not None or out_offsets is not None
     relu = activation == "relu"
     if relu and summed:
         raise NotImplementedError("activation with out_group is not supported by the Triton kernels")
+    if gate is not None and not summed:
+        raise ValueError("a gate needs a summed output (out_group or out_offsets); gated ReLU rows: gated_mlp")
+    in_index, out_offsets, local, gate = pair_arguments(x, weight, plan, in_group, out_group, in_index,
+                                                        out_offsets, local, gate)
+    out, _ = torch.ops.moeut.grouped_matmul(x, weight, gate, plan.order, plan.offsets, plan.tile_expert,
+                                            plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu,
+                                            in_index, out_offsets, local)
+    return out
+
+
+def pair_arguments(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, in_group: Optional[int],
+                   out_group: Optional[int], in_index: Optional[torch.Tensor], out_offsets: Optional[torch.Tensor],
+                   local: Optional[torch.Tensor], gate: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """Checks the arguments that describe the pairs' rows (grouped_matmul's docstring) against x, weight (the
+    first projection) and the plan, and returns in_index, out_offsets, local and gate in the ops' layouts: int64,
+    bool and the gate by pair id, each contiguous."""
+    if in_index is not None and in_group is not None:
+        raise ValueError("give in_group or in_index, not both")
+    if out_offsets is not None and out_group is not None:
+        raise ValueError("give out_group or out_offsets, not both")
     if x.dtype != weight.dtype:
         raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
     if in_index is not None:
@@ -604,10 +607,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
             raise ValueError(f"local must be a bool tensor with one entry per pair ({plan.n_pairs}), got "
                              f"{local.dtype} with {local.numel()}")
         local = local.reshape(-1).contiguous()
-    gate_flat = gate.reshape(-1) if gate is not None else None
-    if gate_flat is not None and gate_flat.stride(0) != 1:
-        gate_flat = gate_flat.contiguous()
-    out, _ = torch.ops.moeut.grouped_matmul(x, weight, gate_flat, plan.order, plan.offsets, plan.tile_expert,
-                                            plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu,
-                                            in_index, out_offsets, local)
-    return out
+    if gate is not None:
+        gate = gate.reshape(-1)
+        gate = gate if gate.stride(0) == 1 else gate.contiguous()
+    return in_index, out_offsets, local, gate
