@@ -242,9 +242,11 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--trace", action="store_true", help="write each profiled step's Chrome trace into --out")
     args = ap.parse_args()
+    if args.trace and not args.out:
+        ap.error("--trace writes each profiled step's Chrome trace into --out: give --out")
     global COMPILE_MODE, TRACE_DIR
     COMPILE_MODE = args.compile_mode
-    TRACE_DIR = Path(args.out) if args.trace and args.out else None
+    TRACE_DIR = Path(args.out) if args.trace else None
     out = Path(args.out) if args.out else None
     import triton
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

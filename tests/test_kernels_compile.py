@@ -62,7 +62,7 @@ def test_opcheck_grouped_matmul(layout):
     g = torch.randn(out.shape, device=DEVICE)
     y = out.detach() if layout == "up_relu" else None
     bargs = (g, x.detach(), w.detach(), args[2].detach() if args[2] is not None else None, y,
-             pairs.detach() if pairs.numel() else None, *ptensors, args[-3], args[-2], args[-1], True, True,
+             pairs.detach() if pairs.numel() else None, *ptensors, args[-3], args[-2], True, True,
              args[2] is not None)
     _check(torch.ops.moeut.grouped_matmul_backward.default, bargs)
 

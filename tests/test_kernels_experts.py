@@ -424,7 +424,7 @@ gy = torch.randn(y.shape, generator=gen).to(T.DEVICE, torch.bfloat16)
 p = routing.plan
 # the backward op once in this thread, so that its kernels are compiled and loaded here (loading binds a context)
 main = torch.ops.moeut.grouped_matmul_backward(gy, h, w, routing.gate.reshape(-1), None, None, p.order, p.offsets,
-                                               p.tile_expert, p.tile_start, p.block_m, 0, k, False, True, True, True)
+                                               p.tile_expert, p.tile_start, p.block_m, 0, k, True, True, True)
 # then the same launches as the first CUDA work of autograd's backward thread
 grads = torch.autograd.grad(y, [h, w, logits], gy)
 for a, b in zip(main[:2], grads[:2]):

@@ -371,6 +371,24 @@ def segment_ids(seg_offsets: torch.Tensor, n_pairs: int) -> torch.Tensor:
     return torch.searchsorted(seg_offsets[1:].to(torch.int64).contiguous(), pairs, right=True)
 
 
+def pair_sums(buf: torch.Tensor, out_group: int, out_offsets: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+              local: Optional[torch.Tensor]) -> torch.Tensor:
+    """A summed output from its per-pair rows [P, d] (by pair id): fixed groups of out_group pairs, or out_offsets'
+    segments, gate-weighted when a gate is given. Remote pairs' rows were never written: a zero scale skips them."""
+    scale = gate
+    if local is not None:
+        scale = torch.where(local, gate, 0) if gate is not None else local.to(buf.dtype)
+    return segment_sum(buf, out_offsets, scale) if out_offsets is not None else group_sum(buf, out_group, scale)
+
+
+def input_grad_sums(buf: torch.Tensor, in_group: int, in_index: Optional[torch.Tensor], n_rows: int,
+                    local: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gradient of gathered input rows from the per-pair rows [P, d] (by pair id): each row sums its pairs
+    (in_index, else fixed groups of in_group), skipping remote pairs, whose rows were never written."""
+    lmask = local.to(buf.dtype) if local is not None else None
+    return _rows_sum(buf, in_index, n_rows, lmask) if in_index is not None else group_sum(buf, in_group, lmask)
+
+
 def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int, scale: Optional[torch.Tensor] = None
               ) -> torch.Tensor:
     """[P, d] by pair id -> [n_rows, d]: row r sums its pairs (in_index[p] == r), times scale[p] if given, in
@@ -400,13 +418,7 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
     if _summed(out_group, out_offsets):
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
         _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu, a_index=in_index)
-        scale = gate
-        if local is not None:     # remote rows were never written: a zero scale makes the sums skip them
-            scale = torch.where(local, gate, 0) if gate is not None else local.to(x.dtype)
-        if out_offsets is not None:
-            out = segment_sum(buf, out_offsets, scale)
-        else:
-            out = group_sum(buf, out_group, scale)
+        out = pair_sums(buf, out_group, out_offsets, gate, local)
         return out, buf if _kept(weight, out_group, out_offsets) else buf.new_empty(0)
     out = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
     _gmm(x, in_group, weight, False, plan, out, False, relu_out=relu, a_index=in_index)
@@ -433,12 +445,12 @@ GradOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
                 y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor,
                 tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int, out_group: int,
-                relu: bool, need_x: bool, need_w: bool, need_g: bool, in_index: Optional[torch.Tensor] = None,
+                need_x: bool, need_w: bool, need_g: bool, in_index: Optional[torch.Tensor] = None,
                 out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> GradOut:
     """(grad_x, grad_w, grad_gate); a gradient that is not needed comes back as an empty tensor. y: the saved
-    output of a ReLU projection, None otherwise. pairs: the forward's pre-gate per-pair products (keeps_pairs),
-    None otherwise; with them the gate's gradient is one pair_dot pass instead of a partial sum fused into the
-    input-gradient launch.
+    output of a ReLU projection (its gradient mask), None otherwise. pairs: the forward's pre-gate per-pair
+    products (keeps_pairs), None otherwise; with them the gate's gradient is one pair_dot pass instead of a partial
+    sum fused into the input-gradient launch.
     The weight gradient reads grad_out * (y > 0): a resident-A input-gradient launch applies the mask as it loads
     its A tile and stores the product once (one read of the mask instead of one per weight-gradient program);
     otherwise one torch pass makes it first. Likewise the gate: the input-gradient launch stores the operand it
@@ -457,7 +469,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
     fused_g = need_g and summed_out and pairs is None   # as partial sums <x_p, g_row W^T> in the input-gradient launch
     if need_g and summed_out and not fused_g:
         grad_gate = pair_dot(grad_out, og, pairs, a_index=out_index).to(gate.dtype)
-    mask = y if relu else None
+    mask = y
     cfg = gmm_config(d_in, weight.shape[2], x.dtype, block_m, gate_grad=fused_g, masked=mask is not None,
                      device=x.device)                                          # of the input-gradient launch
     resident_dx = need_x and cfg.a_resident
@@ -484,11 +496,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
              dsrc=x if fused_g else None, d_group=ig, gpart=gpart, cfg=cfg, a_index=out_index, d_index=in_index,
              side_out=side)
         if need_x:
-            lmask = local.to(buf.dtype) if local is not None else None
-            if in_index is not None:
-                grad_x = _rows_sum(buf, in_index, x.shape[0], lmask)
-            else:
-                grad_x = group_sum(buf, ig, lmask) if ig else buf
+            grad_x = input_grad_sums(buf, ig, in_index, x.shape[0], local) if gathered_in else buf
         if fused_g:
             grad_gate = gpart.sum(1).to(gate.dtype)
     if need_g and local is not None:
@@ -509,7 +517,7 @@ def _gmm_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g
 def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
                   y: Optional[torch.Tensor], pairs: Optional[torch.Tensor], order: torch.Tensor,
                   offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int,
-                  in_group: int, out_group: int, relu: bool, need_x: bool, need_w: bool, need_g: bool,
+                  in_group: int, out_group: int, need_x: bool, need_w: bool, need_g: bool,
                   in_index: Optional[torch.Tensor] = None, out_offsets: Optional[torch.Tensor] = None,
                   local: Optional[torch.Tensor] = None) -> GradOut:
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
@@ -528,17 +536,17 @@ def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) ->
     y = out if relu else None         # the ReLU mask
     ctx.save_for_backward(x, weight, gate, y, kept, order, offsets, tile_expert, tile_start, in_index, out_offsets,
                           local)
-    ctx.ints = (block_m, in_group, out_group, relu)
+    ctx.ints = (block_m, in_group, out_group)
 
 
 def _gmm_backward(ctx, grad_out: Optional[torch.Tensor], grad_pairs: None) -> tuple[Optional[torch.Tensor], ...]:
     x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, in_index, out_offsets, local = ctx.saved_tensors
-    block_m, ig, og, relu = ctx.ints
+    block_m, ig, og = ctx.ints
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_g = gate is not None and ctx.needs_input_grad[2]
     grad_x, grad_w, grad_gate = torch.ops.moeut.grouped_matmul_backward(
-        grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, relu, need_x,
-        need_w, need_g, in_index, out_offsets, local)
+        grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w,
+        need_g, in_index, out_offsets, local)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
             None, None, None, None, None, None, None, None, None, None, None)
 

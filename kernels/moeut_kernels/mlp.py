@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from moeut_kernels.grouped import (_gmm, _rows_sum, _wgrad, gmm_config, group_sum, pair_arguments, segment_ids,
-                                   segment_sum)
+from moeut_kernels.grouped import (_gmm, _wgrad, gmm_config, input_grad_sums, pair_arguments, pair_sums,
+                                   segment_ids)
 from moeut_kernels.routing import RoutingPlan
 
 MlpGrads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -36,9 +36,7 @@ def _mlp_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gate: torch.Ten
     _gmm(x, in_group, w1, False, plan, h, False, relu_out=True, scale=gate, a_index=in_index)
     buf = torch.empty(plan.n_pairs, w2.shape[2], dtype=x.dtype, device=x.device)
     _gmm(h, 0, w2, False, plan, buf, True)
-    scale = local.to(x.dtype) if local is not None else None    # remote rows were never written: zero scale skips
-    out = segment_sum(buf, out_offsets, scale) if out_offsets is not None else group_sum(buf, out_group, scale)
-    return out, h
+    return pair_sums(buf, out_group, out_offsets, None, local), h
 
 
 @_mlp_op.register_fake
@@ -92,11 +90,7 @@ def _mlp_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: t
             buf = torch.empty(n_pairs, d, dtype=x.dtype, device=x.device)
             _gmm(side, 0, w1, True, plan, buf, True)
     if need_x:
-        lmask = local.to(buf.dtype) if local is not None else None
-        if in_index is not None:
-            grad_x = _rows_sum(buf, in_index, x.shape[0], lmask)
-        else:
-            grad_x = group_sum(buf, in_group, lmask)
+        grad_x = input_grad_sums(buf, in_group, in_index, x.shape[0], local)
     if need_g and local is not None:
         grad_gate = torch.where(local, grad_gate, 0)
     if need_w1:
