@@ -60,7 +60,9 @@ def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, conte
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     del model, opt
+    torch._dynamo.reset()       # compiled graphs hold the model's tensors; the trainer subprocess needs the memory
     torch.cuda.empty_cache()
+    print(f"plain loop done: {torch.cuda.memory_reserved() / 2**30:.1f} GiB still reserved", flush=True)
     return times
 
 

@@ -12,19 +12,22 @@ from dist_harness import Ranks, data_dir, read_jsonl, run_train, tiny_overrides,
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, data_dir):
     curves = {}
+    cache = tmp_path / "inductor_cache"
     for mode in ("false", "true"):
         over = tiny_overrides(data_dir, tmp_path / mode, **{
             "train.steps": 2, "train.compile": mode, "expert_backend": "triton", "eval.at_end": "false",
             "log.expert_stats_every": 0, "deepspeed_config": "ds_configs/zero1.json"})
-        # a cache of its own: a compiled graph cached on disk by another checkout can call our custom ops with an
-        # older schema (seen when moeut::grouped_matmul_backward lost an argument; docs/KERNELS.md)
-        env = {"TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor_cache")}
+        env = {"TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
         with Ranks(train_argv(None, *over), 1, tmp_path / f"logs_{mode}", env) as job:
             rcs = job.wait(900)
             assert rcs == [0], job.report(rcs)
         rows = read_jsonl(tmp_path / mode)
         curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"]) for s in sorted(rows)]
     assert len(curves["true"]) == 2
+    # the trainer compiled without Inductor's on-disk graph caches (compile_without_graph_cache): nothing cached
+    assert any(cache.iterdir()), "Inductor wrote nothing: the cache folder is not the one the run used"
+    assert not any(p.is_file() for sub in ("fxgraph", "aotautograd") for p in (cache / sub).rglob("*")), \
+        sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())[:20]
     for (loss_c, norm_c), (loss_e, norm_e) in zip(curves["true"], curves["false"]):
         assert loss_c == pytest.approx(loss_e, rel=1e-5) and norm_c == pytest.approx(norm_e, rel=1e-4), curves
 

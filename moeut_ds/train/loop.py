@@ -108,6 +108,20 @@ def validation_loss(model, batches, device: torch.device) -> tuple[float, int]:
     return float(total[0] / total[1].clamp_min(1)), int(total[1])
 
 
+def compile_without_graph_cache(model: torch.nn.Module) -> None:
+    """model.compile() in place (parameter names and checkpoints stay those of the eager model), with Inductor's
+    on-disk FX-graph and AOTAutograd caches off for this process. Their keys miss things the cached code assumes:
+    on an H200 a graph that a plain torch.compile of dense-244M had cached crashed this trainer's first forward
+    (CUBLAS_STATUS_INTERNAL_ERROR), and one cached by an older checkout called a custom op with its old schema
+    (docs/KERNELS.md, "Inductor's on-disk cache"). Every start compiles afresh (~1 min at 244M); Triton's kernel
+    cache, keyed by the kernel source, stays on."""
+    import torch._functorch.config
+    import torch._inductor.config
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    model.compile()
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1; the loop finishes the current step, saves and exits PREEMPTED_EXIT_CODE."""
 
@@ -194,7 +208,7 @@ class Trainer:
                 raise ConfigError("train.compile=true needs the triton expert backend (expert_backend=triton or auto "
                                   "on a GPU): the reference backend's data-dependent shapes break the graph, and "
                                   "torch's CPU Inductor crashes on the pieces; set train.compile=false")
-            model.compile()          # in place: parameter names and checkpoints stay those of the eager model
+            compile_without_graph_cache(model)
         opt = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config,
