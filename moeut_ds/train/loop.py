@@ -113,7 +113,7 @@ def compile_without_graph_cache(model: torch.nn.Module) -> None:
     on-disk FX-graph and AOTAutograd caches off for this process. Their keys miss things the cached code assumes:
     on an H200 a graph that a plain torch.compile of dense-244M had cached crashed this trainer's first forward
     (CUBLAS_STATUS_INTERNAL_ERROR), and one cached by an older checkout called a custom op with its old schema
-    (docs/KERNELS.md, "Inductor's on-disk cache"). Every start compiles afresh (~1 min at 244M); Triton's kernel
+    (docs/KERNELS.md, "A stale compile cache"). Every start compiles afresh (~1 min at 244M); Triton's kernel
     cache, keyed by the kernel source, stays on."""
     import torch._functorch.config
     import torch._inductor.config
