@@ -246,8 +246,8 @@ def main() -> None:
         ap.error("--trace writes each profiled step's Chrome trace into --out: give --out")
     global COMPILE_MODE, TRACE_DIR
     COMPILE_MODE = args.compile_mode
-    TRACE_DIR = Path(args.out) if args.trace else None
     out = Path(args.out) if args.out else None
+    TRACE_DIR = out if args.trace else None
     import triton
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat(), tokens=BATCH * SEQ)

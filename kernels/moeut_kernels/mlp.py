@@ -71,8 +71,8 @@ def _mlp_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: t
     cfg = gmm_config(d, d_e, x.dtype, block_m, masked=True, device=x.device)     # of the up input-gradient launch
     # The up weight gradient's sorted operand, du * (h > 0): stored by a resident input-gradient launch as it
     # applies the mask, else made by one torch pass.
-    side = torch.empty_like(du) if need_w1 else None
     if need_x and cfg.a_resident:
+        side = torch.empty_like(du) if need_w1 else None
         buf = torch.empty(n_pairs, d, dtype=x.dtype, device=x.device)
         scale_grad = torch.empty(n_pairs, dtype=torch.float32, device=x.device) if need_g else None
         _gmm(du, 0, w1, True, plan, buf, True, amask=h, cfg=cfg, side_out=side, scale_grad=scale_grad,
