@@ -1,14 +1,15 @@
 """Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
 
     PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b] [--sweep] [--sweep-att 244M]
-        [--sweep-tma] [--host-overhead] [--json out.json]
+        [--sweep-tma] [--sweep-ws] [--host-overhead] [--json out.json]
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
 --sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the kernel calls and the
-layers with TMA descriptor loads against pointer loads, with --host-overhead the host time per call of the expert
+layers with TMA descriptor loads against pointer loads, with --sweep-ws the resident FF calls and the layers with
+Triton's warp-specialised loop against the defaults, with --host-overhead the host time per call of the expert
 ops against their GPU time (`--only none` skips the layer tables). With
 --profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
 
@@ -43,6 +44,7 @@ from moeut_ds.experts.interface import Routing, sort_pairs  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
 from moeut_ds.model.sigma_moe import router_logits  # noqa: E402
 from moeut_kernels import grouped as GM  # noqa: E402
+from moeut_kernels import mlp as MLP  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
@@ -506,6 +508,75 @@ def sweep_tma(rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def _with_warp_specialize(base, stages: int):
+    """gmm_config `base`, with TileConfig.warp_specialize (at `stages`) for its resident-A TMA configs at 4 warps
+    (the attention's resident calls gather A, so _gmm leaves them unspecialised: the control)."""
+    def config(*args, **kwargs) -> TileConfig:
+        c = base(*args, **kwargs)
+        if c.a_resident and c.tma and c.num_warps == 4:
+            c = dataclasses.replace(c, warp_specialize=True, num_stages=stages)
+        return c
+    return config
+
+
+def sweep_ws(rows: list) -> None:
+    """Triton's warp-specialised slice loop (TileConfig.warp_specialize) in the FF calls that keep a sorted A tile
+    resident, against their defaults, at the 244M and 1B shapes: the down forward, and the up input-grad with its
+    masked store and gate gradient. Each variant row records its largest difference from the default's outputs.
+    Then the FF and SwitchHead layers' fwd+bwd with warp specialisation on every launch that takes it (2 stages:
+    3 do not fit the up input-grad's shared memory), twice, interleaved, with the largest gradient difference.
+    Rows print as they finish: a variant that hangs (a Triton 3.6 probe did, in the fifth session) shows which."""
+    for size in ("244M", "1B"):
+        f = FF_SHAPES[size]
+        x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
+        k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
+        r = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E).detach(), k)
+        plan, gate = r.plan, r.gate.detach().reshape(-1)
+        P, flop = TOKENS * k, 2 * TOKENS * k * d * d_e
+        h = torch.relu(torch.randn(P, d_e, device=DEV, dtype=BF16))     # ReLU-shaped: the mask source
+        gh = torch.randn(P, d_e, device=DEV, dtype=BF16)
+        dev = torch.device(DEV)
+        down, up = (GM.gmm_config(d, d_e, BF16, plan.block_m, masked=m, device=dev) for m in (False, True))
+        side, side_ref = (torch.empty(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
+        sg, sg_ref = (torch.empty(P, device=DEV, dtype=torch.float32) for _ in range(2))
+        calls = {  # name: (call writing into out, base config, stage counts to try)
+            "FF down_fwd": (lambda c, o: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), down, (2, 3, 4)),
+            "FF up_dx_store_masked_gate_grad": (
+                lambda c, o, sd=side, g=sg: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c, side_out=sd,
+                                                    scale_grad=g, scaled_by=gate), up, (2,)),
+        }
+        for name, (call, base, stage_counts) in calls.items():
+            ref, out = (torch.empty(P, d, device=DEV, dtype=BF16) for _ in range(2))
+            if "up_dx" in name:
+                _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref, side_ref, sg_ref), flop=flop)
+            else:
+                _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref), flop=flop)
+            for stages in stage_counts:
+                c = dataclasses.replace(base, warp_specialize=True, num_stages=stages)
+                _timed_against(rows, f"ws {size} {name} warp-specialised {stages} stages", lambda: call(c, out),
+                               out, ref, flop)
+                if "up_dx" in name and "ms" in rows[-1]:
+                    rows[-1]["side_max_abs_diff"] = (side.float() - side_ref.float()).abs().max().item()
+                    rows[-1]["gate_grad_max_abs_diff"] = (sg - sg_ref).abs().max().item()
+                print(rows[-1], flush=True)
+            del ref, out
+        del h, gh, side, side_ref, sg, sg_ref
+        base_config = GM.gmm_config
+        for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(ATT_SHAPES[size]))):
+            grads = {}
+            try:
+                for rep in range(2):
+                    for ws in (False, True):
+                        GM.gmm_config = MLP.gmm_config = _with_warp_specialize(base_config, 2) if ws else base_config
+                        grads[ws] = [g.float() for g in step()]
+                        _timed(rows, f"ws layer {layer} fwd+bwd warp_specialize={ws} (run {rep})", step)
+                rows[-1]["max_grad_diff"] = max((a - b).abs().max().item() for a, b in zip(grads[False], grads[True]))
+                print(rows[-1], flush=True)
+            finally:
+                GM.gmm_config = MLP.gmm_config = base_config
+        torch.cuda.empty_cache()
+
+
 def window_order(plan: RoutingPlan) -> RoutingPlan:
     """The plan's tiles sorted by their first pair id (unused tiles last): tile j of every expert runs together,
     over a narrow window of tokens, instead of all tiles of a few experts (the routing's expert order)."""
@@ -650,6 +721,8 @@ def main() -> None:
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--sweep-tma", action="store_true",
                     help="kernel calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
+    ap.add_argument("--sweep-ws", action="store_true",
+                    help="the resident FF calls and the layers with Triton's warp-specialised loop (244M, 1B)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--host-overhead", action="store_true",
@@ -684,10 +757,12 @@ def main() -> None:
         sweep_order(rows)
     if args.sweep_tma:
         sweep_tma(rows)
+    if args.sweep_ws:
+        sweep_ws(rows)
     if args.host_overhead:
         host_overhead(rows)
     sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma
-                    or args.host_overhead)
+                    or args.sweep_ws or args.host_overhead)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:

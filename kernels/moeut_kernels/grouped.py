@@ -48,7 +48,12 @@ class TileConfig:
     a_resident (grouped matmul, K <= block_k): each program keeps its A tile and loops over n_loop output slices.
     tma (sm_90+): TMA descriptor loads. Grouped matmul: the W tiles, and with a_resident and K == block_k the A tile
     and its mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall
-    back to pointer loads."""
+    back to pointer loads.
+    warp_specialize (sm_90+, 4 warps): with a_resident and the A tile by descriptor, the slice loop as Triton's
+    warp-specialised loop, so that one consumer warp group's stores overlap the other's matmul; ignored on the
+    other paths (Triton 3.6 fails to compile it with gathered A, and leaves the looping-K and weight-gradient loops
+    unspecialised; Triton 3.9 fails on every path: docs/KERNELS.md). Not a default: bench_experts.py --sweep-ws
+    measures it."""
     block_n: int
     block_k: int
     num_warps: int
@@ -56,6 +61,7 @@ class TileConfig:
     a_resident: bool = False
     n_loop: int = 1
     tma: bool = False
+    warp_specialize: bool = False
 
     def columns_per_program(self) -> int:
         return self.block_n * (self.n_loop if self.a_resident else 1)
@@ -238,7 +244,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None and scale_grad is None,
         SCALE_GRAD=scale_grad is not None, A_RESIDENT=cfg.a_resident,
         STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
-        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        WS=cfg.warp_specialize and a_desc is not None, BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
