@@ -539,22 +539,19 @@ def sweep_ws(rows: list) -> None:
         down, up = (GM.gmm_config(d, d_e, BF16, plan.block_m, masked=m, device=dev) for m in (False, True))
         side, side_ref = (torch.empty(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
         sg, sg_ref = (torch.empty(P, device=DEV, dtype=torch.float32) for _ in range(2))
-        calls = {  # name: (call writing into out, base config, stage counts to try)
-            "FF down_fwd": (lambda c, o: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), down, (2, 3, 4)),
+        calls = {  # name: (call writing into out (and the up input-grad's side and gate gradient), config, stages)
+            "FF down_fwd": (lambda c, o, sd, g: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), down, (2, 3, 4)),
             "FF up_dx_store_masked_gate_grad": (
-                lambda c, o, sd=side, g=sg: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c, side_out=sd,
-                                                    scale_grad=g, scaled_by=gate), up, (2,)),
+                lambda c, o, sd, g: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c, side_out=sd,
+                                            scale_grad=g, scaled_by=gate), up, (2,)),
         }
         for name, (call, base, stage_counts) in calls.items():
             ref, out = (torch.empty(P, d, device=DEV, dtype=BF16) for _ in range(2))
-            if "up_dx" in name:
-                _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref, side_ref, sg_ref), flop=flop)
-            else:
-                _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref), flop=flop)
+            _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref, side_ref, sg_ref), flop=flop)
             for stages in stage_counts:
                 c = dataclasses.replace(base, warp_specialize=True, num_stages=stages)
-                _timed_against(rows, f"ws {size} {name} warp-specialised {stages} stages", lambda: call(c, out),
-                               out, ref, flop)
+                _timed_against(rows, f"ws {size} {name} warp-specialised {stages} stages",
+                               lambda: call(c, out, side, sg), out, ref, flop)
                 if "up_dx" in name and "ms" in rows[-1]:
                     rows[-1]["side_max_abs_diff"] = (side.float() - side_ref.float()).abs().max().item()
                     rows[-1]["gate_grad_max_abs_diff"] = (sg - sg_ref).abs().max().item()

@@ -244,8 +244,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None and scale_grad is None,
         SCALE_GRAD=scale_grad is not None, A_RESIDENT=cfg.a_resident,
         STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
-        WS=cfg.warp_specialize and a_desc is not None, BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        WS=cfg.warp_specialize and a_desc is not None,        # the one path Triton 3.6 specialises (TileConfig)
+        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def _wgrad_splits(n_programs: int, device: torch.device) -> int:
