@@ -508,23 +508,30 @@ def sweep_tma(rows: list) -> None:
         torch.cuda.empty_cache()
 
 
-def _with_warp_specialize(base, stages: int):
-    """gmm_config `base`, with TileConfig.warp_specialize (at `stages`) for its resident-A TMA configs at 4 warps
-    (the attention's resident calls gather A, so _gmm leaves them unspecialised: the control)."""
+def _warp_specialized(c: TileConfig, block_n: int, stages: int) -> TileConfig:
+    """c warp-specialised, with block_n-wide output slices (as many columns per program, at least one slice) and
+    `stages` stages."""
+    return dataclasses.replace(c, warp_specialize=True, num_stages=stages, block_n=block_n,
+                               n_loop=max(1, c.columns_per_program() // block_n))
+
+
+def _with_warp_specialize(base, block_n: int, stages: int):
+    """gmm_config `base`, with its resident-A TMA configs at 4 warps warp-specialised (the attention's resident
+    calls gather A, so _gmm leaves them unspecialised: the control)."""
     def config(*args, **kwargs) -> TileConfig:
         c = base(*args, **kwargs)
-        if c.a_resident and c.tma and c.num_warps == 4:
-            c = dataclasses.replace(c, warp_specialize=True, num_stages=stages)
-        return c
+        return _warp_specialized(c, block_n, stages) if c.a_resident and c.tma and c.num_warps == 4 else c
     return config
 
 
 def sweep_ws(rows: list) -> None:
     """Triton's warp-specialised slice loop (TileConfig.warp_specialize) in the FF calls that keep a sorted A tile
     resident, against their defaults, at the 244M and 1B shapes: the down forward, and the up input-grad with its
-    masked store and gate gradient. Each variant row records its largest difference from the default's outputs.
-    Then the FF and SwitchHead layers' fwd+bwd with warp specialisation on every launch that takes it (2 stages:
-    3 do not fit the up input-grad's shared memory), twice, interleaved, with the largest gradient difference.
+    masked store and gate gradient; 128-wide output slices as now (the up input-grad fits 2 stages only) and
+    64-wide ones (fewer registers and less shared memory per slice). Each variant row records its largest
+    difference from the default's outputs. Then the FF and SwitchHead layers' fwd+bwd with warp specialisation on
+    every launch that takes it (128 x 2 stages and 64 x 3), twice, interleaved, with the largest gradient
+    difference.
     Rows print as they finish: a variant that hangs (a Triton 3.6 probe did, in the fifth session) shows which."""
     for size in ("244M", "1B"):
         f = FF_SHAPES[size]
@@ -539,18 +546,20 @@ def sweep_ws(rows: list) -> None:
         down, up = (GM.gmm_config(d, d_e, BF16, plan.block_m, masked=m, device=dev) for m in (False, True))
         side, side_ref = (torch.empty(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
         sg, sg_ref = (torch.empty(P, device=DEV, dtype=torch.float32) for _ in range(2))
-        calls = {  # name: (call writing into out (and the up input-grad's side and gate gradient), config, stages)
-            "FF down_fwd": (lambda c, o, sd, g: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), down, (2, 3, 4)),
+        calls = {  # name: (call writing into out (and the up input-grad's side and gate gradient), config,
+            #         (slice width, stages) of the variants)
+            "FF down_fwd": (lambda c, o, sd, g: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), down,
+                            [(128, 2), (128, 3), (128, 4), (64, 2), (64, 3), (64, 4)]),
             "FF up_dx_store_masked_gate_grad": (
                 lambda c, o, sd, g: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c, side_out=sd,
-                                            scale_grad=g, scaled_by=gate), up, (2,)),
+                                            scale_grad=g, scaled_by=gate), up, [(128, 2), (64, 2), (64, 3), (64, 4)]),
         }
-        for name, (call, base, stage_counts) in calls.items():
+        for name, (call, base, variants) in calls.items():
             ref, out = (torch.empty(P, d, device=DEV, dtype=BF16) for _ in range(2))
             _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref, side_ref, sg_ref), flop=flop)
-            for stages in stage_counts:
-                c = dataclasses.replace(base, warp_specialize=True, num_stages=stages)
-                _timed_against(rows, f"ws {size} {name} warp-specialised {stages} stages",
+            for block_n, stages in variants:
+                c = _warp_specialized(base, block_n, stages)
+                _timed_against(rows, f"ws {size} {name} warp-specialised {block_n}-wide {stages} stages",
                                lambda: call(c, out, side, sg), out, ref, flop)
                 if "up_dx" in name and "ms" in rows[-1]:
                     rows[-1]["side_max_abs_diff"] = (side.float() - side_ref.float()).abs().max().item()
@@ -560,15 +569,18 @@ def sweep_ws(rows: list) -> None:
         del h, gh, side, side_ref, sg, sg_ref
         base_config = GM.gmm_config
         for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(ATT_SHAPES[size]))):
+            modes = {"default": base_config, "128x2": _with_warp_specialize(base_config, 128, 2),
+                     "64x3": _with_warp_specialize(base_config, 64, 3)}
             grads = {}
             try:
                 for rep in range(2):
-                    for ws in (False, True):
-                        GM.gmm_config = MLP.gmm_config = _with_warp_specialize(base_config, 2) if ws else base_config
-                        grads[ws] = [g.float() for g in step()]
-                        _timed(rows, f"ws layer {layer} fwd+bwd warp_specialize={ws} (run {rep})", step)
-                rows[-1]["max_grad_diff"] = max((a - b).abs().max().item() for a, b in zip(grads[False], grads[True]))
-                print(rows[-1], flush=True)
+                    for mode, config in modes.items():
+                        GM.gmm_config = MLP.gmm_config = config
+                        grads[mode] = [g.float() for g in step()]
+                        _timed(rows, f"ws layer {layer} fwd+bwd {mode} (run {rep})", step)
+                        if mode != "default":
+                            rows[-1]["max_grad_diff"] = max((a - b).abs().max().item()
+                                                            for a, b in zip(grads["default"], grads[mode]))
             finally:
                 GM.gmm_config = MLP.gmm_config = base_config
         torch.cuda.empty_cache()

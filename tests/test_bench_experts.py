@@ -76,12 +76,12 @@ def test_ws_sweep_runs_and_restores_the_config(tiny_1b):
     B.sweep_ws(rows)
     assert [r for r in rows if "error" in r] == []
     variants = [r for r in rows if "warp-specialised" in r["what"]]
-    assert len(variants) == 2 * 4 and all(r["max_abs_diff"] == 0 for r in variants)
+    assert len(variants) == 2 * (6 + 4) and all(r["max_abs_diff"] == 0 for r in variants)
     up = [r for r in variants if "up_dx" in r["what"]]
-    assert len(up) == 2 and all(r["gate_grad_max_abs_diff"] == 0 and r["side_max_abs_diff"] == 0 for r in up)
+    assert len(up) == 2 * 4 and all(r["gate_grad_max_abs_diff"] == 0 and r["side_max_abs_diff"] == 0 for r in up)
     layers = [r for r in rows if r["what"].startswith("ws layer")]
     compared = [r["max_grad_diff"] for r in layers if "max_grad_diff" in r]
-    assert len(layers) == 2 * 2 * 4 and compared == [0.0] * 4
+    assert len(layers) == 2 * 2 * 2 * 3 and compared == [0.0] * (2 * 2 * 2 * 2)
     assert B.GM.gmm_config.__name__ == B.MLP.gmm_config.__name__ == "gmm_config"      # restored
 
 
