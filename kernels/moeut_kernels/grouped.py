@@ -52,8 +52,8 @@ class TileConfig:
     warp_specialize (sm_90+, 4 warps): with a_resident and the A tile by descriptor, the slice loop as Triton's
     warp-specialised loop, so that one consumer warp group's stores overlap the other's matmul; ignored on the
     other paths (Triton 3.6 fails to compile it with gathered A, and leaves the looping-K and weight-gradient loops
-    unspecialised; Triton 3.9 fails on every path: docs/KERNELS.md). Not a default: bench_experts.py --sweep-ws
-    measures it."""
+    unspecialised; Triton 3.9 fails on both resident paths: docs/KERNELS.md). Not a default: bench_experts.py
+    --sweep-ws measures it."""
     block_n: int
     block_k: int
     num_warps: int
