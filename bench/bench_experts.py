@@ -524,16 +524,16 @@ def _with_warp_specialize(base, block_n: int, stages: int):
     return config
 
 
-def sweep_ws(rows: list) -> None:
+def sweep_ws(rows: list, sizes: tuple = ("244M", "1B")) -> None:
     """Triton's warp-specialised slice loop (TileConfig.warp_specialize) in the FF calls that keep a sorted A tile
-    resident, against their defaults, at the 244M and 1B shapes: the down forward, and the up input-grad with its
+    resident, against their defaults, at the FF_SHAPES in `sizes`: the down forward, and the up input-grad with its
     masked store and gate gradient; 128-wide output slices as now (the up input-grad fits 2 stages only) and
     64-wide ones (fewer registers and less shared memory per slice). Each variant row records its largest
     difference from the default's outputs. Then the FF and SwitchHead layers' fwd+bwd with warp specialisation on
     every launch that takes it (128 x 2 stages and 64 x 3), twice, interleaved, with the largest gradient
-    difference.
+    difference (first run).
     Rows print as they finish: a variant that hangs (a Triton 3.6 probe did, in the fifth session) shows which."""
-    for size in ("244M", "1B"):
+    for size in sizes:
         f = FF_SHAPES[size]
         x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
         k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
@@ -576,9 +576,10 @@ def sweep_ws(rows: list) -> None:
                 for rep in range(2):
                     for mode, config in modes.items():
                         GM.gmm_config = MLP.gmm_config = config
-                        grads[mode] = [g.float() for g in step()]
+                        if rep == 0:
+                            grads[mode] = [g.float() for g in step()]
                         _timed(rows, f"ws layer {layer} fwd+bwd {mode} (run {rep})", step)
-                        if mode != "default":
+                        if mode != "default" and rep == 0:
                             rows[-1]["max_grad_diff"] = max((a - b).abs().max().item()
                                                             for a, b in zip(grads["default"], grads[mode]))
             finally:
