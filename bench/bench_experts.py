@@ -516,11 +516,11 @@ def _warp_specialized(c: TileConfig, block_n: int, stages: int) -> TileConfig:
 
 
 def _with_warp_specialize(base, block_n: int, stages: int):
-    """gmm_config `base`, with its resident-A TMA configs at 4 warps warp-specialised (the attention's resident
-    calls gather A, so _gmm leaves them unspecialised: the control)."""
+    """gmm_config `base`, with its resident-A TMA configs warp-specialised (the attention's resident calls gather A,
+    so _gmm leaves them unspecialised: the control)."""
     def config(*args, **kwargs) -> TileConfig:
         c = base(*args, **kwargs)
-        return _warp_specialized(c, block_n, stages) if c.a_resident and c.tma and c.num_warps == 4 else c
+        return _warp_specialized(c, block_n, stages) if c.a_resident and c.tma else c
     return config
 
 
@@ -546,22 +546,23 @@ def sweep_ws(rows: list, sizes: tuple = ("244M", "1B")) -> None:
         down, up = (GM.gmm_config(d, d_e, BF16, plan.block_m, masked=m, device=dev) for m in (False, True))
         side, side_ref = (torch.empty(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
         sg, sg_ref = (torch.empty(P, device=DEV, dtype=torch.float32) for _ in range(2))
-        calls = {  # name: (call writing into out (and the up input-grad's side and gate gradient), config,
-            #         (slice width, stages) of the variants)
+        calls = {  # name: (call writing into out (and with writes_side the side and gate gradient), config,
+            #         (slice width, stages) of the variants, writes_side)
             "FF down_fwd": (lambda c, o, sd, g: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), down,
-                            [(128, 2), (128, 3), (128, 4), (64, 2), (64, 3), (64, 4)]),
+                            [(128, 2), (128, 3), (128, 4), (64, 2), (64, 3), (64, 4)], False),
             "FF up_dx_store_masked_gate_grad": (
                 lambda c, o, sd, g: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c, side_out=sd,
-                                            scale_grad=g, scaled_by=gate), up, [(128, 2), (64, 2), (64, 3), (64, 4)]),
+                                            scale_grad=g, scaled_by=gate), up, [(128, 2), (64, 2), (64, 3), (64, 4)],
+                True),
         }
-        for name, (call, base, variants) in calls.items():
+        for name, (call, base, variants, writes_side) in calls.items():
             ref, out = (torch.empty(P, d, device=DEV, dtype=BF16) for _ in range(2))
             _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref, side_ref, sg_ref), flop=flop)
             for block_n, stages in variants:
                 c = _warp_specialized(base, block_n, stages)
                 _timed_against(rows, f"ws {size} {name} warp-specialised {block_n}-wide {stages} stages",
                                lambda: call(c, out, side, sg), out, ref, flop)
-                if "up_dx" in name and "ms" in rows[-1]:
+                if writes_side and "ms" in rows[-1]:
                     rows[-1]["side_max_abs_diff"] = (side.float() - side_ref.float()).abs().max().item()
                     rows[-1]["gate_grad_max_abs_diff"] = (sg - sg_ref).abs().max().item()
                 print(rows[-1], flush=True)
