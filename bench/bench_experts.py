@@ -1,15 +1,15 @@
 """Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
 
     PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b] [--sweep] [--sweep-att 244M]
-        [--sweep-tma] [--sweep-ws] [--host-overhead] [--json out.json]
+        [--sweep-tma] [--sweep-floor] [--host-overhead] [--json out.json]
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
 --sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the kernel calls and the
-layers with TMA descriptor loads against pointer loads, with --sweep-ws the resident FF calls and the layers with
-Triton's warp-specialised loop against the defaults, with --host-overhead the host time per call of the expert
+layers with TMA descriptor loads against pointer loads, with --sweep-floor the FF calls that write [P, d] buffers
+against the same calls on one expert, cuBLAS and a fill of the output (their floor), with --host-overhead the host time per call of the expert
 ops against their GPU time (`--only none` skips the layer tables). With
 --profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
 
@@ -44,11 +44,10 @@ from moeut_ds.experts.interface import Routing, sort_pairs  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
 from moeut_ds.model.sigma_moe import router_logits  # noqa: E402
 from moeut_kernels import grouped as GM  # noqa: E402
-from moeut_kernels import mlp as MLP  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
-from moeut_kernels.routing import RoutingPlan  # noqa: E402
+from moeut_kernels.routing import RoutingPlan, plan_from_expert_index  # noqa: E402
 
 TOKENS = 64 * 1024
 FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
@@ -508,83 +507,39 @@ def sweep_tma(rows: list) -> None:
         torch.cuda.empty_cache()
 
 
-def _warp_specialized(c: TileConfig, block_n: int, stages: int) -> TileConfig:
-    """c warp-specialised, with block_n-wide output slices (as many columns per program, at least one slice) and
-    `stages` stages."""
-    return dataclasses.replace(c, warp_specialize=True, num_stages=stages, block_n=block_n,
-                               n_loop=max(1, c.columns_per_program() // block_n))
-
-
-def _with_warp_specialize(base, block_n: int, stages: int):
-    """gmm_config `base`, with its resident-A TMA configs warp-specialised (the attention's resident calls gather A,
-    so _gmm leaves them unspecialised: the control)."""
-    def config(*args, **kwargs) -> TileConfig:
-        c = base(*args, **kwargs)
-        return _warp_specialized(c, block_n, stages) if c.a_resident and c.tma else c
-    return config
-
-
-def sweep_ws(rows: list, sizes: tuple = ("244M", "1B")) -> None:
-    """Triton's warp-specialised slice loop (TileConfig.warp_specialize) in the FF calls that keep a sorted A tile
-    resident, against their defaults, at the FF_SHAPES in `sizes`: the down forward, and the up input-grad with its
-    masked store and gate gradient; 128-wide output slices as now (the up input-grad fits 2 stages only) and
-    64-wide ones (fewer registers and less shared memory per slice). Each variant row records its largest
-    difference from the default's outputs. Then the FF and SwitchHead layers' fwd+bwd with warp specialisation on
-    every launch that takes it (128 x 2 stages and 64 x 3), twice, interleaved, with the largest gradient
-    difference (first run).
-    Rows print as they finish: a variant that hangs (a Triton 3.6 probe did, in the fifth session) shows which."""
+def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
+    """How far the FF calls that write a [P, d] buffer (the down forward; the up input-grad with its masked store
+    and gate gradient) are from their floor, at the FF_SHAPES in `sizes`: each call on the real routing and on a
+    one-expert plan of the same P rows (the dense analog: same kernel, same config), next to cuBLAS on that dense
+    shape ([P, d_e] @ [d_e, d]) and a fill of the [P, d] output (the DRAM write alone, which no kernel that stores
+    the buffer can beat). The one-expert down forward records its largest difference from cuBLAS."""
     for size in sizes:
         f = FF_SHAPES[size]
-        x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
+        x, w_s, w1, w2, _ = (t.detach() for t in ff_inputs(f, seed=3))
         k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
-        r = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E).detach(), k)
-        plan, gate = r.plan, r.gate.detach().reshape(-1)
         P, flop = TOKENS * k, 2 * TOKENS * k * d * d_e
+        routed = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E), k)
+        gate = routed.gate.reshape(-1)
+        one = plan_from_expert_index(torch.zeros(P, dtype=torch.int64, device=DEV), 1, routed.plan.block_m)
         h = torch.relu(torch.randn(P, d_e, device=DEV, dtype=BF16))     # ReLU-shaped: the mask source
         gh = torch.randn(P, d_e, device=DEV, dtype=BF16)
         dev = torch.device(DEV)
-        down, up = (GM.gmm_config(d, d_e, BF16, plan.block_m, masked=m, device=dev) for m in (False, True))
-        side, side_ref = (torch.empty(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
-        sg, sg_ref = (torch.empty(P, device=DEV, dtype=torch.float32) for _ in range(2))
-        calls = {  # name: (call writing into out (and with writes_side the side and gate gradient), config,
-            #         (slice width, stages) of the variants, writes_side)
-            "FF down_fwd": (lambda c, o, sd, g: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), down,
-                            [(128, 2), (128, 3), (128, 4), (64, 2), (64, 3), (64, 4)], False),
-            "FF up_dx_store_masked_gate_grad": (
-                lambda c, o, sd, g: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c, side_out=sd,
-                                            scale_grad=g, scaled_by=gate), up, [(128, 2), (64, 2), (64, 3), (64, 4)],
-                True),
-        }
-        for name, (call, base, variants, writes_side) in calls.items():
-            ref, out = (torch.empty(P, d, device=DEV, dtype=BF16) for _ in range(2))
-            _timed(rows, f"ws {size} {name} default {base}", lambda: call(base, ref, side_ref, sg_ref), flop=flop)
-            for block_n, stages in variants:
-                c = _warp_specialized(base, block_n, stages)
-                _timed_against(rows, f"ws {size} {name} warp-specialised {block_n}-wide {stages} stages",
-                               lambda: call(c, out, side, sg), out, ref, flop)
-                if writes_side and "ms" in rows[-1]:
-                    rows[-1]["side_max_abs_diff"] = (side.float() - side_ref.float()).abs().max().item()
-                    rows[-1]["gate_grad_max_abs_diff"] = (sg - sg_ref).abs().max().item()
-                print(rows[-1], flush=True)
-            del ref, out
-        del h, gh, side, side_ref, sg, sg_ref
-        base_config = GM.gmm_config
-        for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(ATT_SHAPES[size]))):
-            modes = {"default": base_config, "128x2": _with_warp_specialize(base_config, 128, 2),
-                     "64x3": _with_warp_specialize(base_config, 64, 3)}
-            grads = {}
-            try:
-                for rep in range(2):
-                    for mode, config in modes.items():
-                        GM.gmm_config = MLP.gmm_config = config
-                        if rep == 0:
-                            grads[mode] = [g.float() for g in step()]
-                        _timed(rows, f"ws layer {layer} fwd+bwd {mode} (run {rep})", step)
-                        if mode != "default" and rep == 0:
-                            rows[-1]["max_grad_diff"] = max((a - b).abs().max().item()
-                                                            for a, b in zip(grads["default"], grads[mode]))
-            finally:
-                GM.gmm_config = MLP.gmm_config = base_config
+        down, up = (GM.gmm_config(d, d_e, BF16, one.block_m, masked=m, device=dev) for m in (False, True))
+        out = torch.empty(P, d, device=DEV, dtype=BF16)
+        side = torch.empty(P, d_e, device=DEV, dtype=BF16)
+        sg = torch.empty(P, device=DEV, dtype=torch.float32)
+        for plan, weights in ((routed.plan, "routed"), (one, "one expert")):
+            e = plan.n_experts
+            _timed(rows, f"floor {size} FF down_fwd {weights}",
+                   lambda: GM._gmm(h, 0, w2[:e], False, plan, out, True, cfg=down), flop=flop)
+            if weights == "one expert":
+                rows[-1]["max_abs_diff_vs_cublas"] = (out.float() - (h @ w2[0]).float()).abs().max().item()
+            _timed(rows, f"floor {size} FF up_dx_store_masked_gate_grad {weights}",
+                   lambda: GM._gmm(gh, 0, w1[:e], True, plan, out, True, amask=h, cfg=up, side_out=side,
+                                   scale_grad=sg, scaled_by=gate), flop=flop)
+        _timed(rows, f"floor {size} cuBLAS [P, d_e] @ [d_e, d]", lambda: torch.matmul(h, w2[0], out=out), flop=flop)
+        _timed(rows, f"floor {size} fill of the [P, d] output", lambda: out.fill_(1.0))
+        del h, gh, out, side, sg
         torch.cuda.empty_cache()
 
 
@@ -732,8 +687,8 @@ def main() -> None:
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
     ap.add_argument("--sweep-tma", action="store_true",
                     help="kernel calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
-    ap.add_argument("--sweep-ws", action="store_true",
-                    help="the resident FF calls and the layers with Triton's warp-specialised loop (244M, 1B)")
+    ap.add_argument("--sweep-floor", action="store_true",
+                    help="the FF calls writing [P, d] buffers against cuBLAS and a fill of the output (244M, 1B)")
     ap.add_argument("--sweep-order", action="store_true",
                     help="time the gathering FF calls in expert vs window tile order (244M shape)")
     ap.add_argument("--host-overhead", action="store_true",
@@ -768,12 +723,12 @@ def main() -> None:
         sweep_order(rows)
     if args.sweep_tma:
         sweep_tma(rows)
-    if args.sweep_ws:
-        sweep_ws(rows)
+    if args.sweep_floor:
+        sweep_floor(rows)
     if args.host_overhead:
         host_overhead(rows)
     sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma
-                    or args.sweep_ws or args.host_overhead)
+                    or args.sweep_floor or args.host_overhead)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if "ff244" in only:

@@ -28,6 +28,7 @@ step() {   # step NAME SECONDS CMD...: run with a limit, keep the whole log, pri
 
 # kernel tests compiled for this GPU, in 4 parallel shards (Triton compiles dominate)
 python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_experts.py tests/test_kernels_rows.py \
+  tests/test_kernels_gluon.py \
   2>/dev/null | grep '::' > "$out/kernel_test_ids"
 for i in 0 1 2 3; do
   (awk "NR % 4 == $i" "$out/kernel_test_ids" | xargs env TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q \

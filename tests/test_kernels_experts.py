@@ -365,7 +365,7 @@ def _tma_on_with_spy(monkeypatch) -> dict:
 
     for name in seen:
         monkeypatch.setattr(_triton, name, Spy(name))
-    monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"tma": True})
+    monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"tma": True, "gluon": False})    # gmm_kernel's TMA path
     monkeypatch.setitem(grouped.OVERRIDES, "wgrad", {"tma": True})
     monkeypatch.setitem(grouped.OVERRIDES, "wgrad_splits", 2)
     return seen

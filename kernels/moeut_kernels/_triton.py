@@ -143,7 +143,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
                MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
                A_RESIDENT: tl.constexpr, STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
-               FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr,
+               FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
 
@@ -166,9 +166,6 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     and unscaled instead of loading the mask or scaling a gathered operand in each of its programs. With GATE_GRAD
     that store comes before the K loop, from a load of its own (D is loaded again for the gate gradient after the
     loop): measured faster than storing from the epilogue, which holds the accumulator and D at once.
-    WS (A_RESIDENT with the A tile by descriptor): the slice loop as Triton's warp-specialised loop (a producer
-    partition issues the TMA loads, two consumer warp groups take alternate slices, so one's stores overlap the
-    other's wgmma).
     TMA (descriptors are None otherwise): w_desc views W as [E*K, N] (or [E*N, K] with TRANS_W) so each W tile is
     one descriptor load; a_desc / m_desc (A_RESIDENT, sorted A, A_GROUP == 0) load the whole A tile and mask from
     the tile's first sorted position. Rows or columns such a load takes past the tile's expert belong to the next
@@ -229,7 +226,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                     side = (a.to(tl.float32) * s[:, None]).to(a.dtype)
                 tl.store(side_ptr + pos[:, None] * s_om + ks[None, :] * s_ok, side,
                          mask=rmask[:, None] & kmask[None, :])
-        for n0 in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WS):
+        for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
             w = _load_w(w_desc, w_base, e, 0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)

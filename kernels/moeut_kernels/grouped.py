@@ -26,7 +26,7 @@ import functools
 import os
 import threading
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -39,6 +39,11 @@ except ImportError:
 from moeut_kernels import _triton as K
 from moeut_kernels.routing import RoutingPlan
 
+try:        # Triton's Gluon dialect; without it every call stays on gmm_kernel
+    from moeut_kernels import _gluon as GL
+except ImportError:
+    GL = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -49,11 +54,9 @@ class TileConfig:
     tma (sm_90+): TMA descriptor loads. Grouped matmul: the W tiles, and with a_resident and K == block_k the A tile
     and its mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall
     back to pointer loads.
-    warp_specialize (sm_90+, 4 warps): with a_resident and the A tile by descriptor, the slice loop as Triton's
-    warp-specialised loop, so that one consumer warp group's stores overlap the other's matmul; ignored on the
-    other paths (Triton 3.6 fails to compile it with gathered A, and leaves the looping-K and weight-gradient loops
-    unspecialised; Triton 3.9 fails on both resident paths: docs/KERNELS.md). Not a default: bench_experts.py
-    --sweep-ws measures it."""
+    gluon (Hopper, with a_resident and tma): the calls among these that need no mask, scale, side output or gate
+    gradient, with A sorted and W plain (the FF down forward), run the Gluon kernel (moeut_kernels/_gluon.py),
+    num_stages being its W ring's depth."""
     block_n: int
     block_k: int
     num_warps: int
@@ -61,7 +64,7 @@ class TileConfig:
     a_resident: bool = False
     n_loop: int = 1
     tma: bool = False
-    warp_specialize: bool = False
+    gluon: bool = False
 
     def columns_per_program(self) -> int:
         return self.block_n * (self.n_loop if self.a_resident else 1)
@@ -83,12 +86,19 @@ def _has_tma(device: Optional[torch.device]) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _has_wgmma(device: Optional[torch.device]) -> bool:
+    """Whether the Gluon kernel runs here: a Hopper GPU (its wgmma is sm_90 only) and a Triton with Gluon."""
+    return (GL is not None and device is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
 def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False, masked: bool = False,
                device: Optional[torch.device] = None) -> TileConfig:
     """Heuristic (H200 sweeps, docs/KERNELS.md). Short K without the fused gate gradient (the K = d_e calls that
     write wide [P, d] outputs): the A tile stays resident while the program walks up to 8 output slices of 128,
     balanced over the columns; in bf16 on sm_90+ with TMA loads at 4 warps and 2 stages, or 3 stages with the
-    ReLU mask (masked), whose tile leaves room for only one program per SM either way. Otherwise one 128-wide
+    ReLU mask (masked), whose tile leaves room for only one program per SM either way; unmasked on Hopper, the
+    Gluon kernel where the call allows (TileConfig.gluon). Otherwise one 128-wide
     slice per program, 64-deep K steps (32 for fp32 to fit shared memory), 3 stages; in bf16 on sm_90+ W comes by
     TMA. The interpreter uses tiny blocks so tests cross every boundary."""
     big = dtype != torch.float32
@@ -103,7 +113,8 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
         cfg = TileConfig(block_n, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True,
                          n_loop=triton.cdiv(slices, triton.cdiv(slices, 8)))
         if big and _has_tma(device):
-            cfg = replace(cfg, tma=True, num_warps=4, num_stages=3 if masked else 2)
+            cfg = replace(cfg, tma=True, num_warps=4, num_stages=3 if masked else 2,
+                          gluon=not masked and _has_wgmma(device))
     else:
         # 8 warps for short K (K = d_e), 4 for long K (K = d)
         warps = 8 if block_m * min(n, 128) >= 16384 and k < 512 else 4
@@ -166,16 +177,17 @@ def _driver(result: int, call: str) -> None:
         raise RuntimeError(f"CUDA driver call {call} failed with CUresult {result}")
 
 
-def _descriptor(t: torch.Tensor, rows: int, block: list[int]) -> Optional[TensorDescriptor]:
+def _descriptor(t: torch.Tensor, rows: int, block: list[int], make: Optional[Callable] = None):
     """A TMA descriptor of t viewed as [rows, t.numel() // rows] (a view, never a copy), or None where TMA cannot
-    address it (not viewable that way, base or row stride not 16-byte aligned) or this Triton has no descriptors."""
+    address it (not viewable that way, base or row stride not 16-byte aligned) or this Triton has no descriptors.
+    make(view, block) builds it (a Gluon one); Triton's TensorDescriptor by default."""
     if TensorDescriptor is None or not t.is_contiguous() or t.numel() == 0 or t.data_ptr() % 16:
         return None
     cols = t.numel() // rows
     if (cols * t.element_size()) % 16:
         return None
     _bind_cuda_context(t.device)
-    return TensorDescriptor.from_tensor(t.view(rows, cols), block)
+    return (make or TensorDescriptor.from_tensor)(t.view(rows, cols), block)
 
 
 def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan: RoutingPlan, out: torch.Tensor,
@@ -217,6 +229,17 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a_group = -1
     if d_index is not None:
         d_group = -1
+    cols = cfg.columns_per_program()
+    grid = (n_tiles * triton.cdiv(ndim, cols),)
+    if (cfg.gluon and a_group == 0 and not transpose_w and kdim == cfg.block_k and out.stride(1) == 1
+            and amask is None and scale is None and gpart is None and side_out is None):
+        a_g = _descriptor(a, a.shape[0], [plan.block_m, cfg.block_k], GL.descriptor)
+        w_g = _descriptor(w, n_experts * kdim, [cfg.block_k, cfg.block_n], GL.descriptor)
+        if a_g is not None and w_g is not None:
+            GL.resident_gmm_kernel[grid](a_g, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
+                                         ndim, kdim, n_experts, cols, out.stride(0), OUT_BY_PAIR=out_by_pair,
+                                         RELU_OUT=relu_out, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+            return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
         e_rows = n_experts * (ndim if transpose_w else kdim)
@@ -227,8 +250,6 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
             m_desc = _descriptor(amask, amask.shape[0], tile) if amask is not None else None
             if amask is not None and m_desc is None:
                 a_desc = None
-    cols = cfg.columns_per_program()
-    grid = (n_tiles * triton.cdiv(ndim, cols),)
     K.gmm_kernel[grid](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale if scale is not None else scaled_by if scaled_by is not None else dummy, amask_t, dsrc_t,
@@ -244,7 +265,6 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None and scale_grad is None,
         SCALE_GRAD=scale_grad is not None, A_RESIDENT=cfg.a_resident,
         STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
-        WS=cfg.warp_specialize and a_desc is not None,        # the one path Triton 3.6 specialises (TileConfig)
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
 

@@ -1,0 +1,79 @@
+"""The Gluon resident grouped matmul (moeut_kernels/_gluon.py). Gluon has no interpreter: on CPU it is compiled for
+sm_90a with the installed Triton (a kernel edit or a Triton upgrade that breaks it fails here); on a Hopper GPU its
+outputs must equal gmm_kernel's bit for bit (same bf16 products, same fp32 accumulation)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from kernel_testing import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before any kernel import)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from moeut_kernels import _gluon as GL
+
+BLOCK_M, K = 128, 128
+for block_n, stages, by_pair, relu in ((128, 2, True, False), (64, 3, False, True)):
+    layout = lambda block: triton.experimental.gluon.language.NVMMASharedLayout.get_default_for(
+        block, triton.experimental.gluon.language.bfloat16)
+    signature = dict(
+        a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>",
+        w_desc=f"tensordesc<bf16[{K}, {block_n}],{layout([K, block_n])!r}>",
+        c_ptr="*bf16", order_ptr="*i64", tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64",
+        N="i32", K="i32", E="i32", n_per_prog="i32", s_cm="i32",
+        OUT_BY_PAIR="constexpr", RELU_OUT="constexpr", NUM_STAGES="constexpr", num_warps="constexpr")
+    consts = dict(OUT_BY_PAIR=by_pair, RELU_OUT=relu, NUM_STAGES=stages, num_warps=4)
+    k = triton.compile(GluonASTSource(fn=GL.resident_gmm_kernel, signature=signature, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert k.asm["cubin"]
+    # two programs per SM (228 KB): what makes it faster than gmm_kernel's one-slice-ahead pipeline
+    assert k.metadata.shared <= 233472 // 2, (block_n, stages, k.metadata.shared)
+    print(block_n, stages, k.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_gluon_kernel_compiles_for_hopper():
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # real JIT functions
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(proc.stdout.split("\n")) >= 2
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
+@pytest.mark.parametrize("n, by_pair, relu", [(1024, True, False), (1536, False, True), (1000, True, True)])
+def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu):
+    """Ragged experts (one empty, tiles past each end, the unused tail of the tile list), several column chunks
+    (n = 1536: two programs per tile), a partial last slice (n = 1000)."""
+    from moeut_kernels import grouped as GM
+    from moeut_kernels.routing import plan_from_expert_index
+
+    torch.manual_seed(0)
+    E, K, P = 7, 128, 3000
+    expert = torch.randint(0, E - 1, (P,), device="cuda")             # expert E-1 gets no pair
+    plan = plan_from_expert_index(expert, E, 128)
+    a = torch.randn(P, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, K, n, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    cfg = GM.gmm_config(n, K, torch.bfloat16, plan.block_m, device=a.device)
+    assert cfg.gluon
+    got, want = (torch.full((P, n), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    GM._gmm(a, 0, w, False, plan, got, by_pair, relu_out=relu, cfg=cfg)
+    GM._gmm(a, 0, w, False, plan, want, by_pair, relu_out=relu, cfg=replace(cfg, gluon=False))
+    assert not want.isnan().any()
+    assert torch.equal(got, want)
