@@ -177,7 +177,7 @@ def _driver(result: int, call: str) -> None:
         raise RuntimeError(f"CUDA driver call {call} failed with CUresult {result}")
 
 
-def _descriptor(t: torch.Tensor, rows: int, block: list[int], make: Optional[Callable] = None):
+def _descriptor(t: torch.Tensor, rows: int, block: list[int], make: Optional[Callable] = None) -> Optional[object]:
     """A TMA descriptor of t viewed as [rows, t.numel() // rows] (a view, never a copy), or None where TMA cannot
     address it (not viewable that way, base or row stride not 16-byte aligned) or this Triton has no descriptors.
     make(view, block) builds it (a Gluon one); Triton's TensorDescriptor by default."""
@@ -231,7 +231,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         d_group = -1
     cols = cfg.columns_per_program()
     grid = (n_tiles * triton.cdiv(ndim, cols),)
-    if (cfg.gluon and a_group == 0 and not transpose_w and kdim == cfg.block_k and out.stride(1) == 1
+    if (cfg.gluon and GL is not None and a_group == 0 and not transpose_w and kdim == cfg.block_k and out.stride(1) == 1
             and amask is None and scale is None and gpart is None and side_out is None):
         a_g = _descriptor(a, a.shape[0], [plan.block_m, cfg.block_k], GL.descriptor)
         w_g = _descriptor(w, n_experts * kdim, [cfg.block_k, cfg.block_n], GL.descriptor)
