@@ -9,8 +9,8 @@ fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync de
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
 --sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the kernel calls and the
 layers with TMA descriptor loads against pointer loads, with --sweep-floor the FF calls that write [P, d] buffers
-against the same calls on one expert, cuBLAS and a fill of the output (their floor), with --host-overhead the host time per call of the expert
-ops against their GPU time (`--only none` skips the layer tables). With
+against the same calls on one expert, cuBLAS and a fill of the output (their floor), with --host-overhead the
+host time per call of the expert ops against their GPU time (`--only none` skips the layer tables). With
 --profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
 
     ncu --profile-from-start off -k regex:'gmm_kernel|wgrad_kernel|group_sum_kernel|sigmoid_topk_kernel' \

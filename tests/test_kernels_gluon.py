@@ -17,16 +17,15 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 COMPILE = """
-import sys
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from moeut_kernels import _gluon as GL
 
 BLOCK_M, K = 128, 128
+layout = lambda block: gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
 for block_n, stages, by_pair, relu in ((128, 2, True, False), (64, 3, False, True)):
-    layout = lambda block: triton.experimental.gluon.language.NVMMASharedLayout.get_default_for(
-        block, triton.experimental.gluon.language.bfloat16)
     signature = dict(
         a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>",
         w_desc=f"tensordesc<bf16[{K}, {block_n}],{layout([K, block_n])!r}>",

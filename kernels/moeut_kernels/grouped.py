@@ -98,9 +98,9 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
     write wide [P, d] outputs): the A tile stays resident while the program walks up to 8 output slices of 128,
     balanced over the columns; in bf16 on sm_90+ with TMA loads at 4 warps and 2 stages, or 3 stages with the
     ReLU mask (masked), whose tile leaves room for only one program per SM either way; unmasked on Hopper, the
-    Gluon kernel where the call allows (TileConfig.gluon). Otherwise one 128-wide
-    slice per program, 64-deep K steps (32 for fp32 to fit shared memory), 3 stages; in bf16 on sm_90+ W comes by
-    TMA. The interpreter uses tiny blocks so tests cross every boundary."""
+    Gluon kernel where the call allows (TileConfig.gluon). Otherwise one 128-wide slice per program, 64-deep K
+    steps (32 for fp32 to fit shared memory), 3 stages; in bf16 on sm_90+ W comes by TMA. The interpreter uses
+    tiny blocks so tests cross every boundary."""
     big = dtype != torch.float32
     if INTERPRET:
         if triton.next_power_of_2(k) <= 32 and not gate_grad:
