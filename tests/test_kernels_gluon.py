@@ -25,20 +25,27 @@ from moeut_kernels import _gluon as GL
 
 BLOCK_M, K = 128, 128
 layout = lambda block: gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-for block_n, stages, by_pair, relu in ((128, 2, True, False), (64, 3, False, True)):
+# (block_n, stages, by pair, relu, W transposed, masked A with side output and gate gradient)
+for block_n, stages, by_pair, relu, trans, masked in ((128, 2, True, False, False, False),
+                                                      (64, 3, False, True, False, False),
+                                                      (128, 2, True, False, True, True)):
+    w_block = [block_n, K] if trans else [K, block_n]
     signature = dict(
         a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>",
-        w_desc=f"tensordesc<bf16[{K}, {block_n}],{layout([K, block_n])!r}>",
+        w_desc=f"tensordesc<bf16[{w_block[0]}, {w_block[1]}],{layout(w_block)!r}>",
         c_ptr="*bf16", order_ptr="*i64", tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64",
-        N="i32", K="i32", E="i32", n_per_prog="i32", s_cm="i32",
-        OUT_BY_PAIR="constexpr", RELU_OUT="constexpr", NUM_STAGES="constexpr", num_warps="constexpr")
-    consts = dict(OUT_BY_PAIR=by_pair, RELU_OUT=relu, NUM_STAGES=stages, num_warps=4)
+        amask_ptr="*bf16", scale_ptr="*bf16", gpart_ptr="*fp32", side_ptr="*bf16",
+        N="i32", K="i32", E="i32", n_per_prog="i32", s_cm="i32", s_mm="i32", s_om="i32",
+        **{name: "constexpr" for name in ("OUT_BY_PAIR", "RELU_OUT", "TRANS_W", "MASK_A", "STORE_SIDE", "SCALE_GRAD",
+                                          "NUM_STAGES", "num_warps")})
+    consts = dict(OUT_BY_PAIR=by_pair, RELU_OUT=relu, TRANS_W=trans, MASK_A=masked, STORE_SIDE=masked,
+                  SCALE_GRAD=masked, NUM_STAGES=stages, num_warps=4)
     k = triton.compile(GluonASTSource(fn=GL.resident_gmm_kernel, signature=signature, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert k.asm["cubin"]
     # two programs per SM (228 KB): what makes it faster than gmm_kernel's one-slice-ahead pipeline
-    assert k.metadata.shared <= 233472 // 2, (block_n, stages, k.metadata.shared)
-    print(block_n, stages, k.metadata.shared)
+    assert k.metadata.shared <= 233472 // 2, (block_n, stages, masked, k.metadata.shared)
+    print(block_n, stages, masked, k.metadata.shared)
 """
 
 
@@ -49,7 +56,7 @@ def test_gluon_kernel_compiles_for_hopper():
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.split("\n")) >= 2
+    assert len(proc.stdout.strip().split("\n")) == 3, proc.stdout
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -76,3 +83,39 @@ def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu):
     GM._gmm(a, 0, w, False, plan, want, by_pair, relu_out=relu, cfg=replace(cfg, gluon=False))
     assert not want.isnan().any()
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
+@pytest.mark.parametrize("n", [1024, 1536, 1000])
+def test_gluon_masked_input_grad_equals_gmm_kernel(n):
+    """The FF up input-gradient (W transposed, ReLU mask, side output, gate gradient), ragged experts as above; a
+    gate of exactly 0 on some pairs (their gradient is 0). Outputs and side output bit for bit; the gate gradient
+    sums its products in another order (32-column chunks), so to fp32 rounding."""
+    from moeut_kernels import grouped as GM
+    from moeut_kernels.routing import plan_from_expert_index
+
+    torch.manual_seed(1)
+    E, K, P = 7, 128, 3000
+    expert = torch.randint(0, E - 1, (P,), device="cuda")
+    plan = plan_from_expert_index(expert, E, 128)
+    du = torch.randn(P, K, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(P, K, device="cuda", dtype=torch.bfloat16).relu_()      # about half the units masked
+    gate = torch.rand(P, device="cuda", dtype=torch.bfloat16)
+    gate[::17] = 0
+    w = torch.randn(E, n, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    cfg = GM.gmm_config(n, K, torch.bfloat16, plan.block_m, masked=True, device=du.device)
+    assert cfg.gluon
+
+    def run(cfg):
+        out = torch.full((P, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        side = torch.full_like(du, float("nan"))
+        grad_gate = torch.full((P,), float("nan"), device="cuda")
+        GM._gmm(du, 0, w, True, plan, out, True, amask=h, cfg=cfg, side_out=side, scale_grad=grad_gate,
+                scaled_by=gate)
+        return out, side, grad_gate
+
+    got, want = run(cfg), run(replace(cfg, gluon=False, num_stages=3))
+    assert not any(t.isnan().any() for t in want)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+    assert (got[2][gate == 0] == 0).all()

@@ -1,11 +1,13 @@
-"""Gluon (Triton's explicit-layout dialect) kernel for the plainest resident-A grouped matmul on Hopper.
+"""Gluon (Triton's explicit-layout dialect) kernel for the resident-A grouped matmul on Hopper.
 
 gmm_kernel's resident-A path written with explicit TMA barriers and wgmma: for one tile of one expert, the sorted A
 tile comes by TMA once, W[e]'s output slices through a ring of num_stages TMA buffers refilled as soon as a slice's
 wgmma retires, and each slice is stored from a row-vector layout. Same products and fp32 accumulation as
 gmm_kernel, bitwise-equal outputs, 15-17% faster on the FF down forward on an H200 (docs/KERNELS.md, "Gluon").
-Only the calls without mask, scale, side output or gate gradient take it (grouped._gmm decides); Gluon has no
-interpreter, so tests/test_kernels_gluon.py compiles it on CPU and compares it with gmm_kernel on a GPU.
+The FF up input-gradient takes it too: W transposed, the ReLU mask applied to the A tile in shared memory, the
+masked rows and the gate's gradient stored on the way. Calls with a per-pair scale or the fused gate gradient of
+a wide K stay on gmm_kernel (grouped._gmm decides). Gluon has no interpreter: tests/test_kernels_gluon.py
+compiles it on CPU and compares it with gmm_kernel on a GPU.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared     # renamed after Triton 3.6
+cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier                    # renamed after Triton 3.6
 
 
 @constexpr_function
@@ -45,15 +49,21 @@ def row_store_layout(block_n, num_warps):
 
 @gluon.jit
 def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-                        N, K, E, n_per_prog, s_cm,
-                        OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr, NUM_STAGES: gl.constexpr,
-                        num_warps: gl.constexpr):
-    """C[rows] = (relu)(A[sorted rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at
+                        amask_ptr, scale_ptr, gpart_ptr, side_ptr, N, K, E, n_per_prog, s_cm, s_mm, s_om,
+                        OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr, TRANS_W: gl.constexpr,
+                        MASK_A: gl.constexpr, STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr,
+                        NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """C[rows] = (relu)(A'[sorted rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at
     the pair id (OUT_BY_PAIR) or the sorted position. a_desc: A [P, K] in [BLOCK_M, K] tiles; w_desc: W viewed as
-    [E*K, N] in [K, BLOCK_N] tiles. Rows the A tile takes past the expert's end are computed and not stored."""
+    [E*K, N] in [K, BLOCK_N] tiles, or with TRANS_W (C = A W[e]^T) as [E*N, K] in [BLOCK_N, K] tiles. Rows the A
+    tile takes past the expert's end are computed and not stored.
+    MASK_A: A' = A * (amask[sorted rows] > 0), made in shared memory before the first slice (the ReLU backward of
+    the FF up input-gradient); the first column chunk's program also stores A' at the sorted positions of side
+    (STORE_SIDE: the weight gradient's operand) and gpart[pair] = <A', amask> / scale[pair]^2 (SCALE_GRAD: the
+    gate's gradient, as gmm_kernel's SCALE_GRAD)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0 if TRANS_W else 1]
     acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, num_warps)
     out_layout: gl.constexpr = row_store_layout(BLOCK_N, num_warps)
     pid = gl.program_id(0)
@@ -66,7 +76,8 @@ def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_
         n_lo = (pid % num_chunks) * n_per_prog
         n_slices = gl.cdiv(gl.minimum(n_lo + n_per_prog, N) - n_lo, BLOCK_N)
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_M, BLOCK_K], a_desc.layout)
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES, BLOCK_K, BLOCK_N], w_desc.layout)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
+                                           w_desc.layout)
         a_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         w_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(a_bar, count=1)
@@ -75,8 +86,8 @@ def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_
         mbarrier.expect(a_bar, a_desc.block_type.nbytes)
         tma_load(a_desc, [start, 0], a_bar, a_smem)
         for s in gl.static_range(NUM_STAGES):
-            mbarrier.expect(w_bars.index(s), w_desc.block_type.nbytes, pred=s < n_slices)
-            tma_load(w_desc, [e * K, n_lo + s * BLOCK_N], w_bars.index(s), w_smem.index(s), pred=s < n_slices)
+            _load_w_slice(w_desc, w_bars.index(s), w_smem.index(s), e, n_lo + s * BLOCK_N, N, K, TRANS_W,
+                          s < n_slices)
         pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
         rmask = pos < end
         if OUT_BY_PAIR:
@@ -85,14 +96,21 @@ def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_
             rows = pos.to(gl.int64)
         zero = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=acc_layout)
         mbarrier.wait(a_bar, phase=0)
+        if MASK_A:
+            _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, start, end, K, s_mm, s_om,
+                         (pid % num_chunks) == 0, STORE_SIDE, SCALE_GRAD, num_warps)
         for i in range(0, n_slices):
             buf = i % NUM_STAGES
             mbarrier.wait(w_bars.index(buf), phase=(i // NUM_STAGES) & 1)
-            acc = warpgroup_mma(a_smem, w_smem.index(buf), zero, use_acc=False, is_async=True)
+            if TRANS_W:
+                w_tile = w_smem.index(buf).permute((1, 0))
+            else:
+                w_tile = w_smem.index(buf)
+            acc = warpgroup_mma(a_smem, w_tile, zero, use_acc=False, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             if i + NUM_STAGES < n_slices:       # the buffer is free again: fetch the slice NUM_STAGES ahead
-                mbarrier.expect(w_bars.index(buf), w_desc.block_type.nbytes)
-                tma_load(w_desc, [e * K, n_lo + (i + NUM_STAGES) * BLOCK_N], w_bars.index(buf), w_smem.index(buf))
+                _load_w_slice(w_desc, w_bars.index(buf), w_smem.index(buf), e, n_lo + (i + NUM_STAGES) * BLOCK_N,
+                              N, K, TRANS_W, True)
             if RELU_OUT:
                 acc = gl.maximum(acc, 0.0)
             out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
@@ -101,6 +119,53 @@ def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_
         mbarrier.invalidate(a_bar)
         for s in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(w_bars.index(s))
+
+
+@gluon.jit
+def _load_w_slice(w_desc, bar, dest, e, n0, N, K, TRANS_W: gl.constexpr, pred):
+    """TMA of W[e]'s output columns [n0, n0 + BLOCK_N) into dest, arriving on bar (nothing where pred is false)."""
+    mbarrier.expect(bar, w_desc.block_type.nbytes, pred=pred)
+    if TRANS_W:
+        tma_load(w_desc, [e * N + n0, 0], bar, dest, pred=pred)
+    else:
+        tma_load(w_desc, [e * K, n0], bar, dest, pred=pred)
+
+
+@gluon.jit
+def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, start, end, K, s_mm, s_om, first,
+                 STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, num_warps: gl.constexpr):
+    """A tile in shared memory *= (mask > 0), in 32-column chunks (the whole tile and its mask at once spill
+    registers), the mask by pointer loads (a second TMA tile would leave room for one program per SM only). The
+    first program of the tile also stores the masked rows (side) and the gate's gradient (gpart). Ends with the
+    fence and barrier that make the rewritten tile visible to wgmma."""
+    BLOCK_M: gl.constexpr = a_smem.shape[0]
+    BLOCK_K: gl.constexpr = a_smem.shape[1]
+    CHUNK: gl.constexpr = 32
+    layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
+    pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    rmask = pos < end
+    pos = pos.to(gl.int64)
+    dots = gl.zeros([BLOCK_M], dtype=gl.float32, layout=gl.SliceLayout(1, layout))
+    for c in gl.static_range(BLOCK_K // CHUNK):
+        ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
+        kmask = rmask[:, None] & (ks < K)[None, :]
+        part = a_smem.slice(c * CHUNK, CHUNK, dim=1)
+        m = gl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :], mask=kmask, other=0.0)
+        a = gl.where(m > 0, part.load(layout), 0.0)
+        part.store(a)
+        if SCALE_GRAD:
+            dots += gl.sum(a.to(gl.float32) * m.to(gl.float32), axis=1)
+        if STORE_SIDE:
+            if first:
+                gl.store(side_ptr + pos[:, None] * s_om + ks[None, :], a, mask=kmask)
+    if SCALE_GRAD:
+        if first:       # <A', y> / s^2 = <dy, relu(.)>; 0 where s^2 is 0 (or underflows), as gmm_kernel
+            pair = gl.load(order_ptr + pos, mask=rmask, other=0)
+            g = gl.load(scale_ptr + pair, mask=rmask, other=0.0).to(gl.float32)
+            g2 = g * g
+            gl.store(gpart_ptr + pair, gl.where(g2 > 0.0, dots / gl.where(g2 > 0.0, g2, 1.0), 0.0), mask=rmask)
+    fence_async_shared()
+    cta_barrier()
 
 
 def descriptor(t, block: list[int]) -> TensorDescriptor:

@@ -54,9 +54,9 @@ class TileConfig:
     tma (sm_90+): TMA descriptor loads. Grouped matmul: the W tiles, and with a_resident and K == block_k the A tile
     and its mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall
     back to pointer loads.
-    gluon (Hopper, with a_resident and tma): the calls among these that need no mask, scale, side output or gate
-    gradient, with A sorted and W plain (the FF down forward), run the Gluon kernel (moeut_kernels/_gluon.py),
-    num_stages being its W ring's depth."""
+    gluon (Hopper, with a_resident and tma): the calls among these with A sorted and no per-pair scale or fused
+    gate gradient (the FF down forward, and the FF up input-gradient with its mask, side output and gate gradient)
+    run the Gluon kernel (moeut_kernels/_gluon.py), num_stages being its W ring's depth."""
     block_n: int
     block_k: int
     num_warps: int
@@ -97,8 +97,8 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
     """Heuristic (H200 sweeps, docs/KERNELS.md). Short K without the fused gate gradient (the K = d_e calls that
     write wide [P, d] outputs): the A tile stays resident while the program walks up to 8 output slices of 128,
     balanced over the columns; in bf16 on sm_90+ with TMA loads at 4 warps and 2 stages, or 3 stages with the
-    ReLU mask (masked), whose tile leaves room for only one program per SM either way; unmasked on Hopper, the
-    Gluon kernel where the call allows (TileConfig.gluon). Otherwise one 128-wide slice per program, 64-deep K
+    ReLU mask (masked), whose tile leaves room for only one program per SM either way; on Hopper, the Gluon
+    kernel where the call allows (TileConfig.gluon; 2 stages, two programs per SM). Otherwise one 128-wide slice per program, 64-deep K
     steps (32 for fp32 to fit shared memory), 3 stages; in bf16 on sm_90+ W comes by TMA. The interpreter uses
     tiny blocks so tests cross every boundary."""
     big = dtype != torch.float32
@@ -113,8 +113,8 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
         cfg = TileConfig(block_n, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True,
                          n_loop=triton.cdiv(slices, triton.cdiv(slices, 8)))
         if big and _has_tma(device):
-            cfg = replace(cfg, tma=True, num_warps=4, num_stages=3 if masked else 2,
-                          gluon=not masked and _has_wgmma(device))
+            gluon = _has_wgmma(device)
+            cfg = replace(cfg, tma=True, num_warps=4, num_stages=3 if masked and not gluon else 2, gluon=gluon)
     else:
         # 8 warps for short K (K = d_e), 4 for long K (K = d)
         warps = 8 if block_m * min(n, 128) >= 16384 and k < 512 else 4
@@ -231,14 +231,20 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         d_group = -1
     cols = cfg.columns_per_program()
     grid = (n_tiles * triton.cdiv(ndim, cols),)
-    if (cfg.gluon and GL is not None and a_group == 0 and not transpose_w and kdim == cfg.block_k and out.stride(1) == 1
-            and amask is None and scale is None and gpart is None and side_out is None):
+    if (cfg.gluon and GL is not None and a_group == 0 and kdim == cfg.block_k and scale is None
+            and (gpart is None or scale_grad is not None)
+            and all(t is None or t.stride(1) == 1 for t in (a, out, amask, side_out))):
         a_g = _descriptor(a, a.shape[0], [plan.block_m, cfg.block_k], GL.descriptor)
-        w_g = _descriptor(w, n_experts * kdim, [cfg.block_k, cfg.block_n], GL.descriptor)
+        w_g = _descriptor(w, n_experts * (ndim if transpose_w else kdim),
+                          [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n], GL.descriptor)
         if a_g is not None and w_g is not None:
-            GL.resident_gmm_kernel[grid](a_g, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
-                                         ndim, kdim, n_experts, cols, out.stride(0), OUT_BY_PAIR=out_by_pair,
-                                         RELU_OUT=relu_out, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+            GL.resident_gmm_kernel[grid](
+                a_g, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, amask_t,
+                scaled_by if scaled_by is not None else dummy, gpart if gpart is not None else dummy,
+                side_out if side_out is not None else a, ndim, kdim, n_experts, cols, out.stride(0),
+                amask_t.stride(0), side_out.stride(0) if side_out is not None else 0, OUT_BY_PAIR=out_by_pair,
+                RELU_OUT=relu_out, TRANS_W=transpose_w, MASK_A=amask is not None, STORE_SIDE=side_out is not None,
+                SCALE_GRAD=scale_grad is not None, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
