@@ -507,12 +507,23 @@ def sweep_tma(rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def _floor_configs(d: int, d_e: int, block_m: int, gluon: bool) -> tuple[GM.TileConfig, GM.TileConfig]:
+    """The down forward's and the up input-grad's configs, as chosen with or without the Gluon kernel."""
+    has_wgmma = GM._has_wgmma
+    GM._has_wgmma = has_wgmma if gluon else (lambda device: False)
+    try:
+        return tuple(GM.gmm_config(d, d_e, BF16, block_m, masked=m, device=torch.device(DEV)) for m in (False, True))
+    finally:
+        GM._has_wgmma = has_wgmma
+
+
 def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
     """How far the FF calls that write a [P, d] buffer (the down forward; the up input-grad with its masked store
     and gate gradient) are from their floor, at the FF_SHAPES in `sizes`: each call on the real routing and on a
     one-expert plan of the same P rows (the dense analog: same kernel, same config), next to cuBLAS on that dense
     shape ([P, d_e] @ [d_e, d]) and a fill of the [P, d] output (the DRAM write alone, which no kernel that stores
-    the buffer can beat). The one-expert down forward records its largest difference from cuBLAS."""
+    the buffer can beat). The one-expert down forward records its largest difference from cuBLAS. Where the Gluon
+    kernel runs (Hopper), the routed calls are also timed on gmm_kernel, with the configs chosen without Gluon."""
     for size in sizes:
         f = FF_SHAPES[size]
         x, w_s, w1, w2, _ = (t.detach() for t in ff_inputs(f, seed=3))
@@ -523,12 +534,14 @@ def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
         one = plan_from_expert_index(torch.zeros(P, dtype=torch.int64, device=DEV), 1, routed.plan.block_m)
         h = torch.relu(torch.randn(P, d_e, device=DEV, dtype=BF16))     # ReLU-shaped: the mask source
         gh = torch.randn(P, d_e, device=DEV, dtype=BF16)
-        dev = torch.device(DEV)
-        down, up = (GM.gmm_config(d, d_e, BF16, one.block_m, masked=m, device=dev) for m in (False, True))
         out = torch.empty(P, d, device=DEV, dtype=BF16)
         side = torch.empty(P, d_e, device=DEV, dtype=BF16)
         sg = torch.empty(P, device=DEV, dtype=torch.float32)
-        for plan, weights in ((routed.plan, "routed"), (one, "one expert")):
+        chosen = _floor_configs(d, d_e, one.block_m, True)
+        runs = [(routed.plan, "routed", chosen), (one, "one expert", chosen)]
+        if chosen[0].gluon:
+            runs.insert(1, (routed.plan, "routed gmm_kernel", _floor_configs(d, d_e, one.block_m, False)))
+        for plan, weights, (down, up) in runs:
             e = plan.n_experts
             _timed(rows, f"floor {size} FF down_fwd {weights}",
                    lambda: GM._gmm(h, 0, w2[:e], False, plan, out, True, cfg=down), flop=flop)
