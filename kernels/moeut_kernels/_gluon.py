@@ -94,11 +94,12 @@ def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_
             rows = gl.load(order_ptr + pos, mask=rmask, other=0).to(gl.int64)
         else:
             rows = pos.to(gl.int64)
-        zero = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=acc_layout)
-        mbarrier.wait(a_bar, phase=0)
         if MASK_A:
-            _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, start, end, K, s_mm, s_om,
-                         (pid % num_chunks) == 0, STORE_SIDE, SCALE_GRAD, num_warps)
+            _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm,
+                         s_om, (pid % num_chunks) == 0, STORE_SIDE, SCALE_GRAD, num_warps)
+        else:
+            mbarrier.wait(a_bar, phase=0)
+        zero = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=acc_layout)
         for i in range(0, n_slices):
             buf = i % NUM_STAGES
             mbarrier.wait(w_bars.index(buf), phase=(i // NUM_STAGES) & 1)
@@ -132,36 +133,47 @@ def _load_w_slice(w_desc, bar, dest, e, n0, N, K, TRANS_W: gl.constexpr, pred):
 
 
 @gluon.jit
-def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, start, end, K, s_mm, s_om, first,
-                 STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, num_warps: gl.constexpr):
-    """A tile in shared memory *= (mask > 0), in 32-column chunks (the whole tile and its mask at once spill
-    registers), the mask by pointer loads (a second TMA tile would leave room for one program per SM only). The
-    first program of the tile also stores the masked rows (side) and the gate's gradient (gpart). Ends with the
-    fence and barrier that make the rewritten tile visible to wgmma."""
+def _load_mask_chunk(amask_ptr, pos, rmask, c, K, s_mm, CHUNK: gl.constexpr, layout: gl.constexpr, pred):
+    """Columns [c * CHUNK, (c + 1) * CHUNK) of the mask source's rows pos (nothing loaded where pred is false)."""
+    ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
+    return gl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :], mask=(rmask & pred)[:, None] & (ks < K)[None, :],
+                   other=0.0)
+
+
+@gluon.jit
+def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm, s_om,
+                 first, STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, num_warps: gl.constexpr):
+    """Waits for the A tile, then A *= (mask > 0) in shared memory, in 32-column chunks (the whole tile and its mask
+    at once spill registers), the mask by pointer loads (a second TMA tile would leave room for only one program
+    per SM): the first chunk's before the wait, each next one while the previous is applied. The first program of
+    the tile also stores the masked rows (side) and the gate's gradient (gpart). Ends with the fence and barrier
+    that make the rewritten tile visible to wgmma."""
     BLOCK_M: gl.constexpr = a_smem.shape[0]
-    BLOCK_K: gl.constexpr = a_smem.shape[1]
-    CHUNK: gl.constexpr = 32
-    layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
+    CHUNKS: gl.constexpr = a_smem.shape[1] // 32
+    layout: gl.constexpr = row_store_layout(32, num_warps)
     pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     rmask = pos < end
     pos = pos.to(gl.int64)
     dots = gl.zeros([BLOCK_M], dtype=gl.float32, layout=gl.SliceLayout(1, layout))
-    for c in gl.static_range(BLOCK_K // CHUNK):
-        ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
-        kmask = rmask[:, None] & (ks < K)[None, :]
-        part = a_smem.slice(c * CHUNK, CHUNK, dim=1)
-        m = gl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :], mask=kmask, other=0.0)
+    if SCALE_GRAD:
+        pair = gl.load(order_ptr + pos, mask=rmask & first, other=0)
+        g = gl.load(scale_ptr + pair, mask=rmask & first, other=0.0).to(gl.float32)
+    m = _load_mask_chunk(amask_ptr, pos, rmask, 0, K, s_mm, 32, layout, True)
+    mbarrier.wait(a_bar, phase=0)
+    for c in gl.static_range(CHUNKS):
+        m_next = _load_mask_chunk(amask_ptr, pos, rmask, (c + 1) % CHUNKS, K, s_mm, 32, layout, c + 1 < CHUNKS)
+        part = a_smem.slice(c * 32, 32, dim=1)
         a = gl.where(m > 0, part.load(layout), 0.0)
         part.store(a)
         if SCALE_GRAD:
             dots += gl.sum(a.to(gl.float32) * m.to(gl.float32), axis=1)
         if STORE_SIDE:
             if first:
-                gl.store(side_ptr + pos[:, None] * s_om + ks[None, :], a, mask=kmask)
+                ks = c * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, layout))
+                gl.store(side_ptr + pos[:, None] * s_om + ks[None, :], a, mask=rmask[:, None] & (ks < K)[None, :])
+        m = m_next
     if SCALE_GRAD:
         if first:       # <A', y> / s^2 = <dy, relu(.)>; 0 where s^2 is 0 (or underflows), as gmm_kernel
-            pair = gl.load(order_ptr + pos, mask=rmask, other=0)
-            g = gl.load(scale_ptr + pair, mask=rmask, other=0.0).to(gl.float32)
             g2 = g * g
             gl.store(gpart_ptr + pair, gl.where(g2 > 0.0, dots / gl.where(g2 > 0.0, g2, 1.0), 0.0), mask=rmask)
     fence_async_shared()
