@@ -86,16 +86,17 @@ def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu):
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
-@pytest.mark.parametrize("n", [1024, 1536, 1000])
-def test_gluon_masked_input_grad_equals_gmm_kernel(n):
+@pytest.mark.parametrize("n, K", [(1024, 128), (1536, 128), (1000, 128), (1024, 64), (512, 16)])
+def test_gluon_masked_input_grad_equals_gmm_kernel(n, K):
     """The FF up input-gradient (W transposed, ReLU mask, side output, gate gradient), ragged experts as above; a
-    gate of exactly 0 on some pairs (their gradient is 0). Outputs and side output bit for bit; the gate gradient
-    sums its products in another order (32-column chunks), so to fp32 rounding."""
+    gate of exactly 0 on some pairs (their gradient is 0); expert widths K of 4, 2 and 1 mask chunks. Outputs and
+    side output bit for bit; the gate gradient sums its products in another order (32-column chunks), so to fp32
+    rounding."""
     from moeut_kernels import grouped as GM
     from moeut_kernels.routing import plan_from_expert_index
 
     torch.manual_seed(1)
-    E, K, P = 7, 128, 3000
+    E, P = 7, 3000
     expert = torch.randint(0, E - 1, (P,), device="cuda")
     plan = plan_from_expert_index(expert, E, 128)
     du = torch.randn(P, K, device="cuda", dtype=torch.bfloat16)

@@ -143,35 +143,46 @@ def _load_mask_chunk(amask_ptr, pos, rmask, c, K, s_mm, CHUNK: gl.constexpr, lay
 @gluon.jit
 def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm, s_om,
                  first, STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, num_warps: gl.constexpr):
-    """Waits for the A tile, then A *= (mask > 0) in shared memory, in 32-column chunks (the whole tile and its mask
-    at once spill registers), the mask by pointer loads (a second TMA tile would leave room for only one program
-    per SM): the first chunk's before the wait, each next one while the previous is applied. The first program of
-    the tile also stores the masked rows (side) and the gate's gradient (gpart). Ends with the fence and barrier
-    that make the rewritten tile visible to wgmma."""
+    """Waits for the A tile, then A *= (mask > 0) in shared memory, in chunks of 32 columns (the whole tile and its
+    mask at once spill registers). The mask comes by pointer loads (a second TMA tile would leave room for only
+    one program per SM), every chunk's issued before the wait so that their latencies overlap each other's and
+    the A tile's. The first program of the tile also stores the masked rows (side) and the gate's gradient
+    (gpart). Ends with the fence and barrier that make the rewritten tile visible to wgmma."""
     BLOCK_M: gl.constexpr = a_smem.shape[0]
-    CHUNKS: gl.constexpr = a_smem.shape[1] // 32
-    layout: gl.constexpr = row_store_layout(32, num_warps)
+    CHUNK: gl.constexpr = min(a_smem.shape[1], 32)
+    CHUNKS: gl.constexpr = a_smem.shape[1] // CHUNK
+    gl.static_assert(CHUNKS <= 4)       # gmm_config's block_k <= 128
+    layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
     pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     rmask = pos < end
     pos = pos.to(gl.int64)
-    dots = gl.zeros([BLOCK_M], dtype=gl.float32, layout=gl.SliceLayout(1, layout))
     if SCALE_GRAD:
         pair = gl.load(order_ptr + pos, mask=rmask & first, other=0)
         g = gl.load(scale_ptr + pair, mask=rmask & first, other=0.0).to(gl.float32)
-    m = _load_mask_chunk(amask_ptr, pos, rmask, 0, K, s_mm, 32, layout, True)
+    m0 = _load_mask_chunk(amask_ptr, pos, rmask, 0, K, s_mm, CHUNK, layout, True)
+    m1 = _load_mask_chunk(amask_ptr, pos, rmask, 1, K, s_mm, CHUNK, layout, CHUNKS > 1)
+    m2 = _load_mask_chunk(amask_ptr, pos, rmask, 2, K, s_mm, CHUNK, layout, CHUNKS > 2)
+    m3 = _load_mask_chunk(amask_ptr, pos, rmask, 3, K, s_mm, CHUNK, layout, CHUNKS > 3)
+    dots = gl.zeros([BLOCK_M], dtype=gl.float32, layout=gl.SliceLayout(1, layout))
     mbarrier.wait(a_bar, phase=0)
     for c in gl.static_range(CHUNKS):
-        m_next = _load_mask_chunk(amask_ptr, pos, rmask, (c + 1) % CHUNKS, K, s_mm, 32, layout, c + 1 < CHUNKS)
-        part = a_smem.slice(c * 32, 32, dim=1)
+        if c == 0:
+            m = m0
+        elif c == 1:
+            m = m1
+        elif c == 2:
+            m = m2
+        else:
+            m = m3
+        part = a_smem.slice(c * CHUNK, CHUNK, dim=1)
         a = gl.where(m > 0, part.load(layout), 0.0)
         part.store(a)
         if SCALE_GRAD:
             dots += gl.sum(a.to(gl.float32) * m.to(gl.float32), axis=1)
         if STORE_SIDE:
             if first:
-                ks = c * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, layout))
+                ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
                 gl.store(side_ptr + pos[:, None] * s_om + ks[None, :], a, mask=rmask[:, None] & (ks < K)[None, :])
-        m = m_next
     if SCALE_GRAD:
         if first:       # <A', y> / s^2 = <dy, relu(.)>; 0 where s^2 is 0 (or underflows), as gmm_kernel
             g2 = g * g
