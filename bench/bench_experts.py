@@ -709,6 +709,8 @@ def main() -> None:
     ap.add_argument("--profile-layer", default=None,
                     help="comma list of ff244, ff1b: one profiled fwd+bwd each, for ncu --profile-from-start off")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-gluon", action="store_true",
+                    help="configs as chosen without the Gluon kernel (gmm_kernel everywhere), for A/B runs")
     ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--wgrad-splits", type=int, default=None,
@@ -716,6 +718,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.wgrad_splits:
         GM.OVERRIDES["wgrad_splits"] = args.wgrad_splits
+    if args.no_gluon:
+        GM._has_wgmma = lambda device: False
     rows: list = []
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now().isoformat(timespec="minutes"), tokens=TOKENS)

@@ -25,27 +25,30 @@ from moeut_kernels import _gluon as GL
 
 BLOCK_M, K = 128, 128
 layout = lambda block: gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-# (block_n, stages, by pair, relu, W transposed, masked A with side output and gate gradient)
-for block_n, stages, by_pair, relu, trans, masked in ((128, 2, True, False, False, False),
-                                                      (64, 3, False, True, False, False),
-                                                      (128, 2, True, False, True, True)):
+# (block_n, stages, by pair, relu, W transposed, masked A with side output and gate gradient, A gathered by group)
+for block_n, stages, by_pair, relu, trans, masked, group in ((128, 2, True, False, False, False, 0),
+                                                             (64, 3, False, True, False, False, 0),
+                                                             (128, 2, True, False, True, True, 0),
+                                                             (128, 2, True, False, False, False, 2)):
     w_block = [block_n, K] if trans else [K, block_n]
     signature = dict(
-        a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>",
-        w_desc=f"tensordesc<bf16[{w_block[0]}, {w_block[1]}],{layout(w_block)!r}>",
+        a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>" if group == 0 else "constexpr",
+        a_ptr="*bf16", w_desc=f"tensordesc<bf16[{w_block[0]}, {w_block[1]}],{layout(w_block)!r}>",
         c_ptr="*bf16", order_ptr="*i64", tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64",
         amask_ptr="*bf16", scale_ptr="*bf16", gpart_ptr="*fp32", side_ptr="*bf16",
-        N="i32", K="i32", E="i32", n_per_prog="i32", s_cm="i32", s_mm="i32", s_om="i32",
-        **{name: "constexpr" for name in ("OUT_BY_PAIR", "RELU_OUT", "TRANS_W", "MASK_A", "STORE_SIDE", "SCALE_GRAD",
-                                          "NUM_STAGES", "num_warps")})
-    consts = dict(OUT_BY_PAIR=by_pair, RELU_OUT=relu, TRANS_W=trans, MASK_A=masked, STORE_SIDE=masked,
-                  SCALE_GRAD=masked, NUM_STAGES=stages, num_warps=4)
+        N="i32", K="i32", E="i32", n_per_prog="i32", s_am="i32", s_cm="i32", s_mm="i32", s_om="i32",
+        **{name: "constexpr" for name in ("A_GROUP", "OUT_BY_PAIR", "RELU_OUT", "TRANS_W", "MASK_A", "STORE_SIDE",
+                                          "SCALE_GRAD", "BLOCK_M", "BLOCK_K", "NUM_STAGES", "num_warps")})
+    consts = dict(A_GROUP=group, OUT_BY_PAIR=by_pair, RELU_OUT=relu, TRANS_W=trans, MASK_A=masked,
+                  STORE_SIDE=masked, SCALE_GRAD=masked, BLOCK_M=BLOCK_M, BLOCK_K=K, NUM_STAGES=stages, num_warps=4)
+    if group:
+        consts["a_desc"] = None
     k = triton.compile(GluonASTSource(fn=GL.resident_gmm_kernel, signature=signature, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert k.asm["cubin"]
     # two programs per SM (228 KB): what makes it faster than gmm_kernel's one-slice-ahead pipeline
-    assert k.metadata.shared <= 233472 // 2, (block_n, stages, masked, k.metadata.shared)
-    print(block_n, stages, masked, k.metadata.shared)
+    assert k.metadata.shared <= 233472 // 2, (block_n, stages, masked, group, k.metadata.shared)
+    print(block_n, stages, masked, group, k.metadata.shared)
 """
 
 
@@ -56,17 +59,20 @@ def test_gluon_kernel_compiles_for_hopper():
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.strip().split("\n")) == 3, proc.stdout
+    assert len(proc.stdout.strip().split("\n")) == 4, proc.stdout
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
-@pytest.mark.parametrize("n, by_pair, relu", [(1024, True, False), (1536, False, True), (1000, True, True)])
-def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu):
+@pytest.mark.parametrize("n, by_pair, relu, group", [(1024, True, False, 0), (1536, False, True, 0),
+                                                     (1000, True, True, 0), (1024, True, False, 2),
+                                                     (1000, False, False, 3)])
+def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu, group):
     """Ragged experts (one empty, tiles past each end, the unused tail of the tile list), several column chunks
-    (n = 1536: two programs per tile), a partial last slice (n = 1000)."""
+    (n = 1536: two programs per tile), a partial last slice (n = 1000); A sorted (group 0, by TMA) or gathered as
+    rows pair // group (the attention O forward's rows, by pointer loads)."""
     from moeut_kernels import grouped as GM
     from moeut_kernels.routing import plan_from_expert_index
 
@@ -74,13 +80,13 @@ def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu):
     E, K, P = 7, 128, 3000
     expert = torch.randint(0, E - 1, (P,), device="cuda")             # expert E-1 gets no pair
     plan = plan_from_expert_index(expert, E, 128)
-    a = torch.randn(P, K, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(P // group if group else P, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, K, n, device="cuda", dtype=torch.bfloat16) * K ** -0.5
     cfg = GM.gmm_config(n, K, torch.bfloat16, plan.block_m, device=a.device)
     assert cfg.gluon
     got, want = (torch.full((P, n), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    GM._gmm(a, 0, w, False, plan, got, by_pair, relu_out=relu, cfg=cfg)
-    GM._gmm(a, 0, w, False, plan, want, by_pair, relu_out=relu, cfg=replace(cfg, gluon=False))
+    GM._gmm(a, group, w, False, plan, got, by_pair, relu_out=relu, cfg=cfg)
+    GM._gmm(a, group, w, False, plan, want, by_pair, relu_out=relu, cfg=replace(cfg, gluon=False))
     assert not want.isnan().any()
     assert torch.equal(got, want)
 

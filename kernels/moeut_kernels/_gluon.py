@@ -1,13 +1,14 @@
 """Gluon (Triton's explicit-layout dialect) kernel for the resident-A grouped matmul on Hopper.
 
-gmm_kernel's resident-A path written with explicit TMA barriers and wgmma: for one tile of one expert, the sorted A
-tile comes by TMA once, W[e]'s output slices through a ring of num_stages TMA buffers refilled as soon as a slice's
-wgmma retires, and each slice is stored from a row-vector layout. Same products and fp32 accumulation as
-gmm_kernel, bitwise-equal outputs, 15-17% faster on the FF down forward on an H200 (docs/KERNELS.md, "Gluon").
-The FF up input-gradient takes it too: W transposed, the ReLU mask applied to the A tile in shared memory, the
-masked rows and the gate's gradient stored on the way. Calls with a per-pair scale or the fused gate gradient of
-a wide K stay on gmm_kernel (grouped._gmm decides). Gluon has no interpreter: tests/test_kernels_gluon.py
-compiles it on CPU and compares it with gmm_kernel on a GPU.
+gmm_kernel's resident-A path written with explicit TMA barriers and wgmma: for one tile of one expert, the A tile
+comes once (sorted rows by TMA), W[e]'s output slices through a ring of num_stages TMA buffers refilled as soon
+as a slice's wgmma retires, and each slice is stored from a row-vector layout. Same products and fp32
+accumulation as gmm_kernel, bitwise-equal outputs, 15-17% faster on the FF down forward on an H200
+(docs/KERNELS.md, "The Gluon resident kernel"). The FF up input-gradient takes it too (W transposed, the ReLU
+mask applied to the A tile in shared memory, the masked rows and the gate's gradient stored on the way), and so
+does the attention O forward, whose A rows are gathered (pair // group) by pointer loads into the shared tile.
+Calls with a per-pair scale or the fused gate gradient of a wide K stay on gmm_kernel (grouped._gmm decides).
+Gluon has no interpreter: tests/test_kernels_gluon.py compiles it on CPU and compares it with gmm_kernel on a GPU.
 """
 from __future__ import annotations
 
@@ -48,21 +49,22 @@ def row_store_layout(block_n, num_warps):
 
 
 @gluon.jit
-def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-                        amask_ptr, scale_ptr, gpart_ptr, side_ptr, N, K, E, n_per_prog, s_cm, s_mm, s_om,
-                        OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr, TRANS_W: gl.constexpr,
-                        MASK_A: gl.constexpr, STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr,
+def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
+                        amask_ptr, scale_ptr, gpart_ptr, side_ptr, N, K, E, n_per_prog, s_am, s_cm, s_mm, s_om,
+                        A_GROUP: gl.constexpr, OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr,
+                        TRANS_W: gl.constexpr, MASK_A: gl.constexpr, STORE_SIDE: gl.constexpr,
+                        SCALE_GRAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """C[rows] = (relu)(A'[sorted rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at
-    the pair id (OUT_BY_PAIR) or the sorted position. a_desc: A [P, K] in [BLOCK_M, K] tiles; w_desc: W viewed as
-    [E*K, N] in [K, BLOCK_N] tiles, or with TRANS_W (C = A W[e]^T) as [E*N, K] in [BLOCK_N, K] tiles. Rows the A
-    tile takes past the expert's end are computed and not stored.
+    """C[rows] = (relu)(A'[A rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at the
+    pair id (OUT_BY_PAIR) or the sorted position. A rows: the sorted positions, the [BLOCK_M, BLOCK_K] tile by TMA
+    through a_desc (A_GROUP == 0), or pair // A_GROUP, gathered from a_ptr by pointer loads (A_GROUP > 0; a_desc
+    None). w_desc: W viewed as [E*K, N] in [K, BLOCK_N] tiles, or with TRANS_W (C = A W[e]^T) as [E*N, K] in
+    [BLOCK_N, K] tiles. Rows the A tile takes past the expert's end are computed and not stored.
     MASK_A: A' = A * (amask[sorted rows] > 0), made in shared memory before the first slice (the ReLU backward of
     the FF up input-gradient); the first column chunk's program also stores A' at the sorted positions of side
     (STORE_SIDE: the weight gradient's operand) and gpart[pair] = <A', amask> / scale[pair]^2 (SCALE_GRAD: the
     gate's gradient, as gmm_kernel's SCALE_GRAD)."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    gl.static_assert(A_GROUP == 0 or not MASK_A)
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0 if TRANS_W else 1]
     acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, num_warps)
     out_layout: gl.constexpr = row_store_layout(BLOCK_N, num_warps)
@@ -75,16 +77,18 @@ def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_
         end = gl.load(offsets_ptr + e + 1)
         n_lo = (pid % num_chunks) * n_per_prog
         n_slices = gl.cdiv(gl.minimum(n_lo + n_per_prog, N) - n_lo, BLOCK_N)
-        a_smem = gl.allocate_shared_memory(a_desc.dtype, [BLOCK_M, BLOCK_K], a_desc.layout)
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
-                                           w_desc.layout)
+        a_smem = gl.allocate_shared_memory(w_desc.dtype, [BLOCK_M, BLOCK_K],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], w_desc.dtype))
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES, w_desc.block_type.shape[0],
+                                                          w_desc.block_type.shape[1]], w_desc.layout)
         a_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         w_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(a_bar, count=1)
         for s in gl.static_range(NUM_STAGES):
             mbarrier.init(w_bars.index(s), count=1)
-        mbarrier.expect(a_bar, a_desc.block_type.nbytes)
-        tma_load(a_desc, [start, 0], a_bar, a_smem)
+        if A_GROUP == 0:
+            mbarrier.expect(a_bar, a_desc.block_type.nbytes)
+            tma_load(a_desc, [start, 0], a_bar, a_smem)
         for s in gl.static_range(NUM_STAGES):
             _load_w_slice(w_desc, w_bars.index(s), w_smem.index(s), e, n_lo + s * BLOCK_N, N, K, TRANS_W,
                           s < n_slices)
@@ -94,7 +98,9 @@ def resident_gmm_kernel(a_desc, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_
             rows = gl.load(order_ptr + pos, mask=rmask, other=0).to(gl.int64)
         else:
             rows = pos.to(gl.int64)
-        if MASK_A:
+        if A_GROUP > 0:
+            _gather_a_tile(a_smem, a_ptr, order_ptr, start, end, K, s_am, A_GROUP, num_warps)
+        elif MASK_A:
             _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm,
                          s_om, (pid % num_chunks) == 0, STORE_SIDE, SCALE_GRAD, num_warps)
         else:
@@ -132,26 +138,54 @@ def _load_w_slice(w_desc, bar, dest, e, n0, N, K, TRANS_W: gl.constexpr, pred):
         tma_load(w_desc, [e * K, n0], bar, dest, pred=pred)
 
 
+@constexpr_function
+def chunk_width(block_k):
+    """Columns per chunk of the pointer-loaded tiles: the whole tile at once spills registers (ptxas, 128 x 128)."""
+    return min(block_k, 32)
+
+
 @gluon.jit
-def _load_mask_chunk(amask_ptr, pos, rmask, c, K, s_mm, CHUNK: gl.constexpr, layout: gl.constexpr, pred):
-    """Columns [c * CHUNK, (c + 1) * CHUNK) of the mask source's rows pos (nothing loaded where pred is false)."""
-    ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
-    return gl.load(amask_ptr + pos[:, None] * s_mm + ks[None, :], mask=(rmask & pred)[:, None] & (ks < K)[None, :],
-                   other=0.0)
+def _load_chunks(ptr, rows, rmask, K, s_m, CHUNK: gl.constexpr, layout: gl.constexpr):
+    """Rows `rows` (masked by rmask) of a [*, K] tensor as four chunks of CHUNK columns (the callers' BLOCK_K is at
+    most 4 * CHUNK; a chunk past K loads nothing), all issued at once so that their latencies overlap."""
+    ks = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
+    base = ptr + rows[:, None] * s_m + ks[None, :]
+    return (gl.load(base, mask=rmask[:, None] & (ks < K)[None, :], other=0.0),
+            gl.load(base + CHUNK, mask=rmask[:, None] & (ks + CHUNK < K)[None, :], other=0.0),
+            gl.load(base + 2 * CHUNK, mask=rmask[:, None] & (ks + 2 * CHUNK < K)[None, :], other=0.0),
+            gl.load(base + 3 * CHUNK, mask=rmask[:, None] & (ks + 3 * CHUNK < K)[None, :], other=0.0))
+
+
+@gluon.jit
+def _gather_a_tile(a_smem, a_ptr, order_ptr, start, end, K, s_am, A_GROUP: gl.constexpr, num_warps: gl.constexpr):
+    """A rows pair // A_GROUP of the tile into shared memory by pointer loads (Hopper's TMA cannot gather rows),
+    every chunk's issued before the first is stored; then the fence and barrier that make the tile visible to
+    wgmma."""
+    BLOCK_M: gl.constexpr = a_smem.shape[0]
+    CHUNK: gl.constexpr = chunk_width(a_smem.shape[1])
+    gl.static_assert(a_smem.shape[1] <= 4 * CHUNK)       # gmm_config's block_k <= 128
+    layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
+    pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    rmask = pos < end
+    rows = gl.load(order_ptr + pos, mask=rmask, other=0).to(gl.int64) // A_GROUP
+    chunks = _load_chunks(a_ptr, rows, rmask, K, s_am, CHUNK, layout)
+    for c in gl.static_range(a_smem.shape[1] // CHUNK):
+        a_smem.slice(c * CHUNK, CHUNK, dim=1).store(chunks[c])
+    fence_async_shared()
+    cta_barrier()
 
 
 @gluon.jit
 def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm, s_om,
                  first, STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, num_warps: gl.constexpr):
-    """Waits for the A tile, then A *= (mask > 0) in shared memory, in chunks of 32 columns (the whole tile and its
-    mask at once spill registers). The mask comes by pointer loads (a second TMA tile would leave room for only
-    one program per SM), every chunk's issued before the wait so that their latencies overlap each other's and
-    the A tile's. The first program of the tile also stores the masked rows (side) and the gate's gradient
-    (gpart). Ends with the fence and barrier that make the rewritten tile visible to wgmma."""
+    """Waits for the A tile, then A *= (mask > 0) in shared memory, chunk by chunk. The mask comes by pointer loads
+    (a second TMA tile would leave room for only one program per SM), every chunk's issued before the wait so that
+    their latencies overlap each other's and the A tile's. The first program of the tile also stores the masked
+    rows (side) and the gate's gradient (gpart). Ends with the fence and barrier that make the rewritten tile
+    visible to wgmma."""
     BLOCK_M: gl.constexpr = a_smem.shape[0]
-    CHUNK: gl.constexpr = min(a_smem.shape[1], 32)
-    CHUNKS: gl.constexpr = a_smem.shape[1] // CHUNK
-    gl.static_assert(CHUNKS <= 4)       # gmm_config's block_k <= 128
+    CHUNK: gl.constexpr = chunk_width(a_smem.shape[1])
+    gl.static_assert(a_smem.shape[1] <= 4 * CHUNK)       # gmm_config's block_k <= 128
     layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
     pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     rmask = pos < end
@@ -159,21 +193,11 @@ def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a
     if SCALE_GRAD:
         pair = gl.load(order_ptr + pos, mask=rmask & first, other=0)
         g = gl.load(scale_ptr + pair, mask=rmask & first, other=0.0).to(gl.float32)
-    m0 = _load_mask_chunk(amask_ptr, pos, rmask, 0, K, s_mm, CHUNK, layout, True)
-    m1 = _load_mask_chunk(amask_ptr, pos, rmask, 1, K, s_mm, CHUNK, layout, CHUNKS > 1)
-    m2 = _load_mask_chunk(amask_ptr, pos, rmask, 2, K, s_mm, CHUNK, layout, CHUNKS > 2)
-    m3 = _load_mask_chunk(amask_ptr, pos, rmask, 3, K, s_mm, CHUNK, layout, CHUNKS > 3)
+    masks = _load_chunks(amask_ptr, pos, rmask, K, s_mm, CHUNK, layout)
     dots = gl.zeros([BLOCK_M], dtype=gl.float32, layout=gl.SliceLayout(1, layout))
     mbarrier.wait(a_bar, phase=0)
-    for c in gl.static_range(CHUNKS):
-        if c == 0:
-            m = m0
-        elif c == 1:
-            m = m1
-        elif c == 2:
-            m = m2
-        else:
-            m = m3
+    for c in gl.static_range(a_smem.shape[1] // CHUNK):
+        m = masks[c]
         part = a_smem.slice(c * CHUNK, CHUNK, dim=1)
         a = gl.where(m > 0, part.load(layout), 0.0)
         part.store(a)

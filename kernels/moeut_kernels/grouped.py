@@ -54,9 +54,10 @@ class TileConfig:
     tma (sm_90+): TMA descriptor loads. Grouped matmul: the W tiles, and with a_resident and K == block_k the A tile
     and its mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall
     back to pointer loads.
-    gluon (Hopper, with a_resident and tma): the calls among these with A sorted and no per-pair scale or fused
-    gate gradient (the FF down forward, and the FF up input-gradient with its mask, side output and gate gradient)
-    run the Gluon kernel (moeut_kernels/_gluon.py), num_stages being its W ring's depth."""
+    gluon (Hopper, with a_resident and tma): the calls among these with A sorted or gathered by group and no
+    per-pair scale or fused gate gradient (the FF down forward, the FF up input-gradient with its mask, side
+    output and gate gradient, the attention O forward) run the Gluon kernel (moeut_kernels/_gluon.py), num_stages
+    being its W ring's depth."""
     block_n: int
     block_k: int
     num_warps: int
@@ -98,9 +99,9 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
     write wide [P, d] outputs): the A tile stays resident while the program walks up to 8 output slices of 128,
     balanced over the columns; in bf16 on sm_90+ with TMA loads at 4 warps and 2 stages, or 3 stages with the
     ReLU mask (masked), whose tile leaves room for only one program per SM either way; on Hopper, the Gluon
-    kernel where the call allows (TileConfig.gluon; 2 stages, two programs per SM). Otherwise one 128-wide slice per program, 64-deep K
-    steps (32 for fp32 to fit shared memory), 3 stages; in bf16 on sm_90+ W comes by TMA. The interpreter uses
-    tiny blocks so tests cross every boundary."""
+    kernel where the call allows (TileConfig.gluon; 2 stages, two programs per SM). Otherwise one 128-wide slice
+    per program, 64-deep K steps (32 for fp32 to fit shared memory), 3 stages; in bf16 on sm_90+ W comes by TMA.
+    The interpreter uses tiny blocks so tests cross every boundary."""
     big = dtype != torch.float32
     if INTERPRET:
         if triton.next_power_of_2(k) <= 32 and not gate_grad:
@@ -231,20 +232,21 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         d_group = -1
     cols = cfg.columns_per_program()
     grid = (n_tiles * triton.cdiv(ndim, cols),)
-    if (cfg.gluon and GL is not None and a_group == 0 and kdim == cfg.block_k and scale is None
-            and (gpart is None or scale_grad is not None)
+    if (cfg.gluon and GL is not None and a_group >= 0 and kdim == cfg.block_k and scale is None
+            and (gpart is None or scale_grad is not None) and (a_group == 0 or amask is None)
             and all(t is None or t.stride(1) == 1 for t in (a, out, amask, side_out))):
-        a_g = _descriptor(a, a.shape[0], [plan.block_m, cfg.block_k], GL.descriptor)
+        a_g = _descriptor(a, a.shape[0], [plan.block_m, cfg.block_k], GL.descriptor) if a_group == 0 else None
         w_g = _descriptor(w, n_experts * (ndim if transpose_w else kdim),
                           [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n], GL.descriptor)
-        if a_g is not None and w_g is not None:
+        if (a_g is not None or a_group > 0) and w_g is not None:
             GL.resident_gmm_kernel[grid](
-                a_g, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, amask_t,
+                a_g, a, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, amask_t,
                 scaled_by if scaled_by is not None else dummy, gpart if gpart is not None else dummy,
-                side_out if side_out is not None else a, ndim, kdim, n_experts, cols, out.stride(0),
-                amask_t.stride(0), side_out.stride(0) if side_out is not None else 0, OUT_BY_PAIR=out_by_pair,
-                RELU_OUT=relu_out, TRANS_W=transpose_w, MASK_A=amask is not None, STORE_SIDE=side_out is not None,
-                SCALE_GRAD=scale_grad is not None, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+                side_out if side_out is not None else a, ndim, kdim, n_experts, cols, a.stride(0), out.stride(0),
+                amask_t.stride(0), side_out.stride(0) if side_out is not None else 0, A_GROUP=a_group,
+                OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w, MASK_A=amask is not None,
+                STORE_SIDE=side_out is not None, SCALE_GRAD=scale_grad is not None, BLOCK_M=plan.block_m,
+                BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
