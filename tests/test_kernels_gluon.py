@@ -25,11 +25,13 @@ from moeut_kernels import _gluon as GL
 
 BLOCK_M, K = 128, 128
 layout = lambda block: gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-# (block_n, stages, by pair, relu, W transposed, masked A with side output and gate gradient, A gathered by group)
-for block_n, stages, by_pair, relu, trans, masked, group in ((128, 2, True, False, False, False, 0),
-                                                             (64, 3, False, True, False, False, 0),
-                                                             (128, 2, True, False, True, True, 0),
-                                                             (128, 2, True, False, False, False, 2)):
+# (block_n, stages, by pair, relu, W transposed, masked A with side output and gate gradient, A gathered by group,
+# per-pair scale with the scaled A as side output)
+for block_n, stages, by_pair, relu, trans, masked, group, scaled in ((128, 2, True, False, False, False, 0, False),
+                                                                     (64, 3, False, True, False, False, 0, False),
+                                                                     (128, 2, True, False, True, True, 0, False),
+                                                                     (128, 2, True, False, False, False, 2, False),
+                                                                     (128, 2, True, False, True, False, 2, True)):
     w_block = [block_n, K] if trans else [K, block_n]
     signature = dict(
         a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>" if group == 0 else "constexpr",
@@ -37,18 +39,20 @@ for block_n, stages, by_pair, relu, trans, masked, group in ((128, 2, True, Fals
         c_ptr="*bf16", order_ptr="*i64", tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64",
         amask_ptr="*bf16", scale_ptr="*bf16", gpart_ptr="*fp32", side_ptr="*bf16",
         N="i32", K="i32", E="i32", n_per_prog="i32", s_am="i32", s_cm="i32", s_mm="i32", s_om="i32",
-        **{name: "constexpr" for name in ("A_GROUP", "OUT_BY_PAIR", "RELU_OUT", "TRANS_W", "MASK_A", "STORE_SIDE",
-                                          "SCALE_GRAD", "BLOCK_M", "BLOCK_K", "NUM_STAGES", "num_warps")})
+        **{name: "constexpr" for name in ("A_GROUP", "OUT_BY_PAIR", "RELU_OUT", "TRANS_W", "MASK_A", "HAS_SCALE",
+                                          "STORE_SIDE", "SCALE_GRAD", "BLOCK_M", "BLOCK_K", "NUM_STAGES",
+                                          "num_warps")})
     consts = dict(A_GROUP=group, OUT_BY_PAIR=by_pair, RELU_OUT=relu, TRANS_W=trans, MASK_A=masked,
-                  STORE_SIDE=masked, SCALE_GRAD=masked, BLOCK_M=BLOCK_M, BLOCK_K=K, NUM_STAGES=stages, num_warps=4)
+                  HAS_SCALE=scaled, STORE_SIDE=masked or scaled, SCALE_GRAD=masked, BLOCK_M=BLOCK_M, BLOCK_K=K,
+                  NUM_STAGES=stages, num_warps=4)
     if group:
         consts["a_desc"] = None
     k = triton.compile(GluonASTSource(fn=GL.resident_gmm_kernel, signature=signature, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert k.asm["cubin"]
     # two programs per SM (228 KB): what makes it faster than gmm_kernel's one-slice-ahead pipeline
-    assert k.metadata.shared <= 233472 // 2, (block_n, stages, masked, group, k.metadata.shared)
-    print(block_n, stages, masked, group, k.metadata.shared)
+    assert k.metadata.shared <= 233472 // 2, (block_n, stages, masked, group, scaled, k.metadata.shared)
+    print(block_n, stages, masked, group, scaled, k.metadata.shared)
 """
 
 
@@ -59,7 +63,7 @@ def test_gluon_kernel_compiles_for_hopper():
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.strip().split("\n")) == 4, proc.stdout
+    assert len(proc.stdout.strip().split("\n")) == 5, proc.stdout
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -126,3 +130,34 @@ def test_gluon_masked_input_grad_equals_gmm_kernel(n, K):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
     assert (got[2][gate == 0] == 0).all()
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
+@pytest.mark.parametrize("n, group", [(1024, 2), (1000, 3)])
+def test_gluon_scaled_gathered_input_grad_equals_gmm_kernel(n, group):
+    """The attention V input-gradient: gradient rows gathered (pair // group), W transposed, each output row times
+    its pair's gate (exactly 0 on some pairs), the gated rows stored as the side output; ragged experts as above.
+    Outputs and side output bit for bit."""
+    from moeut_kernels import grouped as GM
+    from moeut_kernels.routing import plan_from_expert_index
+
+    torch.manual_seed(2)
+    E, K, P = 7, 128, 3000
+    expert = torch.randint(0, E - 1, (P,), device="cuda")
+    plan = plan_from_expert_index(expert, E, 128)
+    grad = torch.randn(P // group, K, device="cuda", dtype=torch.bfloat16)
+    gate = torch.rand(P, device="cuda", dtype=torch.bfloat16)
+    gate[::17] = 0
+    w = torch.randn(E, n, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    cfg = GM.gmm_config(n, K, torch.bfloat16, plan.block_m, device=grad.device)
+    assert cfg.gluon
+
+    def run(cfg):
+        out = torch.full((P, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        side = torch.full((P, K), float("nan"), device="cuda", dtype=torch.bfloat16)
+        GM._gmm(grad, group, w, True, plan, out, True, scale=gate, cfg=cfg, side_out=side)
+        return out, side
+
+    got, want = run(cfg), run(replace(cfg, gluon=False))
+    assert not any(t.isnan().any() for t in want)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -6,8 +6,9 @@ as a slice's wgmma retires, and each slice is stored from a row-vector layout. S
 accumulation as gmm_kernel, bitwise-equal outputs, 15-17% faster on the FF down forward on an H200
 (docs/KERNELS.md, "The Gluon resident kernel"). The FF up input-gradient takes it too (W transposed, the ReLU
 mask applied to the A tile in shared memory, the masked rows and the gate's gradient stored on the way), and so
-does the attention O forward, whose A rows are gathered (pair // group) by pointer loads into the shared tile.
-Calls with a per-pair scale or the fused gate gradient of a wide K stay on gmm_kernel (grouped._gmm decides).
+do the attention O forward and V input-gradient, whose A rows are gathered (pair // group) by pointer loads into
+the shared tile (V's with the gate on its outputs and its gated rows stored). Calls with the fused gate gradient
+of a wide K stay on gmm_kernel (grouped._gmm decides).
 Gluon has no interpreter: tests/test_kernels_gluon.py compiles it on CPU and compares it with gmm_kernel on a GPU.
 """
 from __future__ import annotations
@@ -52,8 +53,9 @@ def row_store_layout(block_n, num_warps):
 def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
                         amask_ptr, scale_ptr, gpart_ptr, side_ptr, N, K, E, n_per_prog, s_am, s_cm, s_mm, s_om,
                         A_GROUP: gl.constexpr, OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr,
-                        TRANS_W: gl.constexpr, MASK_A: gl.constexpr, STORE_SIDE: gl.constexpr,
-                        SCALE_GRAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+                        TRANS_W: gl.constexpr, MASK_A: gl.constexpr, HAS_SCALE: gl.constexpr,
+                        STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BLOCK_K: gl.constexpr,
                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """C[rows] = (relu)(A'[A rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at the
     pair id (OUT_BY_PAIR) or the sorted position. A rows: the sorted positions, the [BLOCK_M, BLOCK_K] tile by TMA
@@ -63,8 +65,10 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
     MASK_A: A' = A * (amask[sorted rows] > 0), made in shared memory before the first slice (the ReLU backward of
     the FF up input-gradient); the first column chunk's program also stores A' at the sorted positions of side
     (STORE_SIDE: the weight gradient's operand) and gpart[pair] = <A', amask> / scale[pair]^2 (SCALE_GRAD: the
-    gate's gradient, as gmm_kernel's SCALE_GRAD)."""
+    gate's gradient, as gmm_kernel's SCALE_GRAD). HAS_SCALE (A gathered): each output row times scale[pair]
+    (after the ReLU), and STORE_SIDE stores A * scale (the attention V input-gradient), as gmm_kernel does."""
     gl.static_assert(A_GROUP == 0 or not MASK_A)
+    gl.static_assert(not HAS_SCALE or A_GROUP > 0)
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0 if TRANS_W else 1]
     acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, num_warps)
     out_layout: gl.constexpr = row_store_layout(BLOCK_N, num_warps)
@@ -98,8 +102,13 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
             rows = gl.load(order_ptr + pos, mask=rmask, other=0).to(gl.int64)
         else:
             rows = pos.to(gl.int64)
+        if HAS_SCALE:
+            spos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+            spair = gl.load(order_ptr + spos, mask=spos < end, other=0)
+            scale = gl.load(scale_ptr + spair, mask=spos < end, other=0.0).to(gl.float32)
         if A_GROUP > 0:
-            _gather_a_tile(a_smem, a_ptr, order_ptr, start, end, K, s_am, A_GROUP, num_warps)
+            _gather_a_tile(a_smem, a_ptr, order_ptr, scale_ptr, side_ptr, start, end, K, s_am, s_om,
+                           (pid % num_chunks) == 0, A_GROUP, HAS_SCALE, STORE_SIDE, num_warps)
         elif MASK_A:
             _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm,
                          s_om, (pid % num_chunks) == 0, STORE_SIDE, SCALE_GRAD, num_warps)
@@ -120,6 +129,8 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
                               N, K, TRANS_W, True)
             if RELU_OUT:
                 acc = gl.maximum(acc, 0.0)
+            if HAS_SCALE:
+                acc = acc * scale[:, None]
             out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
             cols = n_lo + i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
             gl.store(c_ptr + rows[:, None] * s_cm + cols[None, :], out, mask=rmask[:, None] & (cols < N)[None, :])
@@ -157,20 +168,33 @@ def _load_chunks(ptr, rows, rmask, K, s_m, CHUNK: gl.constexpr, layout: gl.const
 
 
 @gluon.jit
-def _gather_a_tile(a_smem, a_ptr, order_ptr, start, end, K, s_am, A_GROUP: gl.constexpr, num_warps: gl.constexpr):
+def _gather_a_tile(a_smem, a_ptr, order_ptr, scale_ptr, side_ptr, start, end, K, s_am, s_om, first,
+                   A_GROUP: gl.constexpr, HAS_SCALE: gl.constexpr, STORE_SIDE: gl.constexpr,
+                   num_warps: gl.constexpr):
     """A rows pair // A_GROUP of the tile into shared memory by pointer loads (Hopper's TMA cannot gather rows),
-    every chunk's issued before the first is stored; then the fence and barrier that make the tile visible to
-    wgmma."""
+    every chunk's issued before the first is stored; the first program of the tile also stores them (times the
+    pair's scale with HAS_SCALE) at the sorted positions of side. Then the fence and barrier that make the tile
+    visible to wgmma."""
     BLOCK_M: gl.constexpr = a_smem.shape[0]
     CHUNK: gl.constexpr = chunk_width(a_smem.shape[1])
     gl.static_assert(a_smem.shape[1] <= 4 * CHUNK)       # gmm_config's block_k <= 128
     layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
     pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     rmask = pos < end
-    rows = gl.load(order_ptr + pos, mask=rmask, other=0).to(gl.int64) // A_GROUP
-    chunks = _load_chunks(a_ptr, rows, rmask, K, s_am, CHUNK, layout)
+    pair = gl.load(order_ptr + pos, mask=rmask, other=0)
+    chunks = _load_chunks(a_ptr, pair.to(gl.int64) // A_GROUP, rmask, K, s_am, CHUNK, layout)
+    if STORE_SIDE and HAS_SCALE:
+        scale = gl.load(scale_ptr + pair, mask=rmask & first, other=0.0).to(gl.float32)
     for c in gl.static_range(a_smem.shape[1] // CHUNK):
         a_smem.slice(c * CHUNK, CHUNK, dim=1).store(chunks[c])
+        if STORE_SIDE:
+            if first:
+                side = chunks[c]
+                if HAS_SCALE:
+                    side = (side.to(gl.float32) * scale[:, None]).to(side.dtype)
+                ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
+                gl.store(side_ptr + pos.to(gl.int64)[:, None] * s_om + ks[None, :], side,
+                         mask=rmask[:, None] & (ks < K)[None, :])
     fence_async_shared()
     cta_barrier()
 

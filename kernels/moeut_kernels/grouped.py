@@ -54,10 +54,10 @@ class TileConfig:
     tma (sm_90+): TMA descriptor loads. Grouped matmul: the W tiles, and with a_resident and K == block_k the A tile
     and its mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall
     back to pointer loads.
-    gluon (Hopper, with a_resident and tma): the calls among these with A sorted or gathered by group and no
-    per-pair scale or fused gate gradient (the FF down forward, the FF up input-gradient with its mask, side
-    output and gate gradient, the attention O forward) run the Gluon kernel (moeut_kernels/_gluon.py), num_stages
-    being its W ring's depth."""
+    gluon (Hopper, with a_resident and tma): the calls among these with A sorted or gathered by group, no fused
+    gate gradient, and a per-pair scale only with gathered A (the FF down forward, the FF up input-gradient with
+    its mask, side output and gate gradient, the attention O forward and V input-gradient) run the Gluon kernel
+    (moeut_kernels/_gluon.py), num_stages being its W ring's depth."""
     block_n: int
     block_k: int
     num_warps: int
@@ -232,8 +232,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         d_group = -1
     cols = cfg.columns_per_program()
     grid = (n_tiles * triton.cdiv(ndim, cols),)
-    if (cfg.gluon and GL is not None and a_group >= 0 and kdim == cfg.block_k and scale is None
+    if (cfg.gluon and GL is not None and a_group >= 0 and kdim == cfg.block_k
             and (gpart is None or scale_grad is not None) and (a_group == 0 or amask is None)
+            and (scale is None or a_group > 0)
             and all(t is None or t.stride(1) == 1 for t in (a, out, amask, side_out))):
         a_g = _descriptor(a, a.shape[0], [plan.block_m, cfg.block_k], GL.descriptor) if a_group == 0 else None
         w_g = _descriptor(w, n_experts * (ndim if transpose_w else kdim),
@@ -241,12 +242,14 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         if (a_g is not None or a_group > 0) and w_g is not None:
             GL.resident_gmm_kernel[grid](
                 a_g, a, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, amask_t,
-                scaled_by if scaled_by is not None else dummy, gpart if gpart is not None else dummy,
-                side_out if side_out is not None else a, ndim, kdim, n_experts, cols, a.stride(0), out.stride(0),
-                amask_t.stride(0), side_out.stride(0) if side_out is not None else 0, A_GROUP=a_group,
-                OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w, MASK_A=amask is not None,
-                STORE_SIDE=side_out is not None, SCALE_GRAD=scale_grad is not None, BLOCK_M=plan.block_m,
-                BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+                scale if scale is not None else scaled_by if scaled_by is not None else dummy,
+                gpart if gpart is not None else dummy, side_out if side_out is not None else a,
+                ndim, kdim, n_experts, cols, a.stride(0), out.stride(0), amask_t.stride(0),
+                side_out.stride(0) if side_out is not None else 0,
+                A_GROUP=a_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w,
+                MASK_A=amask is not None, HAS_SCALE=scale is not None, STORE_SIDE=side_out is not None,
+                SCALE_GRAD=scale_grad is not None, BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k,
+                NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
