@@ -55,8 +55,7 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
                         A_GROUP: gl.constexpr, OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr,
                         TRANS_W: gl.constexpr, MASK_A: gl.constexpr, HAS_SCALE: gl.constexpr,
                         STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, BLOCK_M: gl.constexpr,
-                        BLOCK_K: gl.constexpr,
-                        NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                        BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """C[rows] = (relu)(A'[A rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at the
     pair id (OUT_BY_PAIR) or the sorted position. A rows: the sorted positions, the [BLOCK_M, BLOCK_K] tile by TMA
     through a_desc (A_GROUP == 0), or pair // A_GROUP, gathered from a_ptr by pointer loads (A_GROUP > 0; a_desc

@@ -198,8 +198,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
          side_out: Optional[torch.Tensor] = None, scale_grad: Optional[torch.Tensor] = None,
          scaled_by: Optional[torch.Tensor] = None) -> None:
-    """Launch gmm_kernel: out[rows] = epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id)
-    replace a_group / d_group when given. side_out [P, K] (resident-A configs) or [P, N] (with gpart and scale):
+    """Launch gmm_kernel, or the Gluon kernel where cfg.gluon and the call allow (same outputs): out[rows] =
+    epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id) replace a_group / d_group when
+    given. side_out [P, K] (resident-A configs) or [P, N] (with gpart and scale):
     also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's gated operand.
     scale_grad [P] fp32 (resident-A configs, with amask and scaled_by, no scale): receives <A, amask> / scaled_by^2
     by pair id: the gradient of the gate of a gated output amask = gate * relu(.), whose output gradient A came
