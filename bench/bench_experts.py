@@ -509,12 +509,15 @@ def sweep_tma(rows: list) -> None:
 
 def _floor_configs(d: int, d_e: int, block_m: int, gluon: bool) -> tuple[GM.TileConfig, GM.TileConfig]:
     """The down forward's and the up input-grad's configs, as chosen with or without the Gluon kernel."""
-    has_wgmma = GM._has_wgmma
-    GM._has_wgmma = has_wgmma if gluon else (lambda device: False)
+    before = GM.OVERRIDES.get("gluon")
+    GM.OVERRIDES["gluon"] = gluon and before is not False
     try:
         return tuple(GM.gmm_config(d, d_e, BF16, block_m, masked=m, device=torch.device(DEV)) for m in (False, True))
     finally:
-        GM._has_wgmma = has_wgmma
+        if before is None:
+            GM.OVERRIDES.pop("gluon")
+        else:
+            GM.OVERRIDES["gluon"] = before
 
 
 def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
@@ -719,7 +722,7 @@ def main() -> None:
     if args.wgrad_splits:
         GM.OVERRIDES["wgrad_splits"] = args.wgrad_splits
     if args.no_gluon:
-        GM._has_wgmma = lambda device: False
+        GM.OVERRIDES["gluon"] = False
     rows: list = []
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now().isoformat(timespec="minutes"), tokens=TOKENS)

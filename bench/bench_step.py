@@ -1,7 +1,7 @@
 """Full training step on one GPU: MoEUT (triton expert backend) vs the dense baseline, eager and torch.compile.
 
     PYTHONPATH=.:kernels python bench/bench_step.py [--sizes 244m,1b] [--budget-s 300] [--out DIR]
-        [--no-compile | --no-eager] [--micro 32] [--compile-mode reduce-overhead] [--trace]
+        [--no-compile | --no-eager] [--micro 32] [--compile-mode reduce-overhead] [--trace] [--no-gluon]
 
 One step = forward + backward of cross-entropy (+ the entropy regulariser, training mode) over 64 x 1024 tokens
 under bf16 autocast with fp32 master weights, then a fused AdamW step and zero_grad. Plain PyTorch, no DeepSpeed.
@@ -34,6 +34,7 @@ import torch._dynamo  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from moeut_ds import LanguageModel, get_preset  # noqa: E402
+from moeut_kernels import grouped  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 
@@ -241,6 +242,8 @@ def main() -> None:
     ap.add_argument("--profile-top", type=int, default=15, help="kernels listed in each profile table")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--trace", action="store_true", help="write each profiled step's Chrome trace into --out")
+    ap.add_argument("--no-gluon", action="store_true",
+                    help="expert calls on gmm_kernel only (configs as chosen without the Gluon kernel), for A/B runs")
     args = ap.parse_args()
     if args.trace and not args.out:
         ap.error("--trace writes each profiled step's Chrome trace into --out: give --out")
@@ -249,8 +252,10 @@ def main() -> None:
     out = Path(args.out) if args.out else None
     TRACE_DIR = out if args.trace else None
     import triton
+    if args.no_gluon:
+        grouped.OVERRIDES["gluon"] = False
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat(), tokens=BATCH * SEQ)
+                date=datetime.date.today().isoformat(), tokens=BATCH * SEQ, gluon=not args.no_gluon)
     log(str(info))
     results: dict = dict(info=info, rows=[])
 

@@ -66,6 +66,23 @@ def test_gluon_kernel_compiles_for_hopper():
     assert len(proc.stdout.strip().split("\n")) == 5, proc.stdout
 
 
+def test_gluon_can_be_turned_off(monkeypatch):
+    """MOEUT_GLUON=0 (or OVERRIDES["gluon"] = False) keeps a Hopper GPU's calls on gmm_kernel: the way out if a
+    Triton release breaks the experimental Gluon API, and the benchmarks' A/B switch."""
+    from moeut_kernels import grouped as GM
+
+    if GM.GL is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    hopper = torch.device("cuda", 0)
+    assert GM._has_wgmma(hopper)
+    monkeypatch.setenv("MOEUT_GLUON", "0")
+    assert not GM._has_wgmma(hopper)
+    monkeypatch.setenv("MOEUT_GLUON", "1")
+    monkeypatch.setitem(GM.OVERRIDES, "gluon", False)
+    assert not GM._has_wgmma(hopper)
+
+
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 

@@ -71,7 +71,8 @@ class TileConfig:
         return self.block_n * (self.n_loop if self.a_resident else 1)
 
 
-# Benchmarks and tests may override these (keys: "gmm", "wgrad", "wgrad_block_r", "wgrad_splits", "sum").
+# Benchmarks and tests may override these (keys: "gmm", "wgrad", "wgrad_block_r", "wgrad_splits", "sum", and
+# "gluon": False for the configs chosen as without the Gluon kernel).
 OVERRIDES: dict[str, dict] = {}
 
 
@@ -88,8 +89,11 @@ def _has_tma(device: Optional[torch.device]) -> bool:
 
 
 def _has_wgmma(device: Optional[torch.device]) -> bool:
-    """Whether the Gluon kernel runs here: a Hopper GPU (its wgmma is sm_90 only) and a Triton with Gluon."""
-    return (GL is not None and device is not None and device.type == "cuda"
+    """Whether the Gluon kernel runs here: a Hopper GPU (its wgmma is sm_90 only), a Triton with Gluon, and not
+    turned off (MOEUT_GLUON=0 in the environment: Gluon is an experimental Triton API, so this is the way out if a
+    Triton release breaks it; OVERRIDES["gluon"] = False for benchmarks' A/B runs)."""
+    enabled = OVERRIDES.get("gluon", os.environ.get("MOEUT_GLUON", "1") != "0")
+    return (enabled and GL is not None and device is not None and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
