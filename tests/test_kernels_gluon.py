@@ -87,9 +87,21 @@ def test_gluon_can_be_turned_off(monkeypatch):
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+hopper_only = pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile "
+                                                    "test above)")
+E, P = 7, 3000      # experts and pairs of the GPU comparisons
 
 
-@pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
+def _ragged_plan(seed: int):
+    """The routing plan of P pairs over E experts, the last one empty: ragged tiles past each expert's end and an
+    unused tail of the tile list (the generator seeded first, for the inputs drawn after it)."""
+    from moeut_kernels.routing import plan_from_expert_index
+
+    torch.manual_seed(seed)
+    return plan_from_expert_index(torch.randint(0, E - 1, (P,), device="cuda"), E, 128)
+
+
+@hopper_only
 @pytest.mark.parametrize("n, by_pair, relu, group", [(1024, True, False, 0), (1536, False, True, 0),
                                                      (1000, True, True, 0), (1024, True, False, 2),
                                                      (1000, False, False, 3)])
@@ -98,12 +110,9 @@ def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu, group):
     (n = 1536: two programs per tile), a partial last slice (n = 1000); A sorted (group 0, by TMA) or gathered as
     rows pair // group (the attention O forward's rows, by pointer loads)."""
     from moeut_kernels import grouped as GM
-    from moeut_kernels.routing import plan_from_expert_index
 
-    torch.manual_seed(0)
-    E, K, P = 7, 128, 3000
-    expert = torch.randint(0, E - 1, (P,), device="cuda")             # expert E-1 gets no pair
-    plan = plan_from_expert_index(expert, E, 128)
+    K = 128
+    plan = _ragged_plan(0)
     a = torch.randn(P // group if group else P, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, K, n, device="cuda", dtype=torch.bfloat16) * K ** -0.5
     cfg = GM.gmm_config(n, K, torch.bfloat16, plan.block_m, device=a.device)
@@ -115,7 +124,7 @@ def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu, group):
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
+@hopper_only
 @pytest.mark.parametrize("n, K", [(1024, 128), (1536, 128), (1000, 128), (1024, 64), (512, 16)])
 def test_gluon_masked_input_grad_equals_gmm_kernel(n, K):
     """The FF up input-gradient (W transposed, ReLU mask, side output, gate gradient), ragged experts as above; a
@@ -123,12 +132,8 @@ def test_gluon_masked_input_grad_equals_gmm_kernel(n, K):
     side output bit for bit; the gate gradient sums its products in another order (32-column chunks), so to fp32
     rounding."""
     from moeut_kernels import grouped as GM
-    from moeut_kernels.routing import plan_from_expert_index
 
-    torch.manual_seed(1)
-    E, P = 7, 3000
-    expert = torch.randint(0, E - 1, (P,), device="cuda")
-    plan = plan_from_expert_index(expert, E, 128)
+    plan = _ragged_plan(1)
     du = torch.randn(P, K, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(P, K, device="cuda", dtype=torch.bfloat16).relu_()      # about half the units masked
     gate = torch.rand(P, device="cuda", dtype=torch.bfloat16)
@@ -152,19 +157,16 @@ def test_gluon_masked_input_grad_equals_gmm_kernel(n, K):
     assert (got[2][gate == 0] == 0).all()
 
 
-@pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernel runs on sm_90 only (CPU: the compile test above)")
+@hopper_only
 @pytest.mark.parametrize("n, group", [(1024, 2), (1000, 3)])
 def test_gluon_scaled_gathered_input_grad_equals_gmm_kernel(n, group):
     """The attention V input-gradient: gradient rows gathered (pair // group), W transposed, each output row times
     its pair's gate (exactly 0 on some pairs), the gated rows stored as the side output; ragged experts as above.
     Outputs and side output bit for bit."""
     from moeut_kernels import grouped as GM
-    from moeut_kernels.routing import plan_from_expert_index
 
-    torch.manual_seed(2)
-    E, K, P = 7, 128, 3000
-    expert = torch.randint(0, E - 1, (P,), device="cuda")
-    plan = plan_from_expert_index(expert, E, 128)
+    K = 128
+    plan = _ragged_plan(2)
     grad = torch.randn(P // group, K, device="cuda", dtype=torch.bfloat16)
     gate = torch.rand(P, device="cuda", dtype=torch.bfloat16)
     gate[::17] = 0

@@ -150,14 +150,17 @@ def _load_w_slice(w_desc, bar, dest, e, n0, N, K, TRANS_W: gl.constexpr, pred):
 
 @constexpr_function
 def chunk_width(block_k):
-    """Columns per chunk of the pointer-loaded tiles: the whole tile at once spills registers (ptxas, 128 x 128)."""
+    """Columns per chunk of the pointer-loaded tiles: the whole tile at once spills registers (ptxas, 128 x 128).
+    _load_chunks loads four: gmm_config's block_k is at most 128."""
+    if block_k > 4 * 32:
+        raise ValueError(f"a pointer-loaded A tile of {block_k} columns needs more than four chunks")
     return min(block_k, 32)
 
 
 @gluon.jit
 def _load_chunks(ptr, rows, rmask, K, s_m, CHUNK: gl.constexpr, layout: gl.constexpr):
-    """Rows `rows` (masked by rmask) of a [*, K] tensor as four chunks of CHUNK columns (the callers' BLOCK_K is at
-    most 4 * CHUNK; a chunk past K loads nothing), all issued at once so that their latencies overlap."""
+    """Rows `rows` (masked by rmask) of a [*, K] tensor as four chunks of CHUNK columns (a chunk past K loads
+    nothing), all issued at once so that their latencies overlap."""
     ks = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
     base = ptr + rows[:, None] * s_m + ks[None, :]
     return (gl.load(base, mask=rmask[:, None] & (ks < K)[None, :], other=0.0),
@@ -174,11 +177,9 @@ def _gather_a_tile(a_smem, a_ptr, order_ptr, scale_ptr, side_ptr, start, end, K,
     every chunk's issued before the first is stored; the first program of the tile also stores them (times the
     pair's scale with HAS_SCALE) at the sorted positions of side. Then the fence and barrier that make the tile
     visible to wgmma."""
-    BLOCK_M: gl.constexpr = a_smem.shape[0]
     CHUNK: gl.constexpr = chunk_width(a_smem.shape[1])
-    gl.static_assert(a_smem.shape[1] <= 4 * CHUNK)       # gmm_config's block_k <= 128
     layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
-    pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    pos = start + gl.arange(0, a_smem.shape[0], layout=gl.SliceLayout(1, layout))
     rmask = pos < end
     pair = gl.load(order_ptr + pos, mask=rmask, other=0)
     chunks = _load_chunks(a_ptr, pair.to(gl.int64) // A_GROUP, rmask, K, s_am, CHUNK, layout)
@@ -191,11 +192,16 @@ def _gather_a_tile(a_smem, a_ptr, order_ptr, scale_ptr, side_ptr, start, end, K,
                 side = chunks[c]
                 if HAS_SCALE:
                     side = (side.to(gl.float32) * scale[:, None]).to(side.dtype)
-                ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
-                gl.store(side_ptr + pos.to(gl.int64)[:, None] * s_om + ks[None, :], side,
-                         mask=rmask[:, None] & (ks < K)[None, :])
+                _store_chunk(side_ptr, pos.to(gl.int64), rmask, c, K, s_om, side, CHUNK, layout)
     fence_async_shared()
     cta_barrier()
+
+
+@gluon.jit
+def _store_chunk(side_ptr, pos, rmask, c, K, s_om, value, CHUNK: gl.constexpr, layout: gl.constexpr):
+    """Chunk c (columns [c * CHUNK, (c + 1) * CHUNK)) of the tile's rows at the sorted positions pos of side."""
+    ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
+    gl.store(side_ptr + pos[:, None] * s_om + ks[None, :], value, mask=rmask[:, None] & (ks < K)[None, :])
 
 
 @gluon.jit
@@ -208,7 +214,6 @@ def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a
     visible to wgmma."""
     BLOCK_M: gl.constexpr = a_smem.shape[0]
     CHUNK: gl.constexpr = chunk_width(a_smem.shape[1])
-    gl.static_assert(a_smem.shape[1] <= 4 * CHUNK)       # gmm_config's block_k <= 128
     layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
     pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     rmask = pos < end
@@ -228,8 +233,7 @@ def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a
             dots += gl.sum(a.to(gl.float32) * m.to(gl.float32), axis=1)
         if STORE_SIDE:
             if first:
-                ks = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, layout))
-                gl.store(side_ptr + pos[:, None] * s_om + ks[None, :], a, mask=rmask[:, None] & (ks < K)[None, :])
+                _store_chunk(side_ptr, pos, rmask, c, K, s_om, a, CHUNK, layout)
     if SCALE_GRAD:
         if first:       # <A', y> / s^2 = <dy, relu(.)>; 0 where s^2 is 0 (or underflows), as gmm_kernel
             g2 = g * g

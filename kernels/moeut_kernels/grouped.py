@@ -231,6 +231,12 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     dummy = plan.order
     amask_t = amask if amask is not None else a
     dsrc_t = dsrc if dsrc is not None else a
+    scale_t = scale if scale is not None else scaled_by if scaled_by is not None else dummy
+    gpart_t = gpart if gpart is not None else dummy
+    side_t = side_out if side_out is not None else a
+    w_rows = n_experts * (ndim if transpose_w else kdim)      # W as [E*K, N], or [E*N, K] transposed, for TMA
+    w_block = [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n]
+    a_block = [plan.block_m, cfg.block_k]                      # a resident A tile (and its mask) for TMA
     if a_index is not None:
         a_group = -1
     if d_index is not None:
@@ -241,15 +247,12 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
             and (gpart is None or scale_grad is not None) and (a_group == 0 or amask is None)
             and (scale is None or a_group > 0)
             and all(t is None or t.stride(1) == 1 for t in (a, out, amask, side_out))):
-        a_g = _descriptor(a, a.shape[0], [plan.block_m, cfg.block_k], GL.descriptor) if a_group == 0 else None
-        w_g = _descriptor(w, n_experts * (ndim if transpose_w else kdim),
-                          [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n], GL.descriptor)
+        a_g = _descriptor(a, a.shape[0], a_block, GL.descriptor) if a_group == 0 else None
+        w_g = _descriptor(w, w_rows, w_block, GL.descriptor)
         if (a_g is not None or a_group > 0) and w_g is not None:
             GL.resident_gmm_kernel[grid](
-                a_g, a, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, amask_t,
-                scale if scale is not None else scaled_by if scaled_by is not None else dummy,
-                gpart if gpart is not None else dummy, side_out if side_out is not None else a,
-                ndim, kdim, n_experts, cols, a.stride(0), out.stride(0), amask_t.stride(0),
+                a_g, a, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, amask_t, scale_t,
+                gpart_t, side_t, ndim, kdim, n_experts, cols, a.stride(0), out.stride(0), amask_t.stride(0),
                 side_out.stride(0) if side_out is not None else 0,
                 A_GROUP=a_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w,
                 MASK_A=amask is not None, HAS_SCALE=scale is not None, STORE_SIDE=side_out is not None,
@@ -258,20 +261,17 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
-        e_rows = n_experts * (ndim if transpose_w else kdim)
-        w_desc = _descriptor(w, e_rows, [cfg.block_n, cfg.block_k] if transpose_w else [cfg.block_k, cfg.block_n])
+        w_desc = _descriptor(w, w_rows, w_block)
         if cfg.a_resident and kdim == cfg.block_k and a_group == 0:      # sorted A (a_index set a_group -1)
-            tile = [plan.block_m, cfg.block_k]
-            a_desc = _descriptor(a, a.shape[0], tile)
-            m_desc = _descriptor(amask, amask.shape[0], tile) if amask is not None else None
+            a_desc = _descriptor(a, a.shape[0], a_block)
+            m_desc = _descriptor(amask, amask.shape[0], a_block) if amask is not None else None
             if amask is not None and m_desc is None:
                 a_desc = None
     K.gmm_kernel[grid](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
-        scale if scale is not None else scaled_by if scaled_by is not None else dummy, amask_t, dsrc_t,
-        gpart if gpart is not None else dummy,
+        scale_t, amask_t, dsrc_t, gpart_t,
         a_index if a_index is not None else dummy, d_index if d_index is not None else dummy,
-        side_out if side_out is not None else a, a_desc, m_desc, w_desc,
+        side_t, a_desc, m_desc, w_desc,
         ndim, kdim, n_experts, cols,
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, out.stride(0), out.stride(1),
         amask_t.stride(0), amask_t.stride(1), dsrc_t.stride(0), dsrc_t.stride(1),
