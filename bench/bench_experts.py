@@ -272,16 +272,21 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
         gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)  # room for every column chunk
         h_side = torch.empty(P, d_e, device=DEV, dtype=BF16)
         sgrad = torch.empty(P, device=DEV, dtype=torch.float32)
-        # The FF training path (moeut_kernels.gated_mlp): up_fwd (gated), down_fwd, down_dx_plain_scaled,
-        # up_dx_store_masked_gate_grad, wgrad_up, wgrad_down. down_dx_plain and up_dx_store_masked_scaled (+ the
-        # gate gradient) were the tenth session's; down_dx and down_dx_store_gated (fused gate gradient) the FF's
-        # path before that and attention O's current one.
+        # The FF training path (moeut_kernels.gated_mlp): up_fwd (gated), down_fwd, down_dx_masked_gate_grad,
+        # up_dx_nomask, wgrad_up, wgrad_down. down_dx_plain_scaled with up_dx_store_masked (+ the gate gradient)
+        # were the eleventh to fifteenth sessions'; down_dx_plain and up_dx_store_masked_scaled the tenth's;
+        # down_dx and down_dx_store_gated (fused gate gradient) the FF's path before that and attention O's
+        # current one.
         calls = {  # name: (call, configs besides the default)
             "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, scale=gate, cfg=c),
                        [TileConfig(128, 64, 8, 3)]),
             "down_dx_plain": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, cfg=c), []),
             # the same with each row scaled by its gate in the epilogue (stores gate * dh: the training path)
             "down_dx_plain_scaled": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, cfg=c), []),
+            # the training path: also the ReLU mask on the output and the gate's gradient from the stored rows
+            "down_dx_masked_gate_grad": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate,
+                                                           out_mask=h, scale_grad=sgrad, cfg=c),
+                                         [TileConfig(128, 64, 8, 3)]),
             "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart,
                                           cfg=c), [TileConfig(128, 64, 8, 3)]),
             # also stores h * gate once for the weight gradient
@@ -291,7 +296,7 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             # the same stores at the sorted position (contiguous rows per tile) instead of by pair id
             "down_fwd_sorted": (lambda c: GM._gmm(h, 0, w2, False, plan, buf, False, cfg=c), resident[:2]),
             "up_dx": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c), resident),
-            # what the ReLU mask's loads cost
+            # the training path (its A comes masked); without the mask, what the mask's loads cost
             "up_dx_nomask": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, cfg=c), resident[:2]),
             # also stores grad_h * mask once for the weight gradient
             "up_dx_store_masked": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
@@ -299,10 +304,6 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
             # with the gate's scale applied here (the tenth session's path, without its gate gradient)
             "up_dx_store_masked_scaled": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
                                                             scale=gate, side_out=out_h), []),
-            # the training path: A came scaled by the gate; writes the gate's gradient <A, y> / gate^2
-            "up_dx_store_masked_gate_grad": (lambda c: GM._gmm(gh, 0, w1, True, plan, buf, True, amask=h, cfg=c,
-                                                               side_out=out_h, scale_grad=sgrad, scaled_by=gate),
-                                             []),
         }
         for name, (call, cfgs) in calls.items():
             extra = [] if defaults_only else cfgs if block_m == 128 else cfgs[:1]
@@ -414,9 +415,9 @@ def _timed_against(rows: list, what: str, fn, out: torch.Tensor, ref: torch.Tens
 def sweep_tma(rows: list) -> None:
     """Kernel calls with TMA descriptor loads (TileConfig.tma) next to the same calls with pointer loads, at the FF
     and SwitchHead shapes of 244M and 1B. The resident-A calls (K = d_e): FF down forward (sorted A, W plain), FF
-    up input-grad with its masked store (sorted A and ReLU mask, W^T), attention O forward (gathered A, W) and V
-    input-grad with its gated store (gathered A, W^T). The looping-K calls (K = d, gathered A, W by descriptor
-    only): FF up forward, FF down input-grad with the gate gradient, attention V forward and O input-grad. The four
+    up input-grad (sorted A, W^T), attention O forward (gathered A, W) and V input-grad with its gated store
+    (gathered A, W^T). The looping-K calls (K = d, gathered A, W by descriptor only): FF up forward, FF down
+    input-grad with the gate, the ReLU mask and the gate gradient, attention V forward and O input-grad. The four
     weight gradients with their sorted operand by TMA. Each TMA row records its largest difference from the
     pointer-load output. Then each layer's fwd+bwd with gmm_config's choice on this GPU and with its choice for a
     GPU without TMA, twice, interleaved."""
@@ -429,7 +430,7 @@ def sweep_tma(rows: list) -> None:
         plan, gate = r.plan, r.gate.reshape(-1)
         P = TOKENS * k
         h, gh = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
-        side = torch.empty(P, d_e, device=DEV, dtype=BF16)
+        sgrad = torch.empty(P, device=DEV, dtype=torch.float32)
         H, n, ka, d_h = a["heads"], a["n_experts"], a["k"], a["d_h"]
         xa, av, gv, gya, w_v, w_o = _att_operands(a)
         g = torch.Generator(device=DEV).manual_seed(4)
@@ -442,8 +443,8 @@ def sweep_tma(rows: list) -> None:
         calls = {  # name: (call writing into out, out shape, flop, pointer-load config)
             "FF down_fwd": (lambda c, o: GM._gmm(h, 0, w2, False, plan, o, True, cfg=c), (P, d), 2 * P * d * d_e,
                             resident),
-            "FF up_dx_store_masked": (lambda c, o: GM._gmm(gh, 0, w1, True, plan, o, True, amask=h, cfg=c,
-                                                           side_out=side), (P, d), 2 * P * d * d_e, resident),
+            "FF up_dx": (lambda c, o: GM._gmm(gh, 0, w1, True, plan, o, True, cfg=c), (P, d), 2 * P * d * d_e,
+                         resident),
             "att O fwd": (lambda c, o: GM._gmm(av, ka, w_o, False, ro.plan, o, True, cfg=c), (Pa, d),
                           2 * Pa * d * d_h, resident),
             "att V dx + gated store": (lambda c, o: GM._gmm(gv, ka, w_v, True, rv.plan, o, True,
@@ -452,9 +453,9 @@ def sweep_tma(rows: list) -> None:
             # the looping-K calls (K = d, A gathered): only W can come by descriptor
             "FF up_fwd": (lambda c, o: GM._gmm(x.detach(), k, w1, False, plan, o, False, relu_out=True, cfg=c),
                           (P, d_e), 2 * P * d * d_e, looping),
-            "FF down_dx + gate grad + gated store": (
-                lambda c, o: GM._gmm(gy, k, w2, True, plan, o, False, scale=gate, dsrc=h, gpart=gpart, cfg=c,
-                                     side_out=side), (P, d_e), 2 * P * d * d_e, looping_g),
+            "FF down_dx + mask + gate grad": (
+                lambda c, o: GM._gmm(gy, k, w2, True, plan, o, False, scale=gate, out_mask=h, scale_grad=sgrad,
+                                     cfg=c), (P, d_e), 2 * P * d * d_e, looping),
             "att V fwd": (lambda c, o: GM._gmm(xa, hk, w_v, False, rv.plan, o, True, cfg=c), (Pa, d_h),
                           2 * Pa * d * d_h, looping),
             "att O dx + gate grad + gated store": (
@@ -494,7 +495,7 @@ def sweep_tma(rows: list) -> None:
                 GM.OVERRIDES["wgrad"] = over
                 _timed_against(rows, f"tma {size} {name} {over}", call, grad, ref, flop)
             GM.OVERRIDES.pop("wgrad")
-        del h, gh, side, av, gv, att_side, gpart, ref, out, xa, gya, sorted_a, gw1, gw2, gw_v, gw_o
+        del h, gh, sgrad, av, gv, att_side, gpart, ref, out, xa, gya, sorted_a, gw1, gw2, gw_v, gw_o
         has_tma = GM._has_tma
         try:
             for layer, step in ((f"FF {size}", _ff_step(f)), (f"att V+O {size}", _att_step(a))):
@@ -507,12 +508,12 @@ def sweep_tma(rows: list) -> None:
         torch.cuda.empty_cache()
 
 
-def _floor_configs(d: int, d_e: int, block_m: int, gluon: bool) -> tuple[GM.TileConfig, GM.TileConfig]:
-    """The down forward's and the up input-grad's configs, as chosen with or without the Gluon kernel."""
+def _floor_config(d: int, d_e: int, block_m: int, gluon: bool) -> GM.TileConfig:
+    """The config of the [P, d]-writing calls (FF down forward and up input-grad), chosen with or without Gluon."""
     before = GM.OVERRIDES.get("gluon")
     GM.OVERRIDES["gluon"] = gluon and before is not False
     try:
-        return tuple(GM.gmm_config(d, d_e, BF16, block_m, masked=m, device=torch.device(DEV)) for m in (False, True))
+        return GM.gmm_config(d, d_e, BF16, block_m, device=torch.device(DEV))
     finally:
         if before is None:
             GM.OVERRIDES.pop("gluon")
@@ -521,41 +522,36 @@ def _floor_configs(d: int, d_e: int, block_m: int, gluon: bool) -> tuple[GM.Tile
 
 
 def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
-    """How far the FF calls that write a [P, d] buffer (the down forward; the up input-grad with its masked store
-    and gate gradient) are from their floor, at the FF_SHAPES in `sizes`: each call on the real routing and on a
+    """How far the FF calls that write a [P, d] buffer (the down forward; the up input-grad, W transposed, its A
+    masked upstream) are from their floor, at the FF_SHAPES in `sizes`: each call on the real routing and on a
     one-expert plan of the same P rows (the dense analog: same kernel, same config), next to cuBLAS on that dense
     shape ([P, d_e] @ [d_e, d]) and a fill of the [P, d] output (the DRAM write alone, which no kernel that stores
     the buffer can beat). The one-expert down forward records its largest difference from cuBLAS. Where the Gluon
-    kernel runs (Hopper), the routed calls are also timed on gmm_kernel, with the configs chosen without Gluon."""
+    kernel runs (Hopper), the routed calls are also timed on gmm_kernel, with the config chosen without Gluon."""
     for size in sizes:
         f = FF_SHAPES[size]
         x, w_s, w1, w2, _ = (t.detach() for t in ff_inputs(f, seed=3))
         k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
         P, flop = TOKENS * k, 2 * TOKENS * k * d * d_e
         routed = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E), k)
-        gate = routed.gate.reshape(-1)
         one = plan_from_expert_index(torch.zeros(P, dtype=torch.int64, device=DEV), 1, routed.plan.block_m)
-        h = torch.relu(torch.randn(P, d_e, device=DEV, dtype=BF16))     # ReLU-shaped: the mask source
-        gh = torch.randn(P, d_e, device=DEV, dtype=BF16)
+        h = torch.relu(torch.randn(P, d_e, device=DEV, dtype=BF16))     # ReLU-shaped, as the masked gradient
         out = torch.empty(P, d, device=DEV, dtype=BF16)
-        side = torch.empty(P, d_e, device=DEV, dtype=BF16)
-        sg = torch.empty(P, device=DEV, dtype=torch.float32)
-        chosen = _floor_configs(d, d_e, one.block_m, True)
+        chosen = _floor_config(d, d_e, one.block_m, True)
         runs = [(routed.plan, "routed", chosen), (one, "one expert", chosen)]
-        if chosen[0].gluon:
-            runs.insert(1, (routed.plan, "routed gmm_kernel", _floor_configs(d, d_e, one.block_m, False)))
-        for plan, weights, (down, up) in runs:
+        if chosen.gluon:
+            runs.insert(1, (routed.plan, "routed gmm_kernel", _floor_config(d, d_e, one.block_m, False)))
+        for plan, weights, cfg in runs:
             e = plan.n_experts
             _timed(rows, f"floor {size} FF down_fwd {weights}",
-                   lambda: GM._gmm(h, 0, w2[:e], False, plan, out, True, cfg=down), flop=flop)
+                   lambda: GM._gmm(h, 0, w2[:e], False, plan, out, True, cfg=cfg), flop=flop)
             if weights == "one expert":
                 rows[-1]["max_abs_diff_vs_cublas"] = (out.float() - (h @ w2[0]).float()).abs().max().item()
-            _timed(rows, f"floor {size} FF up_dx_store_masked_gate_grad {weights}",
-                   lambda: GM._gmm(gh, 0, w1[:e], True, plan, out, True, amask=h, cfg=up, side_out=side,
-                                   scale_grad=sg, scaled_by=gate), flop=flop)
+            _timed(rows, f"floor {size} FF up_dx {weights}",
+                   lambda: GM._gmm(h, 0, w1[:e], True, plan, out, True, cfg=cfg), flop=flop)
         _timed(rows, f"floor {size} cuBLAS [P, d_e] @ [d_e, d]", lambda: torch.matmul(h, w2[0], out=out), flop=flop)
         _timed(rows, f"floor {size} fill of the [P, d] output", lambda: out.fill_(1.0))
-        del h, gh, out, side, sg
+        del h, out
         torch.cuda.empty_cache()
 
 

@@ -42,8 +42,8 @@ def test_sweeps_and_layer_tables_run(tiny, monkeypatch):
         monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: None)
     B.profile_layers(["ff244"])
     names = " | ".join(r["what"] for r in rows)
-    for what in ("down_dx_store_gated", "down_dx_plain", "down_dx_plain_scaled", "up_dx_store_masked_gate_grad",
-                 "V dx + gated store",
+    for what in ("down_dx_store_gated", "down_dx_plain", "down_dx_plain_scaled", "down_dx_masked_gate_grad",
+                 "up_dx_nomask", "V dx + gated store",
                  "order up_fwd BM256 window order", "top-k rows", "route FF 244M: counts", "FF tiny triton", "att V+O tiny triton"):
         assert what in names, what
     checks = [r for r in rows if r["what"].startswith("check")]

@@ -340,6 +340,44 @@ def test_relu_backward_paths(need, gated, resident, monkeypatch):
         assert rel_err(a, b) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("k_dim, n_dim", [(24, 72), (40, 24), (40, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_output_and_its_scale_grad(k_dim, n_dim, dtype):
+    """MASK_OUT and SCALE_GRAD, the σ-MoE MLP's down input-gradient: out = s * (A[pair // 3] @ W[e]^T) * (y > 0) at
+    the sorted positions, and s's gradient sum_n out * y / s^2 (0 where s is 0) by pair id; from a resident A tile
+    (K 24, three column chunks of 32) or the K loop (K 40, one chunk of 32 or three of 64), the chunks' partial
+    sums added by _gmm. Ragged experts over 16-row tiles, one expert empty."""
+    from moeut_kernels import grouped
+    from moeut_kernels.routing import plan_from_expert_index
+    gen = torch.Generator().manual_seed(k_dim * 1000 + n_dim)
+    n_rows, group, n_experts = 23, 3, 5
+    n_pairs = n_rows * group
+    plan = plan_from_expert_index(torch.randint(0, n_experts - 1, (n_pairs,), generator=gen).to(DEVICE),
+                                  n_experts, 16)
+    a = torch.randn(n_rows, k_dim, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n_experts, n_dim, k_dim, generator=gen) / k_dim ** 0.5).to(DEVICE, dtype)
+    y = torch.randn(n_pairs, n_dim, generator=gen).relu().to(DEVICE, dtype)    # sorted layout, ~half zero
+    s = torch.rand(n_pairs, generator=gen).to(DEVICE, dtype)
+    s[::7] = 0
+    out = torch.full((n_pairs, n_dim), float("nan"), dtype=dtype, device=DEVICE)
+    s_grad = torch.full((n_pairs,), float("nan"), device=DEVICE)
+    grouped._gmm(a, group, w, True, plan, out, False, scale=s, out_mask=y, scale_grad=s_grad)
+    pair = plan.order.cpu()
+    expert = torch.repeat_interleave(torch.arange(n_experts), plan.offsets.diff().cpu())
+    af, wf, yf, sf = (t.cpu().float() for t in (a, w, y, s))
+    want = torch.einsum("pk,pnk->pn", af[pair // group], wf[expert]) * sf[pair, None] * (yf > 0)
+    assert rel_err(out.cpu().float(), want) < TOL[dtype]
+    assert (out.cpu()[yf <= 0] == 0).all()
+    s2 = sf[pair] ** 2
+    want_g = torch.where(s2 > 0, (out.cpu().float() * yf).sum(1) / torch.where(s2 > 0, s2, 1), 0)
+    torch.testing.assert_close(s_grad.cpu()[pair], want_g, rtol=1e-5, atol=1e-5)
+    assert (s_grad.cpu()[sf == 0] == 0).all()
+    with pytest.raises(ValueError, match="not both"):
+        grouped._gmm(a, group, w, True, plan, out, False, scale=s, out_mask=y, amask=y)
+    with pytest.raises(ValueError, match="scale_grad needs"):
+        grouped._gmm(a, group, w, True, plan, out, False, out_mask=y, scale_grad=s_grad)
+
+
 TMA_WIDTHS = {"ff_up": (72, 32), "ff_mlp": (72, 32), "ff_down": (32, 72), "att_v": (72, 32), "att_o": (32, 72)}
 
 
@@ -379,7 +417,8 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     long one 72: a transposed W slice past N reads the next expert's rows, which must stay masked, and the
     looping-K calls take two K steps of 64, the second W tile mostly past K, where A's columns are zero. The spy
     checks which operands went by descriptor: W plain or transposed in every launch, the sorted A tile (down
-    forward, up input gradient) and its ReLU mask (up input gradient), and the weight gradients' sorted operand,
+    forward, up input gradient) and its ReLU mask (a ReLU projection's input gradient), and the weight gradients'
+    sorted operand,
     with each expert's rows in two chunks."""
     widths = TMA_WIDTHS[layout]
     seed = zlib.crc32(f"tma{layout}{dtype}".encode()) % 1000
@@ -392,8 +431,9 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
         assert a is None and b is None or torch.testing.assert_close(a, b) is None
     by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor); the looping-K launches take only W by descriptor
         "ff_up": {(True, True, True), (False, False, False)},
-        # up forward, down forward (sorted A), down input-grad, up input-grad (sorted A and its mask)
-        "ff_mlp": {(False, False, False), (False, True, False), (True, False, False), (True, True, True)},
+        # up forward, down forward (sorted A), down input-grad (its output masked), up input-grad (sorted A,
+        # masked by the down input-grad)
+        "ff_mlp": {(False, False, False), (False, True, False), (True, False, False), (True, True, False)},
         "ff_down": {(False, True, False), (True, False, False)},
         "att_v": {(True, False, False), (False, False, False)},
         "att_o": {(False, False, False), (True, False, False)}}[layout]

@@ -25,11 +25,12 @@ from moeut_kernels import _gluon as GL
 
 BLOCK_M = 128
 layout = lambda block: gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-# (K, block_n, stages, by pair, relu, W transposed, masked A with side output and gate gradient, A gathered by
-# group, per-pair scale with the scaled A as side output); K 64 and 16: fewer column chunks than 4
+# (K, block_n, stages, by pair, relu, W transposed, masked A with side output, A gathered by group, per-pair scale
+# with the scaled A as side output); K 64 and 16: fewer column chunks than 4
 for K, block_n, stages, by_pair, relu, trans, masked, group, scaled in (
         (128, 128, 2, True, False, False, False, 0, False),
         (128, 64, 3, False, True, False, False, 0, False),
+        (128, 128, 2, True, False, True, False, 0, False),
         (128, 128, 2, True, False, True, True, 0, False),
         (128, 128, 2, True, False, False, False, 2, False),
         (128, 128, 2, True, False, True, False, 2, True),
@@ -40,13 +41,13 @@ for K, block_n, stages, by_pair, relu, trans, masked, group, scaled in (
         a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>" if group == 0 else "constexpr",
         a_ptr="*bf16", w_desc=f"tensordesc<bf16[{w_block[0]}, {w_block[1]}],{layout(w_block)!r}>",
         c_ptr="*bf16", order_ptr="*i64", tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64",
-        amask_ptr="*bf16", scale_ptr="*bf16", gpart_ptr="*fp32", side_ptr="*bf16",
+        amask_ptr="*bf16", scale_ptr="*bf16", side_ptr="*bf16",
         N="i32", K="i32", E="i32", n_per_prog="i32", s_am="i32", s_cm="i32", s_mm="i32", s_om="i32",
         **{name: "constexpr" for name in ("A_GROUP", "OUT_BY_PAIR", "RELU_OUT", "TRANS_W", "MASK_A", "HAS_SCALE",
-                                          "STORE_SIDE", "SCALE_GRAD", "BLOCK_M", "BLOCK_K", "NUM_STAGES",
+                                          "STORE_SIDE", "BLOCK_M", "BLOCK_K", "NUM_STAGES",
                                           "num_warps")})
     consts = dict(A_GROUP=group, OUT_BY_PAIR=by_pair, RELU_OUT=relu, TRANS_W=trans, MASK_A=masked,
-                  HAS_SCALE=scaled, STORE_SIDE=masked or scaled, SCALE_GRAD=masked, BLOCK_M=BLOCK_M, BLOCK_K=K,
+                  HAS_SCALE=scaled, STORE_SIDE=masked or scaled, BLOCK_M=BLOCK_M, BLOCK_K=K,
                   NUM_STAGES=stages, num_warps=4)
     if group:
         consts["a_desc"] = None
@@ -66,7 +67,7 @@ def test_gluon_kernel_compiles_for_hopper():
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.strip().split("\n")) == 7, proc.stdout
+    assert len(proc.stdout.strip().split("\n")) == 8, proc.stdout
 
 
 def test_gluon_can_be_turned_off(monkeypatch):
@@ -102,24 +103,26 @@ def _ragged_plan(seed: int):
 
 
 @hopper_only
-@pytest.mark.parametrize("n, by_pair, relu, group", [(1024, True, False, 0), (1536, False, True, 0),
-                                                     (1000, True, True, 0), (1024, True, False, 2),
-                                                     (1000, False, False, 3)])
-def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu, group):
+@pytest.mark.parametrize("n, by_pair, relu, group, trans", [
+    (1024, True, False, 0, False), (1536, False, True, 0, False), (1000, True, True, 0, False),
+    (1024, True, False, 0, True), (1000, True, False, 0, True), (1024, True, False, 2, False),
+    (1000, False, False, 3, False)])
+def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu, group, trans):
     """Ragged experts (one empty, tiles past each end, the unused tail of the tile list), several column chunks
     (n = 1536: two programs per tile), a partial last slice (n = 1000); A sorted (group 0, by TMA) or gathered as
-    rows pair // group (the attention O forward's rows, by pointer loads)."""
+    rows pair // group (the attention O forward's rows, by pointer loads); W plain or transposed (the FF up
+    input-gradient, whose A comes masked from the down input-gradient)."""
     from moeut_kernels import grouped as GM
 
     K = 128
     plan = _ragged_plan(0)
     a = torch.randn(P // group if group else P, K, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(E, K, n, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    w = torch.randn(E, *((n, K) if trans else (K, n)), device="cuda", dtype=torch.bfloat16) * K ** -0.5
     cfg = GM.gmm_config(n, K, torch.bfloat16, plan.block_m, device=a.device)
     assert cfg.gluon
     got, want = (torch.full((P, n), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    GM._gmm(a, group, w, False, plan, got, by_pair, relu_out=relu, cfg=cfg)
-    GM._gmm(a, group, w, False, plan, want, by_pair, relu_out=relu, cfg=replace(cfg, gluon=False))
+    GM._gmm(a, group, w, trans, plan, got, by_pair, relu_out=relu, cfg=cfg)
+    GM._gmm(a, group, w, trans, plan, want, by_pair, relu_out=relu, cfg=replace(cfg, gluon=False))
     assert not want.isnan().any()
     assert torch.equal(got, want)
 
@@ -127,17 +130,13 @@ def test_gluon_kernel_equals_gmm_kernel(n, by_pair, relu, group):
 @hopper_only
 @pytest.mark.parametrize("n, K", [(1024, 128), (1536, 128), (1000, 128), (1024, 64), (512, 16)])
 def test_gluon_masked_input_grad_equals_gmm_kernel(n, K):
-    """The FF up input-gradient (W transposed, ReLU mask, side output, gate gradient), ragged experts as above; a
-    gate of exactly 0 on some pairs (their gradient is 0); expert widths K of 4, 2 and 1 mask chunks. Outputs and
-    side output bit for bit; the gate gradient sums its products in another order (32-column chunks), so to fp32
-    rounding."""
+    """A ReLU projection's input-gradient (W transposed, ReLU mask, side output), ragged experts as above; expert
+    widths K of 4, 2 and 1 mask chunks. Outputs and side output bit for bit."""
     from moeut_kernels import grouped as GM
 
     plan = _ragged_plan(1)
     du = torch.randn(P, K, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(P, K, device="cuda", dtype=torch.bfloat16).relu_()      # about half the units masked
-    gate = torch.rand(P, device="cuda", dtype=torch.bfloat16)
-    gate[::17] = 0
     w = torch.randn(E, n, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
     cfg = GM.gmm_config(n, K, torch.bfloat16, plan.block_m, masked=True, device=du.device)
     assert cfg.gluon
@@ -145,16 +144,12 @@ def test_gluon_masked_input_grad_equals_gmm_kernel(n, K):
     def run(cfg):
         out = torch.full((P, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         side = torch.full_like(du, float("nan"))
-        grad_gate = torch.full((P,), float("nan"), device="cuda")
-        GM._gmm(du, 0, w, True, plan, out, True, amask=h, cfg=cfg, side_out=side, scale_grad=grad_gate,
-                scaled_by=gate)
-        return out, side, grad_gate
+        GM._gmm(du, 0, w, True, plan, out, True, amask=h, cfg=cfg, side_out=side)
+        return out, side
 
     got, want = run(cfg), run(replace(cfg, gluon=False, num_stages=3))
     assert not any(t.isnan().any() for t in want)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
-    assert (got[2][gate == 0] == 0).all()
 
 
 @hopper_only

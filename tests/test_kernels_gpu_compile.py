@@ -93,6 +93,17 @@ def _explicit_rows() -> None:
     y.float().sum().backward()
 
 
+def _relu_projection() -> None:
+    """A ReLU grouped_matmul (the model's MLP is gated_mlp): its input gradient masks its resident A tile."""
+    from moeut_ds.experts.triton_backend import TritonBackend
+
+    tb = TritonBackend(block_m=128)
+    x = torch.randn(40, 160, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(5, 160, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    routing_ = tb.route(torch.randn(40, 1, 5, device=DEVICE), 2)
+    tb.matmul(x, w, routing_, in_group=2, out_group=None, activation="relu").float().sum().backward()
+
+
 @pytest.fixture(scope="module")
 def launches() -> list:
     seen: set = set()
@@ -106,8 +117,10 @@ def launches() -> list:
             mp.setitem(grouped.OVERRIDES, "wgrad_splits", splits)
             _tiny_moeut_step()
             _explicit_rows()
+        _relu_projection()
         mp.setattr(grouped, "_has_tma", lambda device: True)    # the configs of an sm_90+ GPU: TMA loads
         _tiny_moeut_step()
+        _relu_projection()
     finally:
         mp.undo()
     return sorted(seen, key=repr)
@@ -121,8 +134,11 @@ def test_every_kernel_is_launched(launches):
     assert {c["A_RESIDENT"] for c in gmm} == {True, False}
     # the weight gradient's masked/gated operand, stored by resident-A and by fused-gate-gradient launches
     assert {(c["A_RESIDENT"], c["GATE_GRAD"]) for c in gmm if c["STORE_SIDE"]} == {(True, False), (False, True)}
-    # the MLP's up input gradient (gated_mlp) writes its gate gradient from a resident launch whose A came scaled
-    assert {(c["A_RESIDENT"], c["MASK_A"], c["HAS_SCALE"]) for c in gmm if c["SCALE_GRAD"]} == {(True, True, False)}
+    # the MLP's down input gradient (gated_mlp) writes the gate's gradient from its gated, masked output: K loop,
+    # or a resident A tile where d <= 128 (the explicit rows' d = 32)
+    assert {(c["A_RESIDENT"], c["MASK_OUT"], c["HAS_SCALE"]) for c in gmm if c["SCALE_GRAD"]} == {
+        (False, True, True), (True, True, True)}
+    assert {c["A_RESIDENT"] for c in gmm if c["MASK_A"]} == {True}          # the ReLU projection's input gradient
     # TMA: W plain and transposed (in resident and looping-K launches), with the sorted A tile and its ReLU mask
     descs = {"w": set(), "a": set(), "m": set()}
     w_by_desc = set()      # A_RESIDENT of the launches that load W by descriptor

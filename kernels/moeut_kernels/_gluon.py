@@ -4,11 +4,12 @@ gmm_kernel's resident-A path written with explicit TMA barriers and wgmma: for o
 comes once (sorted rows by TMA), W[e]'s output slices through a ring of num_stages TMA buffers refilled as soon
 as a slice's wgmma retires, and each slice is stored from a row-vector layout. Same products and fp32
 accumulation as gmm_kernel, bitwise-equal outputs, 15-17% faster on the FF down forward on an H200
-(docs/KERNELS.md, "The Gluon resident kernel"). The FF up input-gradient takes it too (W transposed, the ReLU
-mask applied to the A tile in shared memory, the masked rows and the gate's gradient stored on the way), and so
-do the attention O forward and V input-gradient, whose A rows are gathered (pair // group) by pointer loads into
-the shared tile (V's with the gate on its outputs and its gated rows stored). Calls with the fused gate gradient
-of a wide K stay on gmm_kernel (grouped._gmm decides).
+(docs/KERNELS.md, "The Gluon resident kernel"). The FF up input-gradient takes it too (W transposed; its A comes
+masked from the down projection's input-gradient launch), a ReLU grouped_matmul's input gradient (the ReLU mask
+applied to the A tile in shared memory, the masked rows stored on the way), and the attention O forward and V
+input-gradient, whose A rows are gathered (pair // group) by pointer loads into the shared tile (V's with the gate
+on its outputs and its gated rows stored). Calls with a fused gate gradient or an output mask, and the long-K
+calls, stay on gmm_kernel (grouped._gmm decides).
 Gluon has no interpreter: tests/test_kernels_gluon.py compiles it on CPU and compares it with gmm_kernel on a GPU.
 """
 from __future__ import annotations
@@ -51,10 +52,10 @@ def row_store_layout(block_n, num_warps):
 
 @gluon.jit
 def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
-                        amask_ptr, scale_ptr, gpart_ptr, side_ptr, N, K, E, n_per_prog, s_am, s_cm, s_mm, s_om,
+                        amask_ptr, scale_ptr, side_ptr, N, K, E, n_per_prog, s_am, s_cm, s_mm, s_om,
                         A_GROUP: gl.constexpr, OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr,
                         TRANS_W: gl.constexpr, MASK_A: gl.constexpr, HAS_SCALE: gl.constexpr,
-                        STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, BLOCK_M: gl.constexpr,
+                        STORE_SIDE: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """C[rows] = (relu)(A'[A rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at the
     pair id (OUT_BY_PAIR) or the sorted position. A rows: the sorted positions, the [BLOCK_M, BLOCK_K] tile by TMA
@@ -62,9 +63,8 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
     None). w_desc: W viewed as [E*K, N] in [K, BLOCK_N] tiles, or with TRANS_W (C = A W[e]^T) as [E*N, K] in
     [BLOCK_N, K] tiles. Rows the A tile takes past the expert's end are computed and not stored.
     MASK_A: A' = A * (amask[sorted rows] > 0), made in shared memory before the first slice (the ReLU backward of
-    the FF up input-gradient); the first column chunk's program also stores A' at the sorted positions of side
-    (STORE_SIDE: the weight gradient's operand) and gpart[pair] = <A', amask> / scale[pair]^2 (SCALE_GRAD: the
-    gate's gradient, as gmm_kernel's SCALE_GRAD). HAS_SCALE (A gathered): each output row times scale[pair]
+    a ReLU grouped_matmul's input gradient); the first column chunk's program also stores A' at the sorted
+    positions of side (STORE_SIDE: the weight gradient's operand). HAS_SCALE (A gathered): each output row times scale[pair]
     (after the ReLU), and STORE_SIDE stores A * scale (the attention V input-gradient), as gmm_kernel does."""
     gl.static_assert(A_GROUP == 0 or not MASK_A)
     gl.static_assert(not HAS_SCALE or A_GROUP > 0)
@@ -109,8 +109,8 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
             _gather_a_tile(a_smem, a_ptr, order_ptr, scale_ptr, side_ptr, start, end, K, s_am, s_om,
                            (pid % num_chunks) == 0, A_GROUP, HAS_SCALE, STORE_SIDE, num_warps)
         elif MASK_A:
-            _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm,
-                         s_om, (pid % num_chunks) == 0, STORE_SIDE, SCALE_GRAD, num_warps)
+            _mask_a_tile(a_smem, amask_ptr, side_ptr, a_bar, start, end, K, s_mm, s_om, (pid % num_chunks) == 0,
+                         STORE_SIDE, num_warps)
         else:
             mbarrier.wait(a_bar, phase=0)
         zero = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=acc_layout)
@@ -205,39 +205,26 @@ def _store_chunk(side_ptr, pos, rmask, c, K, s_om, value, CHUNK: gl.constexpr, l
 
 
 @gluon.jit
-def _mask_a_tile(a_smem, amask_ptr, order_ptr, scale_ptr, gpart_ptr, side_ptr, a_bar, start, end, K, s_mm, s_om,
-                 first, STORE_SIDE: gl.constexpr, SCALE_GRAD: gl.constexpr, num_warps: gl.constexpr):
+def _mask_a_tile(a_smem, amask_ptr, side_ptr, a_bar, start, end, K, s_mm, s_om, first, STORE_SIDE: gl.constexpr,
+                 num_warps: gl.constexpr):
     """Waits for the A tile, then A *= (mask > 0) in shared memory, chunk by chunk. The mask comes by pointer loads
     (a second TMA tile would leave room for only one program per SM), every chunk's issued before the wait so that
     their latencies overlap each other's and the A tile's. The first program of the tile also stores the masked
-    rows (side) and the gate's gradient (gpart). Ends with the fence and barrier that make the rewritten tile
-    visible to wgmma."""
-    BLOCK_M: gl.constexpr = a_smem.shape[0]
+    rows (side). Ends with the fence and barrier that make the rewritten tile visible to wgmma."""
     CHUNK: gl.constexpr = chunk_width(a_smem.shape[1])
     layout: gl.constexpr = row_store_layout(CHUNK, num_warps)
-    pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    pos = start + gl.arange(0, a_smem.shape[0], layout=gl.SliceLayout(1, layout))
     rmask = pos < end
     pos = pos.to(gl.int64)
-    if SCALE_GRAD:
-        pair = gl.load(order_ptr + pos, mask=rmask & first, other=0)
-        g = gl.load(scale_ptr + pair, mask=rmask & first, other=0.0).to(gl.float32)
     masks = _load_chunks(amask_ptr, pos, rmask, K, s_mm, CHUNK, layout)
-    dots = gl.zeros([BLOCK_M], dtype=gl.float32, layout=gl.SliceLayout(1, layout))
     mbarrier.wait(a_bar, phase=0)
     for c in gl.static_range(a_smem.shape[1] // CHUNK):
-        m = masks[c]
         part = a_smem.slice(c * CHUNK, CHUNK, dim=1)
-        a = gl.where(m > 0, part.load(layout), 0.0)
+        a = gl.where(masks[c] > 0, part.load(layout), 0.0)
         part.store(a)
-        if SCALE_GRAD:
-            dots += gl.sum(a.to(gl.float32) * m.to(gl.float32), axis=1)
         if STORE_SIDE:
             if first:
                 _store_chunk(side_ptr, pos, rmask, c, K, s_om, a, CHUNK, layout)
-    if SCALE_GRAD:
-        if first:       # <A', y> / s^2 = <dy, relu(.)>; 0 where s^2 is 0 (or underflows), as gmm_kernel
-            g2 = g * g
-            gl.store(gpart_ptr + pair, gl.where(g2 > 0.0, dots / gl.where(g2 > 0.0, g2, 1.0), 0.0), mask=rmask)
     fence_async_shared()
     cta_barrier()
 

@@ -141,7 +141,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                N, K, E, n_per_prog,
                s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, s_gp, s_om, s_ok,
                A_GROUP: tl.constexpr, D_GROUP: tl.constexpr, OUT_BY_PAIR: tl.constexpr, RELU_OUT: tl.constexpr,
-               MASK_A: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+               MASK_A: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
+               SCALE_GRAD: tl.constexpr,
                A_RESIDENT: tl.constexpr, STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -156,10 +157,12 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs; not with GATE_GRAD): the
     tile's A rows (and mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead
     of once per slice by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
-    SCALE_GRAD (A_RESIDENT, MASK_A, not HAS_SCALE: the input gradient of a gated output y = s * relu(.), where A is
-    s * dy, scaled upstream, and the mask source is y; s is read from scale_ptr): also writes gpart[pair] =
-    <s dy, y> / s^2 = <dy, relu(.)>, the gradient of the scale s (0 where s^2 is 0), once per tile from the two
-    tiles the launch loads anyway.
+    MASK_OUT (not MASK_A; amask then has the output's shape, in sorted pair layout): the stored output is zero where
+    amask[pos] <= 0. The down projection's input gradient of the σ-MoE MLP uses it with the gate (HAS_SCALE) and
+    amask = y = s * relu(.), the saved hidden units: it then stores s * dh * (y > 0), which is at once the up
+    projection's input-gradient operand and its weight gradient's. SCALE_GRAD (MASK_OUT, HAS_SCALE) also writes
+    gpart[pair, program's column chunk] = <out, y> / s^2 over the chunk's columns (their sum is
+    <dy, relu(.)>, the gradient of the scale s; 0 where s^2 is 0), from the stored (rounded) outputs.
     STORE_SIDE: also writes, at the sorted position in side, the operand the weight gradient will pair with the
     other one, with the mask and the gate already applied: the effective A rows (A * mask * scale, once per tile)
     for A_RESIDENT, the D rows times the scale for GATE_GRAD. The weight gradient then reads one operand sorted
@@ -171,6 +174,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     the tile's first sorted position. Rows or columns such a load takes past the tile's expert belong to the next
     expert or are zero-filled past the tensor; only masked outputs, or A's zero columns past K, see them.
     """
+    tl.static_assert(not (MASK_A and MASK_OUT))
+    tl.static_assert(not SCALE_GRAD or (MASK_OUT and HAS_SCALE))
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(N, n_per_prog)
     tile = pid // num_chunks
@@ -211,14 +216,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         if MASK_A:
             a = tl.where(m > 0, a, 0.0)
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)     # once per tile, not per slice
-        if SCALE_GRAD:
-            tl.static_assert(MASK_A and not HAS_SCALE)
-            if chunk == 0:       # <A, y> over the masked A equals it over A: y is 0 where the mask is
-                g = _pair_scale(scale_ptr, pair, rmask, True, BLOCK_M)
-                gs = tl.sum(a.to(tl.float32) * m.to(tl.float32), axis=1)
-                g2 = g * g     # 0 also where it underflows (s < ~1e-19): then s(1-s), the logit's factor, is ~0
-                tl.store(gpart_ptr + pair * s_gp, tl.where(g2 > 0.0, gs / tl.where(g2 > 0.0, g2, 1.0), 0.0),
-                         mask=rmask)
+        g = tl.zeros([BLOCK_M], dtype=tl.float32)
         if STORE_SIDE:
             if chunk == 0:
                 side = a
@@ -230,12 +228,18 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
             w = _load_w(w_desc, w_base, e, 0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
+            om = None
+            if MASK_OUT:
+                om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr,
-                      s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
+            gs = _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm,
+                           s_dk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
+            if SCALE_GRAD:
+                g += gs
+        if SCALE_GRAD:
+            tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
     else:
         tl.static_assert(not STORE_SIDE or (GATE_GRAD and HAS_SCALE))
-        tl.static_assert(not SCALE_GRAD)
         cols = n_lo + tl.arange(0, BLOCK_N)
         nmask = cols < n_hi
         s = _pair_scale(scale_ptr, pair, rmask, HAS_SCALE, BLOCK_M)
@@ -252,9 +256,12 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
             w = _load_w(w_desc, w_base, e, k0, n_lo, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-        g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr,
-                      s_cm, s_cn, s_dm, s_dk, RELU_OUT, HAS_SCALE, GATE_GRAD, BLOCK_M)
-        if GATE_GRAD:
+        om = None
+        if MASK_OUT:
+            om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
+        g = _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
+                      RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
+        if GATE_GRAD or SCALE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
 
@@ -307,10 +314,12 @@ def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
-              RELU_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE;
-    returns this slice's gate-gradient partial sum_n acc * D[d_row] (zeros without GATE_GRAD)."""
+def _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
+              RELU_OUT: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
+              SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE and
+    zeroed where om (the output mask's slice) is not positive with MASK_OUT; returns this slice's gate-gradient
+    partial: sum_n acc * D[d_row] (GATE_GRAD), sum_n out * om / s^2 (SCALE_GRAD), zeros otherwise."""
     omask = rmask[:, None] & nmask[None, :]
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATE_GRAD:
@@ -320,7 +329,14 @@ def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_
         acc = tl.maximum(acc, 0.0)
     if HAS_SCALE:
         acc = acc * s[:, None]
-    tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=omask)
+    out = acc.to(c_ptr.dtype.element_ty)
+    if MASK_OUT:
+        out = tl.where(om > 0, out, 0.0).to(c_ptr.dtype.element_ty)
+        if SCALE_GRAD:
+            s2 = s * s     # 0 also where it underflows (s < ~1e-19): then s(1-s), the logit's factor, is ~0
+            dots = tl.sum(out.to(tl.float32) * om.to(tl.float32), axis=1)
+            g = tl.where(s2 > 0.0, dots / tl.where(s2 > 0.0, s2, 1.0), 0.0)
+    tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, out, mask=omask)
     return g
 
 

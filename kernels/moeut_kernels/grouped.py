@@ -200,15 +200,15 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          scale: Optional[torch.Tensor] = None, dsrc: Optional[torch.Tensor] = None, d_group: int = 0,
          gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
          a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
-         side_out: Optional[torch.Tensor] = None, scale_grad: Optional[torch.Tensor] = None,
-         scaled_by: Optional[torch.Tensor] = None) -> None:
+         side_out: Optional[torch.Tensor] = None, out_mask: Optional[torch.Tensor] = None,
+         scale_grad: Optional[torch.Tensor] = None) -> None:
     """Launch gmm_kernel, or the Gluon kernel where cfg.gluon and the call allow (same outputs): out[rows] =
     epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id) replace a_group / d_group when
     given. side_out [P, K] (resident-A configs) or [P, N] (with gpart and scale):
     also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's gated operand.
-    scale_grad [P] fp32 (resident-A configs, with amask and scaled_by, no scale): receives <A, amask> / scaled_by^2
-    by pair id: the gradient of the gate of a gated output amask = gate * relu(.), whose output gradient A came
-    scaled by the same gate (SCALE_GRAD)."""
+    out_mask [P, N] (sorted pair layout; not with amask): out is zero where out_mask <= 0 (MASK_OUT). scale_grad
+    [P] fp32 (with out_mask and scale) receives sum_n out * out_mask / scale^2 by pair id (SCALE_GRAD): with
+    out_mask = scale * relu(.) a gated output and `a` its output gradient, the gradient of the gate."""
     n_experts = w.shape[0]
     if transpose_w:
         kdim, ndim, s_wk, s_wn = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
@@ -220,18 +220,21 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         raise ValueError(f"a resident A tile needs K ({kdim}) <= block_k ({cfg.block_k}) and no gate gradient")
     if side_out is not None and not (cfg.a_resident or (gpart is not None and scale is not None)):
         raise ValueError("side_out needs a resident-A config or a fused gate gradient")
-    if scale_grad is not None and not (cfg.a_resident and amask is not None and scaled_by is not None
-                                       and scale is None):
-        raise ValueError("scale_grad needs a resident-A config, the mask source and scaled_by, and no scale")
-    if scale_grad is not None:
-        gpart = scale_grad.view(-1, 1)       # the kernel writes it through the gate-gradient partials' slot
+    if out_mask is not None and amask is not None:
+        raise ValueError("a launch masks its A operand (amask) or its output (out_mask), not both")
+    if scale_grad is not None and (out_mask is None or scale is None or gpart is not None):
+        raise ValueError("scale_grad needs out_mask and scale, and no fused gate gradient (gpart)")
+    cols = cfg.columns_per_program()
+    chunks = triton.cdiv(ndim, cols)
+    if scale_grad is not None:      # the kernel writes one partial sum per column chunk
+        gpart = scale_grad.view(-1, 1) if chunks == 1 else scale_grad.new_empty(scale_grad.shape[0], chunks)
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
         return
     dummy = plan.order
-    amask_t = amask if amask is not None else a
+    amask_t = amask if amask is not None else out_mask if out_mask is not None else a
     dsrc_t = dsrc if dsrc is not None else a
-    scale_t = scale if scale is not None else scaled_by if scaled_by is not None else dummy
+    scale_t = scale if scale is not None else dummy
     gpart_t = gpart if gpart is not None else dummy
     side_t = side_out if side_out is not None else a
     w_rows = n_experts * (ndim if transpose_w else kdim)      # W as [E*K, N], or [E*N, K] transposed, for TMA
@@ -241,10 +244,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         a_group = -1
     if d_index is not None:
         d_group = -1
-    cols = cfg.columns_per_program()
-    grid = (n_tiles * triton.cdiv(ndim, cols),)
-    if (cfg.gluon and GL is not None and a_group >= 0 and kdim == cfg.block_k
-            and (gpart is None or scale_grad is not None) and (a_group == 0 or amask is None)
+    grid = (n_tiles * chunks,)
+    if (cfg.gluon and GL is not None and a_group >= 0 and kdim == cfg.block_k and gpart is None
+            and out_mask is None and (a_group == 0 or amask is None)
             and (scale is None or a_group > 0)
             and all(t is None or t.stride(1) == 1 for t in (a, out, amask, side_out))):
         a_g = _descriptor(a, a.shape[0], a_block, GL.descriptor) if a_group == 0 else None
@@ -252,12 +254,11 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         if (a_g is not None or a_group > 0) and w_g is not None:
             GL.resident_gmm_kernel[grid](
                 a_g, a, w_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, amask_t, scale_t,
-                gpart_t, side_t, ndim, kdim, n_experts, cols, a.stride(0), out.stride(0), amask_t.stride(0),
+                side_t, ndim, kdim, n_experts, cols, a.stride(0), out.stride(0), amask_t.stride(0),
                 side_out.stride(0) if side_out is not None else 0,
                 A_GROUP=a_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w,
                 MASK_A=amask is not None, HAS_SCALE=scale is not None, STORE_SIDE=side_out is not None,
-                SCALE_GRAD=scale_grad is not None, BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k,
-                NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+                BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
@@ -278,11 +279,14 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         gpart.stride(0) if gpart is not None else 0,
         side_out.stride(0) if side_out is not None else 0, side_out.stride(1) if side_out is not None else 0,
         A_GROUP=a_group, D_GROUP=d_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, MASK_A=amask is not None,
-        HAS_SCALE=scale is not None, GATE_GRAD=gpart is not None and scale_grad is None,
-        SCALE_GRAD=scale_grad is not None, A_RESIDENT=cfg.a_resident,
+        MASK_OUT=out_mask is not None, HAS_SCALE=scale is not None,
+        GATE_GRAD=gpart is not None and scale_grad is None, SCALE_GRAD=scale_grad is not None,
+        A_RESIDENT=cfg.a_resident,
         STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
+    if scale_grad is not None and chunks > 1:
+        torch.sum(gpart, 1, out=scale_grad)
 
 
 def _wgrad_splits(n_programs: int, device: torch.device) -> int:

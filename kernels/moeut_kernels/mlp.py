@@ -3,12 +3,16 @@
 
 One op, not two grouped matmuls, because of where backward applies the gate. Each pair's gate scales its hidden
 units h = gate * relu(x W1), so the down projection sums plainly. Backward:
-- The down projection's input-gradient launch multiplies its accumulator by the gate in the epilogue and stores
-  gate * dh, with dh the gradient of h. That product is not the gradient of any input of a down projection op on its
-  own, so the two projections have to be one autograd op.
-- The up projection's resident input-gradient launch then applies only the ReLU mask. Before, it also applied the
-  gate to its A tile: +0.165 ms per call at 244M on an H200 (docs/PERFORMANCE.md, eleventh session).
-- That launch writes the gate's gradient <gate dh, h> / gate^2 = <dh, relu(x W1)> from tiles it loads anyway.
+- The down projection's input-gradient launch multiplies its accumulator by the gate in the epilogue, zeroes it
+  where h is 0 (the ReLU mask, loaded before its K loop) and stores gate * dh * (h > 0), with dh the gradient of h.
+  That product is not the gradient of any input of a down projection op on its own, so the two projections have
+  to be one autograd op.
+- The same epilogue writes the gate's gradient <gate dh (h > 0), h> / gate^2 = <dh, relu(x W1)> from the rows it
+  stores and the mask it loaded.
+- The up projection's input gradient and its weight gradient then read that product as it is: a plain sorted-A
+  launch (the Gluon kernel on Hopper, as the down forward's). Before (fifteenth session), the up input gradient
+  masked its A tile itself, stored the masked rows for the weight gradient and wrote the gate's gradient: 1.06 ms
+  at 244M on an H200 against 0.74-0.78 for the down forward of the same shape (docs/KERNELS.md).
 Rows, remote pairs (local) and determinism as in grouped.py: every kernel is a grouped.py launch.
 """
 from __future__ import annotations
@@ -17,8 +21,7 @@ from typing import Optional
 
 import torch
 
-from moeut_kernels.grouped import (_gmm, _wgrad, gmm_config, input_grad_sums, pair_arguments, pair_sums,
-                                   segment_ids)
+from moeut_kernels.grouped import _gmm, _wgrad, input_grad_sums, pair_arguments, pair_sums, segment_ids
 from moeut_kernels.routing import RoutingPlan
 
 MlpGrads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -66,36 +69,23 @@ def _mlp_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: t
         _wgrad(h, 0, dy, out_group, plan, grad_w2, b_index=out_index, remote=remote)
     if not (need_x or need_w1 or need_g):
         return grad_x, grad_w1, grad_w2, grad_gate
-    du = torch.empty(n_pairs, d_e, dtype=x.dtype, device=x.device)        # gate * dh, sorted pair layout
-    _gmm(dy, out_group, w2, True, plan, du, False, scale=gate, a_index=out_index)
-    cfg = gmm_config(d, d_e, x.dtype, block_m, masked=True, device=x.device)     # of the up input-gradient launch
-    # The up weight gradient's sorted operand, du * (h > 0): stored by a resident input-gradient launch as it
-    # applies the mask, else made by one torch pass.
-    if need_x and cfg.a_resident:
-        side = torch.empty_like(du) if need_w1 else None
-        buf = torch.empty(n_pairs, d, dtype=x.dtype, device=x.device)
-        scale_grad = torch.empty(n_pairs, dtype=torch.float32, device=x.device) if need_g else None
-        _gmm(du, 0, w1, True, plan, buf, True, amask=h, cfg=cfg, side_out=side, scale_grad=scale_grad,
-             scaled_by=gate if need_g else None)
-        if need_g:
-            grad_gate = scale_grad.to(gate.dtype)
-    else:
-        side = du * (h > 0)
-        if need_g:      # <gate dh, h> / gate^2 per pair, by pair id; 0 where gate^2 is 0 (as the kernel)
-            dots = (side.float() * h.float()).sum(1)
-            g2 = gate[order].float().square()
-            grad_gate = torch.empty_like(gate).index_copy_(
-                0, order, torch.where(g2 > 0, dots / torch.where(g2 > 0, g2, 1), 0).to(gate.dtype))
-        if need_x:
-            buf = torch.empty(n_pairs, d, dtype=x.dtype, device=x.device)
-            _gmm(side, 0, w1, True, plan, buf, True)
+    # gate * dh * (h > 0) in sorted pair layout: the down projection's input gradient applies the gate and the ReLU
+    # mask in its epilogue and writes the gate's gradient from the rows it stores. It is the up projection's
+    # input-gradient operand and its weight gradient's, so neither of those launches masks anything.
+    du = torch.empty(n_pairs, d_e, dtype=x.dtype, device=x.device)
+    scale_grad = torch.empty(n_pairs, dtype=torch.float32, device=x.device) if need_g else None
+    _gmm(dy, out_group, w2, True, plan, du, False, scale=gate, a_index=out_index, out_mask=h, scale_grad=scale_grad)
+    if need_g:
+        grad_gate = scale_grad.to(gate.dtype)
     if need_x:
+        buf = torch.empty(n_pairs, d, dtype=x.dtype, device=x.device)
+        _gmm(du, 0, w1, True, plan, buf, True)
         grad_x = input_grad_sums(buf, in_group, in_index, x.shape[0], local)
     if need_g and local is not None:
         grad_gate = torch.where(local, grad_gate, 0)
     if need_w1:
         grad_w1 = torch.empty_like(w1)
-        _wgrad(x, in_group, side, 0, plan, grad_w1, a_index=in_index, remote=remote)
+        _wgrad(x, in_group, du, 0, plan, grad_w1, a_index=in_index, remote=remote)
     return grad_x, grad_w1, grad_w2, grad_gate
 
 
