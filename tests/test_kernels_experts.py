@@ -417,8 +417,8 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     long one 72: a transposed W slice past N reads the next expert's rows, which must stay masked, and the
     looping-K calls take two K steps of 64, the second W tile mostly past K, where A's columns are zero. The spy
     checks which operands went by descriptor: W plain or transposed in every launch, the sorted A tile (down
-    forward, up input gradient), the ReLU mask (of a ReLU projection's A tile; of the MLP's down input-gradient
-    output), and the weight gradients' sorted operand,
+    forward, up input gradient) and its ReLU mask (a ReLU projection's input gradient), and the weight gradients'
+    sorted operand,
     with each expert's rows in two chunks."""
     widths = TMA_WIDTHS[layout]
     seed = zlib.crc32(f"tma{layout}{dtype}".encode()) % 1000
@@ -431,9 +431,9 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
         assert a is None and b is None or torch.testing.assert_close(a, b) is None
     by_desc = {  # (TRANS_W, A by descriptor, mask by descriptor); the looping-K launches take only W by descriptor
         "ff_up": {(True, True, True), (False, False, False)},
-        # up forward, down forward (sorted A), down input-grad (its output mask by descriptor), up input-grad
-        # (sorted A, masked by the down input-grad)
-        "ff_mlp": {(False, False, False), (False, True, False), (True, False, True), (True, True, False)},
+        # up forward, down forward (sorted A), down input-grad (its output masked), up input-grad (sorted A,
+        # masked by the down input-grad)
+        "ff_mlp": {(False, False, False), (False, True, False), (True, False, False), (True, True, False)},
         "ff_down": {(False, True, False), (True, False, False)},
         "att_v": {(True, False, False), (False, False, False)},
         "att_o": {(False, False, False), (True, False, False)}}[layout]

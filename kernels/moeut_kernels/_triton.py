@@ -228,10 +228,12 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
             w = _load_w(w_desc, w_base, e, 0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
+            om = None
+            if MASK_OUT:
+                om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            gs = _epilogue(acc, s, None, amask_ptr, start, n0, pos, c_row, d_row, rmask, cols, nmask, c_ptr,
-                           dsrc_ptr, s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD,
-                           SCALE_GRAD, BLOCK_M)
+            gs = _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm,
+                           s_dk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
             if SCALE_GRAD:
                 g += gs
         if SCALE_GRAD:
@@ -254,9 +256,11 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
             w = _load_w(w_desc, w_base, e, k0, n_lo, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-        g = _epilogue(acc, s, m_desc, amask_ptr, start, n_lo, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr,
-                      s_cm, s_cn, s_mm, s_mk, s_dm, s_dk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD,
-                      BLOCK_M)
+        om = None
+        if MASK_OUT:
+            om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
+        g = _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
+                      RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
         if GATE_GRAD or SCALE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
@@ -310,15 +314,12 @@ def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _epilogue(acc, s, m_desc, amask_ptr, start, n0, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm,
-              s_cn, s_mm, s_mk, s_dm, s_dk, RELU_OUT: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-              GATE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
+              RELU_OUT: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
+              SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE and
-    zeroed where the output mask (amask at the sorted positions; by descriptor at (start, n0) when m_desc is given)
-    is not positive with MASK_OUT; returns this slice's gate-gradient partial: sum_n acc * D[d_row] (GATE_GRAD),
-    sum_n out * mask / s^2 (SCALE_GRAD), zeros otherwise. The mask is loaded once the output is rounded, so that it
-    never shares the registers with the fp32 accumulator (ptxas: spills otherwise), and by descriptor it arrives
-    in the accumulator's layout (by pointers it is converted through shared memory)."""
+    zeroed where om (the output mask's slice) is not positive with MASK_OUT; returns this slice's gate-gradient
+    partial: sum_n acc * D[d_row] (GATE_GRAD), sum_n out * om / s^2 (SCALE_GRAD), zeros otherwise."""
     omask = rmask[:, None] & nmask[None, :]
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATE_GRAD:
@@ -330,16 +331,12 @@ def _epilogue(acc, s, m_desc, amask_ptr, start, n0, pos, c_row, d_row, rmask, co
         acc = acc * s[:, None]
     out = acc.to(c_ptr.dtype.element_ty)
     if MASK_OUT:
-        if m_desc is None:
-            om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
-        else:
-            om = m_desc.load([start.to(tl.int32), n0])
         out = tl.where(om > 0, out, 0.0).to(c_ptr.dtype.element_ty)
+        if SCALE_GRAD:
+            s2 = s * s     # 0 also where it underflows (s < ~1e-19): then s(1-s), the logit's factor, is ~0
+            dots = tl.sum(out.to(tl.float32) * om.to(tl.float32), axis=1)
+            g = tl.where(s2 > 0.0, dots / tl.where(s2 > 0.0, s2, 1.0), 0.0)
     tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, out, mask=omask)
-    if SCALE_GRAD:      # after the store: the stored layout's copy of out is dead by then (ptxas: spills before)
-        s2 = s * s     # 0 also where it underflows (s < ~1e-19): then s(1-s), the logit's factor, is ~0
-        dots = tl.sum(out.to(tl.float32) * om.to(tl.float32), axis=1)
-        g = tl.where(s2 > 0.0, dots / tl.where(s2 > 0.0, s2, 1.0), 0.0)
     return g
 
 

@@ -268,8 +268,6 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
             m_desc = _descriptor(amask, amask.shape[0], a_block) if amask is not None else None
             if amask is not None and m_desc is None:
                 a_desc = None
-        elif out_mask is not None and not cfg.a_resident:     # the output mask's tile, in the accumulator's layout
-            m_desc = _descriptor(out_mask, out_mask.shape[0], [plan.block_m, cfg.block_n])
     K.gmm_kernel[grid](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets,
         scale_t, amask_t, dsrc_t, gpart_t,
