@@ -311,10 +311,11 @@ def test_weight_grad_row_splits(layout, splits, monkeypatch):
 @pytest.mark.parametrize("need,gated", [("x_and_w", False), ("w_only", False), ("x_only", False),
                                         ("x_and_w", True), ("w_only", True), ("x_only", True), ("none", True)])
 def test_relu_backward_paths(need, gated, resident, monkeypatch):
-    """The up projection's ReLU gradient mask reaches both gradients on every path: applied in the resident
-    input-gradient launch, which stores grad * mask for the weight gradient (x and W), or in one torch pass first
-    (W only, or configs without a resident A tile). Gated (the whole σ-MoE MLP, gate * relu(x W1) then W2): the
-    gate's gradient <gate dh, h> / gate^2 comes from the resident launch, or from one torch pass without one."""
+    """The up projection's ReLU gradient mask reaches both gradients on every path. A ReLU projection: applied in
+    the resident input-gradient launch, which stores grad * mask for the weight gradient (x and W), or in one torch
+    pass first (W only, or configs without a resident A tile). Gated (the whole σ-MoE MLP, gate * relu(x W1) then
+    W2): the down projection's input-gradient epilogue applies the mask and writes the gate's gradient
+    <gate dh, h> / gate^2, resident or not, whichever gradients are needed."""
     from moeut_kernels import grouped
     if not resident:
         monkeypatch.setitem(grouped.OVERRIDES, "gmm", {"a_resident": False})

@@ -62,9 +62,9 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
     through a_desc (A_GROUP == 0), or pair // A_GROUP, gathered from a_ptr by pointer loads (A_GROUP > 0; a_desc
     None). w_desc: W viewed as [E*K, N] in [K, BLOCK_N] tiles, or with TRANS_W (C = A W[e]^T) as [E*N, K] in
     [BLOCK_N, K] tiles. Rows the A tile takes past the expert's end are computed and not stored.
-    MASK_A: A' = A * (amask[sorted rows] > 0), made in shared memory before the first slice (the ReLU backward of
-    a ReLU grouped_matmul's input gradient); the first column chunk's program also stores A' at the sorted
-    positions of side (STORE_SIDE: the weight gradient's operand). HAS_SCALE (A gathered): each output row times scale[pair]
+    MASK_A: A' = A * (amask[sorted rows] > 0), made in shared memory before the first slice (a ReLU
+    grouped_matmul's input gradient); the first column chunk's program also stores A' at the sorted positions of
+    side (STORE_SIDE: the weight gradient's operand). HAS_SCALE (A gathered): each output row times scale[pair]
     (after the ReLU), and STORE_SIDE stores A * scale (the attention V input-gradient), as gmm_kernel does."""
     gl.static_assert(A_GROUP == 0 or not MASK_A)
     gl.static_assert(not HAS_SCALE or A_GROUP > 0)

@@ -55,9 +55,9 @@ class TileConfig:
     and its mask where A is sorted. Weight gradient: its sorted operand. Operands a descriptor cannot address fall
     back to pointer loads.
     gluon (Hopper, with a_resident and tma): the calls among these with A sorted or gathered by group, no fused
-    gate gradient, and a per-pair scale only with gathered A (the FF down forward, the FF up input-gradient with
-    its mask, side output and gate gradient, the attention O forward and V input-gradient) run the Gluon kernel
-    (moeut_kernels/_gluon.py), num_stages being its W ring's depth."""
+    gate gradient or output mask, and a per-pair scale only with gathered A (the FF down forward and up
+    input-gradient, a ReLU projection's input gradient with its mask and side output, the attention O forward and
+    V input-gradient) run the Gluon kernel (moeut_kernels/_gluon.py), num_stages being its W ring's depth."""
     block_n: int
     block_k: int
     num_warps: int

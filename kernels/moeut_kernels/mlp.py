@@ -4,7 +4,7 @@
 One op, not two grouped matmuls, because of where backward applies the gate. Each pair's gate scales its hidden
 units h = gate * relu(x W1), so the down projection sums plainly. Backward:
 - The down projection's input-gradient launch multiplies its accumulator by the gate in the epilogue, zeroes it
-  where h is 0 (the ReLU mask, loaded before its K loop) and stores gate * dh * (h > 0), with dh the gradient of h.
+  where h is 0 (the ReLU mask, loaded after its K loop) and stores gate * dh * (h > 0), with dh the gradient of h.
   That product is not the gradient of any input of a down projection op on its own, so the two projections have
   to be one autograd op.
 - The same epilogue writes the gate's gradient <gate dh (h > 0), h> / gate^2 = <dh, relu(x W1)> from the rows it
