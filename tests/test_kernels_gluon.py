@@ -91,38 +91,41 @@ def test_gluon_kernel_compiles_for_hopper():
     assert len(proc.stdout.strip().split("\n")) == 10, proc.stdout
 
 
-def test_gluon_can_be_turned_off(monkeypatch):
+@pytest.fixture
+def fake_hopper(monkeypatch) -> torch.device:
+    """A cuda device that reports sm_90, for the switches that pick the Gluon kernels (their GPU runs are below)."""
+    from moeut_kernels import grouped as GM
+
+    if GM.GL is None:       # a Triton without Gluon: the kernels stay off whatever the switches say
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    return torch.device("cuda", 0)
+
+
+def test_gluon_can_be_turned_off(fake_hopper, monkeypatch):
     """MOEUT_GLUON=0 (or OVERRIDES["gluon"] = False) keeps a Hopper GPU's calls on gmm_kernel: the way out if a
     Triton release breaks the experimental Gluon API, and the benchmarks' A/B switch."""
     from moeut_kernels import grouped as GM
 
-    if GM.GL is None:
-        pytest.skip("this Triton has no Gluon")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    hopper = torch.device("cuda", 0)
-    assert GM._has_wgmma(hopper)
+    assert GM._has_wgmma(fake_hopper)
     monkeypatch.setenv("MOEUT_GLUON", "0")
-    assert not GM._has_wgmma(hopper)
+    assert not GM._has_wgmma(fake_hopper)
     monkeypatch.setenv("MOEUT_GLUON", "1")
     monkeypatch.setitem(GM.OVERRIDES, "gluon", False)
-    assert not GM._has_wgmma(hopper)
+    assert not GM._has_wgmma(fake_hopper)
 
 
-def test_gluon_looping_kernel_is_opt_in(monkeypatch):
+def test_gluon_looping_kernel_is_opt_in(fake_hopper, monkeypatch):
     """The experimental looping kernel runs only with MOEUT_GLUON_LOOPING=1 (or the override), on a GPU where the
     Gluon kernel runs, so that no default launch takes a kernel that has not run on a GPU."""
     from moeut_kernels import grouped as GM
 
-    if GM.GL is None:
-        pytest.skip("this Triton has no Gluon")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    hopper = torch.device("cuda", 0)
     monkeypatch.delenv("MOEUT_GLUON_LOOPING", raising=False)
-    assert not GM._gluon_looping(hopper)
+    assert not GM._gluon_looping(fake_hopper)
     monkeypatch.setenv("MOEUT_GLUON_LOOPING", "1")
-    assert GM._gluon_looping(hopper) and not GM._gluon_looping(torch.device("cpu"))
+    assert GM._gluon_looping(fake_hopper) and not GM._gluon_looping(torch.device("cpu"))
     monkeypatch.setitem(GM.OVERRIDES, "gluon", False)       # MOEUT_GLUON=0 turns it off too
-    assert not GM._gluon_looping(hopper)
+    assert not GM._gluon_looping(fake_hopper)
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9

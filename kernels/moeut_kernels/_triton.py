@@ -228,12 +228,9 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             cols = n0 + tl.arange(0, BLOCK_N)
             nmask = cols < N
             w = _load_w(w_desc, w_base, e, 0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
-            om = None
-            if MASK_OUT:
-                om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
-            gs = _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm,
-                           s_dk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
+            gs = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, amask_ptr, s_cm, s_cn,
+                           s_dm, s_dk, s_mm, s_mk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
             if SCALE_GRAD:
                 g += gs
         if SCALE_GRAD:
@@ -256,11 +253,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             a = _load_a(a_ptr, amask_ptr, a_row, pos, ks, rmask, kmask, s_am, s_ak, s_mm, s_mk, MASK_A)
             w = _load_w(w_desc, w_base, e, k0, n_lo, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
-        om = None
-        if MASK_OUT:
-            om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
-        g = _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
-                      RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
+        g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, amask_ptr, s_cm, s_cn, s_dm,
+                      s_dk, s_mm, s_mk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
         if GATE_GRAD or SCALE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
@@ -314,12 +308,15 @@ def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _epilogue(acc, s, om, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, s_cm, s_cn, s_dm, s_dk,
-              RELU_OUT: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
-              SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, amask_ptr, s_cm, s_cn, s_dm, s_dk,
+              s_mm, s_mk, RELU_OUT: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+              GATE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE and
-    zeroed where om (the output mask's slice) is not positive with MASK_OUT; returns this slice's gate-gradient
-    partial: sum_n acc * D[d_row] (GATE_GRAD), sum_n out * om / s^2 (SCALE_GRAD), zeros otherwise."""
+    zeroed where the output mask (amask at the sorted positions, loaded here, after the K loop: before it, its
+    registers spill) is not positive with MASK_OUT; returns this slice's gate-gradient partial:
+    sum_n acc * D[d_row] (GATE_GRAD), sum_n out * mask / s^2 (SCALE_GRAD), zeros otherwise."""
+    if MASK_OUT:
+        om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
     omask = rmask[:, None] & nmask[None, :]
     g = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATE_GRAD:
