@@ -9,8 +9,8 @@ masked from the down projection's input-gradient launch), a ReLU grouped_matmul'
 applied to the A tile in shared memory, the masked rows stored on the way), and the attention O forward and V
 input-gradient, whose A rows are gathered (pair // group) by pointer loads into the shared tile (V's with the gate
 on its outputs and its gated rows stored). Calls with a fused gate gradient or an output mask, and the long-K
-calls, stay on gmm_kernel (grouped._gmm decides), except, opt-in and not yet run on a GPU, the MLP's down
-input-gradient: looping_masked_gmm_kernel, K looped through a cp.async / TMA ring.
+calls, stay on gmm_kernel (grouped._gmm decides; a Gluon looping-K kernel for the MLP's down input-gradient tied
+with it at best and was removed: docs/KERNELS.md).
 Gluon has no interpreter: tests/test_kernels_gluon.py compiles it on CPU and compares it with gmm_kernel on a GPU.
 """
 from __future__ import annotations
@@ -21,12 +21,10 @@ from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared     # renamed after Triton 3.6
 cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier                    # renamed after Triton 3.6
-cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared    # renamed too
 
 
 @constexpr_function
@@ -230,98 +228,6 @@ def _mask_a_tile(a_smem, amask_ptr, side_ptr, a_bar, start, end, K, s_mm, s_om, 
                 _store_chunk(side_ptr, pos, rmask, c, K, s_om, a, CHUNK, layout)
     fence_async_shared()
     cta_barrier()
-
-
-# The looping kernel's K step and ring depth: 4 x (8 + 8) KB of A and W slices + the 32 KB mask tile = 96 KB, two
-# programs per SM (ptxas, Triton 3.6: 212 registers, no spills; 64 x 3 takes 128 KB, one program per SM).
-LOOPING_BLOCK_K = 32
-LOOPING_STAGES = 4
-
-
-@gluon.jit
-def looping_masked_gmm_kernel(a_ptr, w_desc, m_desc, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr,
-                              offsets_ptr, scale_ptr, gpart_ptr, N, K, E, s_am, s_cm, A_GROUP: gl.constexpr,
-                              SCALE_GRAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
-                              NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """C[sorted rows] = scale * (A[pair // A_GROUP] @ W[e]^T) * (mask > 0) for one tile and all N <= BLOCK_N
-    columns, K looped: the σ-MoE MLP's down input-gradient (gmm_kernel's MASK_OUT with HAS_SCALE and TRANS_W).
-    The gathered A slices come by cp.async (Hopper's TMA cannot gather rows) and W's [BLOCK_N, BLOCK_K] slices
-    by TMA, through a ring of NUM_STAGES; each step's wgmma runs while the next ones load. The mask tile (the saved
-    hidden units, sorted) comes by TMA into its own shared buffer at the start and is read in the accumulator's
-    layout, where gmm_kernel's pointer loads go through a layout conversion after the loop. SCALE_GRAD: also
-    gpart[pair] = <out, mask> / scale^2 (0 where scale^2 is 0), computed before the store (ptxas: no spills in
-    that order). EXPERIMENTAL (grouped._gmm takes it only with MOEUT_GLUON_LOOPING=1): compiled, not yet run."""
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, num_warps)
-    a_layout: gl.constexpr = row_store_layout(BLOCK_K, num_warps)
-    out_layout: gl.constexpr = row_store_layout(BLOCK_N, num_warps)
-    tile = gl.program_id(0)
-    e = gl.load(tile_expert_ptr + tile)
-    if e < E:                                   # the unused tail of the static tile list does nothing
-        start = gl.load(tile_start_ptr + tile)
-        end = gl.load(offsets_ptr + e + 1)
-        a_smem = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES, BLOCK_M, BLOCK_K],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], w_desc.dtype))
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-        m_smem = gl.allocate_shared_memory(m_desc.dtype, [BLOCK_M, BLOCK_N], m_desc.layout)
-        w_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        m_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(NUM_STAGES):
-            mbarrier.init(w_bars.index(s), count=1)
-        mbarrier.init(m_bar, count=1)
-        mbarrier.expect(m_bar, m_desc.block_type.nbytes)
-        tma_load(m_desc, [start, 0], m_bar, m_smem)
-        pos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
-        rmask = pos < end
-        pair = gl.load(order_ptr + pos, mask=rmask, other=0)
-        ks = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_layout))
-        a_ptrs = a_ptr + (pair // A_GROUP).to(gl.int64)[:, None] * s_am + ks[None, :]
-        n_k = gl.cdiv(K, BLOCK_K)
-        for s in gl.static_range(NUM_STAGES - 1):
-            _load_k_step(a_smem.index(s), a_ptrs, rmask, ks, w_desc, w_bars.index(s), w_smem.index(s), e * N, s,
-                         K, s < n_k)
-        acc = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=acc_layout)
-        for i in range(0, n_k):
-            buf = i % NUM_STAGES
-            async_copy.wait_group(NUM_STAGES - 2)          # this thread's copies of step i (one group a step)
-            mbarrier.wait(w_bars.index(buf), phase=(i // NUM_STAGES) & 1)
-            cta_barrier()                                  # every thread's copies of step i
-            fence_async_shared()                           # cp.async wrote through the generic proxy
-            acc = warpgroup_mma(a_smem.index(buf), w_smem.index(buf).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            j = i + NUM_STAGES - 1                         # step i - 1's wgmma retired: its buffers are free
-            _load_k_step(a_smem.index(j % NUM_STAGES), a_ptrs, rmask, ks, w_desc, w_bars.index(j % NUM_STAGES),
-                         w_smem.index(j % NUM_STAGES), e * N, j, K, j < n_k)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        spos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-        spair = gl.load(order_ptr + spos, mask=spos < end, other=0)
-        scale = gl.load(scale_ptr + spair, mask=spos < end, other=0.0).to(gl.float32)
-        mbarrier.wait(m_bar, phase=0)
-        m = m_smem.load(acc_layout)
-        out = gl.where(m > 0, (acc * scale[:, None]).to(c_ptr.dtype.element_ty), 0.0).to(c_ptr.dtype.element_ty)
-        if SCALE_GRAD:
-            s2 = scale * scale     # 0 also where it underflows, as gmm_kernel
-            dots = gl.sum(out.to(gl.float32) * m.to(gl.float32), axis=1)
-            gl.store(gpart_ptr + spair, gl.where(s2 > 0.0, dots / gl.where(s2 > 0.0, s2, 1.0), 0.0),
-                     mask=spos < end)
-        opos = start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
-        gl.store(c_ptr + opos.to(gl.int64)[:, None] * s_cm + cols[None, :], gl.convert_layout(out, out_layout),
-                 mask=(opos < end)[:, None] & (cols < N)[None, :])
-        mbarrier.invalidate(m_bar)
-        for s in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(w_bars.index(s))
-
-
-@gluon.jit
-def _load_k_step(a_dst, a_ptrs, rmask, ks, w_desc, bar, w_dst, w_row, step, K, pred):
-    """K step `step` into one ring slot: the gathered A columns by cp.async (one commit group per step, empty where
-    pred is false, so that wait_group counts steps) and W's slice by TMA, arriving on bar."""
-    k0 = step * a_dst.shape[1]
-    cp_async(a_dst, a_ptrs + k0, mask=rmask[:, None] & (ks + k0 < K)[None, :] & pred)
-    async_copy.commit_group()
-    mbarrier.expect(bar, w_desc.block_type.nbytes, pred=pred)
-    tma_load(w_desc, [w_row, k0], bar, w_dst, pred=pred)
 
 
 def descriptor(t, block: list[int]) -> TensorDescriptor:

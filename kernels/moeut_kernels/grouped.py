@@ -97,15 +97,6 @@ def _has_wgmma(device: Optional[torch.device]) -> bool:
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
-def _gluon_looping(device: Optional[torch.device]) -> bool:
-    """Whether the MLP's down input-gradient takes Gluon's looping kernel (`_gluon.looping_masked_gmm_kernel`):
-    EXPERIMENTAL, off unless MOEUT_GLUON_LOOPING=1 (or OVERRIDES["gluon_looping"] = True) on a GPU where the Gluon
-    kernel runs. It compiles for sm_90a (tests/test_kernels_gluon.py) but has not run on a GPU yet
-    (docs/NEXT.md)."""
-    enabled = OVERRIDES.get("gluon_looping", os.environ.get("MOEUT_GLUON_LOOPING", "0") == "1")
-    return bool(enabled) and _has_wgmma(device)
-
-
 def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False, masked: bool = False,
                device: Optional[torch.device] = None) -> TileConfig:
     """Heuristic (H200 sweeps, docs/KERNELS.md). Short K without the fused gate gradient (the K = d_e calls that
@@ -268,18 +259,6 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
                 A_GROUP=a_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w,
                 MASK_A=amask is not None, HAS_SCALE=scale is not None, STORE_SIDE=side_out is not None,
                 BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
-            return
-    if (out_mask is not None and scale is not None and a_group > 0 and transpose_w and not out_by_pair
-            and not cfg.a_resident and chunks == 1 and cfg.tma and _gluon_looping(a.device)
-            and kdim % 16 == 0 and a.stride(0) % 16 == 0 and a.data_ptr() % 16 == 0
-            and all(t.stride(1) == 1 for t in (a, out, out_mask))):
-        w_g = _descriptor(w, w_rows, [cfg.block_n, GL.LOOPING_BLOCK_K], GL.descriptor)
-        m_g = _descriptor(out_mask, out_mask.shape[0], [plan.block_m, cfg.block_n], GL.descriptor)
-        if w_g is not None and m_g is not None:
-            GL.looping_masked_gmm_kernel[(n_tiles,)](
-                a, w_g, m_g, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, scale, gpart_t,
-                ndim, kdim, n_experts, a.stride(0), out.stride(0), A_GROUP=a_group, SCALE_GRAD=scale_grad is not None,
-                BLOCK_M=plan.block_m, BLOCK_K=GL.LOOPING_BLOCK_K, NUM_STAGES=GL.LOOPING_STAGES, num_warps=4)
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
