@@ -47,7 +47,7 @@ from moeut_kernels import grouped as GM  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
-from moeut_kernels.routing import RoutingPlan, plan_from_expert_index  # noqa: E402
+from moeut_kernels.routing import RoutingPlan, plan_from_expert_index, window_tiles  # noqa: E402
 
 TOKENS = 64 * 1024
 FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
@@ -555,17 +555,9 @@ def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
         torch.cuda.empty_cache()
 
 
-def window_order(plan: RoutingPlan) -> RoutingPlan:
-    """The plan's tiles sorted by their first pair id (unused tiles last): tile j of every expert runs together,
-    over a narrow window of tokens, instead of all tiles of a few experts (the routing's expert order)."""
-    first = plan.order[plan.tile_start.clamp(0, plan.n_pairs - 1).long()]
-    perm = torch.argsort(torch.where(plan.tile_expert < plan.n_experts, first, plan.n_pairs), stable=True)
-    return dataclasses.replace(plan, tile_expert=plan.tile_expert[perm], tile_start=plan.tile_start[perm])
-
-
 def sweep_order(rows: list) -> None:
-    """The gathering calls (FF up forward and down input-grad at 244M) in expert and window tile order, at
-    BLOCK_M 128 and 256. In window order a tile reads its expert's weights from DRAM more often (256 KB per
+    """The gathering calls (FF up forward and down input-grad at 244M, at BLOCK_M 128 and 256; the attention V
+    forward and O input-grad at 244M and 1B) in expert and window tile order. In window order a tile reads its expert's weights from DRAM more often (256 KB per
     128-row FF tile) but its gathered rows from L2 (KERNELS.md, "The memory floor of this design")."""
     shape = FF_SHAPES["244M"]
     x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
@@ -579,12 +571,31 @@ def sweep_order(rows: list) -> None:
         r = TritonBackend(block_m=block_m).route(logits, k)
         gate = r.gate.detach().reshape(-1)
         cfg = TileConfig(128, 64, 8, 3) if block_m == 256 else None    # 8 warps: a 256 x 128 fp32 accumulator
-        for label, plan in (("expert order", r.plan), ("window order", window_order(r.plan))):
+        for label, plan in (("expert order", r.plan), ("window order", window_tiles(r.plan))):
             _timed(rows, f"order up_fwd BM{block_m} {label}",
                    lambda: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=cfg), flop=flop)
             _timed(rows, f"order down_dx BM{block_m} {label}",
                    lambda: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=cfg),
                    flop=flop)
+    # the attention's narrow gathering calls, which take window order by default (grouped._window_order)
+    for name, s in ATT_SHAPES.items():
+        x_a, a, _, g_o, w_v, w_o = _att_operands(s)
+        H, n, ka, d_h = s["heads"], s["n_experts"], s["k"], s["d_h"]
+        tb, hk, Pa = TritonBackend(), H * ka, TOKENS * H * ka
+        logits_v, logits_o = (torch.randn(TOKENS, H, n, device=DEV) for _ in range(2))
+        r_v, r_o = tb.route(logits_v, ka), tb.route(logits_o, ka)
+        pv, po, gate_o = r_v.plan, r_o.plan, r_o.gate.reshape(-1)
+        narrow, side = (torch.empty(Pa, d_h, device=DEV, dtype=BF16) for _ in range(2))
+        gpart_a = torch.empty(Pa, 16, device=DEV, dtype=torch.float32)
+        for window in (False, True):
+            GM.OVERRIDES["window_order"] = window
+            label = "window order" if window else "expert order"
+            _timed(rows, f"order att {name} V fwd {label}", lambda: GM._gmm(x_a, hk, w_v, False, pv, narrow, True),
+                   flop=2 * Pa * s["d"] * d_h)
+            _timed(rows, f"order att {name} O dx (+gate grad) + gated store {label}",
+                   lambda: GM._gmm(g_o, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a, d_group=ka,
+                                   gpart=gpart_a, side_out=side), flop=2 * Pa * s["d"] * d_h)
+        GM.OVERRIDES.pop("window_order")
 
 
 def sweep_route(rows: list) -> None:

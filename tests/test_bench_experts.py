@@ -28,7 +28,7 @@ def tiny(monkeypatch):
         monkeypatch.setattr(B, "count_syncs", lambda fn: (fn(), 0)[1])    # torch's sync debug mode is CUDA-only
 
 
-def test_sweeps_and_layer_tables_run(tiny, monkeypatch):
+def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
     rows: list = []
     B.sweep(FF, rows, defaults_only=True)
     B.sweep_att("244M", ATT, rows)
@@ -44,7 +44,8 @@ def test_sweeps_and_layer_tables_run(tiny, monkeypatch):
     names = " | ".join(r["what"] for r in rows)
     for what in ("down_dx_store_gated", "down_dx_plain", "down_dx_plain_scaled", "down_dx_masked_gate_grad",
                  "up_dx_nomask", "V dx + gated store",
-                 "order up_fwd BM256 window order", "top-k rows", "route FF 244M: counts", "FF tiny triton", "att V+O tiny triton"):
+                 "order up_fwd BM256 window order", "order att 1B O dx (+gate grad) + gated store window order",
+                 "top-k rows", "route FF 244M: counts", "FF tiny triton", "att V+O tiny triton"):
         assert what in names, what
     checks = [r for r in rows if r["what"].startswith("check")]
     assert checks and all(max(r["err"]) < 2e-2 for r in checks)     # bf16 kernels vs the fp32 reference

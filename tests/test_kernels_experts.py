@@ -285,6 +285,75 @@ def test_routing_from_given_experts_matches_route():
     assert torch.equal(a.plan.tile_expert, b.plan.tile_expert) and torch.equal(a.plan.tile_start, b.plan.tile_start)
 
 
+@pytest.mark.parametrize("bias", ["none", "uneven", "empty"])
+def test_window_tiles_orders_by_first_pair(bias):
+    """routing.window_tiles: the same tiles sorted by their first pair id, unused tiles (and remote pairs, which no
+    tile covers) last: against an argsort of the tile list."""
+    from moeut_kernels.routing import plan_from_expert_index, window_tiles
+
+    gen = torch.Generator().manual_seed(len(bias))
+    for n_rows, n_groups, n, k in ((300, 1, 7, 3), (97, 3, 5, 2)):
+        logits = make_logits(n_rows, n_groups, n, bias, gen)
+        expert_index = TritonBackend().route(logits, k).expert_index.clone()
+        E = n_groups * n
+        expert_index[expert_index == 1] = E             # pairs held by another rank
+        plan = plan_from_expert_index(expert_index, E, 16)
+        got = window_tiles(plan)
+        first = plan.order[plan.tile_start.clamp(0, plan.n_pairs - 1).long()]
+        perm = torch.argsort(torch.where(plan.tile_expert < E, first, plan.n_pairs), stable=True)
+        assert torch.equal(got.tile_expert, plan.tile_expert[perm])
+        assert torch.equal(got.tile_start, plan.tile_start[perm])
+        assert not torch.equal(got.tile_start, plan.tile_start)        # the order did change
+        assert got.order is plan.order and got.offsets is plan.offsets
+
+
+@pytest.mark.parametrize("layout", ["att_v", "att_o", "ff_up", "ff_mlp"])
+def test_window_order_gives_the_same_outputs(layout, monkeypatch):
+    """Every launch with gathered rows in window tile order (forced) equals expert order bitwise, gradients
+    included: only the order in which tiles run changes."""
+    from moeut_kernels import grouped
+
+    reordered = []       # launches whose tile order window_tiles changed
+
+    def spy(plan):
+        got = window_tiles(plan)
+        reordered.append(not torch.equal(got.tile_start, plan.tile_start))
+        return got
+
+    window_tiles = grouped.window_tiles
+    monkeypatch.setattr(grouped, "window_tiles", spy)
+    runs = []
+    for window in (True, False):
+        monkeypatch.setitem(grouped.OVERRIDES, "window_order", window)
+        runs.append(check_against_reference(layout, torch.bfloat16, 61, bias="uneven", seed=12))
+    assert any(reordered)
+    (y1, g1), (y2, g2) = runs
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_window_order_policy(monkeypatch):
+    """The default: window order only for gathered A, one output column block, and weights within a quarter of
+    L2 (the attention's V forward and O input-gradient, not the FF's 100 MB of weights); never off CUDA."""
+    from types import SimpleNamespace
+
+    from moeut_kernels import grouped
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        L2_cache_size=50 * 2 ** 20))
+    gpu, cfg = torch.device("cuda", 0), grouped.TileConfig(128, 64, 4, 3)
+    att_w = torch.empty(10, 1024, 128, dtype=torch.bfloat16)          # 2.6 MB
+    ff_w = torch.empty(387, 1024, 128, dtype=torch.bfloat16)          # 101 MB
+    assert grouped._window_order(gpu, 8, att_w, 128, cfg)
+    assert not grouped._window_order(gpu, 8, ff_w, 128, cfg)
+    assert not grouped._window_order(gpu, 8, att_w, 1024, cfg)        # a wide output: weight reuse matters
+    assert not grouped._window_order(gpu, 0, att_w, 128, cfg)         # sorted A: nothing gathered
+    assert not grouped._window_order(torch.device("cpu"), 8, att_w, 128, cfg)
+    monkeypatch.setitem(grouped.OVERRIDES, "window_order", False)
+    assert not grouped._window_order(gpu, 8, att_w, 128, cfg)
+
+
 def test_deterministic_bitwise():
     """Every kernel (no atomics on floats) repeats bitwise, gradients included."""
     runs = [check_against_reference("att_v", torch.bfloat16, 45, bias="uneven", seed=9) for _ in range(2)]

@@ -89,6 +89,21 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
     return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
 
 
+def window_tiles(plan: RoutingPlan) -> RoutingPlan:
+    """The plan with its tiles in window order (each tile's first pair id ascending, unused tiles last): tile j of
+    every expert runs together over a narrow window of tokens, so a token's gathered rows are reused from L2 by
+    its experts' tiles instead of read from DRAM once per expert. Same tiles, so the same outputs in any launch;
+    one launch, no sort and no sync (docs/KERNELS.md, "Window tile order for the attention's narrow gathers")."""
+    n_tiles = plan.tile_expert.numel()
+    win_expert, win_start = torch.empty_like(plan.tile_expert), torch.empty_like(plan.tile_start)
+    if n_tiles:
+        block_t = 64 if INTERPRET else 256
+        K.window_tiles_kernel[(triton.cdiv(n_tiles, block_t),)](
+            plan.order, plan.offsets, plan.tile_expert, plan.tile_start, win_expert, win_start, plan.n_experts,
+            n_tiles, max(plan.n_pairs, 1).bit_length(), BLOCK_M=plan.block_m, BLOCK_T=block_t, num_warps=4)
+    return RoutingPlan(plan.order, plan.offsets, win_expert, win_start, plan.n_experts, plan.block_m)
+
+
 def _key_dtype(n_experts: int) -> torch.dtype:
     """The narrowest sort key that holds every expert id and the remote id n_experts: int16 sorts in 2 radix
     passes instead of 8 for int64."""
