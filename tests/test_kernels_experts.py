@@ -292,7 +292,7 @@ def test_window_tiles_orders_by_first_pair(bias):
     from moeut_kernels.routing import plan_from_expert_index, window_tiles
 
     gen = torch.Generator().manual_seed(len(bias))
-    for n_rows, n_groups, n, k in ((300, 1, 7, 3), (97, 3, 5, 2)):
+    for n_rows, n_groups, n, k in ((300, 1, 7, 3), (97, 3, 5, 2), (150, 2, 12, 3)):   # 24 experts: two blocks
         logits = make_logits(n_rows, n_groups, n, bias, gen)
         expert_index = TritonBackend().route(logits, k).expert_index.clone()
         E = n_groups * n

@@ -117,29 +117,33 @@ def plan_kernel(counts_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, E, n_t
 
 @triton.jit
 def window_tiles_kernel(order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, win_expert_ptr, win_start_ptr,
-                        E, n_tiles, search_steps, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+                        E, n_tiles, search_steps, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
     """The tile list in window order: sorted by each tile's first pair id, so that tile j of every expert runs
     together over a narrow window of tokens, unused tiles (expert E) left at the tail. No sort: a tile's rank is
-    the number of tiles of every expert whose first pair id is smaller, ceil(n_e / BLOCK_M) for the n_e pairs of
-    expert e below the key (a binary search of its sorted segment: pair ids ascend within an expert)."""
+    the number of tiles of every expert whose first pair id is smaller, found by a binary search over that
+    expert's tiles (pair ids ascend within an expert), all experts of BLOCK_E at once, search_steps deep."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < n_tiles
     e = tl.load(tile_expert_ptr + t, mask=tmask, other=E)
     start = tl.load(tile_start_ptr + t, mask=tmask, other=0)
     valid = tmask & (e < E)
-    key = tl.load(order_ptr + start, mask=valid, other=0)
+    key = tl.load(order_ptr + start, mask=valid, other=0)[:, None]
     rank = tl.zeros([BLOCK_T], dtype=tl.int64)
-    for other in range(0, E):
-        seg_lo = tl.load(offsets_ptr + other)
-        lo = tl.zeros([BLOCK_T], dtype=tl.int64) + seg_lo
-        hi = tl.zeros([BLOCK_T], dtype=tl.int64) + tl.load(offsets_ptr + other + 1)
-        for _ in range(0, search_steps):      # lower bound of key in order[lo:hi]
+    for e0 in range(0, E, BLOCK_E):
+        others = e0 + tl.arange(0, BLOCK_E)
+        omask = others < E
+        first = tl.load(offsets_ptr + others, mask=omask, other=0)
+        count = tl.load(offsets_ptr + others + 1, mask=omask, other=0) - first
+        lo = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int64)               # lower bound of key among the first
+        hi = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int64) + ((count + BLOCK_M - 1) // BLOCK_M)[None, :]
+        for _ in range(0, search_steps):                                  # pair ids of the expert's tiles
             open_ = lo < hi
             mid = (lo + hi) // 2
-            below = tl.load(order_ptr + mid, mask=valid & open_, other=0) < key
+            below = tl.load(order_ptr + first[None, :] + mid * BLOCK_M, mask=valid[:, None] & open_, other=0) < key
             lo = tl.where(open_ & below, mid + 1, lo)
             hi = tl.where(open_ & ~below, mid, hi)
-        rank += (lo - seg_lo + BLOCK_M - 1) // BLOCK_M
+        rank += tl.sum(lo, axis=1)
     dest = tl.where(valid, rank, t)
     tl.store(win_expert_ptr + dest, e, mask=tmask)
     tl.store(win_start_ptr + dest, start, mask=tmask)

@@ -93,14 +93,15 @@ def window_tiles(plan: RoutingPlan) -> RoutingPlan:
     """The plan with its tiles in window order (each tile's first pair id ascending, unused tiles last): tile j of
     every expert runs together over a narrow window of tokens, so a token's gathered rows are reused from L2 by
     its experts' tiles instead of read from DRAM once per expert. Same tiles, so the same outputs in any launch;
-    one launch, no sort and no sync (docs/KERNELS.md, "Window tile order for the attention's narrow gathers")."""
+    one launch of ~log2(tiles) dependent loads, no sort, no sync (docs/KERNELS.md, "Window tile order for the attention's narrow gathers")."""
     n_tiles = plan.tile_expert.numel()
     win_expert, win_start = torch.empty_like(plan.tile_expert), torch.empty_like(plan.tile_start)
     if n_tiles:
-        block_t = 64 if INTERPRET else 256
+        block_t = 16 if INTERPRET else 32
+        block_e = min(triton.next_power_of_2(plan.n_experts), 16 if INTERPRET else 32)
         K.window_tiles_kernel[(triton.cdiv(n_tiles, block_t),)](
             plan.order, plan.offsets, plan.tile_expert, plan.tile_start, win_expert, win_start, plan.n_experts,
-            n_tiles, max(plan.n_pairs, 1).bit_length(), BLOCK_M=plan.block_m, BLOCK_T=block_t, num_warps=4)
+            n_tiles, n_tiles.bit_length(), BLOCK_M=plan.block_m, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
     return RoutingPlan(plan.order, plan.offsets, win_expert, win_start, plan.n_experts, plan.block_m)
 
 
