@@ -557,8 +557,9 @@ def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
 
 def sweep_order(rows: list) -> None:
     """The gathering calls (FF up forward and down input-grad at 244M, at BLOCK_M 128 and 256; the attention V
-    forward and O input-grad at 244M and 1B) in expert and window tile order. In window order a tile reads its expert's weights from DRAM more often (256 KB per
-    128-row FF tile) but its gathered rows from L2 (KERNELS.md, "The memory floor of this design")."""
+    forward and O input-grad at 244M and 1B) in expert and window tile order. In window order a tile reads its
+    expert's weights from DRAM more often (256 KB per 128-row FF tile) but its gathered rows from L2 (KERNELS.md,
+    "The memory floor of this design"); the attention's weights stay in L2 either way."""
     shape = FF_SHAPES["244M"]
     x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
     k, d_e, E = shape["k"], shape["d_e"], shape["n_experts"]

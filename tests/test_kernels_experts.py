@@ -343,8 +343,8 @@ def test_window_order_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
         L2_cache_size=50 * 2 ** 20))
     gpu, cfg = torch.device("cuda", 0), grouped.TileConfig(128, 64, 4, 3)
-    att_w = torch.empty(10, 1024, 128, dtype=torch.bfloat16)          # 2.6 MB
-    ff_w = torch.empty(387, 1024, 128, dtype=torch.bfloat16)          # 101 MB
+    att_w = torch.empty(10, 1024, 128, dtype=torch.bfloat16, device="meta")       # 2.6 MB
+    ff_w = torch.empty(387, 1024, 128, dtype=torch.bfloat16, device="meta")       # 101 MB
     assert grouped._window_order(gpu, 8, att_w, 128, cfg)
     assert not grouped._window_order(gpu, 8, ff_w, 128, cfg)
     assert not grouped._window_order(gpu, 8, att_w, 1024, cfg)        # a wide output: weight reuse matters

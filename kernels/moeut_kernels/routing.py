@@ -92,8 +92,9 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
 def window_tiles(plan: RoutingPlan) -> RoutingPlan:
     """The plan with its tiles in window order (each tile's first pair id ascending, unused tiles last): tile j of
     every expert runs together over a narrow window of tokens, so a token's gathered rows are reused from L2 by
-    its experts' tiles instead of read from DRAM once per expert. Same tiles, so the same outputs in any launch;
-    one launch of ~log2(tiles) dependent loads, no sort, no sync (docs/KERNELS.md, "Window tile order for the attention's narrow gathers")."""
+    its experts' tiles instead of read from DRAM once per expert. Same tiles, so the same outputs in any launch.
+    One launch of ~log2(tiles) dependent loads, no sort, no sync (docs/KERNELS.md, "Window tile order for the
+    attention's narrow gathers")."""
     n_tiles = plan.tile_expert.numel()
     win_expert, win_start = torch.empty_like(plan.tile_expert), torch.empty_like(plan.tile_start)
     if n_tiles:
