@@ -94,7 +94,8 @@ def window_tiles(plan: RoutingPlan) -> RoutingPlan:
     every expert runs together over a narrow window of tokens, so a token's gathered rows are reused from L2 by
     its experts' tiles instead of read from DRAM once per expert. Same tiles, so the same outputs in any launch.
     One launch of ~log2(tiles) dependent loads, no sort, no sync (docs/KERNELS.md, "Window tile order for the
-    attention's narrow gathers")."""
+    attention's narrow gathers"). It relies on the plan's stable order (pair ids ascending within an expert,
+    as every constructor here makes it): the ranks come from binary searches of those runs."""
     n_tiles = plan.tile_expert.numel()
     win_expert, win_start = torch.empty_like(plan.tile_expert), torch.empty_like(plan.tile_start)
     if n_tiles:
