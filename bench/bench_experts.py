@@ -29,6 +29,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,9 +340,9 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
         _timed(rows, f"route BM{block_m} (sigmoid/top-k/sort/plan)", lambda: tb.route(logits, k))
 
 
-def sweep_att(name: str, s: dict, rows: list) -> None:
-    """Time each kernel call of the SwitchHead V/O layer alone (bf16): where its fwd+bwd time goes, with the
-    weight gradient's row chunks and the O forward's resident-A path as the variants."""
+def _att_gemms(s: dict) -> tuple[list, SimpleNamespace]:
+    """The SwitchHead V/O grouped matmuls of one shape as (what, call(cfg), configs besides the default), flop
+    t.flop1 each, and t: their operands, routings and output buffers (bf16, routings of seeded logits)."""
     d, H, n, k, d_h = s["d"], s["heads"], s["n_experts"], s["k"], s["d_h"]
     x, a, gv, gy, w_v, w_o = _att_operands(s)
     g = torch.Generator(device=DEV).manual_seed(4)
@@ -353,9 +354,8 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     narrow, wide = torch.empty(P, d_h, device=DEV, dtype=BF16), torch.empty(P, d, device=DEV, dtype=BF16)
     gpart = torch.empty(P, 16, device=DEV, dtype=torch.float32)
     side = torch.empty(P, d_h, device=DEV, dtype=BF16)
-    flop1 = 2 * P * d * d_h
     classic = TileConfig(128, 64, 8, 3)
-    gemms = [  # (what, call, configs): the grouped matmuls, flop1 each
+    gemms = [
         ("V fwd", lambda c: GM._gmm(x, hk, w_v, False, pv, narrow, True, cfg=c), [None]),
         ("O fwd", lambda c: GM._gmm(a, k, w_o, False, po, wide, True, cfg=c), [None, classic]),
         ("V dx", lambda c: GM._gmm(gv, k, w_v, True, pv, wide, True, scale=gate_v, cfg=c), [None]),
@@ -371,6 +371,18 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
                                                               dsrc=a, d_group=k, gpart=gpart, cfg=c,
                                                               side_out=side), [None]),
     ]
+    return gemms, SimpleNamespace(x=x, a=a, gv=gv, gy=gy, w_v=w_v, w_o=w_o, tb=tb, logits_v=logits_v, pv=pv,
+                                  gate_v=gate_v, po=po, gate_o=gate_o, k=k, hk=hk, narrow=narrow, wide=wide,
+                                  flop1=2 * P * d * d_h)
+
+
+def sweep_att(name: str, s: dict, rows: list) -> None:
+    """Time each kernel call of the SwitchHead V/O layer alone (bf16): where its fwd+bwd time goes, with the
+    weight gradient's row chunks and the O forward's resident-A path as the variants."""
+    gemms, t = _att_gemms(s)
+    x, a, gv, gy, w_v, w_o, pv, gate_v, po, gate_o = (t.x, t.a, t.gv, t.gy, t.w_v, t.w_o, t.pv, t.gate_v, t.po,
+                                                       t.gate_o)
+    k, hk, narrow, wide, tb, logits_v, flop1 = t.k, t.hk, t.narrow, t.wide, t.tb, t.logits_v, t.flop1
     for what, call, cfgs in gemms:
         for c in cfgs:
             _timed(rows, f"sweep att {name} {what} {c or 'default'}", lambda: call(c), flop=flop1)
@@ -580,22 +592,13 @@ def sweep_order(rows: list) -> None:
                    flop=flop)
     # the attention's narrow gathering calls, which take window order by default (grouped._window_order)
     for name, s in ATT_SHAPES.items():
-        x_a, a, _, g_o, w_v, w_o = _att_operands(s)
-        H, n, ka, d_h = s["heads"], s["n_experts"], s["k"], s["d_h"]
-        tb, hk, Pa = TritonBackend(), H * ka, TOKENS * H * ka
-        logits_v, logits_o = (torch.randn(TOKENS, H, n, device=DEV) for _ in range(2))
-        r_v, r_o = tb.route(logits_v, ka), tb.route(logits_o, ka)
-        pv, po, gate_o = r_v.plan, r_o.plan, r_o.gate.reshape(-1)
-        narrow, side = (torch.empty(Pa, d_h, device=DEV, dtype=BF16) for _ in range(2))
-        gpart_a = torch.empty(Pa, 16, device=DEV, dtype=torch.float32)
+        gemms, t = _att_gemms(s)
+        calls = {what: call for what, call, _ in gemms}
         for window in (False, True):
             GM.OVERRIDES["window_order"] = window
             label = "window order" if window else "expert order"
-            _timed(rows, f"order att {name} V fwd {label}", lambda: GM._gmm(x_a, hk, w_v, False, pv, narrow, True),
-                   flop=2 * Pa * s["d"] * d_h)
-            _timed(rows, f"order att {name} O dx (+gate grad) + gated store {label}",
-                   lambda: GM._gmm(g_o, hk, w_o, True, po, narrow, True, scale=gate_o, dsrc=a, d_group=ka,
-                                   gpart=gpart_a, side_out=side), flop=2 * Pa * s["d"] * d_h)
+            for what in ("V fwd", "O dx (+gate grad) + gated store"):
+                _timed(rows, f"order att {name} {what} {label}", lambda: calls[what](None), flop=t.flop1)
         GM.OVERRIDES.pop("window_order")
 
 

@@ -314,13 +314,13 @@ def test_window_order_gives_the_same_outputs(layout, monkeypatch):
     from moeut_kernels import grouped
 
     reordered = []       # launches whose tile order window_tiles changed
+    window_tiles = grouped.window_tiles
 
     def spy(plan):
         got = window_tiles(plan)
         reordered.append(not torch.equal(got.tile_start, plan.tile_start))
         return got
 
-    window_tiles = grouped.window_tiles
     monkeypatch.setattr(grouped, "window_tiles", spy)
     runs = []
     for window in (True, False):
@@ -336,12 +336,9 @@ def test_window_order_gives_the_same_outputs(layout, monkeypatch):
 def test_window_order_policy(monkeypatch):
     """The default: window order only for gathered A, one output column block, and weights within a quarter of
     L2 (the attention's V forward and O input-gradient, not the FF's 100 MB of weights); never off CUDA."""
-    from types import SimpleNamespace
-
     from moeut_kernels import grouped
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
-        L2_cache_size=50 * 2 ** 20))
+    monkeypatch.setattr(grouped, "_l2_bytes", lambda device: 50 * 2 ** 20)
     gpu, cfg = torch.device("cuda", 0), grouped.TileConfig(128, 64, 4, 3)
     att_w = torch.empty(10, 1024, 128, dtype=torch.bfloat16, device="meta")       # 2.6 MB
     ff_w = torch.empty(387, 1024, 128, dtype=torch.bfloat16, device="meta")       # 101 MB

@@ -70,28 +70,21 @@ def test_gluon_kernel_compiles_for_hopper():
     assert len(proc.stdout.strip().split("\n")) == 8, proc.stdout
 
 
-@pytest.fixture
-def fake_hopper(monkeypatch) -> torch.device:
-    """A cuda device that reports sm_90, for the switches that pick the Gluon kernels (their GPU runs are below)."""
-    from moeut_kernels import grouped as GM
-
-    if GM.GL is None:       # a Triton without Gluon: the kernels stay off whatever the switches say
-        pytest.skip("this Triton has no Gluon")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    return torch.device("cuda", 0)
-
-
-def test_gluon_can_be_turned_off(fake_hopper, monkeypatch):
+def test_gluon_can_be_turned_off(monkeypatch):
     """MOEUT_GLUON=0 (or OVERRIDES["gluon"] = False) keeps a Hopper GPU's calls on gmm_kernel: the way out if a
     Triton release breaks the experimental Gluon API, and the benchmarks' A/B switch."""
     from moeut_kernels import grouped as GM
 
-    assert GM._has_wgmma(fake_hopper)
+    if GM.GL is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    hopper = torch.device("cuda", 0)
+    assert GM._has_wgmma(hopper)
     monkeypatch.setenv("MOEUT_GLUON", "0")
-    assert not GM._has_wgmma(fake_hopper)
+    assert not GM._has_wgmma(hopper)
     monkeypatch.setenv("MOEUT_GLUON", "1")
     monkeypatch.setitem(GM.OVERRIDES, "gluon", False)
-    assert not GM._has_wgmma(fake_hopper)
+    assert not GM._has_wgmma(hopper)
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9

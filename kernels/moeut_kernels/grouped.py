@@ -111,8 +111,13 @@ def _window_order(device: torch.device, a_group: int, w: torch.Tensor, ndim: int
         return OVERRIDES["window_order"]
     if device.type != "cuda" or ndim > cfg.block_n:
         return False
-    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
-    return w.numel() * w.element_size() <= l2_bytes // 4
+    return w.numel() * w.element_size() <= _l2_bytes(device) // 4
+
+
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 size (asked once per device: _window_order runs on every launch)."""
+    return torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False, masked: bool = False,
