@@ -600,6 +600,20 @@ def sweep_order(rows: list) -> None:
             for what in ("V fwd", "O dx (+gate grad) + gated store"):
                 _timed(rows, f"order att {name} {what} {label}", lambda: calls[what](None), flop=t.flop1)
         GM.OVERRIDES.pop("window_order")
+    # where window order stops paying: the 1B attention shape with more experts per head, so that all experts'
+    # weights (E x d x d_h bf16) run from under a quarter of L2 to three times L2
+    for n_experts in (4, 12, 24, 40, 64):
+        s = dict(ATT_SHAPES["1B"], n_experts=n_experts)
+        gemms, t = _att_gemms(s)
+        calls = {what: call for what, call, _ in gemms}
+        mb = t.w_v.numel() * t.w_v.element_size() / 2**20
+        for window in (False, True):
+            GM.OVERRIDES["window_order"] = window
+            label = "window order" if window else "expert order"
+            for what in ("V fwd", "O dx (+gate grad) + gated store"):
+                _timed(rows, f"order L2 W {mb:.0f} MiB (1B, {n_experts}/head) {what} {label}",
+                       lambda: calls[what](None), flop=t.flop1)
+        GM.OVERRIDES.pop("window_order")
 
 
 def sweep_route(rows: list) -> None:

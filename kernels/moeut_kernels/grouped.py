@@ -100,18 +100,18 @@ def _has_wgmma(device: Optional[torch.device]) -> bool:
 
 def _window_order(device: torch.device, a_group: int, w: torch.Tensor, ndim: int, cfg: TileConfig) -> bool:
     """Whether a grouped-matmul launch runs its tiles in window order (routing.window_tiles): where its A rows are
-    gathered by fixed groups, its output is one column block wide, and all experts' weights fit in a quarter of
-    L2. In expert order consecutive tiles share their expert's weights through L2 and read their gathered rows
-    from DRAM; in window order the reverse, which pays only where the weights stay in L2 anyway. H200, 244M: the
-    attention V forward 0.34 -> 0.29 ms, O input-gradient 0.52 -> 0.41; the FF calls (100 MB of weights) slower
-    (docs/KERNELS.md)."""
+    gathered by fixed groups, its output is one column block wide, and all experts' weights fit in half of L2.
+    In expert order consecutive tiles share their expert's weights through L2 and read their gathered rows from
+    DRAM; in window order the reverse, which pays only where the weights stay in L2 anyway. H200 (60 MiB of L2):
+    the attention O input-gradient 0.51 -> 0.43 ms at 244M (10 MiB of weights), 0.98-1.09 -> 0.87 at 1B (27 MiB);
+    tied at 54 MiB; slower from 90 MiB, as are the FF calls (97 MiB) (docs/KERNELS.md)."""
     if a_group <= 0:
         return False
     if "window_order" in OVERRIDES:
         return OVERRIDES["window_order"]
     if device.type != "cuda" or ndim > cfg.block_n:
         return False
-    return w.numel() * w.element_size() <= _l2_bytes(device) // 4
+    return w.numel() * w.element_size() <= _l2_bytes(device) // 2
 
 
 @functools.cache
