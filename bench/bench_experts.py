@@ -378,7 +378,7 @@ def _att_gemms(s: dict) -> tuple[list, SimpleNamespace]:
 
 def sweep_att(name: str, s: dict, rows: list) -> None:
     """Time each kernel call of the SwitchHead V/O layer alone (bf16): where its fwd+bwd time goes, with the
-    weight gradient's row chunks and the O forward's resident-A path as the variants."""
+    training-path weight gradients' row chunks and tiles and the O forward's resident-A path as the variants."""
     gemms, t = _att_gemms(s)
     x, a, gv, gy, w_v, w_o, pv, gate_v, po, gate_o = (t.x, t.a, t.gv, t.gy, t.w_v, t.w_o, t.pv, t.gate_v, t.po,
                                                        t.gate_o)
@@ -394,8 +394,13 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
                        ("route (one of two)", lambda: tb.route(logits_v, k))):
         _timed(rows, f"sweep att {name} {what}", call)
     gw_v, gw_o = torch.empty_like(w_v), torch.empty_like(w_o)
-    wgrads = (("V", lambda: GM._wgrad(x, hk, gv, k, pv, gw_v, scale=gate_v)),
-              ("O", lambda: GM._wgrad(a, k, gy, hk, po, gw_o, scale=gate_o)))
+    # the training path: the input-gradient launch stored one operand sorted and gated (side_out), the other is
+    # gathered; the variants sweep its row chunks and tiles
+    x_sorted = sorted_operand(x, hk, pv)
+    gv_sorted = sorted_operand(gv, k, pv, gate_v)
+    a_gated = sorted_operand(a, k, po, gate_o)
+    wgrads = (("V", lambda: GM._wgrad(x, hk, gv_sorted, 0, pv, gw_v)),
+              ("O", lambda: GM._wgrad(a_gated, 0, gy, hk, po, gw_o)))
     for over in ({}, {"wgrad_splits": 1}, {"wgrad_splits": 2}, {"wgrad_splits": 8}, {"wgrad_block_r": 32},
                  {"wgrad_block_r": 128}, {"wgrad": dict(num_stages=4)}, {"wgrad": dict(num_warps=8)},
                  {"wgrad": dict(block_n=64)}):
@@ -404,17 +409,12 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
             _timed(rows, f"sweep att {name} {proj} wgrad {over or 'default'}", call, flop=flop1)
         for key in over:
             GM.OVERRIDES.pop(key)
-    # what the gathers and the gate scale cost: the same sum on operands gathered and scaled beforehand
-    x_sorted = sorted_operand(x, hk, pv)
-    gv_sorted = sorted_operand(gv, k, pv, gate_v)
+    # what the gathers and the gate scale cost: the same sums with both operands gathered (the path without a
+    # side store) and with both sorted beforehand
+    _timed(rows, f"sweep att {name} V wgrad on gathered operands, scaled in the kernel",
+           lambda: GM._wgrad(x, hk, gv, k, pv, gw_v, scale=gate_v), flop=flop1)
     _timed(rows, f"sweep att {name} V wgrad on pre-gathered, pre-scaled operands",
            lambda: GM._wgrad(x_sorted, 0, gv_sorted, 0, pv, gw_v), flop=flop1)
-    # only the gated operand stored sorted and scaled beforehand (by the input-gradient kernel), the other gathered
-    _timed(rows, f"sweep att {name} V wgrad on sorted gate * grad, x gathered",
-           lambda: GM._wgrad(x, hk, gv_sorted, 0, pv, gw_v), flop=flop1)
-    a_gated = sorted_operand(a, k, po, gate_o)
-    _timed(rows, f"sweep att {name} O wgrad on sorted gate * a, grad gathered unscaled",
-           lambda: GM._wgrad(a_gated, 0, gy, hk, po, gw_o), flop=flop1)
 
 
 def _timed_against(rows: list, what: str, fn, out: torch.Tensor, ref: torch.Tensor, flop: int) -> None:
