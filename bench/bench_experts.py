@@ -48,7 +48,7 @@ from moeut_kernels import grouped as GM  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
-from moeut_kernels.routing import RoutingPlan, plan_from_expert_index, window_tiles  # noqa: E402
+from moeut_kernels.routing import RoutingPlan, plan_from_expert_index  # noqa: E402
 
 TOKENS = 64 * 1024
 FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
@@ -568,28 +568,29 @@ def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
 
 
 def sweep_order(rows: list) -> None:
-    """The gathering calls (FF up forward and down input-grad at 244M, at BLOCK_M 128 and 256; the attention V
-    forward and O input-grad at 244M and 1B) in expert and window tile order. In window order a tile reads its
+    """The gathering calls (FF up forward and down input-grad as training runs them, at 244M and 1B; the attention
+    V forward and O input-grad at 244M and 1B) in expert and window tile order. In window order a tile reads its
     expert's weights from DRAM more often (256 KB per 128-row FF tile) but its gathered rows from L2 (KERNELS.md,
     "The memory floor of this design"); the attention's weights stay in L2 either way."""
-    shape = FF_SHAPES["244M"]
-    x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
-    k, d_e, E = shape["k"], shape["d_e"], shape["n_experts"]
-    logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
-    P, xd = TOKENS * k, x.detach()
-    h, out_h = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
-    gpart = torch.empty(P, 8, device=DEV, dtype=torch.float32)
-    flop = 2 * P * shape["d"] * d_e
-    for block_m in (128, 256):
-        r = TritonBackend(block_m=block_m).route(logits, k)
-        gate = r.gate.detach().reshape(-1)
-        cfg = TileConfig(128, 64, 8, 3) if block_m == 256 else None    # 8 warps: a 256 x 128 fp32 accumulator
-        for label, plan in (("expert order", r.plan), ("window order", window_tiles(r.plan))):
-            _timed(rows, f"order up_fwd BM{block_m} {label}",
-                   lambda: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, cfg=cfg), flop=flop)
-            _timed(rows, f"order down_dx BM{block_m} {label}",
-                   lambda: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart, cfg=cfg),
+    for size, shape in FF_SHAPES.items():
+        x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
+        k, d_e, E = shape["k"], shape["d_e"], shape["n_experts"]
+        logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
+        P, xd = TOKENS * k, x.detach()
+        r = TritonBackend().route(logits, k)
+        plan, gate = r.plan, r.gate.detach().reshape(-1)
+        h, out_h = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
+        sgrad = torch.empty(P, device=DEV, dtype=torch.float32)
+        flop = 2 * P * shape["d"] * d_e
+        for window in (False, True):
+            GM.OVERRIDES["window_order"] = window
+            label = "window order" if window else "expert order"
+            _timed(rows, f"order FF {size} up_fwd {label}",
+                   lambda: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, scale=gate), flop=flop)
+            _timed(rows, f"order FF {size} down_dx + mask + gate grad {label}",
+                   lambda: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, out_mask=h, scale_grad=sgrad),
                    flop=flop)
+        GM.OVERRIDES.pop("window_order")
     # the attention's narrow gathering calls, which take window order by default (grouped._window_order)
     for name, s in ATT_SHAPES.items():
         gemms, t = _att_gemms(s)
@@ -601,7 +602,7 @@ def sweep_order(rows: list) -> None:
                 _timed(rows, f"order att {name} {what} {label}", lambda: calls[what](None), flop=t.flop1)
         GM.OVERRIDES.pop("window_order")
     # where window order stops paying: the 1B attention shape with more experts per head, so that all experts'
-    # weights (E x d x d_h bf16) run from under a quarter of L2 to three times L2
+    # weights (E x d x d_h bf16) run from a sixth of the H200's L2 to over twice it
     for n_experts in (4, 12, 24, 40, 64):
         s = dict(ATT_SHAPES["1B"], n_experts=n_experts)
         gemms, t = _att_gemms(s)

@@ -44,7 +44,8 @@ def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
     names = " | ".join(r["what"] for r in rows)
     for what in ("down_dx_store_gated", "down_dx_plain", "down_dx_plain_scaled", "down_dx_masked_gate_grad",
                  "up_dx_nomask", "V dx + gated store",
-                 "order up_fwd BM256 window order", "order att 1B O dx (+gate grad) + gated store window order",
+                 "order FF 1B down_dx + mask + gate grad window order",
+                 "order att 1B O dx (+gate grad) + gated store window order",
                  "order L2 W", "V wgrad on gathered operands",
                  "top-k rows", "route FF 244M: counts", "FF tiny triton", "att V+O tiny triton"):
         assert what in names, what
