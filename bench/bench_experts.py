@@ -48,6 +48,7 @@ from moeut_kernels import grouped as GM  # noqa: E402
 
 from bench_utils import count_syncs  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
+from moeut_kernels.pair_tiles import pair_matmul, pair_plan  # noqa: E402
 from moeut_kernels.routing import RoutingPlan, plan_from_expert_index  # noqa: E402
 
 TOKENS = 64 * 1024
@@ -373,7 +374,7 @@ def _att_gemms(s: dict) -> tuple[list, SimpleNamespace]:
     ]
     return gemms, SimpleNamespace(x=x, a=a, gv=gv, gy=gy, w_v=w_v, w_o=w_o, tb=tb, logits_v=logits_v, pv=pv,
                                   gate_v=gate_v, po=po, gate_o=gate_o, k=k, hk=hk, narrow=narrow, wide=wide,
-                                  flop1=2 * P * d * d_h)
+                                  experts_o=ro.expert_index.reshape(-1), flop1=2 * P * d * d_h)
 
 
 def sweep_att(name: str, s: dict, rows: list) -> None:
@@ -393,6 +394,15 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
                        ("V gate grad from kept pairs", lambda: GM.pair_dot(gv, k, narrow)),
                        ("route (one of two)", lambda: tb.route(logits_v, k))):
         _timed(rows, f"sweep att {name} {what}", call)
+    # the O forward as expert-pair tiles (the default for K_A = 2): the pair plan, the matmul and the sum of H rows
+    # per token, against the per-pair launch and sum above
+    H, n = s["heads"], s["n_experts"]
+    plan_o = pair_plan(t.experts_o, H, H * n, po.block_m)
+    rows_buf = torch.empty(TOKENS * H, s["d"], device=DEV, dtype=BF16)
+    _timed(rows, f"sweep att {name} O fwd pair plan", lambda: pair_plan(t.experts_o, H, H * n, po.block_m))
+    _timed(rows, f"sweep att {name} O fwd pair tiles",
+           lambda: pair_matmul(a, w_o, plan_o, t.experts_o, gate_o, rows_buf, "tf32"), flop=flop1)
+    _timed(rows, f"sweep att {name} pair tiles group sum (H rows)", lambda: GM.group_sum(rows_buf, H))
     gw_v, gw_o = torch.empty_like(w_v), torch.empty_like(w_o)
     # the training path: the input-gradient launch stored one operand sorted and gated (side_out), the other is
     # gathered; the variants sweep its row chunks and tiles

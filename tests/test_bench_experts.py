@@ -46,7 +46,7 @@ def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
                  "up_dx_nomask", "V dx + gated store",
                  "order FF 1B down_dx + mask + gate grad window order",
                  "order att 1B O dx (+gate grad) + gated store window order",
-                 "order L2 W", "V wgrad on gathered operands",
+                 "order L2 W", "V wgrad on gathered operands", "O fwd pair tiles",
                  "top-k rows", "route FF 244M: counts", "FF tiny triton", "att V+O tiny triton"):
         assert what in names, what
     checks = [r for r in rows if r["what"].startswith("check")]

@@ -19,11 +19,11 @@ from moeut_kernels import sigmoid_topk_route  # noqa: E402
 BLOCK_M = 16
 
 
-def _plan(n_rows: int = 37, n_groups: int = 2, n: int = 7, k: int = 3, seed: int = 0):
+def _plan(n_rows: int = 37, n_groups: int = 2, n: int = 7, k: int = 3, seed: int = 0, experts: bool = False):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(n_rows, n_groups, n, generator=gen).to(DEVICE)
-    gate, _, plan = sigmoid_topk_route(logits, k, BLOCK_M)
-    return gate, plan
+    gate, expert_index, plan = sigmoid_topk_route(logits, k, BLOCK_M)
+    return (gate, plan, expert_index.reshape(-1).contiguous()) if experts else (gate, plan)
 
 
 def _check(op, args) -> None:
@@ -65,6 +65,19 @@ def test_opcheck_grouped_matmul(layout):
              pairs.detach() if pairs.numel() else None, *ptensors, args[-3], args[-2], True, True,
              args[2] is not None)
     _check(torch.ops.moeut.grouped_matmul_backward.default, bargs)
+
+
+def test_opcheck_grouped_matmul_expert_pair_tiles():
+    """Two pairs per row (K = 2) into wide summed rows with the experts given: the expert-pair tile forward
+    (attention O), and its backward (the per-pair launches)."""
+    gate, plan, experts = _plan(k=2, experts=True)
+    ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
+    n_rows, S = gate.shape
+    gate_arg = gate.reshape(-1).clone().requires_grad_()
+    x = torch.randn(n_rows * S // 2, 20, device=DEVICE, requires_grad=True)        # one row per (token, group)
+    w = torch.randn(plan.n_experts, 20, 24, device=DEVICE, requires_grad=True)
+    args = (x, w, gate_arg, *ptensors, 2, S, False, None, None, None, experts)
+    _check(torch.ops.moeut.grouped_matmul.default, args)
 
 
 @pytest.mark.parametrize("need_x", [True, False])

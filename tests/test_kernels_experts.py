@@ -307,6 +307,62 @@ def test_window_tiles_orders_by_first_pair(bias):
         assert got.order is plan.order and got.offsets is plan.offsets
 
 
+def test_pair_matmul_sums_both_experts_of_a_row():
+    """pair_tiles: each row's two pairs (2r, 2r+1) summed with their gates, K not a power of two, several column
+    slices, unused tiles and experts with no row."""
+    from moeut_kernels.pair_tiles import pair_matmul, pair_plan
+
+    gen = torch.Generator().manual_seed(31)
+    n_rows, G, n, K, N = 41, 3, 6, 20, 72
+    logits = make_logits(n_rows, G, n, "uneven", gen)
+    routing = TritonBackend().route(logits, 2)
+    experts, gate = routing.expert_index.reshape(-1).contiguous(), routing.gate.reshape(-1).contiguous()
+    P = experts.numel()
+    plan = pair_plan(experts, G, G * n, 16)
+    assert plan.n_experts == G * n * (n - 1) // 2
+    a = torch.randn(P // 2, K, generator=gen).to(DEVICE)
+    w = torch.randn(G * n, K, N, generator=gen).to(DEVICE)
+    out = torch.full((P // 2, N), float("nan"), device=DEVICE)
+    pair_matmul(a, w, plan, experts, gate, out, "ieee")
+    products = gate[:, None] * torch.einsum("pk,pkn->pn", a.repeat_interleave(2, 0), w[experts])
+    torch.testing.assert_close(out, products.view(P // 2, 2, N).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["att_v", "att_o"])
+def test_expert_pair_tiles_replace_the_per_pair_launch(layout, monkeypatch):
+    """SwitchHead's O forward (K_A = 2, wide rows) runs as one expert-pair tile launch and gives the per-pair
+    path's output and gradients (both within tolerance of the fp32 reference in check_against_reference; to
+    rounding of each other); OVERRIDES["pair_tiles"] = False keeps the per-pair launch. V (narrow rows), and
+    K_A = 1 or 3, never take them."""
+    from moeut_kernels import _triton, grouped
+
+    launches = []
+    kernel = _triton.pair_gmm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(_triton, "pair_gmm_kernel", Spy())
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        runs = []
+        for pair_tiles in (True, False):
+            launches.clear()
+            monkeypatch.setitem(grouped.OVERRIDES, "pair_tiles", pair_tiles)
+            runs.append(check_against_reference(layout, dtype, 45, bias="uneven", seed=21))
+            assert len(launches) == (1 if pair_tiles and layout == "att_o" else 0)
+        (y1, g1), (y0, g0) = runs
+        assert rel_err(y1, y0) < tol
+        for a, b in zip(g1, g0):
+            assert rel_err(a, b) < tol
+    monkeypatch.delitem(grouped.OVERRIDES, "pair_tiles")
+    launches.clear()
+    for k in (1, 3):
+        check_against_reference(layout, torch.float32, 45, k=k, seed=22)
+    assert not launches
+
+
 @pytest.mark.parametrize("layout", ["att_v", "att_o", "ff_up", "ff_mlp"])
 def test_window_order_gives_the_same_outputs(layout, monkeypatch):
     """Every launch with gathered rows in window tile order (forced) equals expert order bitwise, gradients
@@ -491,7 +547,11 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     checks which operands went by descriptor: W plain or transposed in every launch, the sorted A tile (down
     forward, up input gradient) and its ReLU mask (a ReLU projection's input gradient), and the weight gradients'
     sorted operand,
-    with each expert's rows in two chunks."""
+    with each expert's rows in two chunks. (Expert-pair tiles, which take only pointer loads, are off here: the
+    attention O forward keeps its per-pair launch, which expert parallelism runs.)"""
+    from moeut_kernels import grouped
+
+    monkeypatch.setitem(grouped.OVERRIDES, "pair_tiles", False)
     widths = TMA_WIDTHS[layout]
     seed = zlib.crc32(f"tma{layout}{dtype}".encode()) % 1000
     plain = check_against_reference(layout, dtype, 45, bias="uneven", seed=seed, widths=widths)

@@ -170,6 +170,27 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr, order_ptr, N, E, n_per_prog,
+                  BLOCK_M: tl.constexpr):
+    """This program's (column chunk, expert, whether the tile is used, first sorted position, positions, row mask,
+    the rows' entries of order) in a tile list of n_per_prog-column programs. An unused tile (expert E, the
+    static list's tail) masks every row."""
+    pid = tl.program_id(0)
+    num_chunks = tl.cdiv(N, n_per_prog)
+    tile = pid // num_chunks
+    chunk = pid % num_chunks
+    e = tl.load(tile_expert_ptr + tile)
+    valid = e < E
+    e = tl.where(valid, e, 0)
+    start = tl.load(tile_start_ptr + tile).to(tl.int64)
+    end = tl.where(valid, tl.load(offsets_ptr + e + 1), 0)
+    pos = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = pos < end
+    pair = tl.load(order_ptr + pos, mask=rmask, other=0)
+    return chunk, e, valid, start, pos, rmask, pair
+
+
+@triton.jit
 def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
                scale_ptr, amask_ptr, dsrc_ptr, gpart_ptr, aidx_ptr, didx_ptr, side_ptr, a_desc, m_desc, w_desc,
                N, K, E, n_per_prog,
@@ -210,18 +231,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     """
     tl.static_assert(not (MASK_A and MASK_OUT))
     tl.static_assert(not SCALE_GRAD or (MASK_OUT and HAS_SCALE))
-    pid = tl.program_id(0)
-    num_chunks = tl.cdiv(N, n_per_prog)
-    tile = pid // num_chunks
-    chunk = pid % num_chunks
-    e = tl.load(tile_expert_ptr + tile)
-    valid = e < E
-    e = tl.where(valid, e, 0)
-    start = tl.load(tile_start_ptr + tile).to(tl.int64)
-    end = tl.where(valid, tl.load(offsets_ptr + e + 1), 0)  # an unused tile masks every row
-    pos = start + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = pos < end
-    pair = tl.load(order_ptr + pos, mask=rmask, other=0)
+    chunk, e, valid, start, pos, rmask, pair = _program_tile(tile_expert_ptr, tile_start_ptr, offsets_ptr,
+                                                             order_ptr, N, E, n_per_prog, BLOCK_M)
     a_row = _source_rows(pair, pos, aidx_ptr, rmask, A_GROUP)
     if GATE_GRAD:
         d_row = _source_rows(pair, pos, didx_ptr, rmask, D_GROUP)
@@ -519,3 +530,56 @@ def segment_sum_kernel(buf_ptr, out_ptr, scale_ptr, seg_ptr, perm_ptr, n_out, N,
         acc += v
     tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def pair_key_kernel(expert_ptr, key_ptr, n_rows, n_per_head, BLOCK: tl.constexpr):
+    """key[r] = head * C + the triangle index of row r's two experts (lower, higher) within their head, for rows
+    of exactly two pairs (2r, 2r+1) of one head (C = n (n - 1) / 2 experts pairs per head of n experts)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = r < n_rows
+    e0 = tl.load(expert_ptr + 2 * r, mask=mask, other=0)
+    e1 = tl.load(expert_ptr + 2 * r + 1, mask=mask, other=1)
+    lo = tl.minimum(e0, e1)
+    hi = tl.maximum(e0, e1)
+    head = lo // n_per_head
+    l = lo - head * n_per_head
+    h = hi - head * n_per_head
+    key = head * (n_per_head * (n_per_head - 1) // 2) + l * n_per_head - l * (l + 1) // 2 + (h - l - 1)
+    tl.store(key_ptr + r, key.to(key_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pair_gmm_kernel(a_ptr, w_ptr, c_ptr, rows_ptr, tile_key_ptr, tile_start_ptr, offsets_ptr, expert_ptr, gate_ptr,
+                    N, K, n_keys, n_per_prog, s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn,
+                    FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[r] = g_lo * (A[r] @ W[lo]) + g_hi * (A[r] @ W[hi]) for one tile of rows sharing their expert pair
+    (lo, hi) and n_per_prog columns: both pairs of a row (2r, 2r+1) summed in registers, so C holds one row per
+    pair of pairs instead of one per pair. A's row (K <= BLOCK_K) stays resident across the column slices."""
+    chunk, _, valid, start, pos, rmask, row = _program_tile(tile_key_ptr, tile_start_ptr, offsets_ptr, rows_ptr,
+                                                            N, n_keys, n_per_prog, BLOCK_M)
+    first = tl.load(rows_ptr + start, mask=valid, other=0)     # every row of the tile has the same two experts
+    e_first = tl.load(expert_ptr + 2 * first).to(tl.int64)
+    e_second = tl.load(expert_ptr + 2 * first + 1).to(tl.int64)
+    e_lo = tl.minimum(e_first, e_second)
+    e_hi = tl.maximum(e_first, e_second)
+    lo_first = tl.load(expert_ptr + 2 * row, mask=rmask, other=0) == e_lo     # which of the row's pairs is lo's
+    g_lo = tl.load(gate_ptr + 2 * row + tl.where(lo_first, 0, 1), mask=rmask, other=0.0).to(tl.float32)
+    g_hi = tl.load(gate_ptr + 2 * row + tl.where(lo_first, 1, 0), mask=rmask, other=0.0).to(tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    a = tl.load(a_ptr + row[:, None] * s_am + ks[None, :] * s_ak, mask=rmask[:, None] & kmask[None, :], other=0.0)
+    n_lo = chunk * n_per_prog
+    n_hi = tl.where(valid, tl.minimum(n_lo + n_per_prog, N), n_lo)    # an unused tile runs no slice
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        wmask = kmask[:, None] & nmask[None, :]
+        w_lo = tl.load(w_ptr + e_lo * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=wmask, other=0.0)
+        w_hi = tl.load(w_ptr + e_hi * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=wmask, other=0.0)
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = (_dot(a, w_lo, zero, FP32_DOT, PRECISION) * g_lo[:, None]
+               + _dot(a, w_hi, zero, FP32_DOT, PRECISION) * g_hi[:, None])
+        tl.store(c_ptr + row[:, None] * s_cm + cols[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])

@@ -5,7 +5,9 @@ For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
 - Input rows: x[p // in_group] gathered inside the kernel's loads, or x in expert-sorted pair layout (in_group None).
 - Output: expert-sorted pair layout [P, d_out] (out_group None), or out[r] = sum_j gate[r*og+j] * y[r*og+j]: the
   kernel writes y by pair id and a second, deterministic kernel sums each row's og contiguous pairs (fp32). The
-  gate is optional: without it the sums are plain. (A gate on sorted ReLU rows is the σ-MoE MLP's: mlp.py.)
+  gate is optional: without it the sums are plain. (A gate on sorted ReLU rows is the σ-MoE MLP's: mlp.py.) With
+  two pairs per gathered row and a wide output (SwitchHead's O forward), both pairs of a row are summed in
+  registers instead (expert-pair tiles, pair_tiles.py), and the second kernel sums one row per two pairs.
 - Explicit rows (expert parallelism, where a received row has a variable number of pairs): in_index [P] gives the
   input row of each pair (read in the kernel's loads instead of p // in_group), out_offsets [R+1] gives CSR
   segments of contiguous pair ids summed into each output row (instead of fixed groups of out_group).
@@ -37,6 +39,7 @@ except ImportError:
     TensorDescriptor = None
 
 from moeut_kernels import _triton as K
+from moeut_kernels.pair_tiles import pair_matmul, pair_plan
 from moeut_kernels.routing import RoutingPlan, window_tiles
 
 try:        # Triton's Gluon dialect; without it every call stays on gmm_kernel
@@ -118,6 +121,19 @@ def _window_order(device: torch.device, a_group: int, w: torch.Tensor, ndim: int
 def _l2_bytes(device: torch.device) -> int:
     """The GPU's L2 size (asked once per device: _window_order runs on every launch)."""
     return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def _pair_tiles(in_group: int, out_group: int, weight: torch.Tensor, experts: Optional[torch.Tensor],
+                gate: Optional[torch.Tensor], relu: bool, explicit: bool) -> bool:
+    """Whether a forward launch runs as expert-pair tiles (moeut_kernels.pair_tiles): two pairs per gathered row
+    (SwitchHead's K_A = 2), their gated products summed in fixed groups of pairs, an output row wider than the
+    gathered one (d_in <= 128: one resident A tile), the pairs' experts given, no ReLU, explicit rows or remote
+    pairs: the attention O forward. H200 (KERNELS.md): -0.12 ms per call at 1B, the sums' kernel time -5 ms per
+    244M step. OVERRIDES["pair_tiles"] = False keeps the per-pair launch."""
+    d_in, d_out = weight.shape[1], weight.shape[2]
+    return (OVERRIDES.get("pair_tiles", True) and experts is not None and gate is not None and not relu
+            and not explicit and in_group == 2 and out_group % 2 == 0 and weight.shape[0] % (out_group // 2) == 0
+            and d_in < d_out and d_in <= 128)
 
 
 def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False, masked: bool = False,
@@ -476,17 +492,24 @@ def _rows_sum(buf: torch.Tensor, in_index: torch.Tensor, n_rows: int, scale: Opt
 def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
             offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
             out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
-            out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None,
+            experts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (output, pairs). Output: [P, d_out] in sorted pair layout (out_group 0, no out_offsets),
     [P // out_group, d_out] or [len(out_offsets) - 1, d_out] row sums. gate (by pair id, optional, summed outputs
     only) weights each pair's product in the sums. in_group / out_group 0 mean None (sorted pair layout);
     in_index / out_offsets (int64) take precedence over them. pairs: the pre-gate
     per-pair products by pair id where keeps_pairs says so (saved for the gate's gradient), else empty. local:
-    [P] bool, the pairs computed here (None: all)."""
+    [P] bool, the pairs computed here (None: all). experts: [P] int64, each pair's expert (for expert-pair tiles,
+    _pair_tiles)."""
     plan = RoutingPlan(order, offsets, tile_expert, tile_start, weight.shape[0], block_m)
     n_pairs, d_out = order.numel(), weight.shape[2]
     gate = gate.contiguous() if gate is not None else None
+    explicit = in_index is not None or out_offsets is not None or local is not None
+    if _pair_tiles(in_group, out_group, weight, experts, gate, relu, explicit):
+        buf = torch.empty(n_pairs // 2, d_out, dtype=x.dtype, device=x.device)       # one row per 2 pairs
+        pair_matmul(x, weight, pair_plan(experts, out_group // 2, weight.shape[0], block_m), experts, gate, buf,
+                    _precision(x.dtype))
+        return group_sum(buf, out_group // 2), buf.new_empty(0)
     if _summed(out_group, out_offsets):
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
         _gmm(x, in_group, weight, False, plan, buf, True, relu_out=relu, a_index=in_index)
@@ -501,8 +524,8 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
 def _gmm_fake(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor], order: torch.Tensor,
               offsets: torch.Tensor, tile_expert: torch.Tensor, tile_start: torch.Tensor, block_m: int, in_group: int,
               out_group: int, relu: bool, in_index: Optional[torch.Tensor] = None,
-              out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None,
+              experts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     n_pairs, d_out = order.shape[0], weight.shape[2]
     pairs = x.new_empty(n_pairs, d_out) if _kept(weight, out_group, out_offsets) else x.new_empty(0)
     if out_offsets is not None:
@@ -600,7 +623,7 @@ def _gmm_bwd_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 def _gmm_setup(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
     (x, weight, gate, order, offsets, tile_expert, tile_start, block_m, in_group, out_group, relu, in_index,
-     out_offsets, local) = inputs
+     out_offsets, local, _experts) = inputs
     out, pairs = output
     ctx.mark_non_differentiable(pairs)
     ctx.set_materialize_grads(False)
@@ -620,7 +643,7 @@ def _gmm_backward(ctx, grad_out: Optional[torch.Tensor], grad_pairs: None) -> tu
         grad_out, x, weight, gate, y, pairs, order, offsets, tile_expert, tile_start, block_m, ig, og, need_x, need_w,
         need_g, in_index, out_offsets, local)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_gate if need_g else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 _gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
@@ -629,11 +652,15 @@ _gmm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, in_group: Optional[int],
                    out_group: Optional[int], gate: Optional[torch.Tensor] = None,
                    activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,
-                   out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   out_offsets: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None,
+                   experts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped expert matmul; see the module docstring. gate [N, S] (optional, differentiated; summed outputs
     only) weights each pair's product in the sums (out_group or out_offsets; without a gate the sums are plain).
     local [N, S] bool: the pairs computed here, with the plan's remote pairs (plan_from_expert_index) False; None
-    when every pair is computed.
+    when every pair is computed. experts [N, S] (the routing's expert_index, optional): lets a summed forward with
+    two pairs per row (in_group 2) run as expert-pair tiles (_pair_tiles; the routing's layout: S pairs per token,
+    in S / 2 groups of two, each group's experts in its own block of E / (S / 2) ids, as sigmoid_topk_route makes
+    them for K = 2).
 
     in_index [P] (input row of each pair, any order; excludes in_group) and out_offsets [R+1] (CSR segments of
     contiguous pair ids, offsets[0] = 0, offsets[R] = P; excludes out_group) are integer tensors on x's device;
@@ -651,9 +678,13 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
         raise ValueError("a gate needs a summed output (out_group or out_offsets); gated ReLU rows: gated_mlp")
     in_index, out_offsets, local, gate = pair_arguments(x, weight, plan, in_group, out_group, in_index,
                                                         out_offsets, local, gate)
+    if experts is not None:
+        if experts.numel() != plan.n_pairs:
+            raise ValueError(f"experts has {experts.numel()} entries, expected one per pair ({plan.n_pairs})")
+        experts = experts.reshape(-1).to(torch.int64).contiguous()
     out, _ = torch.ops.moeut.grouped_matmul(x, weight, gate, plan.order, plan.offsets, plan.tile_expert,
                                             plan.tile_start, plan.block_m, in_group or 0, out_group or 0, relu,
-                                            in_index, out_offsets, local)
+                                            in_index, out_offsets, local, experts)
     return out
 
 

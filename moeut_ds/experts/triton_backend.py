@@ -127,4 +127,5 @@ class TritonBackend(ExpertBackend):
             return out.index_add(0, routing.order // out_group, y)
         return grouped_matmul(x, weight, plan, in_group=in_group, out_group=out_group,
                               gate=routing.gate if summed else None, activation=activation, in_index=in_index,
-                              out_offsets=out_offsets, local=routing.local)
+                              out_offsets=out_offsets, local=routing.local,
+                              experts=routing.expert_index if summed else None)
