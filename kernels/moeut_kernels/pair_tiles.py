@@ -15,6 +15,7 @@ made by the routing's own stable sort and plan kernel: no host sync.
 from __future__ import annotations
 
 import os
+
 import torch
 import triton
 
