@@ -328,6 +328,19 @@ def test_pair_matmul_sums_both_experts_of_a_row():
     torch.testing.assert_close(out, products.view(P // 2, 2, N).sum(1), rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_matmul_rejects_experts_of_another_routing():
+    """experts must give one expert per pair of the plan: a routing's expert_index of another size is named."""
+    from moeut_kernels import grouped_matmul
+
+    gen = torch.Generator().manual_seed(5)
+    routing = TritonBackend().route(make_logits(9, 2, 4, "none", gen), 2)
+    x = torch.randn(18, 8, device=DEVICE)
+    w = torch.randn(8, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="experts has 12 entries, expected one per pair \\(36\\)"):
+        grouped_matmul(x, w, routing.plan, in_group=2, out_group=4, gate=routing.gate,
+                       experts=routing.expert_index[:3])
+
+
 @pytest.mark.parametrize("layout", ["att_v", "att_o"])
 def test_expert_pair_tiles_replace_the_per_pair_launch(layout, monkeypatch):
     """SwitchHead's O forward (K_A = 2, wide rows) runs as one expert-pair tile launch and gives the per-pair
