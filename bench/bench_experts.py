@@ -577,6 +577,15 @@ def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
         torch.cuda.empty_cache()
 
 
+def _tile_orders():
+    """Yields "expert order", then "window order", with every gathering launch forced into that order meanwhile
+    (OVERRIDES["window_order"], removed afterwards)."""
+    for window in (False, True):
+        GM.OVERRIDES["window_order"] = window
+        yield "window order" if window else "expert order"
+    GM.OVERRIDES.pop("window_order")
+
+
 def sweep_order(rows: list) -> None:
     """The gathering calls (FF up forward and down input-grad as training runs them, at 244M and 1B; the attention
     V forward and O input-grad at 244M and 1B) in expert and window tile order. In window order a tile reads its
@@ -592,25 +601,19 @@ def sweep_order(rows: list) -> None:
         h, out_h = (torch.randn(P, d_e, device=DEV, dtype=BF16) for _ in range(2))
         sgrad = torch.empty(P, device=DEV, dtype=torch.float32)
         flop = 2 * P * shape["d"] * d_e
-        for window in (False, True):
-            GM.OVERRIDES["window_order"] = window
-            label = "window order" if window else "expert order"
+        for label in _tile_orders():
             _timed(rows, f"order FF {size} up_fwd {label}",
                    lambda: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, scale=gate), flop=flop)
             _timed(rows, f"order FF {size} down_dx + mask + gate grad {label}",
                    lambda: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, out_mask=h, scale_grad=sgrad),
                    flop=flop)
-        GM.OVERRIDES.pop("window_order")
     # the attention's narrow gathering calls, which take window order by default (grouped._window_order)
     for name, s in ATT_SHAPES.items():
         gemms, t = _att_gemms(s)
         calls = {what: call for what, call, _ in gemms}
-        for window in (False, True):
-            GM.OVERRIDES["window_order"] = window
-            label = "window order" if window else "expert order"
+        for label in _tile_orders():
             for what in ("V fwd", "O dx (+gate grad) + gated store"):
                 _timed(rows, f"order att {name} {what} {label}", lambda: calls[what](None), flop=t.flop1)
-        GM.OVERRIDES.pop("window_order")
     # where window order stops paying: the 1B attention shape with more experts per head, so that all experts'
     # weights (E x d x d_h bf16) run from a sixth of the H200's L2 to over twice it
     for n_experts in (4, 12, 24, 40, 64):
@@ -618,13 +621,10 @@ def sweep_order(rows: list) -> None:
         gemms, t = _att_gemms(s)
         calls = {what: call for what, call, _ in gemms}
         mb = t.w_v.numel() * t.w_v.element_size() / 2**20
-        for window in (False, True):
-            GM.OVERRIDES["window_order"] = window
-            label = "window order" if window else "expert order"
+        for label in _tile_orders():
             for what in ("V fwd", "O dx (+gate grad) + gated store"):
                 _timed(rows, f"order L2 W {mb:.0f} MiB (1B, {n_experts}/head) {what} {label}",
                        lambda: calls[what](None), flop=t.flop1)
-        GM.OVERRIDES.pop("window_order")
 
 
 def sweep_route(rows: list) -> None:

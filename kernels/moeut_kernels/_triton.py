@@ -533,19 +533,19 @@ def segment_sum_kernel(buf_ptr, out_ptr, scale_ptr, seg_ptr, perm_ptr, n_out, N,
 
 
 @triton.jit
-def pair_key_kernel(expert_ptr, key_ptr, n_rows, n_per_head, BLOCK: tl.constexpr):
-    """key[r] = head * C + the triangle index of row r's two experts (lower, higher) within their head, for rows
-    of exactly two pairs (2r, 2r+1) of one head (C = n (n - 1) / 2 experts pairs per head of n experts)."""
+def pair_key_kernel(expert_ptr, key_ptr, n_rows, n_per_group, BLOCK: tl.constexpr):
+    """key[r] = group * C + the triangle index of row r's two experts (lower, higher) within their routing group,
+    for rows of exactly two pairs (2r, 2r+1) of one group (C = n (n - 1) / 2 expert pairs per group of n)."""
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = r < n_rows
     e0 = tl.load(expert_ptr + 2 * r, mask=mask, other=0)
     e1 = tl.load(expert_ptr + 2 * r + 1, mask=mask, other=1)
     lo = tl.minimum(e0, e1)
     hi = tl.maximum(e0, e1)
-    head = lo // n_per_head
-    l = lo - head * n_per_head
-    h = hi - head * n_per_head
-    key = head * (n_per_head * (n_per_head - 1) // 2) + l * n_per_head - l * (l + 1) // 2 + (h - l - 1)
+    group = lo // n_per_group
+    l = lo - group * n_per_group
+    h = hi - group * n_per_group
+    key = group * (n_per_group * (n_per_group - 1) // 2) + l * n_per_group - l * (l + 1) // 2 + (h - l - 1)
     tl.store(key_ptr + r, key.to(key_ptr.dtype.element_ty), mask=mask)
 
 

@@ -14,15 +14,11 @@ made by the routing's own stable sort and plan kernel: no host sync.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from moeut_kernels import _triton as K
-from moeut_kernels.routing import RoutingPlan, _key_dtype, _sorted_plan
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from moeut_kernels.routing import INTERPRET, RoutingPlan, _key_dtype, _sorted_plan
 
 
 def pair_plan(experts: torch.Tensor, n_groups: int, n_experts: int, block_m: int) -> RoutingPlan:
