@@ -401,7 +401,7 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
     rows_buf = torch.empty(TOKENS * H, s["d"], device=DEV, dtype=BF16)
     _timed(rows, f"sweep att {name} O fwd pair plan", lambda: pair_plan(t.experts_o, H, H * n, po.block_m))
     _timed(rows, f"sweep att {name} O fwd pair tiles",
-           lambda: pair_matmul(a, w_o, plan_o, t.experts_o, gate_o, rows_buf, "tf32"), flop=flop1)
+           lambda: pair_matmul(a, w_o, plan_o, t.experts_o, gate_o, rows_buf, "tf32", GM._descriptor), flop=flop1)
     _timed(rows, f"sweep att {name} pair tiles group sum (H rows)", lambda: GM.group_sum(rows_buf, H))
     gw_v, gw_o = torch.empty_like(w_v), torch.empty_like(w_o)
     # the training path: the input-gradient launch stored one operand sorted and gated (side_out), the other is

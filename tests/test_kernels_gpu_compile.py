@@ -156,6 +156,10 @@ def test_every_kernel_is_launched(launches):
     wgrad_descs = {tuple(dict(zip(wgrad_params, types))[d].startswith("tensordesc") for d in ("a_desc", "b_desc"))
                    for name, types, *_ in launches if name == "wgrad_kernel"}
     assert wgrad_descs == {(False, False), (True, False), (False, True)}     # a sorted A or B by TMA, or neither
+    pair_params = list(inspect.signature(K.pair_gmm_kernel.fn).parameters)
+    pair_descs = {dict(zip(pair_params, types))["w_desc"].startswith("tensordesc")
+                  for name, types, *_ in launches if name == "pair_gmm_kernel"}
+    assert pair_descs == {True, False}       # the attention O forward's W by TMA (sm_90+) or by pointers
 
 
 COMPILE = """

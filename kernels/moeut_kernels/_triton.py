@@ -551,12 +551,13 @@ def pair_key_kernel(expert_ptr, key_ptr, n_rows, n_per_group, BLOCK: tl.constexp
 
 @triton.jit
 def pair_gmm_kernel(a_ptr, w_ptr, c_ptr, rows_ptr, tile_key_ptr, tile_start_ptr, offsets_ptr, expert_ptr, gate_ptr,
-                    N, K, n_keys, n_per_prog, s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn,
+                    w_desc, N, K, n_keys, n_per_prog, s_am, s_ak, s_we, s_wk, s_wn, s_cm, s_cn,
                     FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[r] = g_lo * (A[r] @ W[lo]) + g_hi * (A[r] @ W[hi]) for one tile of rows sharing their expert pair
     (lo, hi) and n_per_prog columns: both pairs of a row (2r, 2r+1) summed in registers, so C holds one row per
-    pair of pairs instead of one per pair. A's row (K <= BLOCK_K) stays resident across the column slices."""
+    pair of pairs instead of one per pair. A's row (K <= BLOCK_K) stays resident across the column slices; W's
+    tiles come by descriptor where w_desc is given (_load_w)."""
     chunk, _, valid, start, pos, rmask, row = _program_tile(tile_key_ptr, tile_start_ptr, offsets_ptr, rows_ptr,
                                                             N, n_keys, n_per_prog, BLOCK_M)
     first = tl.load(rows_ptr + start, mask=valid, other=0)     # every row of the tile has the same two experts
@@ -575,9 +576,11 @@ def pair_gmm_kernel(a_ptr, w_ptr, c_ptr, rows_ptr, tile_key_ptr, tile_start_ptr,
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         nmask = cols < N
-        wmask = kmask[:, None] & nmask[None, :]
-        w_lo = tl.load(w_ptr + e_lo * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=wmask, other=0.0)
-        w_hi = tl.load(w_ptr + e_hi * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn, mask=wmask, other=0.0)
+        # descriptor offsets are 32-bit
+        w_lo = _load_w(w_desc, w_ptr + e_lo * s_we, e_lo.to(tl.int32), 0, n0, ks, cols, kmask, nmask, s_wk, s_wn,
+                       N, K, False)
+        w_hi = _load_w(w_desc, w_ptr + e_hi * s_we, e_hi.to(tl.int32), 0, n0, ks, cols, kmask, nmask, s_wk, s_wn,
+                       N, K, False)
         zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = (_dot(a, w_lo, zero, FP32_DOT, PRECISION) * g_lo[:, None]
                + _dot(a, w_hi, zero, FP32_DOT, PRECISION) * g_hi[:, None])

@@ -508,7 +508,7 @@ def _gmm_op(x: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Tensor],
     if _pair_tiles(in_group, out_group, weight, experts, gate, relu, explicit):
         buf = torch.empty(n_pairs // 2, d_out, dtype=x.dtype, device=x.device)       # one row per 2 pairs
         pair_matmul(x, weight, pair_plan(experts, out_group // 2, weight.shape[0], block_m), experts, gate, buf,
-                    _precision(x.dtype))
+                    _precision(x.dtype), _descriptor if _has_tma(x.device) else None)
         return group_sum(buf, out_group // 2), buf.new_empty(0)
     if _summed(out_group, out_offsets):
         buf = torch.empty(n_pairs, d_out, dtype=x.dtype, device=x.device)
