@@ -128,8 +128,9 @@ def _pair_tiles(in_group: int, out_group: int, weight: torch.Tensor, experts: Op
     """Whether a forward launch runs as expert-pair tiles (moeut_kernels.pair_tiles): two pairs per gathered row
     (SwitchHead's K_A = 2), their gated products summed in fixed groups of pairs, an output row wider than the
     gathered one (d_in <= 128: one resident A tile), the pairs' experts given, no ReLU, explicit rows or remote
-    pairs: the attention O forward. H200, 1B shape (KERNELS.md): matmul + sum 0.94 + 0.61 -> 1.03 + 0.34 ms per
-    call. OVERRIDES["pair_tiles"] = False keeps the per-pair launch."""
+    pairs: the attention O forward. H200, 1B shape (KERNELS.md): matmul + sum 0.94 + 0.61 -> 0.89 + 0.34 ms per
+    call, compiled 1B step -9.8 kernel-ms before the pair kernel's tuning. OVERRIDES["pair_tiles"] = False keeps
+    the per-pair launch."""
     d_in, d_out = weight.shape[1], weight.shape[2]
     return (OVERRIDES.get("pair_tiles", True) and experts is not None and gate is not None and not relu
             and not explicit and in_group == 2 and out_group % 2 == 0 and weight.shape[0] % (out_group // 2) == 0
