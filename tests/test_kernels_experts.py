@@ -307,9 +307,12 @@ def test_window_tiles_orders_by_first_pair(bias):
         assert got.order is plan.order and got.offsets is plan.offsets
 
 
-def test_pair_matmul_sums_both_experts_of_a_row():
+@pytest.mark.parametrize("by_descriptor", [False, True])
+def test_pair_matmul_sums_both_experts_of_a_row(by_descriptor):
     """pair_tiles: each row's two pairs (2r, 2r+1) summed with their gates, K not a power of two, several column
-    slices, unused tiles and experts with no row."""
+    slices, unused tiles and experts with no row; W's tiles by pointers or by TMA descriptor (then the rows past
+    K belong to the next expert and the last slice's columns lie past N: both must stay out of the sums)."""
+    from moeut_kernels import grouped
     from moeut_kernels.pair_tiles import pair_matmul, pair_plan
 
     gen = torch.Generator().manual_seed(31)
@@ -323,7 +326,10 @@ def test_pair_matmul_sums_both_experts_of_a_row():
     a = torch.randn(P // 2, K, generator=gen).to(DEVICE)
     w = torch.randn(G * n, K, N, generator=gen).to(DEVICE)
     out = torch.full((P // 2, N), float("nan"), device=DEVICE)
-    pair_matmul(a, w, plan, experts, gate, out, "ieee")
+    descriptor = grouped._descriptor if by_descriptor else None
+    pair_matmul(a, w, plan, experts, gate, out, "ieee", descriptor)
+    if by_descriptor:
+        assert descriptor(w, w.shape[0] * K, [32, 32]) is not None       # the descriptor path did run
     products = gate[:, None] * torch.einsum("pk,pkn->pn", a.repeat_interleave(2, 0), w[experts])
     torch.testing.assert_close(out, products.view(P // 2, 2, N).sum(1), rtol=1e-5, atol=1e-5)
 
@@ -560,8 +566,9 @@ def test_tma_loads_match_reference(layout, dtype, monkeypatch):
     checks which operands went by descriptor: W plain or transposed in every launch, the sorted A tile (down
     forward, up input gradient) and its ReLU mask (a ReLU projection's input gradient), and the weight gradients'
     sorted operand,
-    with each expert's rows in two chunks. (Expert-pair tiles, which take only pointer loads, are off here: the
-    attention O forward keeps its per-pair launch, which expert parallelism runs.)"""
+    with each expert's rows in two chunks. (Expert-pair tiles are off here: the attention O forward keeps its
+    per-pair launch, which expert parallelism runs; test_pair_matmul_sums_both_experts_of_a_row loads the pair
+    kernel's W by descriptor.)"""
     from moeut_kernels import grouped
 
     monkeypatch.setitem(grouped.OVERRIDES, "pair_tiles", False)
