@@ -19,11 +19,12 @@ from moeut_kernels import sigmoid_topk_route  # noqa: E402
 BLOCK_M = 16
 
 
-def _plan(n_rows: int = 37, n_groups: int = 2, n: int = 7, k: int = 3, seed: int = 0, experts: bool = False):
+def _plan(n_rows: int = 37, n_groups: int = 2, n: int = 7, k: int = 3, seed: int = 0):
+    """(gate, plan, each pair's expert [P]) of a seeded routing."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(n_rows, n_groups, n, generator=gen).to(DEVICE)
     gate, expert_index, plan = sigmoid_topk_route(logits, k, BLOCK_M)
-    return (gate, plan, expert_index.reshape(-1).contiguous()) if experts else (gate, plan)
+    return gate, plan, expert_index.reshape(-1).contiguous()
 
 
 def _check(op, args) -> None:
@@ -40,7 +41,7 @@ def test_opcheck_route_and_plan():
 
 @pytest.mark.parametrize("layout", ["up_relu", "down", "down_plain", "narrow_sum"])
 def test_opcheck_grouped_matmul(layout):
-    gate, plan = _plan()
+    gate, plan, _ = _plan()
     ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
     n_rows, S = gate.shape
     gate_arg = gate.reshape(-1).clone().requires_grad_()
@@ -70,7 +71,7 @@ def test_opcheck_grouped_matmul(layout):
 def test_opcheck_grouped_matmul_expert_pair_tiles():
     """Two pairs per row (K = 2) into wide summed rows with the experts given: the expert-pair tile forward
     (attention O), and its backward (the per-pair launches)."""
-    gate, plan, experts = _plan(k=2, experts=True)
+    gate, plan, experts = _plan(k=2)
     ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
     n_rows, S = gate.shape
     gate_arg = gate.reshape(-1).clone().requires_grad_()
@@ -83,7 +84,7 @@ def test_opcheck_grouped_matmul_expert_pair_tiles():
 @pytest.mark.parametrize("need_x", [True, False])
 def test_opcheck_gated_mlp(need_x):
     """The σ-MoE MLP op and its backward (without the input gradient: the gate's gradient by a torch pass)."""
-    gate, plan = _plan(n_groups=1)
+    gate, plan, _ = _plan(n_groups=1)
     ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
     n_rows, S = gate.shape
     x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=need_x)

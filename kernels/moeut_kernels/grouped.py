@@ -40,7 +40,7 @@ except ImportError:
 
 from moeut_kernels import _triton as K
 from moeut_kernels.pair_tiles import pair_matmul, pair_plan
-from moeut_kernels.routing import RoutingPlan, window_tiles
+from moeut_kernels.routing import RoutingPlan, slices_per_program, window_tiles
 
 try:        # Triton's Gluon dialect; without it every call stays on gmm_kernel
     from moeut_kernels import _gluon as GL
@@ -154,9 +154,8 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
             cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
     elif triton.next_power_of_2(k) <= (128 if big else 64) and not gate_grad:
         block_n = 128 if big else 64
-        slices = triton.cdiv(n, block_n)
         cfg = TileConfig(block_n, _pow2_clamp(k, 16, 128), 8, 3 if big else 2, a_resident=True,
-                         n_loop=triton.cdiv(slices, triton.cdiv(slices, 8)))
+                         n_loop=slices_per_program(n, block_n))
         if big and _has_tma(device):
             gluon = _has_wgmma(device)
             cfg = replace(cfg, tma=True, num_warps=4, num_stages=3 if masked and not gluon else 2, gluon=gluon)

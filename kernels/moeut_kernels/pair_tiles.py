@@ -20,7 +20,7 @@ import torch
 import triton
 
 from moeut_kernels import _triton as K
-from moeut_kernels.routing import INTERPRET, RoutingPlan, _key_dtype, _sorted_plan
+from moeut_kernels.routing import INTERPRET, RoutingPlan, _key_dtype, _sorted_plan, slices_per_program
 
 
 def pair_plan(experts: torch.Tensor, n_groups: int, n_experts: int, block_m: int) -> RoutingPlan:
@@ -50,8 +50,7 @@ def pair_matmul(a: torch.Tensor, w: torch.Tensor, plan: RoutingPlan, experts: to
     block_n, warps, stages = (32, 4, 1) if INTERPRET else (64, 8, 2)
     block_k = max(16, triton.next_power_of_2(kdim))
     w_desc = descriptor(w, w.shape[0] * kdim, [block_k, block_n]) if descriptor is not None else None
-    slices = triton.cdiv(ndim, block_n)
-    cols = block_n * triton.cdiv(slices, triton.cdiv(slices, 8))      # up to 8 slices per program, balanced
+    cols = block_n * slices_per_program(ndim, block_n)
     K.pair_gmm_kernel[(n_tiles * triton.cdiv(ndim, cols),)](
         a, w, out, plan.order, plan.tile_expert, plan.tile_start, plan.offsets, experts, gate, w_desc, ndim, kdim,
         plan.n_experts, cols, a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0),

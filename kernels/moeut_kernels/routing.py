@@ -81,6 +81,13 @@ def _plan(counts: torch.Tensor, n_pairs: int, n_experts: int, block_m: int) -> t
     return torch.ops.moeut.plan(counts, n_pairs, block_m)
 
 
+def slices_per_program(n: int, block_n: int, most: int = 8) -> int:
+    """How many block_n-column slices of an n-column output one program loops over (a resident A tile): at most
+    `most`, with the slices split evenly over as few programs as that allows."""
+    slices = triton.cdiv(n, block_n)
+    return triton.cdiv(slices, triton.cdiv(slices, most))
+
+
 def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -> RoutingPlan:
     """Tile list for a routing made elsewhere (e.g. by the reference backend): one kernel, no sync."""
     n_experts = offsets.numel() - 1
