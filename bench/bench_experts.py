@@ -695,13 +695,14 @@ def host_overhead(rows: list, tokens: int = 256, calls: int = 200) -> None:
             torch.cuda.synchronize()
             rows.append(dict(what=f"host {what}, {tokens} tokens", host_us=host_us, gpu_us=ms(fn, rep=50) * 1e3))
             print(rows[-1], flush=True)
-        # where the host time of the FF layer's fwd+bwd goes, by Python function (own time)
-        profiler = cProfile.Profile()
-        profiler.runcall(lambda: [ops["FF layer forward + backward"]() for _ in range(calls)])
-        torch.cuda.synchronize()
-        stats = io.StringIO()
-        pstats.Stats(profiler, stream=stats).sort_stats("tottime").print_stats(20)
-        print(stats.getvalue(), flush=True)
+        # where the host time of each layer's fwd+bwd goes, by Python function (own time)
+        for what in ("FF layer forward + backward", "SwitchHead V+O forward + backward"):
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [ops[what]() for _ in range(calls)])
+            torch.cuda.synchronize()
+            stats = io.StringIO()
+            pstats.Stats(profiler, stream=stats).sort_stats("tottime").print_stats(25)
+            print(f"host time of {what}, {calls} calls, by function:\n{stats.getvalue()}", flush=True)
     finally:
         TOKENS = saved
 

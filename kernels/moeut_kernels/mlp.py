@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from moeut_kernels.grouped import _gmm, _wgrad, input_grad_sums, pair_arguments, pair_sums, segment_ids
+from moeut_kernels.grouped import (_gmm, _wgrad, aligned_operands, input_grad_sums, pair_arguments, pair_sums,
+                                  segment_ids)
 from moeut_kernels.routing import RoutingPlan
 
 MlpGrads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -138,7 +139,9 @@ def gated_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, plan: Routing
         raise ValueError(f"w2 {tuple(w2.shape)} ({w2.dtype}) does not continue w1 {tuple(w1.shape)} ({w1.dtype})")
     in_index, out_offsets, local, gate = pair_arguments(x, w1, plan, in_group, out_group, in_index, out_offsets,
                                                         local, gate)
+    d_out = w2.shape[2]
+    x, w1, w2 = aligned_operands(x, w1, w2)
     out, _ = torch.ops.moeut.gated_mlp(x, w1, w2, gate, plan.order, plan.offsets, plan.tile_expert,
                                        plan.tile_start, plan.block_m, in_group or 0, out_group or 0, in_index,
                                        out_offsets, local)
-    return out
+    return out if out.shape[1] == d_out else out[:, :d_out]
