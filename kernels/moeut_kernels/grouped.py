@@ -11,9 +11,11 @@ For pair p (sorted position j, expert e):  y_p = act(x_in(p) @ W[e]).
 - Explicit rows (expert parallelism, where a received row has a variable number of pairs): in_index [P] gives the
   input row of each pair (read in the kernel's loads instead of p // in_group), out_offsets [R+1] gives CSR
   segments of contiguous pair ids summed into each output row (instead of fixed groups of out_group).
-- Rows of any width: the public functions zero-pad every feature dimension to a multiple of 16 bytes (aligned_operands)
-  and slice the output back, because Triton vectorises loads and stores only along rows it can prove 16-byte
-  aligned. MoEUT-44M's d = 412 otherwise ran the FF layer at 16.5 instead of 4.6 ms on an H200 (docs/KERNELS.md).
+- Rows of any width: the public functions zero-pad every feature dimension to a multiple of 16 elements
+  (aligned_operands) and slice the output back, because Triton vectorises loads and stores only along rows whose
+  stride it knows to be a multiple of 16. MoEUT-44M's d = 412 otherwise ran its FF layer at 16.5 instead of 4.1 ms
+  on an H200, and its d_h = 82 padded only to 88 its attention O input-gradient at 2.46 instead of 0.28 ms
+  (docs/KERNELS.md, "Rows of any width").
 - Remote pairs (expert parallelism by all-gather, where every rank sees every token's pairs but holds only some
   experts): local [P] bool marks the pairs this rank computes. The plan sorts the others past offsets[-1] (no tile
   covers them), so their rows are never written: sums skip them (zero scale) and their gate gradient is zero.
@@ -694,21 +696,24 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, *, 
     return out if out.shape[1] == d_out else out[:, :d_out]
 
 
-def aligned_width(n: int, dtype: torch.dtype) -> int:
-    """n rounded up to a whole number of 16-byte chunks of dtype."""
-    per_chunk = max(1, 16 // dtype.itemsize)
-    return -(-n // per_chunk) * per_chunk
+ROW_MULTIPLE = 16     # Triton specialises integer arguments (sizes, strides) divisible by 16, and only those
+
+
+def aligned_width(n: int) -> int:
+    """n rounded up to a multiple of ROW_MULTIPLE elements."""
+    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def aligned_operands(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x [N, d_0] and a chain of expert weights [E, d_i, d_i+1] with every d_i zero-padded to aligned_width (the
     same tensors when all are aligned). The zeros add nothing to any product, sum or gate gradient, and autograd
-    drops the padded part of each gradient. Why: Triton proves alignment only from sizes that are multiples of 16
-    bytes; with d = 412 (MoEUT-44M) every gathered row and stored row fell back to 2-byte accesses, 3.6x slower
-    per FF layer on an H200 than d = 416. The cost is one copy of x and of each weight per call where padded
-    (under torch.compile Inductor fuses it into their producers)."""
+    drops the padded part of each gradient. Why: Triton vectorises a row's loads and stores only where it knows
+    the row stride to be a multiple of 16 elements. With d = 412 (MoEUT-44M) every gathered and stored row fell
+    back to 2-byte accesses, 4x slower per FF layer on an H200 than at d = 416; a 16-byte multiple is not enough
+    (d_h = 88: the attention O input-gradient 2.46 ms, against 0.28 at d_h = 96). The cost is one copy of x and of
+    each weight per call where padded (under torch.compile Inductor fuses it into their producers)."""
     dims = [x.shape[1], *(w.shape[2] for w in weights)]
-    pad = [aligned_width(n, x.dtype) - n for n in dims]
+    pad = [aligned_width(n) - n for n in dims]
     if not any(pad):
         return (x, *weights)
     return (F.pad(x, (0, pad[0])), *(F.pad(w, (0, pad[i + 1], 0, pad[i])) for i, w in enumerate(weights)))
