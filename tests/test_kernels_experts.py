@@ -691,8 +691,11 @@ def test_auto_backend_is_reference_without_cuda():
 
 # ---------------------------------------------------------------- the whole model
 
-def test_tiny_moeut_same_loss_and_grads_with_either_backend():
-    model, tokens = tiny_moeut()
+@pytest.mark.parametrize("widths", [{}, {"d_model": 20, "d_head": 6, "ff_expert_size": 5}], ids=["default", "odd"])
+def test_tiny_moeut_same_loss_and_grads_with_either_backend(widths):
+    """The whole model; "odd": every expert width padded for the kernels and sliced back (aligned_operands), the
+    outputs then reshaped by the model's own code."""
+    model, tokens = tiny_moeut(**widths)
     results = []
     for backend in ("reference", TritonBackend()):
         model.set_expert_backend(backend)
