@@ -1,7 +1,7 @@
 """Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
 
-    PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b] [--sweep] [--sweep-att 244M]
-        [--sweep-tma] [--sweep-floor] [--host-overhead] [--json out.json]
+    PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b,ff126,att126,...]
+        [--sweep [--sweep-ff 126M]] [--sweep-att 244M] [--sweep-tma] [--sweep-floor] [--host-overhead] [--json out.json]
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
@@ -52,9 +52,18 @@ from moeut_kernels.pair_tiles import pair_matmul, pair_plan  # noqa: E402
 from moeut_kernels.routing import RoutingPlan, plan_from_expert_index  # noqa: E402
 
 TOKENS = 64 * 1024
-FF_SHAPES = {"244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
-ATT_SHAPES = {"244M": dict(d=1024, heads=4, n_experts=10, k=2, d_h=128),
+# The presets' expert layers. Widths as the kernels see them: MoEUT-44M's d = 412 and d_h = 82 padded to multiples
+# of 16 (grouped.aligned_operands), so that the sweeps, which call the kernels directly, time what a step runs.
+_W = GM.aligned_width
+FF_SHAPES = {"44M": dict(d=_W(412), n_experts=155, d_e=128, k=12), "126M": dict(d=768, n_experts=254, d_e=128, k=12),
+             "244M": dict(d=1024, n_experts=387, d_e=128, k=16), "1B": dict(d=1536, n_experts=565, d_e=128, k=24)}
+ATT_SHAPES = {"44M": dict(d=_W(412), heads=4, n_experts=8, k=2, d_h=_W(82)),
+              "126M": dict(d=768, heads=4, n_experts=10, k=2, d_h=96),
+              "244M": dict(d=1024, heads=4, n_experts=10, k=2, d_h=128),
               "1B": dict(d=1536, heads=6, n_experts=12, k=2, d_h=128)}
+LARGE = ("244M", "1B")      # the shapes of the tile-order, TMA and floor sweeps
+LAYERS = {"ff44": ("ff", "44M"), "ff126": ("ff", "126M"), "ff244": ("ff", "244M"), "ff1b": ("ff", "1B"),
+          "att44": ("att", "44M"), "att126": ("att", "126M"), "att": ("att", "244M"), "att1b": ("att", "1B")}
 DEV = "cuda"
 BF16 = torch.bfloat16
 
@@ -443,7 +452,7 @@ def sweep_tma(rows: list) -> None:
     weight gradients with their sorted operand by TMA. Each TMA row records its largest difference from the
     pointer-load output. Then each layer's fwd+bwd with gmm_config's choice on this GPU and with its choice for a
     GPU without TMA, twice, interleaved."""
-    for size in ("244M", "1B"):
+    for size in LARGE:
         f, a = FF_SHAPES[size], ATT_SHAPES[size]
         x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
         k, d, d_e, E = f["k"], f["d"], f["d_e"], f["n_experts"]
@@ -543,7 +552,7 @@ def _floor_config(d: int, d_e: int, block_m: int, gluon: bool) -> GM.TileConfig:
             GM.OVERRIDES["gluon"] = before
 
 
-def sweep_floor(rows: list, sizes: tuple = ("244M", "1B")) -> None:
+def sweep_floor(rows: list, sizes: tuple = LARGE) -> None:
     """How far the FF calls that write a [P, d] buffer (the down forward; the up input-grad, W transposed, its A
     masked upstream) are from their floor, at the FF_SHAPES in `sizes`: each call on the real routing and on a
     one-expert plan of the same P rows (the dense analog: same kernel, same config), next to cuBLAS on that dense
@@ -591,7 +600,8 @@ def sweep_order(rows: list) -> None:
     V forward and O input-grad at 244M and 1B) in expert and window tile order. In window order a tile reads its
     expert's weights from DRAM more often (256 KB per 128-row FF tile) but its gathered rows from L2 (KERNELS.md,
     "The memory floor of this design"); the attention's weights stay in L2 either way."""
-    for size, shape in FF_SHAPES.items():
+    for size in LARGE:
+        shape = FF_SHAPES[size]
         x, w_s, w1, w2, gy = ff_inputs(shape, seed=3)
         k, d_e, E = shape["k"], shape["d_e"], shape["n_experts"]
         logits = F.linear(x, w_s).float().view(-1, 1, E).detach()
@@ -608,8 +618,8 @@ def sweep_order(rows: list) -> None:
                    lambda: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, out_mask=h, scale_grad=sgrad),
                    flop=flop)
     # the attention's narrow gathering calls, which take window order by default (grouped._window_order)
-    for name, s in ATT_SHAPES.items():
-        gemms, t = _att_gemms(s)
+    for name in LARGE:
+        gemms, t = _att_gemms(ATT_SHAPES[name])
         calls = {what: call for what, call, _ in gemms}
         for label in _tile_orders():
             for what in ("V fwd", "O dx (+gate grad) + gated store"):
@@ -751,11 +761,17 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-gluon", action="store_true",
                     help="configs as chosen without the Gluon kernel (gmm_kernel everywhere), for A/B runs")
-    ap.add_argument("--only", default="ff244,ff1b,att,att1b", help="comma list of ff244, ff1b, att (244M), att1b")
+    ap.add_argument("--only", default="ff244,ff1b,att,att1b",
+                    help=f"comma list of layer tables: {', '.join(LAYERS)} (att: 244M), or none")
+    ap.add_argument("--sweep-ff", choices=sorted(FF_SHAPES), default="244M", help="the FF shape of --sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--wgrad-splits", type=int, default=None,
                     help="force the weight gradient's row chunks per expert (default: chosen per shape)")
     args = ap.parse_args()
+    only = [] if args.only == "none" else args.only.split(",")
+    unknown = [name for name in only if name not in LAYERS]
+    if unknown:             # before any GPU work: a typo should not cost device time
+        ap.error(f"--only takes {', '.join(LAYERS)} or none, not {', '.join(unknown)}")
     if args.wgrad_splits:
         GM.OVERRIDES["wgrad_splits"] = args.wgrad_splits
     if args.no_gluon:
@@ -767,11 +783,10 @@ def main() -> None:
     peak = peak_tflops()
     env["bf16_peak_tflops"] = peak
     print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
-    only = args.only.split(",")
     if args.profile_layer:
         profile_layers(args.profile_layer.split(","))
     if args.sweep:
-        sweep(FF_SHAPES["244M"], rows, defaults_only=args.sweep == "defaults")
+        sweep(FF_SHAPES[args.sweep_ff], rows, defaults_only=args.sweep == "defaults")
     if args.sweep_att:
         sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
     if args.sweep_route:
@@ -788,14 +803,11 @@ def main() -> None:
                     or args.sweep_floor or args.host_overhead)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-    if "ff244" in only:
-        bench_ff("244M", FF_SHAPES["244M"], peak, rows, check=not args.no_check)
-    if "att" in only:
-        bench_att("244M", ATT_SHAPES["244M"], peak, rows, check=not args.no_check)
-    if "ff1b" in only:
-        bench_ff("1B", FF_SHAPES["1B"], peak, rows, check=False)
-    if "att1b" in only:
-        bench_att("1B", ATT_SHAPES["1B"], peak, rows, check=False)
+    for name in only:       # the 1B correctness check is left out for time
+        kind, size = LAYERS[name]
+        table = bench_ff if kind == "ff" else bench_att
+        table(size, (FF_SHAPES if kind == "ff" else ATT_SHAPES)[size], peak, rows,
+              check=not args.no_check and size != "1B")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if sweeping:

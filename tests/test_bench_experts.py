@@ -88,3 +88,18 @@ def test_host_overhead_runs(tiny):
     B.host_overhead(rows, tokens=32, calls=2)
     assert len(rows) == 6 and all(r["host_us"] > 0 and r["gpu_us"] > 0 for r in rows)
     assert B.TOKENS == 64
+
+
+def test_unknown_layer_table_is_refused_before_any_gpu_work(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_experts.py", "--only", "ff244,ff99"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: pytest.fail("reached the GPU part"))
+    with pytest.raises(SystemExit):
+        B.main()
+    assert "not ff99" in capsys.readouterr().err
+
+
+def test_every_layer_table_names_a_shape_of_its_kind():
+    for kind, size in B.LAYERS.values():
+        assert size in (B.FF_SHAPES if kind == "ff" else B.ATT_SHAPES)
+    assert all(d % 16 == 0 for shapes in (B.FF_SHAPES, B.ATT_SHAPES) for s in shapes.values()
+               for d in (s["d"], s.get("d_h", 16)))       # widths as the kernels see them
