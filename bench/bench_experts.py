@@ -640,7 +640,7 @@ def sweep_order(rows: list) -> None:
 def sweep_route(rows: list) -> None:
     """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route (fp32- and bf16-valued
     logits, the latter at several top-k row blocks and warp counts), torch.topk for comparison, the stable sort, the
-    counts and the plan kernel."""
+    expert offsets and the plan kernel."""
     from moeut_kernels import routing as R
     g = torch.Generator(device=DEV).manual_seed(5)
     for name, groups, n, k in (("FF 244M", 1, FF_SHAPES["244M"]["n_experts"], FF_SHAPES["244M"]["k"]),
@@ -665,9 +665,9 @@ def sweep_route(rows: list) -> None:
         key = tb.route(logits16, k).expert_index.reshape(-1).to(torch.int16)
         _timed(rows, f"route {name}: stable sort", lambda: torch.sort(key, stable=True))
         sorted_key = torch.sort(key, stable=True)[0]
-        _timed(rows, f"route {name}: counts", lambda: R._counts_of_sorted(sorted_key, groups * n))
-        counts = R._counts_of_sorted(sorted_key, groups * n)
-        _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(counts, key.numel(), 128))
+        _timed(rows, f"route {name}: expert offsets", lambda: R._expert_starts(sorted_key, groups * n))
+        offsets = R._expert_starts(sorted_key, groups * n)
+        _timed(rows, f"route {name}: plan kernel", lambda: torch.ops.moeut.plan(offsets, key.numel(), 128))
 
 
 def host_overhead(rows: list, tokens: int = 256, calls: int = 200) -> None:

@@ -171,7 +171,7 @@ def check(preset: str) -> dict:
 CATEGORIES = (
     ("expert matmuls (ours)", ("gmm_kernel", "wgrad_kernel")),
     ("expert sums and routing (ours)", ("group_sum_kernel", "segment_sum_kernel", "pair_dot_kernel",
-                                        "sigmoid_topk_kernel", "plan_kernel")),
+                                        "sigmoid_topk_kernel", "expert_starts_kernel", "plan_kernel")),
     ("attention core", ("flash", "fmha", "attention", "Attention")),
     ("cuBLAS matmuls", ("gemm", "nvjet", "xmma", "cutlass")),
     ("sorts", ("radix", "Radix", "sort", "Sort")),

@@ -47,7 +47,7 @@ def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
                  "order FF 1B down_dx + mask + gate grad window order",
                  "order att 1B O dx (+gate grad) + gated store window order",
                  "order L2 W", "V wgrad on gathered operands", "O fwd pair tiles",
-                 "top-k rows", "route FF 244M: counts", "FF tiny triton", "att V+O tiny triton"):
+                 "top-k rows", "route FF 244M: expert offsets", "FF tiny triton", "att V+O tiny triton"):
         assert what in names, what
     checks = [r for r in rows if r["what"].startswith("check")]
     assert checks and all(max(r["err"]) < 2e-2 for r in checks)     # bf16 kernels vs the fp32 reference

@@ -32,11 +32,14 @@ def _check(op, args) -> None:
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-def test_opcheck_route_and_plan():
+def test_opcheck_route_and_plans():
     logits = torch.randn(37, 2, 7, device=DEVICE, requires_grad=True)
     _check(torch.ops.moeut.sigmoid_topk_route.default, (logits, 3, BLOCK_M))
-    counts = torch.tensor([3, 0, 17, 1, 0, 40, 2], dtype=torch.int32, device=DEVICE)
-    _check(torch.ops.moeut.plan.default, (counts, int(counts.sum()), BLOCK_M))
+    counts = torch.tensor([3, 0, 17, 1, 0, 40, 2], device=DEVICE)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    _check(torch.ops.moeut.plan.default, (offsets, int(counts.sum()), BLOCK_M))
+    key = torch.randint(0, 8, (50,), dtype=torch.int16, device=DEVICE)      # 7 experts; 7 marks remote pairs
+    _check(torch.ops.moeut.sorted_plan.default, (key, 7, BLOCK_M))
 
 
 @pytest.mark.parametrize("layout", ["up_relu", "down", "down_plain", "narrow_sum"])

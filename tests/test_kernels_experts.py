@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 from moeut_ds.experts import get_backend  # noqa: E402
 from moeut_ds.experts.interface import Routing, sigmoid_topk, sort_pairs  # noqa: E402
 from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
-from moeut_kernels import sigmoid_topk_route  # noqa: E402
+from moeut_kernels import plan_from_expert_index, sigmoid_topk_route  # noqa: E402
 
 
 def make_logits(n_rows: int, n_groups: int, n: int, bias: str = "none", gen=None) -> torch.Tensor:
@@ -72,9 +72,14 @@ def test_route_matches_reference(n_rows, n_groups, n, k, bias, block_m):
     assert mine
     order, offsets = sort_pairs(expert_index, n_groups * n)
     assert torch.equal(plan.order, order) and torch.equal(plan.offsets, offsets)
-    # the tile list covers each expert's sorted positions exactly once, never straddling experts
-    E = n_groups * n
-    covered = torch.zeros(n_rows * S, dtype=torch.int64)
+    _assert_tiles_cover_each_expert_once(plan, n_rows * S)
+
+
+def _assert_tiles_cover_each_expert_once(plan, n_local: int) -> None:
+    """The tile list covers each expert's sorted positions [0, n_local) exactly once, never straddling experts,
+    with the unused tiles (expert E) only at the end."""
+    E, offsets, block_m = plan.n_experts, plan.offsets.cpu(), plan.block_m
+    covered = torch.zeros(n_local, dtype=torch.int64)
     for e, s in zip(plan.tile_expert.tolist(), plan.tile_start.tolist()):
         if e == E:
             continue
@@ -82,9 +87,22 @@ def test_route_matches_reference(n_rows, n_groups, n, k, bias, block_m):
         assert lo <= s < hi and (s - lo) % block_m == 0
         covered[s:min(s + block_m, hi)] += 1
     assert torch.equal(covered, torch.ones_like(covered))
-    # unused tiles only at the end
     used = (plan.tile_expert < E).tolist()
     assert used == sorted(used, reverse=True)
+
+
+@pytest.mark.parametrize("n_pairs,n_experts", [(0, 5), (1, 1), (300, 7), (5000, 40), (777, 300)])
+def test_plan_from_expert_index_with_remote_pairs(n_pairs, n_experts):
+    """Offsets by binary search over the sorted keys (expert_starts_kernel) equal torch's searchsorted; keys equal
+    to E (remote pairs) sort last and no tile covers them; empty experts get no tile."""
+    gen = torch.Generator().manual_seed(n_pairs + n_experts)
+    ids = torch.randint(0, n_experts // 2 + 1, (n_pairs,), generator=gen) * 2     # every odd expert empty
+    ids = torch.where(torch.rand(n_pairs, generator=gen) < 0.2, n_experts, ids.clamp(max=n_experts))
+    plan = plan_from_expert_index(ids.to(DEVICE), n_experts, 16)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    want = torch.searchsorted(sorted_ids, torch.arange(n_experts + 1))
+    assert torch.equal(plan.offsets.cpu(), want) and torch.equal(plan.order.cpu(), order)
+    _assert_tiles_cover_each_expert_once(plan, int(want[-1]))
 
 
 def _assert_picks_by_value_then_index(logits: torch.Tensor, k: int, gate: torch.Tensor,

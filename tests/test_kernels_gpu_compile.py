@@ -31,7 +31,7 @@ from moeut_kernels import _triton as K  # noqa: E402
 from moeut_kernels import grouped, pair_tiles, routing  # noqa: E402
 
 KERNELS = ("gmm_kernel", "wgrad_kernel", "group_sum_kernel", "segment_sum_kernel", "pair_dot_kernel", "plan_kernel",
-           "sigmoid_topk_kernel", "pair_key_kernel", "pair_gmm_kernel")
+           "expert_starts_kernel", "sigmoid_topk_kernel", "pair_key_kernel", "pair_gmm_kernel")
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
                 torch.int32: "i32", torch.int16: "i16"}
 GMM_PARAMS = list(inspect.signature(K.gmm_kernel.fn).parameters)

@@ -86,21 +86,36 @@ def _pick_topk(packed, cols, cmask, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOC
 
 
 @triton.jit
-def plan_kernel(counts_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, E, n_tiles,
-                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Per-expert offsets and the tile list, from the expert histogram, in one launch.
+def expert_starts_kernel(key_ptr, starts_ptr, n_keys, E, search_steps, BLOCK_E: tl.constexpr):
+    """starts[e] = the first sorted position whose key is >= e, for e = 0..E (so starts[E] counts the keys below E:
+    remote pairs, keyed E, are left out): one lower-bound binary search per expert over the stably sorted keys,
+    search_steps (= n_keys.bit_length()) deep. The expert offsets with no histogram, so no atomics contend."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = e <= E
+    lo = tl.zeros([BLOCK_E], dtype=tl.int64)
+    hi = tl.zeros([BLOCK_E], dtype=tl.int64) + n_keys
+    for _ in range(0, search_steps):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        below = tl.load(key_ptr + mid, mask=emask & open_, other=0).to(tl.int32) < e
+        lo = tl.where(open_ & below, mid + 1, lo)
+        hi = tl.where(open_ & ~below, mid, hi)
+    tl.store(starts_ptr + e, lo, mask=emask)
 
-    Every program recomputes the (cheap) cumsums over experts and fills BLOCK_T entries of the tile list; tiles past
-    the real count get expert E (the matmul kernels skip them). Program 0 writes offsets[0..E].
+
+@triton.jit
+def plan_kernel(offsets_ptr, tile_expert_ptr, tile_start_ptr, E, n_tiles,
+                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The tile list from the per-expert offsets [E + 1], in one launch.
+
+    Every program recomputes the (cheap) tile cumsum over experts and fills BLOCK_T entries of the tile list; tiles
+    past the real count get expert E (the matmul kernels skip them).
     """
     pid = tl.program_id(0)
     es = tl.arange(0, BLOCK_E)
     emask = es < E
-    counts = tl.load(counts_ptr + es, mask=emask, other=0)
-    incl = tl.cumsum(counts, 0)
-    excl = incl - counts
-    if pid == 0:
-        tl.store(offsets_ptr + es, excl.to(tl.int64), mask=es <= E)
+    excl = tl.load(offsets_ptr + es, mask=emask, other=0)
+    counts = tl.load(offsets_ptr + es + 1, mask=emask, other=0) - excl
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
     tincl = tl.cumsum(tiles, 0)
     texcl = tincl - tiles
@@ -112,7 +127,7 @@ def plan_kernel(counts_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, E, n_t
     first = tl.sum(tl.where(onehot, texcl[None, :], 0), axis=1)
     tmask = t < n_tiles
     tl.store(tile_expert_ptr + t, expert, mask=tmask)
-    tl.store(tile_start_ptr + t, base + (t - first) * BLOCK_M, mask=tmask)
+    tl.store(tile_start_ptr + t, (base + (t - first) * BLOCK_M).to(tl.int32), mask=tmask)
 
 
 @triton.jit

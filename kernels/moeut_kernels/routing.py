@@ -1,10 +1,11 @@
 """σ-gating: logits -> sigmoid -> top-k per group -> pairs sorted by expert + tile list, with no host sync.
 
 Launches per routing: the fused sigmoid/top-k kernel, torch's stable radix sort of a 16-bit key (2 radix passes for
-< 32767 experts), a binary search of each expert's first sorted position (the counts), and the plan kernel (offsets
-+ tile list). Every buffer is sized by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for
-the device. Routing and plan are torch.library custom ops (moeut::sigmoid_topk_route, moeut::plan) with fake impls,
-so torch.compile traces them.
+< 32767 experts), a binary search of each expert's first sorted position (the offsets), and the plan kernel (the
+tile list). Every buffer is sized by a static bound (at most cdiv(P, BLOCK_M) + E tiles), so nothing waits for
+the device. Routing and plans are torch.library custom ops (moeut::sigmoid_topk_route, moeut::sorted_plan,
+moeut::plan) with fake impls, so torch.compile traces them; inside an op the plans are plain calls, since a
+nested op costs ~20 us of host time (H200 host, docs/PERFORMANCE.md, twentieth session).
 """
 from __future__ import annotations
 
@@ -46,39 +47,34 @@ def max_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
     return torch.sym_min((n_pairs + block_m - 1) // block_m + n_experts, n_pairs)
 
 
-@torch.library.custom_op("moeut::plan", mutates_args=())
-def _plan_op(counts: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """offsets [E+1] int64, tile_expert [T] int32, tile_start [T] int32 from the int32 histogram (one launch)."""
-    counts = counts.contiguous()
-    n_experts = counts.numel()
-    device = counts.device
+def _tiles(offsets: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tile_expert [T] int32, tile_start [T] int32 from the per-expert offsets [E+1] int64 (one launch)."""
+    n_experts = offsets.numel() - 1
     n_tiles = max_tiles(n_pairs, n_experts, block_m)
-    offsets = torch.empty(n_experts + 1, dtype=torch.int64, device=device)
-    tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=device)
-    tile_start = torch.empty(n_tiles, dtype=torch.int32, device=device)
-    block_e = triton.next_power_of_2(n_experts + 1)
+    tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=offsets.device)
+    tile_start = torch.empty(n_tiles, dtype=torch.int32, device=offsets.device)
+    block_e = triton.next_power_of_2(max(n_experts, 1))
     if INTERPRET:
         block_t = min(triton.next_power_of_2(max(n_tiles, 1)), 256)
     else:
         block_t = max(16, min(128, 16384 // block_e))
-    grid = (max(1, triton.cdiv(n_tiles, block_t)),)
-    K.plan_kernel[grid](counts, offsets, tile_expert, tile_start, n_experts, n_tiles,
-                        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t, num_warps=4)
-    return offsets, tile_expert, tile_start
+    if n_tiles:
+        K.plan_kernel[(triton.cdiv(n_tiles, block_t),)](offsets, tile_expert, tile_start, n_experts, n_tiles,
+                                                         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t,
+                                                         num_warps=4)
+    return tile_expert, tile_start
+
+
+@torch.library.custom_op("moeut::plan", mutates_args=())
+def _plan_op(offsets: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tile_expert, tile_start for a routing whose pairs are already sorted (_tiles)."""
+    return _tiles(offsets.contiguous(), n_pairs, block_m)
 
 
 @_plan_op.register_fake
-def _plan_fake(counts: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n_experts = counts.shape[0]
-    n_tiles = max_tiles(n_pairs, n_experts, block_m)
-    return (counts.new_empty(n_experts + 1, dtype=torch.int64), counts.new_empty(n_tiles, dtype=torch.int32),
-            counts.new_empty(n_tiles, dtype=torch.int32))
-
-
-def _plan(counts: torch.Tensor, n_pairs: int, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
-    """offsets, tile_expert, tile_start for the histogram `counts` [n_experts] (the moeut::plan op)."""
-    assert counts.numel() == n_experts
-    return torch.ops.moeut.plan(counts, n_pairs, block_m)
+def _plan_fake(offsets: torch.Tensor, n_pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n_tiles = max_tiles(n_pairs, offsets.shape[0] - 1, block_m)
+    return offsets.new_empty(n_tiles, dtype=torch.int32), offsets.new_empty(n_tiles, dtype=torch.int32)
 
 
 def slices_per_program(n: int, block_n: int, most: int = 8) -> int:
@@ -90,10 +86,8 @@ def slices_per_program(n: int, block_n: int, most: int = 8) -> int:
 
 def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -> RoutingPlan:
     """Tile list for a routing made elsewhere (e.g. by the reference backend): one kernel, no sync."""
-    n_experts = offsets.numel() - 1
-    counts = (offsets[1:] - offsets[:-1]).to(torch.int32)
-    _, tile_expert, tile_start = _plan(counts, order.numel(), n_experts, block_m)
-    return RoutingPlan(order, offsets, tile_expert, tile_start, n_experts, block_m)
+    tile_expert, tile_start = torch.ops.moeut.plan(offsets.to(torch.int64), order.numel(), block_m)
+    return RoutingPlan(order, offsets, tile_expert, tile_start, offsets.numel() - 1, block_m)
 
 
 def window_tiles(plan: RoutingPlan) -> RoutingPlan:
@@ -120,28 +114,50 @@ def _key_dtype(n_experts: int) -> torch.dtype:
     return torch.int16 if n_experts < 2 ** 15 - 1 else torch.int32
 
 
-def _counts_of_sorted(sorted_key: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Pairs per expert [n_experts] int32 from stably sorted expert keys: each expert's first sorted position by
-    binary search. (A histogram by atomics contends on a few hundred counters: a `scatter_add_` of 1.6M pairs
-    into ~283 counters took 0.68 ms on the H200, docs/KERNELS.md.) Keys equal to n_experts (remote pairs) are not
-    counted."""
-    ids = torch.arange(n_experts + 1, dtype=sorted_key.dtype, device=sorted_key.device)
-    starts = torch.searchsorted(sorted_key, ids)
-    return (starts[1:] - starts[:-1]).to(torch.int32)
+def _expert_starts(sorted_key: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """offsets [n_experts + 1] int64 from stably sorted expert keys: each expert's first sorted position by binary
+    search, one launch. (A histogram by atomics contends on a few hundred counters: a `scatter_add_` of 1.6M pairs
+    into ~283 counters took 0.68 ms on the H200, docs/KERNELS.md; arange + searchsorted + difference + cast were
+    four launches, ~48 us of host time.) Keys equal to n_experts (remote pairs) sort past offsets[n_experts]."""
+    offsets = torch.empty(n_experts + 1, dtype=torch.int64, device=sorted_key.device)
+    block_e = min(triton.next_power_of_2(n_experts + 1), 128)
+    K.expert_starts_kernel[(triton.cdiv(n_experts + 1, block_e),)](
+        sorted_key, offsets, sorted_key.numel(), n_experts, sorted_key.numel().bit_length(), BLOCK_E=block_e,
+        num_warps=4)
+    return offsets
 
 
 def _sorted_plan(key: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
     """order, offsets, tile_expert, tile_start from the expert key of every pair (by pair id, _key_dtype): a stable
-    sort, the counts, the plan kernel. Keys equal to n_experts (remote pairs) sort last."""
+    sort, the offsets, the tiles. Keys equal to n_experts (remote pairs) sort last. Launches kernels: call it
+    inside a custom op (moeut::sorted_plan outside one)."""
     sorted_key, order = torch.sort(key.reshape(-1), stable=True)
-    return (order, *_plan(_counts_of_sorted(sorted_key, n_experts), order.numel(), n_experts, block_m))
+    offsets = _expert_starts(sorted_key, n_experts)
+    return (order, offsets, *_tiles(offsets, order.numel(), block_m))
+
+
+@torch.library.custom_op("moeut::sorted_plan", mutates_args=())
+def _sorted_plan_op(key: torch.Tensor, n_experts: int, block_m: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_sorted_plan as an op, for plans made outside the routing op (plan_from_expert_index)."""
+    return _sorted_plan(key.contiguous(), n_experts, block_m)
+
+
+@_sorted_plan_op.register_fake
+def _sorted_plan_fake(key: torch.Tensor, n_experts: int, block_m: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_pairs = key.numel()
+    n_tiles = max_tiles(n_pairs, n_experts, block_m)
+    return (key.new_empty(n_pairs, dtype=torch.int64), key.new_empty(n_experts + 1, dtype=torch.int64),
+            key.new_empty(n_tiles, dtype=torch.int32), key.new_empty(n_tiles, dtype=torch.int32))
 
 
 def plan_from_expert_index(expert_index: torch.Tensor, n_experts: int, block_m: int) -> RoutingPlan:
     """Plan for experts chosen elsewhere (e.g. on another rank), no sync.
     An id equal to n_experts marks a remote pair (held by another rank): it sorts after every local pair, past
     offsets[-1], and no tile covers it."""
-    return RoutingPlan(*_sorted_plan(expert_index.to(_key_dtype(n_experts)), n_experts, block_m), n_experts, block_m)
+    key = expert_index.to(_key_dtype(n_experts))
+    return RoutingPlan(*torch.ops.moeut.sorted_plan(key, n_experts, block_m), n_experts, block_m)
 
 
 RouteOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
