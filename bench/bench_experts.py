@@ -803,11 +803,11 @@ def main() -> None:
                     or args.sweep_floor or args.host_overhead)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    tables = {"ff": (bench_ff, FF_SHAPES), "att": (bench_att, ATT_SHAPES)}
     for name in only:       # the 1B correctness check is left out for time
         kind, size = LAYERS[name]
-        table = bench_ff if kind == "ff" else bench_att
-        table(size, (FF_SHAPES if kind == "ff" else ATT_SHAPES)[size], peak, rows,
-              check=not args.no_check and size != "1B")
+        table, shapes = tables[kind]
+        table(size, shapes[size], peak, rows, check=not args.no_check and size != "1B")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     if sweeping:
