@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
@@ -671,10 +671,10 @@ def sweep_route(rows: list) -> None:
 
 
 def host_overhead(rows: list, tokens: int = 256, calls: int = 200) -> None:
-    """Host time per call of the expert ops at the 244M shapes but few tokens (GPU work of microseconds): a loop of
-    `calls` launches timed on the host before synchronizing, against the GPU time of one call (do_bench). Where
-    the host time is larger, a step of such calls is launch-bound; the compiled step idles ~8 ms at its start,
-    while the host launches the first layers' routing and expert ops (PERFORMANCE.md, eleventh session)."""
+    """Host time per call of the expert ops at the 244M shapes but few tokens: each call is timed on the host from
+    an idle GPU (synchronised before, not after), so the time is its own launch cost and never a wait on a full
+    launch queue, against the GPU time of one call (do_bench). Where the host time is larger, a step of such calls
+    is launch-bound: at micro-batch 16 the compiled MoEUT-126M step is (PERFORMANCE.md, twenty-first session)."""
     global TOKENS
     saved, TOKENS = TOKENS, tokens
     try:
@@ -694,24 +694,31 @@ def host_overhead(rows: list, tokens: int = 256, calls: int = 200) -> None:
                 ff_layer(tb, x, w_s, w1, w2, ff["k"]), [x, w_s, w1, w2], gy),
             "SwitchHead V+O forward + backward": lambda: att_step(tb, t, att),
         }
+
+        def host_loop(fn: Callable) -> float:
+            """Seconds of host time in `calls` calls, each started on an idle GPU."""
+            total = 0.0
+            for _ in range(calls):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                total += time.perf_counter() - start
+            torch.cuda.synchronize()
+            return total
+
         for what, fn in ops.items():
             for _ in range(3):
                 fn()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            host_us = (time.perf_counter() - start) / calls * 1e6
-            torch.cuda.synchronize()
+            host_us = host_loop(fn) / calls * 1e6
             rows.append(dict(what=f"host {what}, {tokens} tokens", host_us=host_us, gpu_us=ms(fn, rep=50) * 1e3))
             print(rows[-1], flush=True)
-        # where the host time of each layer's fwd+bwd goes, by Python function (own time)
+        # where the host time of each layer's fwd+bwd goes, by Python function (own time; the synchronisations
+        # between calls show as their own row)
         for what in ("FF layer forward + backward", "SwitchHead V+O forward + backward"):
             profiler = cProfile.Profile()
-            profiler.runcall(lambda: [ops[what]() for _ in range(calls)])
-            torch.cuda.synchronize()
+            profiler.runcall(host_loop, ops[what])
             stats = io.StringIO()
-            pstats.Stats(profiler, stream=stats).sort_stats("tottime").print_stats(25)
+            pstats.Stats(profiler, stream=stats).sort_stats("tottime").print_stats(30)
             print(f"host time of {what}, {calls} calls, by function:\n{stats.getvalue()}", flush=True)
     finally:
         TOKENS = saved

@@ -72,12 +72,20 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         self.micro = micro
         self.inp, self.tgt = make_batch(self.model.cfg.vocab_size)
+        # CUDA graphs: gradients accumulate into buffers of our own, never into a graph's static output that
+        # autograd would adopt as .grad and the next micro-batch's replay would overwrite
+        self.graphs = compile_model and COMPILE_MODE == "reduce-overhead"
+        if self.graphs:
+            for p in self.model.parameters():
+                p.grad = torch.zeros_like(p)
 
     def step(self, record: Optional[dict] = None) -> None:
         """One optimizer step; with `record`, also store the loss and the gradient norm (host syncs: first step)."""
         n = BATCH // self.micro
         total = 0.0
         for i in range(n):
+            if self.graphs:     # a new CUDA-graph generation per micro-batch: the last one's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             sl = slice(i * self.micro, (i + 1) * self.micro)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = lm_loss(self.fn, self.inp[sl], self.tgt[sl])
@@ -88,7 +96,7 @@ class Trainer:
             grads = [p.grad.float().norm() for p in self.model.parameters() if p.grad is not None]
             record.update(loss=total, grad_norm=torch.linalg.vector_norm(torch.stack(grads)).item())
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self.graphs)
 
 
 def free() -> None:

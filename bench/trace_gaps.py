@@ -17,6 +17,16 @@ DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 SYNC_NAMES = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent")
 
 
+def _is_sync(call: dict, device_copies: dict[int, str]) -> bool:
+    """A runtime call the host may wait in. A device-to-device copy (torch.sort copies its input that way) is
+    queued like a kernel, so a copy call counts only when its device copy, matched by correlation id, is not
+    DtoD."""
+    if call.get("cat") != "cuda_runtime" or not any(s in call["name"] for s in SYNC_NAMES):
+        return False
+    copy = device_copies.get(call.get("args", {}).get("correlation"), "")
+    return "DtoD" not in copy
+
+
 def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     out: list[tuple[float, float]] = []
     for s, e in sorted(intervals):
@@ -44,7 +54,9 @@ def summarize(trace: Path, top: int = 12) -> dict:
         cover = [e for e in host_ops if e["ts"] <= t <= e["ts"] + e["dur"]]
         return min(cover, key=lambda e: e["dur"])["name"] if cover else "-"
 
-    syncs = [e for e in events if e.get("cat") == "cuda_runtime" and any(s in e["name"] for s in SYNC_NAMES)]
+    copies = {e["args"]["correlation"]: e["name"] for e in events
+              if e.get("cat") == "gpu_memcpy" and "correlation" in e.get("args", {})}
+    syncs = [e for e in events if _is_sync(e, copies)]
     return {"span_ms": (end - start) / 1e3, "device_busy_ms": busy / 1e3, "idle_ms": (end - start - busy) / 1e3,
             "lead_in_ms": (dev[0][0] - start) / 1e3,
             "sync_calls": len(syncs), "sync_wait_ms": sum(e["dur"] for e in syncs) / 1e3,

@@ -21,13 +21,19 @@ def test_busy_idle_gaps_and_syncs(tmp_path):
         _x("k1", "kernel", 0, 1000), _x("k2", "kernel", 500, 1500),    # overlap: busy [0, 2000]
         _x("copy", "gpu_memcpy", 3000, 500),             # busy [3000, 3500]
         _x("cudaStreamSynchronize", "cuda_runtime", 2600, 300),
+        # a device-to-device copy is queued, not waited for (torch.sort's): not a sync
+        dict(_x("cudaMemcpyAsync", "cuda_runtime", 2700, 50), args={"correlation": 7}),
+        dict(_x("Memcpy DtoD (Device -> Device)", "gpu_memcpy", 3000, 1), args={"correlation": 7}),
+        # a device-to-host copy is
+        dict(_x("cudaMemcpyAsync", "cuda_runtime", 2800, 100), args={"correlation": 8}),
+        dict(_x("Memcpy DtoH (Device -> Pageable)", "gpu_memcpy", 3001, 1), args={"correlation": 8}),
         {"ph": "i", "name": "marker", "ts": 10},         # not a complete event: ignored
     ]}))
     s = summarize(trace)
     assert s["span_ms"] == pytest.approx(3.5)
     assert s["device_busy_ms"] == pytest.approx(2.5)
     assert s["idle_ms"] == pytest.approx(1.0)
-    assert s["sync_calls"] == 1 and s["sync_wait_ms"] == pytest.approx(0.3)
+    assert s["sync_calls"] == 2 and s["sync_wait_ms"] == pytest.approx(0.4)
     assert s["gaps"] == [{"ms": 1.0, "at_ms": 2.0, "host_op": "opt"}]
 
 
