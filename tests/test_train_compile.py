@@ -1,7 +1,10 @@
-"""train.compile=true: the compiled model trains to the same per-step losses and gradient norms as the eager one.
+"""train.compile=true: the compiled model trains to the same per-step losses and gradient norms as the eager one;
+so does train.cuda_graphs=true, whose gradient buffers and graph generations (torch itself skips CUDA graphs on a
+CPU) must not change what DeepSpeed accumulates over the micro-batches.
 
 CPU, one rank, the Triton expert backend under TRITON_INTERPRET=1 (compile needs it: see the trainer's check).
-Inductor compiles the forward and backward once (no eval, no expert statistics), which takes a few minutes here."""
+Inductor compiles the forward and backward once per compiled run (no eval, no expert statistics), which takes a few
+minutes here."""
 from __future__ import annotations
 
 import pytest
@@ -13,17 +16,20 @@ from dist_harness import Ranks, data_dir, read_jsonl, run_train, tiny_overrides,
 def test_compiled_training_matches_eager(tmp_path, data_dir):
     curves = {}
     cache = tmp_path / "inductor_cache"
-    for mode in ("false", "true"):
+    modes = {"false": {"train.compile": "false"}, "true": {"train.compile": "true"},
+             "graphs": {"train.compile": "true", "train.cuda_graphs": "true"}}
+    for mode, extra in modes.items():
+        # ZeRO-1 and 4 micro-batches per step: DeepSpeed leaves the gradients in param.grad between them
         over = tiny_overrides(data_dir, tmp_path / mode, **{
-            "train.steps": 2, "train.compile": mode, "expert_backend": "triton", "eval.at_end": "false",
-            "log.expert_stats_every": 0, "deepspeed_config": "ds_configs/zero1.json"})
+            "train.steps": 2, "expert_backend": "triton", "eval.at_end": "false", "log.expert_stats_every": 0,
+            "deepspeed_config": "ds_configs/zero1.json", **extra})
         env = {"TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
         with Ranks(train_argv(None, *over), 1, tmp_path / f"logs_{mode}", env) as job:
             rcs = job.wait(900)
             assert rcs == [0], job.report(rcs)
         rows = read_jsonl(tmp_path / mode)
         curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"]) for s in sorted(rows)]
-    assert len(curves["true"]) == 2
+    assert len(curves["true"]) == 2 and curves["graphs"] == curves["true"]
     # the trainer compiled without Inductor's on-disk graph caches (compile_without_graph_cache): nothing cached
     assert cache.is_dir() and any(cache.iterdir()), "Inductor wrote nothing there: the run used another cache"
     assert not any(p.is_file() for sub in ("fxgraph", "aotautograd") for p in (cache / sub).rglob("*")), \

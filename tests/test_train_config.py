@@ -28,6 +28,7 @@ OK = ["data.path=/some/data"]
     (OK + ["model.n_layers=5"], "n_layers=5 is not divisible by group_size=2"),
     (OK + ["model.colour=3"], "model: .*colour"),
     (OK + ["train.steps"], "is not key=value"),
+    (OK + ["train.cuda_graphs=true"], "train.cuda_graphs=true replays torch.compile's graphs: set train.compile"),
 ])
 def test_invalid_config_messages(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -73,3 +74,20 @@ def test_schedule_warmup_then_cosine_to_min():
     assert lr_factor(0, 0, 100, 0.1) == pytest.approx(1.0)
     mid = lr_factor(4 + 95 // 2, 4, 100, 0.1)
     assert 0.5 < mid < 0.6
+
+
+def test_cuda_graphs_ds_config():
+    """CUDA graphs turn DeepSpeed's throughput timer off (it syncs inside the traced forward) and refuse ZeRO-2
+    without contiguous gradients (DeepSpeed would keep the graphs' gradient outputs across micro-batches)."""
+    from moeut_ds.train.loop import build_ds_config
+
+    graphs = OK + ["train.compile=true", "train.cuda_graphs=true"]
+    ds = build_ds_config(load_run_config(None, graphs + ["deepspeed_config=ds_configs/zero2_bf16.json"]), 1)
+    assert ds["timers"]["throughput"]["enabled"] is False
+    assert "timers" not in build_ds_config(load_run_config(None, OK + ["train.compile=true"]), 1)
+    split = graphs + ["deepspeed_config=ds_configs/zero2.json",
+                      "deepspeed_overrides.zero_optimization.contiguous_gradients=false"]
+    with pytest.raises(ConfigError, match="cuda_graphs=true at ZeRO-2 needs contiguous_gradients"):
+        build_ds_config(load_run_config(None, split), 1)
+    ds = build_ds_config(load_run_config(None, split[:-1] + [split[-1].replace("=false", "=true")]), 1)
+    assert ds["zero_optimization"]["contiguous_gradients"] is True

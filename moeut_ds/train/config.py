@@ -45,6 +45,7 @@ class TrainSection:
     micro_batch: int = 64               # sequences per rank per forward/backward
     max_bad_steps: int = 5              # stop after this many non-finite steps in a row
     compile: bool = False               # torch.compile the model (nn.Module.compile); ZeRO-0/1/2, no expert parallelism
+    cuda_graphs: bool = False           # with compile: replay the compiled graphs as CUDA graphs (experimental, below)
     activation_checkpointing: bool = False  # recompute each layer application in backward: less memory, ~1/3 more compute
 
 
@@ -140,6 +141,8 @@ class RunConfig:
             sec, name = key.split(".")
             val = getattr(getattr(self, sec), name)
             need(isinstance(val, int) and val >= 1, f"{key}={val!r}: must be a positive integer")
+        need(self.train.compile or not self.train.cuda_graphs,
+             "train.cuda_graphs=true replays torch.compile's graphs: set train.compile=true as well")
         need(self.train.micro_batch <= self.train.global_batch,
              f"train.micro_batch={self.train.micro_batch} > train.global_batch={self.train.global_batch}: the micro "
              f"batch is per rank and must not exceed the global batch")

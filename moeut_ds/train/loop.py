@@ -67,6 +67,15 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                    "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay,
                                                    "torch_adam": True}}
+    if cfg.train.cuda_graphs:
+        # DeepSpeed's throughput timer synchronises the device from a forward pre-hook, which model.compile() traces
+        # into the graph, and a CUDA graph cannot capture a sync (docs/CUDA_GRAPHS.md)
+        ds["timers"] = {**ds.get("timers", {}), "throughput": {"enabled": False}}
+        zero = ds.get("zero_optimization", {})
+        if zero.get("stage", 0) == 2 and not zero.get("contiguous_gradients", True):
+            raise ConfigError(f"deepspeed_config {path}: train.cuda_graphs=true at ZeRO-2 needs contiguous_gradients "
+                              f"(without it DeepSpeed keeps the graphs' gradient outputs across micro-batches, and "
+                              f"the next replay overwrites them): set it to true or train.cuda_graphs=false")
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -108,18 +117,18 @@ def validation_loss(model, batches, device: torch.device) -> tuple[float, int]:
     return float(total[0] / total[1].clamp_min(1)), int(total[1])
 
 
-def compile_without_graph_cache(model: torch.nn.Module) -> None:
+def compile_without_graph_cache(model: torch.nn.Module, mode: Optional[str] = None) -> None:
     """model.compile() in place (parameter names and checkpoints stay those of the eager model), with Inductor's
     on-disk FX-graph and AOTAutograd caches off for this process. Their keys miss things the cached code assumes:
     on an H200 a graph that a plain torch.compile of dense-244M had cached crashed this trainer's first forward
     (CUBLAS_STATUS_INTERNAL_ERROR), and one cached by an older checkout called a custom op with its old schema
     (docs/KERNELS.md, "A stale compile cache"). Every start compiles afresh (~1 min at 244M); Triton's kernel
-    cache, keyed by the kernel source, stays on."""
+    cache, keyed by the kernel source, stays on. mode: torch.compile's (reduce-overhead: CUDA graphs)."""
     import torch._functorch.config
     import torch._inductor.config
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    model.compile()
+    model.compile(mode=mode)
 
 
 class StopFlag:
@@ -208,7 +217,10 @@ class Trainer:
                 raise ConfigError("train.compile=true needs the triton expert backend (expert_backend=triton or auto "
                                   "on a GPU): the reference backend's data-dependent shapes break the graph, and "
                                   "torch's CPU Inductor crashes on the pieces; set train.compile=false")
-            compile_without_graph_cache(model)
+            compile_without_graph_cache(model, "reduce-overhead" if cfg.train.cuda_graphs else None)
+            if cfg.train.cuda_graphs:
+                self.log("CUDA graphs on (experimental: docs/CUDA_GRAPHS.md)"
+                         + ("" if d.device.type == "cuda" else "; torch skips them on this device"))
         opt = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config,
@@ -268,6 +280,8 @@ class Trainer:
         reg_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self.stage0_norm = None
         for micro in range(self.accum):
+            if cfg.train.cuda_graphs:
+                self._new_graph_generation(micro)
             batch = next(self.loader).to(self.device, non_blocking=True)
             out = engine(batch[:, :-1], return_router_logits=self.want_usage)
             ce = cross_entropy(out.logits, batch[:, 1:])
@@ -297,6 +311,18 @@ class Trainer:
         loss, reg = float(flags[0]) / world, float(flags[1]) / world
         bad = flags[2].item() > 0 or not math.isfinite(loss)
         return loss, reg, bad, flags[3].item() > 0
+
+    def _new_graph_generation(self, micro: int) -> None:
+        """Before each micro-batch under CUDA graphs: a new graph generation (the graphs may now overwrite the last
+        micro-batch's outputs), and before the first, at ZeRO-0/1, zeroed gradients of our own. At those stages
+        DeepSpeed leaves the gradients in param.grad until the last micro-batch, and autograd would adopt the
+        backward graph's static output as param.grad, which the next replay overwrites. ZeRO-2 copies each
+        gradient out within its own backward, and sets param.grad to None after it (docs/CUDA_GRAPHS.md)."""
+        torch.compiler.cudagraph_mark_step_begin()
+        if micro == 0 and self.zero_stage < 2:
+            for p in self.engine.module.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)    # fresh each step: at ZeRO-1 DeepSpeed rebinds .grad.data
 
     def _stage0_grad_norm(self) -> float:
         """ZeRO-0 neither reports nor checks the norm: compute it before the update, refuse a non-finite one."""
