@@ -4,10 +4,11 @@ CPU) must not change what DeepSpeed accumulates over the micro-batches.
 
 CPU, one rank, the Triton expert backend under TRITON_INTERPRET=1 (compile needs it: see the trainer's check).
 Inductor compiles the forward and backward once per compiled run (no eval, no expert statistics), which takes a few
-minutes here."""
+minutes here. The last test needs a CUDA GPU: there the graphs are replayed for real."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dist_harness import Ranks, data_dir, read_jsonl, run_train, tiny_overrides, train_argv  # noqa: F401
 
@@ -46,3 +47,29 @@ def test_compile_refusals(tmp_path, data_dir, extra, message):
     over = tiny_overrides(data_dir, tmp_path / "run", **{"train.compile": "true", **extra})
     job = run_train(tmp_path, 1, *over, expect=2)
     assert message in job.output()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (CPU: the test above runs "
+                    "the same gradient handling without the graphs)")
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero0.json", "ds_configs/zero1_bf16.json",
+                                       "ds_configs/zero2_bf16.json"])
+def test_cuda_graphs_train_like_compiled_on_gpu(tmp_path, data_dir, ds_config):
+    """On a GPU, train.cuda_graphs replays the graphs (torch logs no skip) and gives the compiled run's losses and
+    gradient norms over steps whose micro-batches replay them: a gradient adopted from a graph's static output
+    and overwritten by the next replay would change the norms."""
+    curves = {}
+    for mode, extra in {"compiled": {}, "graphs": {"train.cuda_graphs": "true"}}.items():
+        over = tiny_overrides(data_dir, tmp_path / mode, **{
+            "train.steps": 4, "train.compile": "true", "expert_backend": "triton", "eval.at_end": "false",
+            "log.expert_stats_every": 0, "deepspeed_config": ds_config, **extra})
+        env = {"CUDA_VISIBLE_DEVICES": "0", "DS_ACCELERATOR": "cuda", "TORCH_LOGS": "perf_hints"}
+        with Ranks(train_argv(None, *over), 1, tmp_path / f"logs_{mode}", env) as job:
+            rcs = job.wait(900)
+            assert rcs == [0], job.report(rcs)
+            log = job.logs[0].read_text(errors="replace")
+            assert "skipping cudagraphs" not in log, log[-3000:]
+        rows = read_jsonl(tmp_path / mode)
+        curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"]) for s in sorted(rows)]
+    assert len(curves["graphs"]) == 4
+    for (loss_g, norm_g), (loss_c, norm_c) in zip(curves["graphs"], curves["compiled"]):
+        assert loss_g == pytest.approx(loss_c, rel=1e-5) and norm_g == pytest.approx(norm_c, rel=1e-4), curves
