@@ -9,11 +9,12 @@ If 64 sequences do not fit in memory, the step runs as 2 or 4 micro-batches with
 says which); --micro 16 asks for 16 x 4, the micro-batch of a 4-GPU run at the paper's global batch, where MoEUT is
 host-bound (docs/PERFORMANCE.md, twenty-first session). Per variant: median ms/step over the timed steps (CUDA
 events, after warm-up; compile time reported separately), tokens/s, steady-state peak memory
-(torch.cuda.max_memory_allocated), host syncs in one steady step (torch.cuda.set_sync_debug_mode). Also: a quick correctness check (triton vs reference backend forward loss; eager
-vs compiled loss and gradient norm), and a torch.profiler breakdown of one eager MoEUT step (kernel time by category
-and top kernels; with --profile-compiled also of each compiled step, and with --trace its Chrome trace for
-bench/trace_gaps.py, trace_*.json). --compile-mode passes torch.compile's mode (reduce-overhead: CUDA graphs,
-a graph generation per micro-batch, gradients accumulated in buffers allocated once).
+(torch.cuda.max_memory_allocated), host syncs in one steady step (torch.cuda.set_sync_debug_mode). Also: a quick
+correctness check (triton vs reference backend forward loss; eager vs compiled loss and gradient norm), and a
+torch.profiler breakdown of one eager MoEUT step (kernel time by category and top kernels; with --profile-compiled
+also of each compiled step, and with --trace its Chrome trace for bench/trace_gaps.py, trace_*.json).
+--compile-mode passes torch.compile's mode (reduce-overhead: CUDA graphs, a graph generation per micro-batch,
+gradients accumulated in buffers allocated once).
 Variants run in order of importance and stop when --budget-s is spent.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ class TrainSection:
     micro_batch: int = 64               # sequences per rank per forward/backward
     max_bad_steps: int = 5              # stop after this many non-finite steps in a row
     compile: bool = False               # torch.compile the model (nn.Module.compile); ZeRO-0/1/2, no expert parallelism
-    cuda_graphs: bool = False           # with compile: replay its graphs as CUDA graphs (experimental: docs/CUDA_GRAPHS.md)
+    cuda_graphs: bool = False           # with compile: its graphs replayed as CUDA graphs (docs/CUDA_GRAPHS.md)
     activation_checkpointing: bool = False  # recompute each layer application in backward: less memory, ~1/3 more compute
 
 
