@@ -54,22 +54,29 @@ def test_compile_refusals(tmp_path, data_dir, extra, message):
 @pytest.mark.parametrize("ds_config", ["ds_configs/zero0.json", "ds_configs/zero1_bf16.json",
                                        "ds_configs/zero2_bf16.json"])
 def test_cuda_graphs_train_like_compiled_on_gpu(tmp_path, data_dir, ds_config):
-    """On a GPU, train.cuda_graphs replays the graphs (torch logs no skip) and gives the compiled run's losses and
-    gradient norms over steps whose micro-batches replay them: a gradient adopted from a graph's static output
-    and overwritten by the next replay would change the norms."""
+    """On a GPU, train.cuda_graphs replays the graphs (torch logs no skip) and gives the compiled run's losses,
+    gradient norms and validation losses over steps whose micro-batches replay them: a gradient adopted from a
+    graph's static output and overwritten by the next replay would change the norms. Validation (4 batches, twice)
+    records its graph once, not once per batch."""
     curves = {}
     for mode, extra in {"compiled": {}, "graphs": {"train.cuda_graphs": "true"}}.items():
         over = tiny_overrides(data_dir, tmp_path / mode, **{
-            "train.steps": 4, "train.compile": "true", "expert_backend": "triton", "eval.at_end": "false",
-            "log.expert_stats_every": 0, "deepspeed_config": ds_config, **extra})
-        env = {"CUDA_VISIBLE_DEVICES": "0", "DS_ACCELERATOR": "cuda", "TORCH_LOGS": "perf_hints"}
+            "train.steps": 4, "train.compile": "true", "expert_backend": "triton", "eval.every": 2,
+            "eval.at_end": "true", "eval.batch": 4, "eval.max_windows": 16, "log.expert_stats_every": 2,
+            "deepspeed_config": ds_config, **extra})
+        env = {"CUDA_VISIBLE_DEVICES": "0", "DS_ACCELERATOR": "cuda", "TORCH_LOGS": "perf_hints,cudagraphs"}
         with Ranks(train_argv(None, *over), 1, tmp_path / f"logs_{mode}", env) as job:
             rcs = job.wait(900)
             assert rcs == [0], job.report(rcs)
             log = job.logs[0].read_text(errors="replace")
             assert "skipping cudagraphs" not in log, log[-3000:]
+        if mode == "graphs":   # the training forward and backward, and the validation forward
+            recorded = log.count("Recording function=")
+            assert 3 <= recorded <= 4, f"{recorded} CUDA graphs recorded"
         rows = read_jsonl(tmp_path / mode)
-        curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"]) for s in sorted(rows)]
-    assert len(curves["graphs"]) == 4
-    for (loss_g, norm_g), (loss_c, norm_c) in zip(curves["graphs"], curves["compiled"]):
+        curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"], rows[s].get("val/loss"))
+                        for s in sorted(rows)]
+    assert len(curves["graphs"]) == 4 and None not in (curves["graphs"][1][2], curves["graphs"][3][2])
+    for (loss_g, norm_g, val_g), (loss_c, norm_c, val_c) in zip(curves["graphs"], curves["compiled"]):
         assert loss_g == pytest.approx(loss_c, rel=1e-5) and norm_g == pytest.approx(norm_c, rel=1e-4), curves
+        assert val_g == pytest.approx(val_c, rel=1e-5), curves

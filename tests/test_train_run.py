@@ -121,6 +121,16 @@ def test_nan_loss_skips_step_then_stops(tmp_path, data_dir):
     assert "3 non-finite steps in a row" in job.output()
 
 
+@pytest.mark.slow
+def test_step_time_leaves_out_saves_and_validation(tmp_path, data_dir):
+    """perf/step_time_s (and tokens/s, MFU) time training only: the save of step 2 pauses 30 s, step 3 stays fast."""
+    over = tiny_overrides(data_dir, tmp_path / "run", **{"train.steps": 4, "checkpoint.every": 2, "eval.every": 2,
+                                                         "debug.save_pause_step": 2, "log.expert_stats_every": 2})
+    run_train(tmp_path, 1, *over, timeout=200)
+    rows = read_jsonl(tmp_path / "run")
+    assert "val/loss" in rows[2] and rows[3]["perf/step_time_s"] < 10, rows[3]
+
+
 def test_expert_usage_counts_every_choice_of_every_application():
     """ExpertUsage counts the top-k experts of each token in each application (R per shared layer) exactly."""
     import torch

@@ -109,6 +109,9 @@ def validation_loss(model, batches, device: torch.device) -> tuple[float, int]:
         if dummy:
             batch = batches[0] if batches else torch.zeros(1, 2, dtype=torch.long)
         batch = batch.to(device)
+        # Under train.cuda_graphs each batch starts a graph generation (the last batch's loss is already queued
+        # above); without it torch records one more graph per batch. Anywhere else this is a no-op.
+        torch.compiler.cudagraph_mark_step_begin()
         out = model(batch[:, :-1])
         if not dummy:
             total[0] += cross_entropy(out.logits, batch[:, 1:], reduction="sum").double()
@@ -396,6 +399,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens_per_step * window_steps / elapsed:.0f}",
                                     refresh=False)
                     window_t0, window_steps = time.perf_counter(), 0
+                paused = time.perf_counter()     # statistics, validation and saves are not step time (perf/*)
                 if self.want_usage and self.step % cfg.log.expert_stats_every == 0:
                     self.log_expert_usage()
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
@@ -409,6 +413,7 @@ class Trainer:
                     break
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
+                window_t0 += time.perf_counter() - paused
                 if cfg.debug.step_sleep:
                     time.sleep(cfg.debug.step_sleep)
             else:
