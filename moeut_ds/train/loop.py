@@ -67,10 +67,11 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                    "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay,
                                                    "torch_adam": True}}
+    # DeepSpeed's throughput timer synchronises the device twice per micro-batch (in a forward pre-hook and in
+    # engine.step), which stops the host from queueing ahead, and a CUDA graph cannot capture the first (compiled,
+    # it is traced into the graph; docs/CUDA_GRAPHS.md). The trainer logs its own perf/tokens_per_s.
+    ds["timers"] = {**ds.get("timers", {}), "throughput": {"enabled": False}}
     if cfg.train.cuda_graphs:
-        # DeepSpeed's throughput timer synchronises the device from a forward pre-hook, which model.compile() traces
-        # into the graph, and a CUDA graph cannot capture a sync (docs/CUDA_GRAPHS.md)
-        ds["timers"] = {**ds.get("timers", {}), "throughput": {"enabled": False}}
         zero = ds.get("zero_optimization", {})
         if zero.get("stage", 0) == 2 and not zero.get("contiguous_gradients", True):
             raise ConfigError(f"deepspeed_config {path}: train.cuda_graphs=true at ZeRO-2 needs contiguous_gradients "
