@@ -4,7 +4,7 @@ full trainer (DeepSpeed engine, data loader, logging) vs a plain PyTorch loop of
 
     python bench/bench_trainer.py --data DIR [--models dense-244m moeut-244m] [--steps 16] [--micro 16] [--out results.json]
         [--ds-configs ds_configs/zero2_bf16.json ds_configs/zero1_bf16.json ...] [--override KEY=VALUE ...]
-        [--profile-step N] [--compile]
+        [--profile-step N] [--compile] [--cuda-graphs]
 
 Each model runs the plain loop once and the trainer once per ds config (ZeRO stage and options matter on one GPU:
 ZeRO-2 copies every gradient into its buckets even when there is nothing to reduce). The trainer logs every
@@ -12,7 +12,9 @@ ZeRO-2 copies every gradient into its buckets even when there is nothing to redu
 `--profile-step N` step N of the plain loop and of every trainer run is profiled (torch.profiler); the JSON gets
 the rank-0 top-op tables and bench/trace_gaps.py's device-busy / idle / sync summary of both, which is what tells
 GPU-side overhead (more device time) from host-side overhead (idle gaps). Pick N in the last window: the median
-ignores one slow window. `--compile` compiles the plain loop's model and sets train.compile=true.
+ignores one slow window. `--compile` compiles the plain loop's model and sets train.compile=true; `--cuda-graphs`
+(with it) compiles in reduce-overhead mode (CUDA graphs; the plain loop then accumulates into gradient buffers of its
+own and starts a graph generation per micro-batch, as bench_step does) and sets train.cuda_graphs=true.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, context: int = 1024,
-               compile_model: bool = False, profile_step: int = 0, profile_dir: Optional[Path] = None) -> list[float]:
+               compile_model: bool = False, graphs: bool = False, profile_step: int = 0,
+               profile_dir: Optional[Path] = None) -> list[float]:
     """Per-step wall times of the plain loop; step `profile_step` (1-based, 0 = none) is profiled into profile_dir."""
     from moeut_ds import LanguageModel, get_preset
     from moeut_ds.data import WindowLoader, open_dataset
@@ -45,7 +48,10 @@ def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, conte
     torch.manual_seed(0)
     model = LanguageModel(cfg).cuda().train()
     if compile_model:
-        model.compile()
+        model.compile(mode="reduce-overhead" if graphs else None)
+    if graphs:      # a replay must never overwrite a gradient autograd adopted from a graph output
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                             foreach=None)
     loader = WindowLoader(ds, context, micro, seed=0)
@@ -56,7 +62,7 @@ def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, conte
                 else contextlib.nullcontext())
         t0 = time.perf_counter()
         with prof:
-            _plain_step(model, opt, loader, cfg.vocab_size, accum)
+            _plain_step(model, opt, loader, cfg.vocab_size, accum, graphs)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     del model, opt
@@ -66,8 +72,11 @@ def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, conte
     return times
 
 
-def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader, vocab_size: int, accum: int) -> None:
+def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader, vocab_size: int, accum: int,
+                graphs: bool) -> None:
     for _ in range(accum):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         b = next(loader).cuda(non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(b[:, :-1])
@@ -75,7 +84,7 @@ def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader, voca
         (loss / accum).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=not graphs)
     loss.item()
 
 
@@ -120,10 +129,14 @@ def main() -> None:
     p.add_argument("--override", nargs="*", default=[], help="extra run-config overrides for every trainer run")
     p.add_argument("--profile-step", type=int, default=0, help="profile this step of every run (0: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in both the plain loop and trainer")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile: CUDA graphs in both")
     args = p.parse_args()
+    if args.cuda_graphs and not args.compile:
+        p.error("--cuda-graphs replays torch.compile's graphs: add --compile")
     accum = 64 // args.micro
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
                "micro_batch": args.micro, "accumulation": accum, "compile": args.compile,
+               "cuda_graphs": args.cuda_graphs,
                "date": time.strftime("%Y-%m-%d")}
     try:
         import deepspeed
@@ -131,12 +144,13 @@ def main() -> None:
     except ImportError:
         pass
     extra = list(args.override) + (["train.compile=true"] if args.compile else []) + \
+        (["train.cuda_graphs=true"] if args.cuda_graphs else []) + \
         ([f"log.profile_step={args.profile_step}"] if args.profile_step else [])
     for preset in args.models:
         plain_dir = Path(f"/tmp/bench_{preset}_plain")
         shutil.rmtree(plain_dir, ignore_errors=True)
         plain = plain_loop(preset, args.data, args.steps, args.micro, accum, compile_model=args.compile,
-                           profile_step=args.profile_step, profile_dir=plain_dir / "profile")
+                           graphs=args.cuda_graphs, profile_step=args.profile_step, profile_dir=plain_dir / "profile")
         timed = [t for i, t in enumerate(plain[3:], start=4) if i != args.profile_step]
         pm = statistics.median(timed)
         results[preset] = {"plain_ms": pm * 1e3, "plain_all_ms": [round(t * 1e3, 1) for t in plain]}
