@@ -168,7 +168,7 @@ def evaluate_cmd(name: str, out: Path, data: Path, scale: Scale, gpu: bool) -> l
 
 def read_metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "step" in r]
+    return [r for r in rows if "step" in r and "event" not in r]
 
 
 def summarize(names: list[str], out: Path, wall: dict, context: int) -> list[dict]:

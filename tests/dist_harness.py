@@ -128,11 +128,13 @@ def seed_run_from(checkpoint: Path, run_dir: Path) -> None:
 
 
 def read_jsonl(run_dir: Path) -> dict[int, dict]:
-    """Step -> the last row logged for it (a resumed run re-logs the steps after its checkpoint)."""
+    """Step -> its row in the latest run: a start or resume event at step s supersedes the rows of steps >= s that
+    an earlier run in the directory logged (a resumed run re-logs the steps after its checkpoint)."""
     rows: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "event" in row:
+            rows = {s: r for s, r in rows.items() if s < row["step"]}
             continue
         rows.setdefault(row["step"], {}).update(row)
     return rows

@@ -131,6 +131,28 @@ def test_step_time_leaves_out_saves_and_validation(tmp_path, data_dir):
     assert "val/loss" in rows[2] and rows[3]["perf/step_time_s"] < 10, rows[3]
 
 
+def test_fresh_start_supersedes_a_run_killed_before_its_first_checkpoint(tmp_path, data_dir):
+    """Such a run leaves scalars and no checkpoint; a new run there starts from scratch, and its steps replace the
+    old ones in TensorBoard (purge) and in metrics.jsonl (a start event), also the steps it never reaches."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    old = SummaryWriter(str(run / "tensorboard"))
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(1, 21):
+            old.add_scalar("train/loss", 100.0 + step, step)
+            f.write(json.dumps({"step": step, "train/loss": 100.0 + step}) + "\n")
+    old.close()
+    run_train(tmp_path, 1, *tiny_overrides(data_dir, run, **{"train.steps": 3, "log.expert_stats_every": 0}))
+    rows = read_jsonl(run)
+    assert sorted(rows) == [1, 2, 3] and all(r["train/loss"] < 100 for r in rows.values()), rows
+    ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tb = {e.step: e.value for e in ea.Scalars("train/loss")}
+    assert tb == pytest.approx({s: r["train/loss"] for s, r in rows.items()}), tb
+
+
 def test_expert_usage_counts_every_choice_of_every_application():
     """ExpertUsage counts the top-k experts of each token in each application (R per shared layer) exactly."""
     import torch

@@ -254,7 +254,7 @@ class Trainer:
         self.usage = ExpertUsage(self.mcfg, self.device)
         self.want_usage = self.usage.active and cfg.log.expert_stats_every > 0
         run_dir = Path(cfg.run_dir)
-        self.metrics = MetricsWriter(run_dir, self.rank0, purge_step=self.step + 1 if start else None)
+        self.metrics = MetricsWriter(run_dir, self.rank0, first_step=self.step + 1)
         if self.rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -33,7 +33,7 @@ def detect_peak_tflops(device: torch.device) -> Optional[float]:
 class MetricsWriter:
     """SummaryWriter + `<run_dir>/metrics.jsonl`. A no-op object on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, enabled: bool, first_step: int = 1):
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
@@ -42,11 +42,12 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step: after a resume, TensorBoard hides the events of steps the killed run logged past the checkpoint
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+        # purge_step: TensorBoard hides the events of steps >= first_step that an earlier run in this directory
+        # logged (a killed run past its checkpoint, or one killed before its first checkpoint, then started afresh)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if purge_step is not None:
-            self.jsonl.write(json.dumps({"event": "resume", "step": purge_step, "time": time.time()}) + "\n")
+        event = "start" if first_step == 1 else "resume"
+        self.jsonl.write(json.dumps({"event": event, "step": first_step, "time": time.time()}) + "\n")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
