@@ -95,6 +95,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loader batch onto the device without waiting for it: a copy from pageable host memory may synchronise
+    with the stream (CUDA's API notes), one from pinned memory is queued like a kernel."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def validation_loss(model, batches, device: torch.device) -> tuple[float, int]:
     """Mean token cross-entropy over this rank's batches, all-reduced over ranks; returns (loss, tokens)."""
@@ -109,7 +117,7 @@ def validation_loss(model, batches, device: torch.device) -> tuple[float, int]:
         dummy = batch is None
         if dummy:
             batch = batches[0] if batches else torch.zeros(1, 2, dtype=torch.long)
-        batch = batch.to(device)
+        batch = to_device(batch, device)
         # Under train.cuda_graphs each batch starts a graph generation (the last batch's loss is already queued
         # above); without it torch records one more graph per batch. Anywhere else this is a no-op.
         torch.compiler.cudagraph_mark_step_begin()
@@ -286,7 +294,7 @@ class Trainer:
         for micro in range(self.accum):
             if cfg.train.cuda_graphs:
                 self._new_graph_generation(micro)
-            batch = next(self.loader).to(self.device, non_blocking=True)
+            batch = to_device(next(self.loader), self.device)
             out = engine(batch[:, :-1], return_router_logits=self.want_usage)
             ce = cross_entropy(out.logits, batch[:, 1:])
             loss = ce + out.reg_loss
