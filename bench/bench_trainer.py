@@ -12,7 +12,8 @@ ZeRO-2 copies every gradient into its buckets even when there is nothing to redu
 `--profile-step N` step N of the plain loop and of every trainer run is profiled (torch.profiler); the JSON gets
 the rank-0 top-op tables and bench/trace_gaps.py's device-busy / idle / sync summary of both, which is what tells
 GPU-side overhead (more device time) from host-side overhead (idle gaps). Pick N in the last window: the median
-ignores one slow window. `--compile` compiles the plain loop's model and sets train.compile=true; `--cuda-graphs`
+ignores one slow window. `--compile` compiles the plain loop's model and sets train.compile=true (without it both
+run eager, whatever the config says); `--cuda-graphs`
 (with it) compiles in reduce-overhead mode (CUDA graphs; the plain loop then accumulates into gradient buffers of its
 own and starts a graph generation per micro-batch, as bench_step does) and sets train.cuda_graphs=true.
 """
@@ -143,7 +144,7 @@ def main() -> None:
         results["deepspeed"] = deepspeed.__version__
     except ImportError:
         pass
-    extra = list(args.override) + (["train.compile=true"] if args.compile else []) + \
+    extra = list(args.override) + [f"train.compile={str(args.compile).lower()}"] + \
         (["train.cuda_graphs=true"] if args.cuda_graphs else []) + \
         ([f"log.profile_step={args.profile_step}"] if args.profile_step else [])
     for preset in args.models:
