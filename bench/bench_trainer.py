@@ -13,9 +13,9 @@ ZeRO-2 copies every gradient into its buckets even when there is nothing to redu
 the rank-0 top-op tables and bench/trace_gaps.py's device-busy / idle / sync summary of both, which is what tells
 GPU-side overhead (more device time) from host-side overhead (idle gaps). Pick N in the last window: the median
 ignores one slow window. `--compile` compiles the plain loop's model and sets train.compile=true (without it both
-run eager, whatever the config says); `--cuda-graphs`
-(with it) compiles in reduce-overhead mode (CUDA graphs; the plain loop then accumulates into gradient buffers of its
-own and starts a graph generation per micro-batch, as bench_step does) and sets train.cuda_graphs=true.
+run eager, whatever the config says); `--cuda-graphs` (with it) compiles in reduce-overhead mode (CUDA graphs; the
+plain loop then accumulates into gradient buffers of its own and starts a graph generation per micro-batch, as
+bench_step does) and sets train.cuda_graphs=true.
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def test_schedule_warmup_then_cosine_to_min():
     assert 0.5 < mid < 0.6
 
 
-def test_cuda_graphs_ds_config():
+def test_ds_config_timer_off_and_cuda_graphs_checks():
     """DeepSpeed's throughput timer is off in every run (it syncs the device per micro-batch, inside the traced
     forward when compiled); CUDA graphs refuse ZeRO-2 without contiguous gradients (DeepSpeed would keep the
     graphs' gradient outputs across micro-batches)."""
