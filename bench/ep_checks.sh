@@ -45,13 +45,13 @@ descendants() {  # descendants PID: PID and every process below it (torchrun sta
 }
 
 train_until() {   # train_until RUN_DIR STEPS SECONDS LOCAL_SH_ARGS...: a trainer run, killed (with every process
-  local run=$1 steps=$2 limit=$3 n=0; shift 3   # below it) once metrics.jsonl has STEPS lines or after SECONDS
+  local run=$1 steps=$2 limit=$3 n=0; shift 3   # below it) once metrics.jsonl has STEPS steps or after SECONDS
   echo "== $(basename "$run") ($(date -u +%T))"
   MOEUT_PYTHON=$py bash launch/local.sh "$@" run_dir="$run" > "$run.log" 2>&1 &
   local pid=$! t0; t0=$(date +%s)
   while kill -0 "$pid" 2> /dev/null; do
     sleep 2
-    [ -f "$run/metrics.jsonl" ] && n=$(wc -l < "$run/metrics.jsonl")
+    [ -f "$run/metrics.jsonl" ] && n=$(grep -c '"train/loss"' "$run/metrics.jsonl")
     if [ "$n" -ge "$steps" ] || [ $(($(date +%s) - t0)) -ge "$limit" ]; then
       # shellcheck disable=SC2046  # one PID per word
       kill -9 $(descendants "$pid") 2> /dev/null; break
@@ -68,6 +68,8 @@ train_until() {   # train_until RUN_DIR STEPS SECONDS LOCAL_SH_ARGS...: a traine
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    if "train/loss" not in r:   # the start event, validation rows
+        continue
     print("STEP", json.dumps({k: v for k, v in r.items() if k in (
         "step", "train/loss", "perf/step_time_s", "perf/tokens_per_s", "mem/gpu_peak_gib")}))
 PY
