@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from moeut_ds import LanguageModel, get_preset  # noqa: E402
 from moeut_kernels import grouped  # noqa: E402
 
-from bench_utils import count_syncs  # noqa: E402
+from bench_utils import count_syncs, own_grad_buffers  # noqa: E402
 
 BATCH, SEQ = 64, 1024
 DEV = "cuda"
@@ -75,12 +75,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         self.micro = micro
         self.inp, self.tgt = make_batch(self.model.cfg.vocab_size)
-        # CUDA graphs: gradients accumulate into buffers of our own, never into a graph's static output that
-        # autograd would adopt as .grad and the next micro-batch's replay would overwrite
         self.graphs = compile_model and COMPILE_MODE == "reduce-overhead"
         if self.graphs:
-            for p in self.model.parameters():
-                p.grad = torch.zeros_like(p)
+            own_grad_buffers(self.model)
 
     def step(self, record: Optional[dict] = None) -> None:
         """One optimizer step; with `record`, also store the loss and the gradient norm (host syncs: first step)."""

@@ -44,15 +44,16 @@ def plain_loop(preset: str, data: str, steps: int, micro: int, accum: int, conte
     from moeut_ds.data import WindowLoader, open_dataset
     from moeut_ds.train.profiling import profile_step as profiled
 
+    from bench_utils import own_grad_buffers
+
     ds = open_dataset(data, "train")
     cfg = get_preset(preset).replace(vocab_size=ds.vocab_size)
     torch.manual_seed(0)
     model = LanguageModel(cfg).cuda().train()
     if compile_model:
         model.compile(mode="reduce-overhead" if graphs else None)
-    if graphs:      # a replay must never overwrite a gradient autograd adopted from a graph output
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
+    if graphs:
+        own_grad_buffers(model)
     opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                             foreach=None)
     loader = WindowLoader(ds, context, micro, seed=0)

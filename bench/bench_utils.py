@@ -22,3 +22,11 @@ def count_syncs(fn: Callable[[], object], warm: bool = True) -> int:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     return sum("called a synchronizing" in str(w.message) for w in caught)
+
+
+def own_grad_buffers(model: torch.nn.Module) -> None:
+    """For CUDA graphs (torch.compile reduce-overhead) with gradient accumulation: zeroed .grad buffers of our own,
+    allocated once, so autograd accumulates into them and never adopts a graph's static gradient output as .grad,
+    which the next micro-batch's replay would overwrite. Zero them with zero_grad(set_to_none=False) after a step."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)

@@ -231,7 +231,7 @@ class Trainer:
                                   "torch's CPU Inductor crashes on the pieces; set train.compile=false")
             compile_without_graph_cache(model, "reduce-overhead" if cfg.train.cuda_graphs else None)
             if cfg.train.cuda_graphs:
-                self.log("CUDA graphs on (experimental: docs/CUDA_GRAPHS.md)"
+                self.log("CUDA graphs on (docs/CUDA_GRAPHS.md)"
                          + ("" if d.device.type == "cuda" else "; torch skips them on this device"))
         opt = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
