@@ -56,6 +56,15 @@ class ModelConfig:
         n = int(self.rotate_fraction * self.d_head)
         return n - n % 2
 
+    @property
+    def routers(self) -> dict[str, int]:
+        """Each distinct layer's routers and the experts each addresses: {"ff": N_E, "v": H*N_A, "o": H*N_A}
+        (SwitchHead's only with N_A > 1; none for dense)."""
+        if self.arch != "moeut":
+            return {}
+        att = {"v": self.n_heads * self.att_n_experts, "o": self.n_heads * self.att_n_experts}
+        return {"ff": self.ff_n_experts, **(att if self.att_n_experts > 1 else {})}
+
     def layer_schedule(self) -> list[int]:
         """Index of the distinct layer used at each of the L applications ("abab" or "aabb")."""
         if self.arch == "dense":

@@ -116,7 +116,7 @@ def test_switchhead_matches_naive_loop():
     att = SwitchHead(d_model=16, n_heads=3, d_head=10, n_experts=4, k=2)
     att.reset_parameters(1.0)
     xn, x = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
-    got, _, _ = att(xn, x, BACKEND, rope_tables(4, 10000.0, 7))
+    got, *_ = att(xn, x, BACKEND, rope_tables(4, 10000.0, 7))
     torch.testing.assert_close(got, naive_switchhead(att, xn, x), rtol=1e-5, atol=1e-5)
 
 
@@ -143,6 +143,48 @@ def test_model_rope_tables_are_buffers_sliced_by_position():
         got, want = model.rope(offset, seq), rope_tables(n_rot, base, seq, offset)
         assert got[0].shape == (seq, n_rot)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_expert_counts_are_the_top_k_of_every_application(dropout):
+    """return_expert_counts: per distinct layer and router, how often each expert was chosen over the layer's R
+    applications, equal to the top-k of the router logits each application returned (per head for SwitchHead,
+    ids head * N_A + e); under expert dropout still K choices per token and router."""
+    cfg = tiny_cfg(ff_expert_dropout=dropout, att_expert_dropout=dropout)
+    model = LanguageModel(cfg, "reference").train()
+    logits = {g: {"ff": [], "v": [], "o": []} for g in range(len(model.layers))}
+    for g, layer in enumerate(model.layers):
+        layer.ffn.register_forward_hook(lambda m, a, o, g=g: logits[g]["ff"].append(o[1]))
+        layer.attention.register_forward_hook(
+            lambda m, a, o, g=g: logits[g]["v"].append(o[2]["v"]) or logits[g]["o"].append(o[2]["o"]))
+    bsz, seq = 2, 5
+    torch.manual_seed(0)
+    out = model(torch.randint(0, 50, (bsz, seq)), return_expert_counts=True)
+    n_att = cfg.n_heads * cfg.att_n_experts
+    for g, layer_counts in enumerate(out.expert_counts):
+        assert set(layer_counts) == {"ff", "v", "o"}
+        assert all(c.dtype == torch.int32 for c in layer_counts.values())
+        reps = len(logits[g]["ff"])
+        assert layer_counts["ff"].sum() == reps * bsz * seq * cfg.ff_k
+        assert layer_counts["v"].sum() == reps * bsz * seq * cfg.n_heads * cfg.att_k
+        if dropout:
+            continue                     # which experts were dropped is the model's random draw
+        want_ff = torch.zeros(cfg.ff_n_experts, dtype=torch.int32)
+        for s in logits[g]["ff"]:
+            for row in s.reshape(-1, cfg.ff_n_experts):
+                want_ff[row.argsort(descending=True)[:cfg.ff_k]] += 1
+        assert torch.equal(layer_counts["ff"], want_ff)
+        for kind in ("v", "o"):
+            want = torch.zeros(n_att, dtype=torch.int32)
+            for s in logits[g][kind]:
+                for tok in s.reshape(-1, cfg.n_heads, cfg.att_n_experts):
+                    for h in range(cfg.n_heads):
+                        want[h * cfg.att_n_experts + tok[h].argsort(descending=True)[:cfg.att_k]] += 1
+            assert torch.equal(layer_counts[kind], want)
+    assert model(torch.randint(0, 50, (bsz, seq))).expert_counts is None
+    dense = LanguageModel(ModelConfig(arch="dense", vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_head=8,
+                                      d_ff=32), "reference")
+    assert dense(torch.randint(0, 50, (1, 3)), return_expert_counts=True).expert_counts == [{}, {}]
 
 
 def tiny_cfg(**kw) -> ModelConfig:

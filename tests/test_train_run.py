@@ -153,30 +153,27 @@ def test_fresh_start_supersedes_a_run_killed_before_its_first_checkpoint(tmp_pat
     assert tb == pytest.approx({s: r["train/loss"] for s, r in rows.items()}), tb
 
 
-def test_expert_usage_counts_every_choice_of_every_application():
-    """ExpertUsage counts the top-k experts of each token in each application (R per shared layer) exactly."""
+def test_expert_usage_sums_the_models_counts_over_micro_batches():
+    """ExpertUsage adds each micro-batch's per-layer counts (fp64 on the device) and summarize() resets them."""
     import torch
 
+    from moeut_ds import LanguageModel
     from moeut_ds.train.metrics import ExpertUsage
 
-    cfg = get_preset("moeut-tiny")
+    cfg = get_preset("moeut-tiny").replace(vocab_size=64)
+    model = LanguageModel(cfg, "reference").train()
     usage = ExpertUsage(cfg, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    n_ff, n_att = cfg.ff_n_experts, cfg.att_n_experts
-    logs = [{"ff": [torch.randn(2, 5, n_ff, generator=gen) for _ in range(3)],
-             "v": [torch.randn(2, 5, cfg.n_heads, n_att, generator=gen) for _ in range(3)], "o": []}
-            for _ in range(cfg.n_distinct_layers)]
-    usage.update(logs)
-    for g, log in enumerate(logs):
-        want_ff = torch.zeros(n_ff, dtype=torch.float64)
-        for s in log["ff"]:
-            for row in s.reshape(-1, n_ff):
-                want_ff[row.argsort(descending=True)[:cfg.ff_k]] += 1
-        want_v = torch.zeros(cfg.n_heads * n_att, dtype=torch.float64)
-        for s in log["v"]:
-            for tok in s.reshape(-1, cfg.n_heads, n_att):
-                for h in range(cfg.n_heads):
-                    want_v[h * n_att + tok[h].argsort(descending=True)[:cfg.att_k]] += 1
-        assert torch.equal(usage.counts["ff"][g], want_ff)
-        assert torch.equal(usage.counts["v"][g], want_v)
-        assert usage.counts["o"][g].sum() == 0
+    assert set(usage.counts) == set(cfg.routers)
+    want = {k: torch.zeros_like(c) for k, c in usage.counts.items()}
+    for seed in range(3):
+        out = model(torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(seed)),
+                    return_expert_counts=True)
+        usage.update(out.expert_counts)
+        for g, layer in enumerate(out.expert_counts):
+            for kind, c in layer.items():
+                want[kind][g] += c.double()
+    for kind in want:
+        assert torch.equal(usage.counts[kind], want[kind]) and want[kind].sum() > 0
+    scalars, images = usage.summarize()
+    assert all(c.sum() == 0 for c in usage.counts.values())
+    assert set(images) == {f"experts/usage_{k}" for k in cfg.routers}

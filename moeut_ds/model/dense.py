@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeut_ds.config import ModelConfig
+from moeut_ds.model.moeut_layer import LayerOutput
 from moeut_ds.model.rope import RopeTables, rotated_heads
 from moeut_ds.model.switchhead import KVCache, attend
 
@@ -39,8 +40,8 @@ class DenseLayer(nn.Module):
         return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, backend, rope: Optional[RopeTables], cache: Optional[KVCache] = None
-                ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor]]:
-        """Same signature as MoEUTLayer (no routers: the logits dict is empty)."""
+                ) -> LayerOutput:
+        """Same signature as MoEUTLayer (no routers: the logits and chosen-experts dicts are empty)."""
         xn = self.ln_att(x)
         scale = self.d_head ** -0.25
         q = rotated_heads(self.w_q(xn), self.n_heads, scale, rope)
@@ -52,4 +53,4 @@ class DenseLayer(nn.Module):
             cache = {"k": k, "v": v}
         x = x + self.w_o(attend(q, k, v).transpose(1, 2).flatten(2))
         x = x + self.ff_down(F.relu(self.ff_up(self.ln_ff(x))))
-        return x, cache, {}
+        return x, cache, {}, {}

@@ -18,6 +18,7 @@ from moeut_ds.model.rope import TABLE_POSITIONS, RopeTables, rope_tables
 from moeut_ds.model.switchhead import KVCache
 
 RouterLog = dict[str, list[torch.Tensor]]   # {"ff"|"v"|"o": router logits of each application}
+ExpertCounts = dict[str, torch.Tensor]       # {"ff"|"v"|"o": int32 [experts]: pairs routed to each expert}
 
 
 @dataclass
@@ -25,7 +26,16 @@ class LMOutput:
     logits: torch.Tensor                            # [B, T, V]
     reg_loss: torch.Tensor                          # entropy regulariser (0 outside training and for dense)
     cache: Optional[list[KVCache]] = None           # one KV cache per layer application
-    router_logits: Optional[list[RouterLog]] = None  # per distinct layer, when requested
+    expert_counts: Optional[list[ExpertCounts]] = None  # per distinct layer, all its applications, when requested
+
+
+def count_choices(chosen: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many entries of `chosen` (expert ids < n_experts) name each expert: int32 [n_experts]. A scatter-add
+    rather than torch.bincount, which reads the largest id back to the host to size its output (a device sync per
+    call) and has no static shape for torch.compile."""
+    flat = chosen.reshape(-1)
+    ones = torch.ones_like(flat, dtype=torch.int32)
+    return torch.zeros(n_experts, dtype=torch.int32, device=flat.device).scatter_add_(0, flat, ones)
 
 
 class LanguageModel(nn.Module):
@@ -71,14 +81,18 @@ class LanguageModel(nn.Module):
         self.lm_head.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, cache: Optional[list[KVCache]] = None,
-                return_router_logits: bool = False) -> LMOutput:
-        """tokens [B, T] -> logits [B, T, V]. Pass cache=[] to start incremental decoding (see generation.py)."""
+                return_expert_counts: bool = False) -> LMOutput:
+        """tokens [B, T] -> logits [B, T, V]. Pass cache=[] to start incremental decoding (see generation.py).
+        return_expert_counts: also count the experts each token was routed to (after expert dropout), per distinct
+        layer and router, summed over the layer's applications: a few scatter-adds inside the forward, where a
+        top-k of returned logits would repeat the routing's and cost a few ms per step."""
         x = self.embedding(tokens)
         if self.post_ln:
             x = self.in_norm(x * self.cfg.d_model ** 0.5)
-        collect = self.cfg.arch == "moeut" and (self.training or return_router_logits)
+        collect = self.cfg.arch == "moeut" and self.training
         logs: Optional[list[RouterLog]] = (
             [{"ff": [], "v": [], "o": []} for _ in self.layers] if collect else None)
+        counts: Optional[list[ExpertCounts]] = [{} for _ in self.layers] if return_expert_counts else None
         new_cache: Optional[list[KVCache]] = [] if cache is not None else None
         offset = cache[0]["k"].shape[-2] if cache and cache[0] else 0     # tokens already in the KV cache
         rope = self.rope(offset, tokens.shape[1])
@@ -89,22 +103,26 @@ class LanguageModel(nn.Module):
                 if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                     # non-reentrant: any outputs (the router logits dict), and collectives inside (expert
                     # parallelism) rerun in the same order on every rank during backward
-                    x, layer_cache, logits = torch.utils.checkpoint.checkpoint(
+                    x, layer_cache, logits, chosen = torch.utils.checkpoint.checkpoint(
                         self.layers[g], x, self.expert_backend, rope, None, use_reentrant=False)
                 else:
-                    x, layer_cache, logits = self.layers[g](x, self.expert_backend, rope, layer_cache)
+                    x, layer_cache, logits, chosen = self.layers[g](x, self.expert_backend, rope, layer_cache)
                 if logs is not None:
                     for key, value in logits.items():
                         logs[g][key].append(value)
+                if counts is not None:
+                    for key, ids in chosen.items():
+                        c = count_choices(ids, self.cfg.routers[key])
+                        counts[g][key] = counts[g][key] + c if key in counts[g] else c
                 if new_cache is not None:
                     new_cache.append(layer_cache)
         logits = self.lm_head(self.out_norm(x))
         reg = None
-        if self.training and logs is not None:
+        if logs is not None:
             reg = entropy_regularizer(logs, self.cfg.ff_entropy_reg, self.cfg.att_entropy_reg)
         if reg is None:
             reg = logits.new_zeros((), dtype=torch.float32)
-        return LMOutput(logits, reg, new_cache, logs if return_router_logits else None)
+        return LMOutput(logits, reg, new_cache, counts)
 
     def rope(self, offset: int, seq: int) -> Optional[RopeTables]:
         """Rotary tables for positions offset .. offset + seq - 1: slices of the buffers (an input of a compiled

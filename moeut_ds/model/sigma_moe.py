@@ -30,15 +30,16 @@ class SigmaMoE(nn.Module):
         nn.init.normal_(self.router, 0, std_scale / math.sqrt(d_model))   # the training code keeps raw rows
 
     def forward(self, x: torch.Tensor, router_in: torch.Tensor,
-                backend: ExpertBackend) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: ExpertBackend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, d] feeds the experts, router_in [B, T, d] (LayerNorm'd under peri-LN) feeds the router.
 
-        Returns the output and the raw router logits s [B, T, N_E] (for the regulariser). The logits are a module
-        output, not a side channel, so that ZeRO-3's backward hooks see the regulariser's gradient path."""
+        Returns the output, the raw router logits s [B, T, N_E] (for the regulariser) and the chosen experts
+        [B*T, K] (for usage statistics). The logits are a module output, not a side channel, so that ZeRO-3's
+        backward hooks see the regulariser's gradient path."""
         logits = router_logits(router_in, self.router)
         selection = logits
         if self.training and self.expert_dropout > 0:
             selection = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
         routing = backend.route(selection.reshape(-1, 1, self.n_experts), self.k)
         y = backend.mlp(x.reshape(-1, x.shape[-1]), self.w1, self.w2, routing)
-        return y.view_as(x), logits
+        return y.view_as(x), logits, routing.expert_index

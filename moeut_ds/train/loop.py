@@ -295,7 +295,7 @@ class Trainer:
             if cfg.train.cuda_graphs:
                 self._new_graph_generation(micro)
             batch = to_device(next(self.loader), self.device)
-            out = engine(batch[:, :-1], return_router_logits=self.want_usage)
+            out = engine(batch[:, :-1], return_expert_counts=self.want_usage)
             ce = cross_entropy(out.logits, batch[:, 1:])
             loss = ce + out.reg_loss
             if self.step + 1 in cfg.debug.nan_steps:
@@ -312,8 +312,8 @@ class Trainer:
                 self.experts.after_step(engine.get_global_grad_norm(), applied=engine.skipped_steps == skipped)
             ce_sum += ce.detach() if (self.step + 1) not in cfg.debug.nan_steps else float("nan")
             reg_sum += out.reg_loss.detach().float()
-            if self.want_usage and out.router_logits is not None:
-                self.usage.update(out.router_logits)
+            if self.want_usage:
+                self.usage.update(out.expert_counts)
         flags = torch.stack([ce_sum / self.accum, reg_sum / self.accum,
                              (~torch.isfinite(ce_sum)).float(),
                              torch.tensor(float(self.stop.signum is not None), device=self.device)])

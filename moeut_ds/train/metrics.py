@@ -78,34 +78,22 @@ class MetricsWriter:
 
 
 class ExpertUsage:
-    """Counts how often each expert is chosen (top-k by sigmoid of the router logits) over a logging window."""
+    """How often each expert was chosen over a logging window: the sum of the model's per-micro-batch expert counts
+    (LanguageModel(..., return_expert_counts=True)), kept on the device until `summarize`."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
-        self.cfg = cfg
-        self.routers: dict[str, tuple[int, int]] = {}   # kind -> (experts per layer, k)
-        if cfg.arch == "moeut":
-            self.routers["ff"] = (cfg.ff_n_experts, cfg.ff_k)
-            if cfg.att_n_experts > 1:
-                self.routers["v"] = (cfg.n_heads * cfg.att_n_experts, cfg.att_k)
-                self.routers["o"] = (cfg.n_heads * cfg.att_n_experts, cfg.att_k)
         self.counts = {kind: torch.zeros(cfg.n_distinct_layers, n, dtype=torch.float64, device=device)
-                       for kind, (n, _) in self.routers.items()}
+                       for kind, n in cfg.routers.items()}
 
     @property
     def active(self) -> bool:
-        return bool(self.routers)
+        return bool(self.counts)
 
     @torch.no_grad()
-    def update(self, router_logits: list[dict[str, list[torch.Tensor]]]) -> None:
-        for g, log in enumerate(router_logits):
-            for kind, (n, k) in self.routers.items():
-                if not log.get(kind):
-                    continue
-                s = torch.cat(log[kind], dim=1)     # the R applications of a shared layer: one top-k, not R
-                idx = s.topk(k, dim=-1).indices                           # sigmoid is monotone: top-k of logits
-                if s.dim() == 4:                                          # [B, T, H, N_A]: per-head experts
-                    idx = idx + torch.arange(s.shape[2], device=s.device).view(1, 1, -1, 1) * s.shape[3]
-                self.counts[kind][g] += torch.bincount(idx.reshape(-1), minlength=n).to(torch.float64)
+    def update(self, expert_counts: list[dict[str, torch.Tensor]]) -> None:
+        for g, layer in enumerate(expert_counts):
+            for kind, c in layer.items():
+                self.counts[kind][g] += c
 
     def summarize(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Collective (all-reduces the counts). Scalars per layer/router and one image per router; resets."""
