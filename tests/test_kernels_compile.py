@@ -104,8 +104,8 @@ def test_opcheck_gated_mlp(need_x):
 
 
 def test_compile_fullgraph_tiny_moeut_matches_eager():
-    """torch.compile(fullgraph=True) traces the whole model (routing + all four expert projections) in one graph,
-    and gives the eager loss and gradients."""
+    """torch.compile(fullgraph=True) traces the whole model (routing + all four expert projections, the expert
+    counts) in one graph, and gives the eager loss, gradients and counts."""
     from moeut_ds import LanguageModel, get_preset
     torch.manual_seed(0)
     cfg = get_preset("moeut-tiny")
@@ -114,13 +114,16 @@ def test_compile_fullgraph_tiny_moeut_matches_eager():
     params = list(model.parameters())
 
     def loss_grads(m):
-        out = m(tokens)
+        out = m(tokens, return_expert_counts=True)
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), tokens.flatten()) + out.reg_loss
-        return loss.detach(), torch.autograd.grad(loss, params)
+        return loss.detach(), torch.autograd.grad(loss, params), out.expert_counts
 
     torch._dynamo.reset()
-    l_eager, g_eager = loss_grads(model)
-    l_comp, g_comp = loss_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    l_eager, g_eager, c_eager = loss_grads(model)
+    l_comp, g_comp, c_comp = loss_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     torch.testing.assert_close(l_comp, l_eager, rtol=1e-5, atol=1e-6)
+    assert len(c_comp) == cfg.n_distinct_layers and all(          # the usage statistics stay inside the graph
+        c.keys() == e.keys() == cfg.routers.keys() and all(torch.equal(c[k], e[k]) for k in c)
+        for c, e in zip(c_comp, c_eager))
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

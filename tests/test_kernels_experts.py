@@ -711,19 +711,23 @@ def test_auto_backend_is_reference_without_cuda():
 
 @pytest.mark.parametrize("widths", [{}, {"d_model": 20, "d_head": 6, "ff_expert_size": 5}], ids=["default", "odd"])
 def test_tiny_moeut_same_loss_and_grads_with_either_backend(widths):
-    """The whole model; "odd": every expert width padded for the kernels and sliced back (aligned_operands), the
+    """The whole model (loss, regulariser, gradients, expert counts); "odd": every expert width padded for the kernels and sliced back (aligned_operands), the
     outputs then reshaped by the model's own code."""
     model, tokens = tiny_moeut(**widths)
-    results = []
+    results, counts = [], []
     for backend in ("reference", TritonBackend()):
         model.set_expert_backend(backend)
         model.zero_grad()
-        out = model(tokens)
+        out = model(tokens, return_expert_counts=True)
         loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1))
         (loss + out.reg_loss).backward()
         results.append((loss.detach(), out.reg_loss.detach(),
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        counts.append(out.expert_counts)
     (l1, r1, g1), (l2, r2, g2) = results
+    assert len(counts[0]) == len(model.layers)                     # usage statistics: the same routing decisions
+    for c1, c2 in zip(*counts):
+        assert c1.keys() == c2.keys() == {"ff", "v", "o"} and all(torch.equal(c1[k], c2[k]) for k in c1)
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(r2, r1, rtol=1e-5, atol=1e-7)
     assert g1.keys() == g2.keys() and any("w1" in n for n in g1)

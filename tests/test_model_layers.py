@@ -163,19 +163,19 @@ def test_expert_counts_are_the_top_k_of_every_application(dropout):
     n_att = cfg.n_heads * cfg.att_n_experts
     for g, layer_counts in enumerate(out.expert_counts):
         assert set(layer_counts) == {"ff", "v", "o"}
-        assert all(c.dtype == torch.int32 for c in layer_counts.values())
+        assert all(c.dtype == torch.int64 for c in layer_counts.values())
         reps = len(logits[g]["ff"])
         assert layer_counts["ff"].sum() == reps * bsz * seq * cfg.ff_k
         assert layer_counts["v"].sum() == reps * bsz * seq * cfg.n_heads * cfg.att_k
         if dropout:
             continue                     # which experts were dropped is the model's random draw
-        want_ff = torch.zeros(cfg.ff_n_experts, dtype=torch.int32)
+        want_ff = torch.zeros(cfg.ff_n_experts, dtype=torch.int64)
         for s in logits[g]["ff"]:
             for row in s.reshape(-1, cfg.ff_n_experts):
                 want_ff[row.argsort(descending=True)[:cfg.ff_k]] += 1
         assert torch.equal(layer_counts["ff"], want_ff)
         for kind in ("v", "o"):
-            want = torch.zeros(n_att, dtype=torch.int32)
+            want = torch.zeros(n_att, dtype=torch.int64)
             for s in logits[g][kind]:
                 for tok in s.reshape(-1, cfg.n_heads, cfg.att_n_experts):
                     for h in range(cfg.n_heads):

@@ -55,6 +55,12 @@ class Routing:
     def n_pairs(self) -> int:
         return self.expert_index.numel()
 
+    @property
+    def counts(self) -> torch.Tensor:
+        """Pairs routed to each expert: [n_experts] int64 on the device, no host sync (remote pairs of
+        `shard_routing` are not counted)."""
+        return self.offsets[1:] - self.offsets[:-1]
+
 
 class ExpertBackend(ABC):
     """Runs tokens through experts. Stateless; selected by name with `moeut_ds.experts.get_backend`."""

@@ -37,7 +37,7 @@ class MegaBlocksBackend(TritonBackend):
         indices = routing.order.int()                                       # pair ids in expert order
         bin_ids = routing.expert_index.reshape(-1)[routing.order].int()     # expert of each sorted position
         bins = routing.offsets[1:].int()                                    # inclusive end of each expert's rows
-        counts = routing.offsets[1:] - routing.offsets[:-1]                 # int64 on the device (CUTLASS build)
+        counts = routing.counts                                             # int64 on the device (CUTLASS build)
         with torch.autocast(dev, enabled=False):
             rows = ops.gather(x, indices, bin_ids, bins, slots)
             y = gmm(F.relu(gmm(rows, w1, counts)), w2, counts)

@@ -41,7 +41,7 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, backend, rope: Optional[RopeTables], cache: Optional[KVCache] = None
                 ) -> LayerOutput:
-        """Same signature as MoEUTLayer (no routers: the logits and chosen-experts dicts are empty)."""
+        """Same signature as MoEUTLayer (no routers: the logits and counts dicts are empty)."""
         xn = self.ln_att(x)
         scale = self.d_head ** -0.25
         q = rotated_heads(self.w_q(xn), self.n_heads, scale, rope)

@@ -13,7 +13,7 @@ from moeut_ds.model.rope import RopeTables
 from moeut_ds.model.sigma_moe import SigmaMoE
 from moeut_ds.model.switchhead import KVCache, SwitchHead
 
-# new residual, KV cache, raw router logits and chosen experts by router ("ff", "v", "o")
+# new residual, KV cache, and by router ("ff", "v", "o") the raw logits and the tokens routed to each expert
 LayerOutput = tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -38,22 +38,22 @@ class MoEUTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: ExpertBackend, rope: Optional[RopeTables],
                 cache: Optional[KVCache] = None) -> LayerOutput:
-        """Returns the new residual, the KV cache, and the raw router logits and chosen experts {"ff", "v", "o"} of
-        this application. rope: the model's rotary tables for this call's positions (model/rope.py)."""
+        """Returns the new residual, the KV cache, and the raw router logits and per-expert token counts
+        {"ff", "v", "o"} of this application. rope: the model's rotary tables for this call's positions (model/rope.py)."""
         if self.norm == "peri":     # LN only in front of what feeds a softmax/sigmoid; V and experts read raw x
             xn = self.ln_att(x)
-            att, cache, logits, chosen = self.attention(xn, x, backend, rope, cache)
+            att, cache, logits, counts = self.attention(xn, x, backend, rope, cache)
             x = x + att
-            ff, logits["ff"], chosen["ff"] = self.ffn(x, self.ln_ff(x), backend)
-            return x + ff, cache, logits, chosen
+            ff, logits["ff"], counts["ff"] = self.ffn(x, self.ln_ff(x), backend)
+            return x + ff, cache, logits, counts
         if self.norm == "pre":
             xn = self.ln_att(x)
-            att, cache, logits, chosen = self.attention(xn, xn, backend, rope, cache)
+            att, cache, logits, counts = self.attention(xn, xn, backend, rope, cache)
             x = x + att
             xn = self.ln_ff(x)
-            ff, logits["ff"], chosen["ff"] = self.ffn(xn, xn, backend)
-            return x + ff, cache, logits, chosen
-        att, cache, logits, chosen = self.attention(x, x, backend, rope, cache)      # post-LN
+            ff, logits["ff"], counts["ff"] = self.ffn(xn, xn, backend)
+            return x + ff, cache, logits, counts
+        att, cache, logits, counts = self.attention(x, x, backend, rope, cache)      # post-LN
         x = self.ln_att(x + att)
-        ff, logits["ff"], chosen["ff"] = self.ffn(x, x, backend)
-        return self.ln_ff(x + ff), cache, logits, chosen
+        ff, logits["ff"], counts["ff"] = self.ffn(x, x, backend)
+        return self.ln_ff(x + ff), cache, logits, counts

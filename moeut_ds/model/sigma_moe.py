@@ -33,8 +33,8 @@ class SigmaMoE(nn.Module):
                 backend: ExpertBackend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, d] feeds the experts, router_in [B, T, d] (LayerNorm'd under peri-LN) feeds the router.
 
-        Returns the output, the raw router logits s [B, T, N_E] (for the regulariser) and the chosen experts
-        [B*T, K] (for usage statistics). The logits are a module output, not a side channel, so that ZeRO-3's
+        Returns the output, the raw router logits s [B, T, N_E] (for the regulariser) and the tokens routed to each
+        expert [N_E] (for usage statistics). The logits are a module output, not a side channel, so that ZeRO-3's
         backward hooks see the regulariser's gradient path."""
         logits = router_logits(router_in, self.router)
         selection = logits
@@ -42,4 +42,4 @@ class SigmaMoE(nn.Module):
             selection = logits.masked_fill(torch.rand_like(logits) < self.expert_dropout, float("-inf"))
         routing = backend.route(selection.reshape(-1, 1, self.n_experts), self.k)
         y = backend.mlp(x.reshape(-1, x.shape[-1]), self.w1, self.w2, routing)
-        return y.view_as(x), logits, routing.expert_index
+        return y.view_as(x), logits, routing.counts

@@ -78,19 +78,19 @@ class SwitchHead(nn.Module):
                 ) -> tuple[torch.Tensor, Optional[KVCache], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """xn: LayerNorm'd input (Q, K, routers); x: raw residual (V); rope: the model's tables for these positions.
 
-        Returns the output [B, T, d], the new cache, the raw router logits {"v", "o"} and the chosen experts
-        {"v", "o"} ([B*T, H*K_A] global ids head * N_A + e); both dicts are empty when N_A = 1."""
+        Returns the output [B, T, d], the new cache, the raw router logits {"v", "o"} and the tokens routed to each
+        expert {"v", "o"} ([H*N_A], expert head * N_A + e); both dicts are empty when N_A = 1."""
         bsz, seq, d_model = x.shape
         scale = self.d_head ** -0.25
         routers = [self.router_v, self.router_o] if self.n_experts > 1 else [self.router_o]
         q, k, *scores = linear_split(xn, [self.w_q, self.w_k, *routers])     # everything that reads xn: one GEMM
         q, k = rotated_heads(q, self.n_heads, scale, rope), rotated_heads(k, self.n_heads, scale, rope)
         logits: dict[str, torch.Tensor] = {}
-        chosen: dict[str, torch.Tensor] = {}
+        counts: dict[str, torch.Tensor] = {}
         if self.n_experts > 1:
             logits["v"], routing_v = self._route(scores[0], backend)
             logits["o"], routing_o = self._route(scores[1], backend)
-            chosen = {"v": routing_v.expert_index, "o": routing_o.expert_index}
+            counts = {"v": routing_v.counts, "o": routing_o.counts}
             group = self.n_heads * self.k
             v = backend.matmul(x.reshape(-1, d_model), self.w_v, routing_v, in_group=group, out_group=self.k)
             v = v.view(bsz, seq, self.n_heads, self.d_head).transpose(1, 2)
@@ -106,4 +106,4 @@ class SwitchHead(nn.Module):
             out = backend.matmul(a.reshape(-1, self.d_head), self.w_o, routing_o, in_group=self.k, out_group=group)
         else:
             out = F.linear((a * o_gate.unsqueeze(-1).to(a.dtype)).flatten(2), self.w_o)
-        return out.view(bsz, seq, d_model), cache, logits, chosen
+        return out.view(bsz, seq, d_model), cache, logits, counts
