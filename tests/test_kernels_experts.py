@@ -711,8 +711,8 @@ def test_auto_backend_is_reference_without_cuda():
 
 @pytest.mark.parametrize("widths", [{}, {"d_model": 20, "d_head": 6, "ff_expert_size": 5}], ids=["default", "odd"])
 def test_tiny_moeut_same_loss_and_grads_with_either_backend(widths):
-    """The whole model (loss, regulariser, gradients, expert counts); "odd": every expert width padded for the kernels and sliced back (aligned_operands), the
-    outputs then reshaped by the model's own code."""
+    """The whole model (loss, regulariser, gradients, expert counts); "odd": every expert width padded for the
+    kernels and sliced back (aligned_operands), the outputs then reshaped by the model's own code."""
     model, tokens = tiny_moeut(**widths)
     results, counts = [], []
     for backend in ("reference", TritonBackend()):

@@ -39,7 +39,8 @@ class MoEUTLayer(nn.Module):
     def forward(self, x: torch.Tensor, backend: ExpertBackend, rope: Optional[RopeTables],
                 cache: Optional[KVCache] = None) -> LayerOutput:
         """Returns the new residual, the KV cache, and the raw router logits and per-expert token counts
-        {"ff", "v", "o"} of this application. rope: the model's rotary tables for this call's positions (model/rope.py)."""
+        {"ff", "v", "o"} of this application. rope: the model's rotary tables for this call's positions
+        (model/rope.py)."""
         if self.norm == "peri":     # LN only in front of what feeds a softmax/sigmoid; V and experts read raw x
             xn = self.ln_att(x)
             att, cache, logits, counts = self.attention(xn, x, backend, rope, cache)
