@@ -62,8 +62,8 @@ class ModelConfig:
         (SwitchHead's only with N_A > 1; none for dense)."""
         if self.arch != "moeut":
             return {}
-        att = {"v": self.n_heads * self.att_n_experts, "o": self.n_heads * self.att_n_experts}
-        return {"ff": self.ff_n_experts, **(att if self.att_n_experts > 1 else {})}
+        n_att = self.n_heads * self.att_n_experts
+        return {"ff": self.ff_n_experts, **({"v": n_att, "o": n_att} if self.att_n_experts > 1 else {})}
 
     def layer_schedule(self) -> list[int]:
         """Index of the distinct layer used at each of the L applications ("abab" or "aabb")."""
