@@ -3,8 +3,9 @@ so does train.cuda_graphs=true, whose gradient buffers and graph generations (to
 CPU) must not change what DeepSpeed accumulates over the micro-batches.
 
 CPU, one rank, the Triton expert backend under TRITON_INTERPRET=1 (compile needs it: see the trainer's check).
-Inductor compiles the forward and backward once per compiled run (no eval, no expert statistics); the three runs
-take about two minutes on two cores. The last test needs a CUDA GPU: there the graphs are replayed for real."""
+Inductor compiles the forward and backward once per compiled run (no eval); the three runs take about two minutes
+on two cores. The expert-usage scalars come from counts that the compiled forward returns: they are compared too.
+The last test needs a CUDA GPU: there the graphs are replayed for real."""
 from __future__ import annotations
 
 import pytest
@@ -13,9 +14,25 @@ import torch
 from dist_harness import Ranks, data_dir, read_jsonl, run_train, tiny_overrides, train_argv  # noqa: F401
 
 
+def expert_scalars(rows: dict[int, dict]) -> dict[int, dict[str, float]]:
+    """Step -> its experts/* scalars (usage entropy and unused fraction per layer and router), where logged."""
+    got = {s: {k: v for k, v in r.items() if k.startswith("experts/")} for s, r in rows.items()}
+    return {s: d for s, d in got.items() if d}
+
+
+def assert_same_usage(got: dict, want: dict) -> None:
+    """The same usage up to a rare flip of a near-tied top-k pick (one pick moves an entropy by ~1e-4 here). Fails
+    on missing, zero or garbage counts; a stale micro-batch (one replay's counts read after the next overwrote
+    them) moves the entropies by ~1e-3 at these sizes, at the edge of the tolerance."""
+    assert got.keys() == want.keys() and all(got[s].keys() == want[s].keys() for s in got), (got, want)
+    for s in got:
+        for k, v in got[s].items():
+            assert v == pytest.approx(want[s][k], abs=2e-3), (s, k, got[s], want[s])
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, data_dir):
-    curves = {}
+    curves, usage = {}, {}
     cache = tmp_path / "inductor_cache"
     modes = {"false": {"train.compile": "false"}, "true": {"train.compile": "true"},
              "graphs": {"train.compile": "true", "train.cuda_graphs": "true"}}
@@ -25,7 +42,7 @@ def test_compiled_training_matches_eager(tmp_path, data_dir):
         # most of the time here (~7 s per micro-batch at the default 4 layers), hence the small run.
         over = tiny_overrides(data_dir, tmp_path / mode, **{
             "train.steps": 2, "train.global_batch": 4, "model.n_layers": 2, "model.group_size": 1,
-            "expert_backend": "triton", "eval.at_end": "false", "log.expert_stats_every": 0,
+            "expert_backend": "triton", "eval.at_end": "false", "log.expert_stats_every": 1,
             "deepspeed_config": "ds_configs/zero1.json", **extra})
         env = {"TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
         with Ranks(train_argv(None, *over), 1, tmp_path / f"logs_{mode}", env) as job:
@@ -33,7 +50,10 @@ def test_compiled_training_matches_eager(tmp_path, data_dir):
             assert rcs == [0], job.report(rcs)
         rows = read_jsonl(tmp_path / mode)
         curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"]) for s in sorted(rows)]
+        usage[mode] = expert_scalars(rows)
     assert len(curves["true"]) == 2 and curves["graphs"] == curves["true"]
+    assert len(usage["false"]) == 2 and usage["graphs"] == usage["true"]
+    assert_same_usage(usage["true"], usage["false"])
     # the trainer compiled without Inductor's on-disk graph caches (compile_without_graph_cache): nothing cached
     assert cache.is_dir() and any(cache.iterdir()), "Inductor wrote nothing there: the run used another cache"
     assert not any(p.is_file() for sub in ("fxgraph", "aotautograd") for p in (cache / sub).rglob("*")), \
@@ -61,7 +81,7 @@ def test_cuda_graphs_train_like_compiled_on_gpu(tmp_path, data_dir, ds_config):
     gradient norms and validation losses over steps whose micro-batches replay them: a gradient adopted from a
     graph's static output and overwritten by the next replay would change the norms. Validation (4 batches, twice)
     records its graph once, not once per batch."""
-    curves = {}
+    curves, usage = {}, {}
     for mode, extra in {"compiled": {}, "graphs": {"train.cuda_graphs": "true"}}.items():
         over = tiny_overrides(data_dir, tmp_path / mode, **{
             "train.steps": 4, "train.compile": "true", "expert_backend": "triton", "eval.every": 2,
@@ -79,7 +99,10 @@ def test_cuda_graphs_train_like_compiled_on_gpu(tmp_path, data_dir, ds_config):
         rows = read_jsonl(tmp_path / mode)
         curves[mode] = [(rows[s]["train/loss"], rows[s]["train/grad_norm"], rows[s].get("val/loss"))
                         for s in sorted(rows)]
+        usage[mode] = expert_scalars(rows)
     assert len(curves["graphs"]) == 4 and None not in (curves["graphs"][1][2], curves["graphs"][3][2])
     for (loss_g, norm_g, val_g), (loss_c, norm_c, val_c) in zip(curves["graphs"], curves["compiled"]):
         assert loss_g == pytest.approx(loss_c, rel=1e-5) and norm_g == pytest.approx(norm_c, rel=1e-4), curves
         assert val_g == pytest.approx(val_c, rel=1e-5), curves
+    assert len(usage["graphs"]) == 2     # steps 2 and 4: counts read from graph outputs that later replays overwrite
+    assert_same_usage(usage["graphs"], usage["compiled"])
