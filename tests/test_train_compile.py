@@ -72,25 +72,32 @@ def test_compile_refusals(tmp_path, data_dir, extra, message):
     assert message in job.output()
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (kind nvidia-h200-x2)")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (CPU: the test above runs "
                     "the same gradient handling without the graphs)")
-@pytest.mark.parametrize("ds_config", ["ds_configs/zero0.json", "ds_configs/zero1_bf16.json",
-                                       "ds_configs/zero2_bf16.json"])
-def test_cuda_graphs_train_like_compiled_on_gpu(tmp_path, data_dir, ds_config):
+@pytest.mark.parametrize("ds_config,world", [
+    ("ds_configs/zero0.json", 1), ("ds_configs/zero1_bf16.json", 1), ("ds_configs/zero2_bf16.json", 1),
+    pytest.param("ds_configs/zero1_bf16.json", 2, marks=TWO_GPUS),
+    pytest.param("ds_configs/zero2_bf16.json", 2, marks=TWO_GPUS)])
+def test_cuda_graphs_train_like_compiled_on_gpu(tmp_path, data_dir, ds_config, world):
     """On a GPU, train.cuda_graphs replays the graphs (torch logs no skip) and gives the compiled run's losses,
     gradient norms and validation losses over steps whose micro-batches replay them: a gradient adopted from a
     graph's static output and overwritten by the next replay would change the norms. Validation (4 batches, twice)
-    records its graph once, not once per batch."""
+    records its graph once, not once per batch. On two GPUs ZeRO-1/2 all-reduce the graphs' gradients (NCCL) at
+    the last micro-batch."""
     curves, usage = {}, {}
     for mode, extra in {"compiled": {}, "graphs": {"train.cuda_graphs": "true"}}.items():
         over = tiny_overrides(data_dir, tmp_path / mode, **{
             "train.steps": 4, "train.compile": "true", "expert_backend": "triton", "eval.every": 2,
             "eval.at_end": "true", "eval.batch": 4, "eval.max_windows": 16, "log.expert_stats_every": 2,
             "deepspeed_config": ds_config, **extra})
-        env = {"CUDA_VISIBLE_DEVICES": "0", "DS_ACCELERATOR": "cuda", "TORCH_LOGS": "perf_hints,cudagraphs"}
-        with Ranks(train_argv(None, *over), 1, tmp_path / f"logs_{mode}", env) as job:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(world))), "DS_ACCELERATOR": "cuda",
+               "TORCH_LOGS": "perf_hints,cudagraphs"}
+        with Ranks(train_argv(None, *over), world, tmp_path / f"logs_{mode}", env) as job:
             rcs = job.wait(900)
-            assert rcs == [0], job.report(rcs)
+            assert rcs == [0] * world, job.report(rcs)
             log = job.logs[0].read_text(errors="replace")
             assert "skipping cudagraphs" not in log, log[-3000:]
         if mode == "graphs":   # the training forward and backward, and the validation forward
