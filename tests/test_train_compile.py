@@ -20,14 +20,15 @@ def expert_scalars(rows: dict[int, dict]) -> dict[int, dict[str, float]]:
     return {s: d for s, d in got.items() if d}
 
 
-def assert_same_usage(got: dict, want: dict) -> None:
-    """The same usage up to a rare flip of a near-tied top-k pick (one pick moves an entropy by ~1e-4 here). Fails
-    on missing, zero or garbage counts; a stale micro-batch (one replay's counts read after the next overwrote
-    them) moves the entropies by ~1e-3 at these sizes, at the edge of the tolerance."""
+def assert_same_usage(got: dict, want: dict, tol: float) -> None:
+    """The same usage up to a rare flip of a near-tied top-k pick. Fails on missing, zero or garbage counts. In a
+    simulation of these runs' window sizes (8 experts, random skewed loads), one moved pick changes an entropy by
+    at most 3.3e-3 (CPU test: 512 picks per window) or 1.0e-3 (GPU test: 2048), and one micro-batch's counts
+    replaced by another's (stale graph outputs) by a median 8e-3 / 2e-3: tol sits between."""
     assert got.keys() == want.keys() and all(got[s].keys() == want[s].keys() for s in got), (got, want)
     for s in got:
         for k, v in got[s].items():
-            assert v == pytest.approx(want[s][k], abs=2e-3), (s, k, got[s], want[s])
+            assert v == pytest.approx(want[s][k], abs=tol), (s, k, got[s], want[s])
 
 
 @pytest.mark.slow
@@ -53,7 +54,7 @@ def test_compiled_training_matches_eager(tmp_path, data_dir):
         usage[mode] = expert_scalars(rows)
     assert len(curves["true"]) == 2 and curves["graphs"] == curves["true"]
     assert len(usage["false"]) == 2 and usage["graphs"] == usage["true"]
-    assert_same_usage(usage["true"], usage["false"])
+    assert_same_usage(usage["true"], usage["false"], tol=5e-3)
     # the trainer compiled without Inductor's on-disk graph caches (compile_without_graph_cache): nothing cached
     assert cache.is_dir() and any(cache.iterdir()), "Inductor wrote nothing there: the run used another cache"
     assert not any(p.is_file() for sub in ("fxgraph", "aotautograd") for p in (cache / sub).rglob("*")), \
@@ -112,4 +113,4 @@ def test_cuda_graphs_train_like_compiled_on_gpu(tmp_path, data_dir, ds_config, w
         assert loss_g == pytest.approx(loss_c, rel=1e-5) and norm_g == pytest.approx(norm_c, rel=1e-4), curves
         assert val_g == pytest.approx(val_c, rel=1e-5), curves
     assert len(usage["graphs"]) == 2     # steps 2 and 4: counts read from graph outputs that later replays overwrite
-    assert_same_usage(usage["graphs"], usage["compiled"])
+    assert_same_usage(usage["graphs"], usage["compiled"], tol=1e-3)
