@@ -1,6 +1,7 @@
-"""Trainer overhead on one GPU: a step of dense-244M and MoEUT-244M (64 x 1024 tokens, bf16 autocast) through the
-full trainer (DeepSpeed engine, data loader, logging) vs a plain PyTorch loop of the same model and numerics
-(fp32 weights, bf16 autocast, torch AdamW, global-norm clipping, same micro-batch and accumulation).
+"""Trainer overhead on one GPU: a step of dense-244M and MoEUT-244M (64 x 1024 tokens, bf16 autocast; any preset
+with a configs/<preset>_gpu.yaml) through the full trainer (DeepSpeed engine, data loader, logging) vs a plain
+PyTorch loop of the same model and numerics (fp32 weights, bf16 autocast, torch AdamW, global-norm clipping, same
+micro-batch and accumulation).
 
     python bench/bench_trainer.py --data DIR [--models dense-244m moeut-244m] [--steps 16] [--micro 16] [--out results.json]
         [--ds-configs ds_configs/zero2_bf16.json ds_configs/zero1_bf16.json ...] [--override KEY=VALUE ...]
@@ -90,18 +91,27 @@ def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loader, voca
     loss.item()
 
 
+def trainer_config(preset: str) -> Path:
+    """The one-GPU run config of a preset (configs/moeut_126m_gpu.yaml for moeut-126m): the trainer run must train
+    the plain loop's model."""
+    path = REPO / "configs" / f"{preset.replace('-', '_')}_gpu.yaml"
+    if not path.is_file():
+        have = sorted(f.name[:-len("_gpu.yaml")].replace("_", "-") for f in (REPO / "configs").glob("*_gpu.yaml"))
+        raise SystemExit(f"no run config {path.relative_to(REPO)} for preset {preset}; presets with one: {have}")
+    return path
+
+
 def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path, ds_config: str, log_every: int,
                 extra: list[str]) -> tuple[list[float], dict]:
     """Step times of the log windows and the last logged row."""
     shutil.rmtree(run_dir, ignore_errors=True)      # the bench's own scratch run: start fresh every time
-    arch = preset.split("-")[0]
     over = [f"run_dir={run_dir}", f"data.path={data}", f"train.steps={steps}", f"train.micro_batch={micro}",
             f"deepspeed_config={ds_config}", "eval.every=0", "eval.at_end=false", "checkpoint.every=0",
             f"log.every={log_every}", "log.progress=false", "log.expert_stats_every=100000", *extra,
             "--resume", "none"]
     ds_vocab = json.loads((Path(data) / "metadata.json").read_text())["vocab_size"]
     over.append(f"model.vocab_size={ds_vocab}")
-    cmd = [sys.executable, "-m", "moeut_ds.train", "--config", str(REPO / f"configs/{arch}_244m_gpu.yaml")] + over
+    cmd = [sys.executable, "-m", "moeut_ds.train", "--config", str(trainer_config(preset))] + over
     subprocess.run(cmd, check=True, cwd=REPO)
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_time_s" in r]
@@ -135,6 +145,9 @@ def main() -> None:
     args = p.parse_args()
     if args.cuda_graphs and not args.compile:
         p.error("--cuda-graphs replays torch.compile's graphs: add --compile")
+    if args.ds_configs:
+        for preset in args.models:      # before any GPU work
+            trainer_config(preset)
     accum = 64 // args.micro
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
                "micro_batch": args.micro, "accumulation": accum, "compile": args.compile,
