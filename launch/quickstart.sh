@@ -4,18 +4,22 @@
 #
 #   bash launch/quickstart.sh            # a few minutes on CPU
 #   bash launch/quickstart.sh --smoke    # a minute or two
+#   --out DIR                            # instead of runs/
 #
 # Everything goes under runs/ (runs/data/english, runs/quickstart or runs/smoke). Re-running resumes the training
 # run from its newest checkpoint (--resume auto) and keeps the prepared data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
-for a in "$@"; do
-  case "$a" in
+OUT=runs
+while [ $# -gt 0 ]; do
+  case "$1" in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "unknown argument $a (use --smoke)" >&2; exit 2 ;;
+    --out) [ $# -ge 2 ] || { echo "--out needs a directory" >&2; exit 2; }; OUT=$2; shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (use --smoke, --out DIR)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 bash launch/setup_env.sh          # creates/refreshes .venv from requirements.txt (fast when up to date)
@@ -25,16 +29,16 @@ if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; t
 NPROC=$($PY -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$NPROC}
 
-DATA=runs/data/english
+DATA=$OUT/data/english
 if [ ! -f "$DATA/metadata.json" ]; then
   echo "== preparing the bundled English corpus -> $DATA"
   $PY -m data_prep.prepare --input 'data/english/*.txt.gz' --out "$DATA" --vocab-size 4000 --workers "$NPROC"
 fi
 
 if [ "$SMOKE" = 1 ]; then
-  CONFIG=configs/smoke.yaml; RUN=runs/smoke; EXTRA=(train.steps=40); PAIRS=20
+  CONFIG=configs/smoke.yaml; RUN=$OUT/smoke; EXTRA=(train.steps=40); PAIRS=20
 else
-  CONFIG=configs/quickstart_cpu.yaml; RUN=runs/quickstart; EXTRA=(); PAIRS=200
+  CONFIG=configs/quickstart_cpu.yaml; RUN=$OUT/quickstart; EXTRA=(); PAIRS=200
 fi
 if [ "$DEVICE" = gpu ]; then EXTRA+=(deepspeed_config=ds_configs/zero1_bf16.json); fi
 
