@@ -101,9 +101,9 @@ def trainer_config(preset: str) -> Path:
     return path
 
 
-def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path, ds_config: str, log_every: int,
+def trainer_run(config: Path, data: str, steps: int, micro: int, run_dir: Path, ds_config: str, log_every: int,
                 extra: list[str]) -> tuple[list[float], dict]:
-    """Step times of the log windows and the last logged row."""
+    """Step times of the log windows and the last logged row; config: the preset's run config (trainer_config)."""
     shutil.rmtree(run_dir, ignore_errors=True)      # the bench's own scratch run: start fresh every time
     over = [f"run_dir={run_dir}", f"data.path={data}", f"train.steps={steps}", f"train.micro_batch={micro}",
             f"deepspeed_config={ds_config}", "eval.every=0", "eval.at_end=false", "checkpoint.every=0",
@@ -111,7 +111,7 @@ def trainer_run(preset: str, data: str, steps: int, micro: int, run_dir: Path, d
             "--resume", "none"]
     ds_vocab = json.loads((Path(data) / "metadata.json").read_text())["vocab_size"]
     over.append(f"model.vocab_size={ds_vocab}")
-    cmd = [sys.executable, "-m", "moeut_ds.train", "--config", str(trainer_config(preset))] + over
+    cmd = [sys.executable, "-m", "moeut_ds.train", "--config", str(config)] + over
     subprocess.run(cmd, check=True, cwd=REPO)
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/step_time_s" in r]
@@ -145,9 +145,8 @@ def main() -> None:
     args = p.parse_args()
     if args.cuda_graphs and not args.compile:
         p.error("--cuda-graphs replays torch.compile's graphs: add --compile")
-    if args.ds_configs:
-        for preset in args.models:      # before any GPU work
-            trainer_config(preset)
+    # resolved before any GPU work, so that a preset without a run config stops the bench at once
+    configs = {preset: trainer_config(preset) for preset in args.models} if args.ds_configs else {}
     accum = 64 // args.micro
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
                "micro_batch": args.micro, "accumulation": accum, "compile": args.compile,
@@ -176,7 +175,7 @@ def main() -> None:
         for ds_config in args.ds_configs:
             tag = Path(ds_config).stem
             run_dir = Path(f"/tmp/bench_{preset}_{tag}")
-            windows, last = trainer_run(preset, args.data, args.steps, args.micro, run_dir, ds_config,
+            windows, last = trainer_run(configs[preset], args.data, args.steps, args.micro, run_dir, ds_config,
                                         args.log_every, extra)
             tm = statistics.median(windows[1:])
             results[preset][tag] = {"trainer_ms": tm * 1e3, "overhead": tm / pm - 1,
