@@ -74,8 +74,9 @@ for dispatch, case in [(dispatch, case) for dispatch in ("alltoall", "allgather"
     # all-gather: once to every rank
     owner = torch.searchsorted(torch.tensor(shard_bounds(n_experts, ep_size)), idx_all[sl], right=True) - 1
     distinct = sum(len(set(row.tolist())) for row in owner) if dispatch == "alltoall" else ep_size * n_tok
-    errors[f"{name}/rows_sent_minus_distinct_owners"] = float(ep.stats.rows_sent - distinct)
-    errors[f"{name}/bytes_sent"] = float(ep.stats.bytes_sent)
+    sent = ep.stats.read()
+    errors[f"{name}/rows_sent_minus_distinct_owners"] = float(sent["rows_sent"] - distinct)
+    errors[f"{name}/bytes_sent"] = float(sent["bytes_sent"])
     # this rank's experts received exactly the pairs of its EP group's tokens that fall in its shard
     group_start = (rank // ep_size) * ep_size
     group_idx = idx_all[group_start * n_tok:(group_start + ep_size) * n_tok]

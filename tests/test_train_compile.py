@@ -5,7 +5,8 @@ CPU) must not change what DeepSpeed accumulates over the micro-batches.
 CPU, one rank, the Triton expert backend under TRITON_INTERPRET=1 (compile needs it: see the trainer's check).
 Inductor compiles the forward and backward once per compiled run (no eval); the three runs take about two minutes
 on two cores. The expert-usage scalars come from counts that the compiled forward returns: they are compared too.
-The last test needs a CUDA GPU: there the graphs are replayed for real."""
+With expert parallelism (two ranks, the all-gather dispatch) compiled training matches eager too. The last
+test needs a CUDA GPU: there the graphs are replayed for real."""
 from __future__ import annotations
 
 import pytest
@@ -63,17 +64,55 @@ def test_compiled_training_matches_eager(tmp_path, data_dir):
         assert loss_c == pytest.approx(loss_e, rel=1e-5) and norm_c == pytest.approx(norm_e, rel=1e-4), curves
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"deepspeed_config": "ds_configs/zero3.json"}, "train.compile=true works with ZeRO stages 0-2"),
-    ({"expert_backend": "reference"}, "train.compile=true needs the triton expert backend"),
-])
-def test_compile_refusals(tmp_path, data_dir, extra, message):
-    over = tiny_overrides(data_dir, tmp_path / "run", **{"train.compile": "true", **extra})
-    job = run_train(tmp_path, 1, *over, expect=2)
-    assert message in job.output()
-
-
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (kind nvidia-h200-x2)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
+def test_compiled_expert_parallel_matches_eager(tmp_path, data_dir, device):
+    """train.compile=true with expert parallelism (ep = 2, the all-gather dispatch, two ranks: gloo on CPU, NCCL on
+    two GPUs): dynamo traces the dispatch's all_gather and reduce_scatter into the graph, and the compiled run gives
+    the eager run's losses, gradient norms, expert statistics and dispatch bytes. The model compiles once, without
+    graph breaks: the dispatch's traffic counters are a device tensor (CommStats), not Python ints that a compiled
+    forward would guard on and recompile for at every step. fp32 on both; on a GPU Inductor's fused kernels round
+    differently from eager's, hence the looser tolerances there."""
+    env = {"TORCH_LOGS": "graph_breaks,recompiles", **({"TRITON_INTERPRET": "1"} if device == "cpu" else
+                                                        {"CUDA_VISIBLE_DEVICES": "0,1", "DS_ACCELERATOR": "cuda"})}
+    rel_loss, rel_norm = (1e-5, 1e-4) if device == "cpu" else (1e-4, 1e-3)
+    rows, logs = {}, {}
+    for mode in ("false", "true"):
+        over = tiny_overrides(data_dir, tmp_path / mode, **{
+            "train.steps": 3, "train.global_batch": 4, "train.micro_batch": 1, "model.n_layers": 2,
+            "model.group_size": 1, "expert_backend": "triton", "expert_parallel_size": 2,
+            "expert_dispatch": "allgather", "eval.at_end": "false", "log.expert_stats_every": 1,
+            "deepspeed_config": "ds_configs/zero1.json", "train.compile": mode})
+        with Ranks(train_argv(None, *over), 2, tmp_path / f"logs_{mode}", env) as job:
+            rcs = job.wait(900)
+            assert rcs == [0, 0], job.report(rcs)
+            logs[mode] = job.logs[0].read_text(errors="replace")
+        rows[mode] = read_jsonl(tmp_path / mode)
+    assert "Recompiling" not in logs["true"] and "Graph break" not in logs["true"], logs["true"][-3000:]
+    assert sorted(rows["true"]) == sorted(rows["false"]) == [1, 2, 3]
+    for s in (1, 2, 3):
+        got, want = rows["true"][s], rows["false"][s]
+        assert got["train/loss"] == pytest.approx(want["train/loss"], rel=rel_loss), (s, got, want)
+        assert got["train/grad_norm"] == pytest.approx(want["train/grad_norm"], rel=rel_norm), (s, got, want)
+        assert got["comm/expert_alltoall_bytes_per_step"] == want["comm/expert_alltoall_bytes_per_step"] > 0
+    assert_same_usage(expert_scalars(rows["true"]), expert_scalars(rows["false"]), tol=5e-3)
+
+
+@pytest.mark.parametrize("world,extra,message", [
+    (1, {"deepspeed_config": "ds_configs/zero3.json"}, "train.compile=true works with ZeRO stages 0-2"),
+    (1, {"expert_backend": "reference"}, "train.compile=true needs the triton expert backend"),
+    (2, {"expert_parallel_size": 2, "expert_dispatch": "alltoall", "expert_backend": "triton"},
+     "train.compile=true with expert parallelism needs expert_dispatch=allgather"),
+    (2, {"expert_parallel_size": 2, "train.cuda_graphs": "true", "expert_backend": "triton"},
+     "train.cuda_graphs=true is not supported with expert parallelism"),
+])
+def test_compile_refusals(tmp_path, data_dir, world, extra, message):
+    over = tiny_overrides(data_dir, tmp_path / "run", **{"train.compile": "true", **extra})
+    job = run_train(tmp_path, world, *over, expect=2)
+    assert message in job.output()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (CPU: the test above runs "

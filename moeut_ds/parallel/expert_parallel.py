@@ -213,15 +213,34 @@ def _plan(dest: torch.Tensor, ep: int) -> tuple[torch.Tensor, torch.Tensor]:
 class CommStats:
     """Since the last reset: bytes this rank sent to other ranks through the expert dispatch (forward: tokens out +
     results back), token rows it sent (to every rank, itself included), and (token, expert) pairs its experts
-    computed (its share of the expert work: the ranks of a group wait for the busiest at every exchange). The
-    all-gather dispatch knows its pair count only on the device: it is added there and read at `reset`."""
-    bytes_sent: int = 0
-    rows_sent: int = 0
-    pairs_received: int | torch.Tensor = 0
+    computed (its share of the expert work: the ranks of a group wait for the busiest at every exchange).
+
+    Held in one int64 tensor on the device, added to in place and read at `read` / `reset`: the all-gather knows
+    its pair count only on the device, and a compiled forward guards on Python ints it changes (recompiling the
+    model at every step) but not on a tensor's values. Scalar adds: no host-to-device copy, so no sync."""
+    totals: Optional[torch.Tensor] = None          # [bytes_sent, rows_sent, pairs_received]
+    KEYS = ("bytes_sent", "rows_sent", "pairs_received")
+
+    def to(self, device: torch.device | str) -> "CommStats":
+        """Made (or moved) before any compiled forward: making it inside one would recompile at the second."""
+        self.totals = (torch.zeros(len(self.KEYS), dtype=torch.int64, device=device) if self.totals is None
+                       else self.totals.to(device))
+        return self
+
+    def add(self, device: torch.device, bytes_sent: int, rows_sent: int, pairs_received: int | torch.Tensor) -> None:
+        if self.totals is None:
+            self.to(device)
+        self.totals[0] += bytes_sent
+        self.totals[1] += rows_sent
+        self.totals[2] += pairs_received
+
+    def read(self) -> dict[str, int]:
+        return dict(zip(self.KEYS, self.totals.tolist() if self.totals is not None else [0] * len(self.KEYS)))
 
     def reset(self) -> dict[str, int]:
-        out = {"bytes_sent": self.bytes_sent, "rows_sent": self.rows_sent, "pairs_received": int(self.pairs_received)}
-        self.bytes_sent = self.rows_sent = self.pairs_received = 0
+        out = self.read()
+        if self.totals is not None:
+            self.totals.zero_()                    # the same tensor: a compiled forward keeps adding to it
         return out
 
 
@@ -291,7 +310,7 @@ class ExpertParallelBackend(ExpertBackend):
         y_rows = self.local.mlp_rows(rows, w1, w2, local, row_index, row_offsets)          # gated sum per row
         back = _AllToAll.apply(y_rows, rows_out, rows_in, group)
         out = back.new_zeros(n_tokens, back.shape[1]).index_add(0, send_token, back)
-        self._count(sent, received, _layout([slots, gate, rows])[1], _row_bytes(back))
+        self._count(dev, sent, received, _layout([slots, gate, rows])[1], _row_bytes(back))
         return out
 
     def _mlp_allgather(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -303,12 +322,12 @@ class ExpertParallelBackend(ExpertBackend):
         shard = self.local.shard_routing(gate, index.long(), lo, hi)
         y = _ScatterSum.apply(self.local.mlp(rows, w1, w2, shard), ep, group)
         n = x.shape[0]
-        self.stats.rows_sent += ep * n
-        self.stats.pairs_received = self.stats.pairs_received + shard.offsets[-1]
-        self.stats.bytes_sent += (ep - 1) * n * (_layout([index, gate, x])[1] + _row_bytes(y))
+        self.stats.add(x.device, (ep - 1) * n * (_layout([index, gate, x])[1] + _row_bytes(y)), ep * n,
+                       shard.offsets[-1])
         return y
 
-    def _count(self, sent: list, received: list, packed_row_bytes: int, result_row_bytes: int) -> None:
+    def _count(self, device: torch.device, sent: list, received: list, packed_row_bytes: int,
+               result_row_bytes: int) -> None:
         """Add one application's traffic to stats: rows sent (to every rank), pairs received, and bytes sent to
         other ranks (packed token rows out, result rows back). sent / received: [rank] = [rows, pairs]."""
         me = self.groups.ep_rank
@@ -316,9 +335,8 @@ class ExpertParallelBackend(ExpertBackend):
         def total(counts: list, i: int, remote: bool = True) -> int:
             return sum(c[i] for r, c in enumerate(counts) if not (remote and r == me))
 
-        self.stats.rows_sent += total(sent, 0, remote=False)
-        self.stats.pairs_received += total(received, 1, remote=False)
-        self.stats.bytes_sent += total(sent, 0) * packed_row_bytes + total(received, 0) * result_row_bytes
+        self.stats.add(device, total(sent, 0) * packed_row_bytes + total(received, 0) * result_row_bytes,
+                       total(sent, 0, remote=False), total(received, 1, remote=False))
 
 
 class ExpertShards:
@@ -345,6 +363,7 @@ class ExpertShards:
     def to(self, device: torch.device | str) -> "ExpertShards":
         for t in self.params.values():
             t.data = t.data.to(device)
+        self.model_backend.stats.to(device)
         return self
 
     def parameters(self) -> list[torch.Tensor]:

@@ -44,7 +44,7 @@ class TrainSection:
     global_batch: int = 64              # sequences per optimizer step, all ranks together
     micro_batch: int = 64               # sequences per rank per forward/backward
     max_bad_steps: int = 5              # stop after this many non-finite steps in a row
-    compile: bool = False               # torch.compile the model (nn.Module.compile); ZeRO-0/1/2, no expert parallelism
+    compile: bool = False               # torch.compile the model (nn.Module.compile); ZeRO-0/1/2, all-gather dispatch
     cuda_graphs: bool = False           # with compile: its graphs replayed as CUDA graphs (docs/CUDA_GRAPHS.md)
     activation_checkpointing: bool = False  # recompute each layer application in backward: less memory, ~1/3 more compute
 
