@@ -90,9 +90,9 @@ case $part in
     "$py" -m data_prep.prepare --input 'data/english/*.txt.gz' --out "$data" --vocab-size 8000 --workers 4 \
       > "$out/prepare.log" 2>&1 || { tail -n 20 "$out/prepare.log"; exit 1; }
     # shellcheck disable=SC2086  # the two variables are lists of arguments
-    train_until "$out/train_8b_m4" 10 560 --nproc 2 --no-resume ${EP_CHECKS_LAUNCH_ARGS:-} configs/moeut_1b_gpu.yaml train.compile=false \
-      model.preset=moeut-8b expert_parallel_size=2 deepspeed_config=ds_configs/zero2_bf16.json data.path="$data" \
-      train.steps=200 train.global_batch=8 train.micro_batch=4 eval.every=0 eval.at_end=false log.every=1 \
+    train_until "$out/train_8b_m4" 10 560 --nproc 2 --no-resume ${EP_CHECKS_LAUNCH_ARGS:-} configs/moeut_1b_gpu.yaml \
+      train.compile=false model.preset=moeut-8b expert_parallel_size=2 deepspeed_config=ds_configs/zero2_bf16.json \
+      data.path="$data" train.steps=200 train.global_batch=8 train.micro_batch=4 eval.every=0 eval.at_end=false log.every=1 \
       log.expert_stats_every=0 checkpoint.every=0 ${EP_CHECKS_TRAIN_ARGS:-} ;;
   *) echo "part must be 1b, 8b or 8b-trainer" >&2; exit 2 ;;
 esac

@@ -224,13 +224,14 @@ class Trainer:
             if self.zero_stage == 3:
                 raise ConfigError("train.compile=true works with ZeRO stages 0-2 (ZeRO-3's parameter hooks break "
                                   "the graph): set train.compile=false or use ds_configs/zero1*/zero2*.json")
-            if self.experts and self.experts.shards.model_backend.dispatch != "allgather":
-                raise ConfigError("train.compile=true with expert parallelism needs expert_dispatch=allgather (the "
-                                  "all-to-all's split sizes are a host sync that breaks the graph): set "
-                                  "expert_dispatch=allgather or train.compile=false")
-            if self.experts and cfg.train.cuda_graphs:
-                raise ConfigError("train.cuda_graphs=true is not supported with expert parallelism (its collectives "
-                                  "inside CUDA graphs are untested): set train.cuda_graphs=false")
+            if self.experts:
+                if self.experts.shards.model_backend.dispatch != "allgather":
+                    raise ConfigError("train.compile=true with expert parallelism needs expert_dispatch=allgather "
+                                      "(the all-to-all's split sizes are a host sync that breaks the graph): set "
+                                      "expert_dispatch=allgather or train.compile=false")
+                if cfg.train.cuda_graphs:
+                    raise ConfigError("train.cuda_graphs=true is not supported with expert parallelism (its "
+                                      "collectives inside CUDA graphs are untested): set train.cuda_graphs=false")
             if self.mcfg.arch != "dense" and model.expert_backend.name == "reference":
                 raise ConfigError("train.compile=true needs the triton expert backend (expert_backend=triton or auto "
                                   "on a GPU): the reference backend's data-dependent shapes break the graph, and "
