@@ -1,14 +1,16 @@
 """Expert-kernel benchmark on one GPU: σ-MoE FF layer and SwitchHead V/O, Triton vs reference vs dense.
 
     PYTHONPATH=.:kernels python bench/bench_experts.py [--only ff244,att,ff1b,att1b,ff126,att126,...]
-        [--sweep [--sweep-ff 126M]] [--sweep-att 244M] [--sweep-tma] [--sweep-floor] [--host-overhead] [--json out.json]
+        [--sweep [--sweep-ff 126M]] [--sweep-att 244M] [--sweep-tma] [--sweep-wgrad] [--sweep-floor]
+        [--host-overhead] [--json out.json]
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
 --sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the kernel calls and the
-layers with TMA descriptor loads against pointer loads, with --sweep-floor the FF calls that write [P, d] buffers
+layers with TMA descriptor loads against pointer loads, with --sweep-wgrad the weight gradients' tile configs,
+with --sweep-floor the FF calls that write [P, d] buffers
 against the same calls on one expert, cuBLAS and a fill of the output (their floor), with --host-overhead the
 host time per call of the expert ops against their GPU time (`--only none` skips the layer tables). With
 --profile-layer ff244 it runs one warm fwd+bwd of that layer between cudaProfilerStart/Stop, for Nsight Compute:
@@ -324,17 +326,9 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
                gbytes=(P * d * 2 + TOKENS * d * 2) / 1e9)
         _timed(rows, f"sweep relu mask in torch BM{block_m}", lambda: gh * (h > 0))   # the non-resident fallback
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-        for c in (None, TileConfig(128, 256, 8, 3), TileConfig(128, 256, 8, 2), TileConfig(256, 128, 8, 3),
-                  TileConfig(256, 128, 8, 2)):
-            if c is not None:
-                GM.OVERRIDES["wgrad"] = dict(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps,
-                                             num_stages=c.num_stages)
-            for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1)),
-                               ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2))):   # h: the gated h
-                _timed(rows, f"sweep {name} BM{block_m} {c or 'default'}", call, flop=flop1)
-            GM.OVERRIDES.pop("wgrad", None)
-            if block_m != 128 or defaults_only:
-                break
+        for name, call in (("wgrad_up", lambda: GM._wgrad(xd, k, gh, 0, plan, gw1)),
+                           ("wgrad_down", lambda: GM._wgrad(h, 0, gy, k, plan, gw2))):   # h: the gated h
+            _timed(rows, f"sweep {name} BM{block_m} default", call, flop=flop1)     # variants: --sweep-wgrad
         # what the gathers (and the gate scale) cost the weight gradients: the same sums on operands gathered
         # (and scaled) beforehand into the sorted layout
         x_sorted = sorted_operand(xd, k, plan)
@@ -436,8 +430,54 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
            lambda: GM._wgrad(x_sorted, 0, gv_sorted, 0, pv, gw_v), flop=flop1)
 
 
+WGRAD_VARIANTS = (    # label, wgrad config fields, row step; "wide": 256 along d (the gathered operand's width)
+    ("default", {}, None), ("4 stages", dict(num_stages=4), None), ("4 warps", dict(num_warps=4), None),
+    ("rows 128, 2 stages", dict(num_stages=2), 128),
+    ("wide, 2 stages", dict(wide=True, num_stages=2), None), ("wide, 3 stages", dict(wide=True), None),
+    ("wide, 4 stages", dict(wide=True, num_stages=4), None),
+    ("wide, rows 32, 4 stages", dict(wide=True, num_stages=4), 32),
+    ("wide, rows 128, 2 stages", dict(wide=True, num_stages=2), 128))
+
+
+def sweep_wgrad(rows: list, sizes: tuple = LARGE) -> None:
+    """The four training-path weight gradients (one operand gathered, the other sorted by TMA) at 244M and 1B under
+    the WGRAD_VARIANTS tile configs; each row records its largest difference from the default config's result.
+    The gathered operand is read from DRAM once per pair whatever the tile (the floor, KERNELS.md "The memory floor
+    of this design"); a tile 256 wide along d reads the sorted operand half as often (from L2)."""
+    for size in sizes:
+        f, s = FF_SHAPES[size], ATT_SHAPES[size]
+        x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
+        k, E, d_e = f["k"], f["n_experts"], f["d_e"]
+        plan = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E).detach(), k).plan
+        xd, (gh, h) = x.detach(), (torch.randn(TOKENS * k, d_e, device=DEV, dtype=BF16) for _ in range(2))
+        _, t = _att_gemms(s)
+        gv_sorted, a_gated = sorted_operand(t.gv, t.k, t.pv, t.gate_v), sorted_operand(t.a, t.k, t.po, t.gate_o)
+        calls = (   # name, gradient buffer, call, the axis along d (block_k: A gathered; block_n: B gathered), flop
+            ("FF up", torch.empty_like(w1), lambda g: GM._wgrad(xd, k, gh, 0, plan, g), "block_k",
+             2 * TOKENS * k * f["d"] * d_e),
+            ("FF down", torch.empty_like(w2), lambda g: GM._wgrad(h, 0, gy, k, plan, g), "block_n",
+             2 * TOKENS * k * f["d"] * d_e),
+            ("att V", torch.empty_like(t.w_v), lambda g: GM._wgrad(t.x, t.hk, gv_sorted, 0, t.pv, g), "block_k",
+             t.flop1),
+            ("att O", torch.empty_like(t.w_o), lambda g: GM._wgrad(a_gated, 0, t.gy, t.hk, t.po, g), "block_n",
+             t.flop1))
+        for name, grad, call, axis, flop in calls:
+            call(grad)
+            want = grad.clone()
+            for label, fields, block_r in WGRAD_VARIANTS:
+                fields = dict(fields)
+                if fields.pop("wide", False):
+                    fields[axis] = 256
+                GM.OVERRIDES["wgrad"] = fields
+                if block_r:
+                    GM.OVERRIDES["wgrad_block_r"] = block_r
+                _timed_against(rows, f"wgrad {size} {name} {label}", lambda: call(grad), grad, want, flop)
+                GM.OVERRIDES.pop("wgrad")
+                GM.OVERRIDES.pop("wgrad_block_r", None)
+
+
 def _timed_against(rows: list, what: str, fn, out: torch.Tensor, ref: torch.Tensor, flop: int) -> None:
-    """_timed, then the row also records max |out - ref| (fn writes out; ref holds the pointer-load result)."""
+    """_timed, then the row also records max |out - ref| (fn writes out; ref holds the baseline's result)."""
     _timed(rows, what, fn, flop=flop)
     if "ms" in rows[-1]:
         rows[-1]["max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
@@ -755,6 +795,8 @@ def main() -> None:
     ap.add_argument("--sweep-att", choices=sorted(ATT_SHAPES), default=None,
                     help="per-call times of the SwitchHead V/O layer at this shape")
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
+    ap.add_argument("--sweep-wgrad", action="store_true",
+                    help="the four weight gradients under several tile configs (244M, 1B)")
     ap.add_argument("--sweep-tma", action="store_true",
                     help="kernel calls and layers with TMA descriptor loads vs pointer loads (244M, 1B)")
     ap.add_argument("--sweep-floor", action="store_true",
@@ -800,6 +842,8 @@ def main() -> None:
         sweep_route(rows)
     if args.sweep_order:
         sweep_order(rows)
+    if args.sweep_wgrad:
+        sweep_wgrad(rows)
     if args.sweep_tma:
         sweep_tma(rows)
     if args.sweep_floor:
@@ -807,7 +851,7 @@ def main() -> None:
     if args.host_overhead:
         host_overhead(rows)
     sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma
-                    or args.sweep_floor or args.host_overhead)
+                    or args.sweep_wgrad or args.sweep_floor or args.host_overhead)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     tables = {"ff": (bench_ff, FF_SHAPES), "att": (bench_att, ATT_SHAPES)}

@@ -71,6 +71,16 @@ def test_tma_sweep_runs_and_matches_pointer_loads(tiny_1b):
     assert B.GM._has_tma.__name__ == "_has_tma"      # restored
 
 
+def test_wgrad_sweep_runs_and_every_config_matches_the_default(tiny_1b):
+    """--sweep-wgrad: every variant of the four weight gradients a time, its result equal to the default config's
+    (to fp32 summation order)."""
+    rows: list = []
+    B.sweep_wgrad(rows)
+    assert [r for r in rows if "error" in r] == []
+    diffs = [r["max_abs_diff"] for r in rows]
+    assert len(diffs) == 2 * 4 * len(B.WGRAD_VARIANTS) and max(diffs) < 1e-3
+
+
 def test_floor_sweep_runs_and_its_one_expert_call_matches_the_dense_matmul(tiny):
     """--sweep-floor (one size: the same code runs for both): every row a time, and the one-expert down forward (the
     dense analog the routed call is compared with) equal to h @ W to bf16 rounding."""

@@ -37,6 +37,7 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 GMM_PARAMS = list(inspect.signature(K.gmm_kernel.fn).parameters)
 SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376}     # max dynamic shared memory per block (bytes)
 REPO = Path(__file__).resolve().parents[1]
+OPTIONS = ("num_warps", "num_stages", "maxnreg")      # launch options, not kernel arguments
 
 
 def _arg_type(v) -> str:
@@ -61,8 +62,8 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            options = (kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
-            consts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("num_warps", "num_stages")))
+            options = tuple(kwargs.get(k) for k in OPTIONS)
+            consts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in OPTIONS))
             self.seen.add((self.name, tuple(_arg_type(a) for a in args), consts, options))
             return self.kernel[grid](*args, **kwargs)
         return launch
@@ -156,6 +157,10 @@ def test_every_kernel_is_launched(launches):
     wgrad_descs = {tuple(dict(zip(wgrad_params, types))[d].startswith("tensordesc") for d in ("a_desc", "b_desc"))
                    for name, types, *_ in launches if name == "wgrad_kernel"}
     assert wgrad_descs == {(False, False), (True, False), (False, True)}     # a sorted A or B by TMA, or neither
+    # three 4-warp weight-gradient programs per SM on sm_90+ (a register cap); no cap on GPUs without TMA
+    caps = {(any(t.startswith("tensordesc") for t in types), options[2]) for name, types, _, options in launches
+            if name == "wgrad_kernel"}
+    assert {cap for tma, cap in caps if tma} == {168} and {cap for _, cap in caps} == {None, 168}
     pair_params = list(inspect.signature(K.pair_gmm_kernel.fn).parameters)
     pair_descs = {dict(zip(pair_params, types))["w_desc"].startswith("tensordesc")
                   for name, types, *_ in launches if name == "pair_gmm_kernel"}
@@ -171,7 +176,8 @@ from moeut_kernels import _triton as K
 
 arch, shared_limit = int(sys.argv[1]), int(sys.argv[2])
 launches = json.load(sys.stdin)
-for name, types, consts, (warps, stages) in launches:
+OPTIONS = ("num_warps", "num_stages", "maxnreg")
+for name, types, consts, options in launches:
     kernel = getattr(K, name)
     params = list(inspect.signature(kernel.fn).parameters)
     signature = dict(zip(params, types))
@@ -179,7 +185,8 @@ for name, types, consts, (warps, stages) in launches:
     signature.update({k: "constexpr" for k in constexprs})
     assert set(signature) == set(params), (name, set(params) - set(signature))
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+                              target=GPUTarget("cuda", arch, 32),
+                              options={k: v for k, v in zip(OPTIONS, options) if v is not None})
     assert compiled.asm["cubin"], name
     assert compiled.metadata.shared <= shared_limit, (name, consts, compiled.metadata.shared)
 print(f"compiled {len(launches)} launches for sm_{arch}")

@@ -66,7 +66,8 @@ class TileConfig:
     gluon (Hopper, with a_resident and tma): the calls among these with A sorted or gathered by group, no fused
     gate gradient or output mask, and a per-pair scale only with gathered A (the FF down forward and up
     input-gradient, a ReLU projection's input gradient with its mask and side output, the attention O forward and
-    V input-gradient) run the Gluon kernel (moeut_kernels/_gluon.py), num_stages being its W ring's depth."""
+    V input-gradient) run the Gluon kernel (moeut_kernels/_gluon.py), num_stages being its W ring's depth.
+    maxnreg (weight gradient): a cap on registers per thread, so that more programs share an SM."""
     block_n: int
     block_k: int
     num_warps: int
@@ -75,6 +76,7 @@ class TileConfig:
     n_loop: int = 1
     tma: bool = False
     gluon: bool = False
+    maxnreg: Optional[int] = None
 
     def columns_per_program(self) -> int:
         return self.block_n * (self.n_loop if self.a_resident else 1)
@@ -176,7 +178,9 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
 
 def wgrad_config(k: int, n: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> TileConfig:
     """block_n x block_k tiles of W[e]; the row step is _wgrad_block_r. In bf16 on sm_90+ the sorted operand comes
-    by TMA, at 8 warps (H200 sweep: 2-11% faster than pointer loads at 4 warps, docs/PERFORMANCE.md)."""
+    by TMA, at 4 warps capped at 168 registers: three programs per SM (3 x 66 KB of shared memory, 3 x 4 x 32 x 168
+    registers of 64K) instead of two 8-warp ones, -3 to -13% per call on an H200 (docs/KERNELS.md, "Three
+    weight-gradient programs per SM")."""
     if INTERPRET:
         cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
     else:
@@ -184,7 +188,7 @@ def wgrad_config(k: int, n: int, dtype: torch.dtype, device: Optional[torch.devi
         # H200 sweep: with pointer loads 4 warps beat 8 by ~1.45x on both FF weight gradients (docs/KERNELS.md)
         cfg = TileConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(k, 16, 128), 4, 3 if big else 2)
         if big and _has_tma(device):
-            cfg = replace(cfg, tma=True, num_warps=8)
+            cfg = replace(cfg, tma=True, maxnreg=168)
     return replace(cfg, **OVERRIDES.get("wgrad", {}))
 
 
@@ -380,7 +384,7 @@ def _wgrad(a: torch.Tensor, a_group: int, b: torch.Tensor, b_group: int, plan: R
         A_GROUP=a_group, B_GROUP=b_group, HAS_SCALE=scale is not None, SPLITS=splits,
         FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     if splits > 1:
         grad_w.copy_(out.sum(0))
 
