@@ -430,20 +430,22 @@ def sweep_att(name: str, s: dict, rows: list) -> None:
            lambda: GM._wgrad(x_sorted, 0, gv_sorted, 0, pv, gw_v), flop=flop1)
 
 
-WGRAD_VARIANTS = (    # label, wgrad config fields, row step; "wide": 256 along d (the gathered operand's width)
-    ("default", {}, None), ("4 stages", dict(num_stages=4), None), ("4 warps", dict(num_warps=4), None),
-    ("rows 128, 2 stages", dict(num_stages=2), 128),
-    ("wide, 2 stages", dict(wide=True, num_stages=2), None), ("wide, 3 stages", dict(wide=True), None),
-    ("wide, 4 stages", dict(wide=True, num_stages=4), None),
-    ("wide, rows 32, 4 stages", dict(wide=True, num_stages=4), 32),
-    ("wide, rows 128, 2 stages", dict(wide=True, num_stages=2), 128))
+WGRAD_VARIANTS = (    # label, wgrad config fields ("width": the tile's extent along d), row step
+    ("default", {}, None),
+    ("8 warps, no cap (before)", dict(num_warps=8, maxnreg=None), None),
+    ("cap 160", dict(maxnreg=160), None),
+    ("4 stages", dict(num_stages=4), None),
+    ("rows 32, 4 stages", dict(num_stages=4), 32),
+    ("64 wide, 2 stages, cap 128", dict(width=64, num_stages=2, maxnreg=128), None),
+    ("256 wide, 8 warps, rows 128, 2 stages", dict(width=256, num_warps=8, num_stages=2, maxnreg=None), 128))
 
 
 def sweep_wgrad(rows: list, sizes: tuple = LARGE) -> None:
     """The four training-path weight gradients (one operand gathered, the other sorted by TMA) at 244M and 1B under
     the WGRAD_VARIANTS tile configs; each row records its largest difference from the default config's result.
     The gathered operand is read from DRAM once per pair whatever the tile (the floor, KERNELS.md "The memory floor
-    of this design"); a tile 256 wide along d reads the sorted operand half as often (from L2)."""
+    of this design"); the tile's width along d sets how often the sorted one is read (from L2), its registers and
+    shared memory how many programs share an SM (KERNELS.md, "Three weight-gradient programs per SM")."""
     for size in sizes:
         f, s = FF_SHAPES[size], ATT_SHAPES[size]
         x, w_s, w1, w2, gy = ff_inputs(f, seed=3)
@@ -466,8 +468,8 @@ def sweep_wgrad(rows: list, sizes: tuple = LARGE) -> None:
             want = grad.clone()
             for label, fields, block_r in WGRAD_VARIANTS:
                 fields = dict(fields)
-                if fields.pop("wide", False):
-                    fields[axis] = 256
+                if "width" in fields:
+                    fields[axis] = fields.pop("width")
                 GM.OVERRIDES["wgrad"] = fields
                 if block_r:
                     GM.OVERRIDES["wgrad_block_r"] = block_r
