@@ -274,6 +274,10 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
     resident = [TileConfig(128, 128, 8, 3, True, n) for n in (8, 4, 2)] + [
         TileConfig(128, 128, 4, 3, True, 4), TileConfig(128, 128, 8, 2, True, 4), TileConfig(64, 128, 4, 3, True, 8),
         TileConfig(256, 128, 8, 2, True, 2), TileConfig(128, 64, 8, 3)]     # last: one slice per program, K loop
+    # the looping-K training calls: 8 warps (the 4-warp default takes 227-255 registers, two programs per SM by
+    # shared memory), also capped at 128 registers so that two 8-warp programs fit (KERNELS.md, "Three
+    # weight-gradient programs per SM")
+    looping = [TileConfig(128, 64, 8, 3, tma=True), TileConfig(128, 64, 8, 3, tma=True, maxnreg=128)]
     for block_m in (128,) if defaults_only else (128, 256):
         tb = TritonBackend(block_m=block_m)
         r = tb.route(logits, k)
@@ -292,14 +296,14 @@ def sweep(shape: dict, rows: list, defaults_only: bool = False) -> None:
         # current one.
         calls = {  # name: (call, configs besides the default)
             "up_fwd": (lambda c: GM._gmm(xd, k, w1, False, plan, out_h, False, relu_out=True, scale=gate, cfg=c),
-                       [TileConfig(128, 64, 8, 3)]),
+                       looping),
             "down_dx_plain": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, cfg=c), []),
             # the same with each row scaled by its gate in the epilogue (stores gate * dh: the training path)
             "down_dx_plain_scaled": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, cfg=c), []),
             # the training path: also the ReLU mask on the output and the gate's gradient from the stored rows
             "down_dx_masked_gate_grad": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate,
                                                            out_mask=h, scale_grad=sgrad, cfg=c),
-                                         [TileConfig(128, 64, 8, 3)]),
+                                         looping),
             "down_dx": (lambda c: GM._gmm(gy, k, w2, True, plan, out_h, False, scale=gate, dsrc=h, gpart=gpart,
                                           cfg=c), [TileConfig(128, 64, 8, 3)]),
             # also stores h * gate once for the weight gradient

@@ -67,7 +67,8 @@ class TileConfig:
     gate gradient or output mask, and a per-pair scale only with gathered A (the FF down forward and up
     input-gradient, a ReLU projection's input gradient with its mask and side output, the attention O forward and
     V input-gradient) run the Gluon kernel (moeut_kernels/_gluon.py), num_stages being its W ring's depth.
-    maxnreg (weight gradient): a cap on registers per thread, so that more programs share an SM."""
+    maxnreg: a cap on registers per thread, so that more programs share an SM (the default for the weight
+    gradient on sm_90+; benchmarks may set it for the others)."""
     block_n: int
     block_k: int
     num_warps: int
@@ -309,7 +310,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
                 side_out.stride(0) if side_out is not None else 0,
                 A_GROUP=a_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w,
                 MASK_A=amask is not None, HAS_SCALE=scale is not None, STORE_SIDE=side_out is not None,
-                BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+                BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+                maxnreg=cfg.maxnreg)
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
@@ -335,7 +337,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         A_RESIDENT=cfg.a_resident,
         STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     if scale_grad is not None and chunks > 1:
         torch.sum(gpart, 1, out=scale_grad)
 
