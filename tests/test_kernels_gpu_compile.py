@@ -5,7 +5,10 @@ launch (kernel, argument types, constexprs, warps, stages) of a tiny MoEUT's for
 explicit-rows path of expert parallelism, and of the weight gradient with and without row chunks, all with the
 configurations chosen for GPUs (also with TMA loads, compiled for sm_90 only), then compiles each one with
 Triton's bundled ptxas for sm_90 (H100/H200), sm_80 (A100) and sm_89 (L40S, RTX 4090: 99 KB of shared memory per
-block) and checks its shared memory fits the chip.
+block) and checks its shared memory fits the chip, and that no launch with a register cap (`TileConfig.maxnreg`)
+spills. Each launch is specialised as Triton's JIT would on a GPU (pointers and integers that are multiples of 16
+marked divisible by 16, integers equal to 1 constant): without that, register counts and spills are far from the
+GPU's. `pytest -s` prints each launch's registers, spilled bytes and shared memory (ptxas -v).
 The tiny model has the real expert widths (d_e = d_h = 128), so the tile configs and their shared memory are the
 ones real models get. A kernel edit that only a GPU would reject fails here.
 """
@@ -54,8 +57,23 @@ def _arg_type(v) -> str:
     raise TypeError(f"unexpected kernel argument {v!r}")
 
 
+def _specialisation(args: tuple) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(indices Triton's JIT marks divisible by 16, indices of integers equal to 1, which it makes constant)."""
+    divisible, ones = [], []
+    for i, v in enumerate(args):
+        if isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0:
+            divisible.append(i)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            if v == 1:
+                ones.append(i)
+            elif v % 16 == 0:
+                divisible.append(i)
+    return tuple(divisible), tuple(ones)
+
+
 class _Recorder:
-    """Stands in for a kernel: notes each launch's types and constexprs, then runs the real one (interpreter)."""
+    """Stands in for a kernel: notes each launch's types, specialisation and constexprs, then runs the real one
+    (interpreter)."""
 
     def __init__(self, name: str, kernel, seen: set):
         self.name, self.kernel, self.seen = name, kernel, seen
@@ -64,7 +82,7 @@ class _Recorder:
         def launch(*args, **kwargs):
             options = tuple(kwargs.get(k) for k in OPTIONS)
             consts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in OPTIONS))
-            self.seen.add((self.name, tuple(_arg_type(a) for a in args), consts, options))
+            self.seen.add((self.name, tuple(_arg_type(a) for a in args), consts, options, *_specialisation(args)))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -105,14 +123,16 @@ def _relu_projection() -> None:
     tb.matmul(x, w, routing_, in_group=2, out_group=None, activation="relu").float().sum().backward()
 
 
-@pytest.fixture(scope="module")
-def launches() -> list:
+def _record(shared_memory: int, tma: bool) -> list:
+    """The distinct launches of the steps above with the configs gmm_config and wgrad_config choose for a GPU with
+    this much shared memory per program, and also with TMA loads (sm_90+) when tma."""
     seen: set = set()
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(grouped, "INTERPRET", False)      # GPU tile configs; the interpreter still runs the kernels
         mp.setattr(routing, "INTERPRET", False)
         mp.setattr(pair_tiles, "INTERPRET", False)
+        mp.setattr(grouped, "_shared_memory", lambda device: shared_memory)
         for name in KERNELS:
             mp.setattr(K, name, _Recorder(name, getattr(K, name), seen))
         for splits in (1, 4):                        # weight gradients with and without row chunks
@@ -120,19 +140,27 @@ def launches() -> list:
             _tiny_moeut_step()
             _explicit_rows()
         _relu_projection()
-        mp.setattr(grouped, "_has_tma", lambda device: True)    # the configs of an sm_90+ GPU: TMA loads
-        _tiny_moeut_step()
-        _relu_projection()
+        if tma:
+            mp.setattr(grouped, "_has_tma", lambda device: True)    # the configs of an sm_90+ GPU: TMA loads
+            _tiny_moeut_step()
+            _relu_projection()
     finally:
         mp.undo()
     return sorted(seen, key=repr)
 
 
+@pytest.fixture(scope="module")
+def launches() -> dict[int, list]:
+    """arch -> its launches (sm_80 and sm_89 have no TMA)."""
+    return {arch: _record(shared, arch >= 90) for arch, shared in SHARED_MEMORY.items()}
+
+
 def test_every_kernel_is_launched(launches):
+    launches = launches[90]
     assert {name for name, *_ in launches} == set(KERNELS)
-    splits = {dict(consts)["SPLITS"] for name, _, consts, _ in launches if name == "wgrad_kernel"}
+    splits = {dict(consts)["SPLITS"] for name, _, consts, *_ in launches if name == "wgrad_kernel"}
     assert splits == {1, 4}
-    gmm = [dict(consts) for name, _, consts, _ in launches if name == "gmm_kernel"]
+    gmm = [dict(consts) for name, _, consts, *_ in launches if name == "gmm_kernel"]
     assert {c["A_RESIDENT"] for c in gmm} == {True, False}
     # the weight gradient's masked/gated operand, stored by resident-A and by fused-gate-gradient launches
     assert {(c["A_RESIDENT"], c["GATE_GRAD"]) for c in gmm if c["STORE_SIDE"]} == {(True, False), (False, True)}
@@ -144,7 +172,7 @@ def test_every_kernel_is_launched(launches):
     # TMA: W plain and transposed (in resident and looping-K launches), with the sorted A tile and its ReLU mask
     descs = {"w": set(), "a": set(), "m": set()}
     w_by_desc = set()      # A_RESIDENT of the launches that load W by descriptor
-    for name, types, consts, _ in launches:
+    for name, types, consts, *_ in launches:
         if name == "gmm_kernel":
             named = dict(zip(GMM_PARAMS, types))
             for d in descs:
@@ -158,7 +186,7 @@ def test_every_kernel_is_launched(launches):
                    for name, types, *_ in launches if name == "wgrad_kernel"}
     assert wgrad_descs == {(False, False), (True, False), (False, True)}     # a sorted A or B by TMA, or neither
     # three 4-warp weight-gradient programs per SM on sm_90+ (a register cap); no cap on GPUs without TMA
-    caps = {(any(t.startswith("tensordesc") for t in types), options[2]) for name, types, _, options in launches
+    caps = {(any(t.startswith("tensordesc") for t in types), options[2]) for name, types, _, options, *_ in launches
             if name == "wgrad_kernel"}
     assert {cap for tma, cap in caps if tma} == {168} and {cap for _, cap in caps} == {None, 168}
     pair_params = list(inspect.signature(K.pair_gmm_kernel.fn).parameters)
@@ -168,27 +196,46 @@ def test_every_kernel_is_launched(launches):
 
 
 COMPILE = """
-import inspect, json, sys
+import inspect, json, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from moeut_kernels import _triton as K
 
 arch, shared_limit = int(sys.argv[1]), int(sys.argv[2])
 launches = json.load(sys.stdin)
 OPTIONS = ("num_warps", "num_stages", "maxnreg")
-for name, types, consts, options in launches:
+spilled, too_big = [], []
+for name, types, consts, options, divisible, ones in launches:
     kernel = getattr(K, name)
     params = list(inspect.signature(kernel.fn).parameters)
     signature = dict(zip(params, types))
     constexprs = {k: None for k, t in signature.items() if t == "constexpr"} | dict(consts)
+    constexprs |= {params[i]: 1 for i in ones}
     signature.update({k: "constexpr" for k in constexprs})
     assert set(signature) == set(params), (name, set(params) - set(signature))
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible if params[i] not in constexprs}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={k: v for k, v in zip(OPTIONS, options) if v is not None})
     assert compiled.asm["cubin"], name
-    assert compiled.metadata.shared <= shared_limit, (name, consts, compiled.metadata.shared)
+    if compiled.metadata.shared > shared_limit:
+        too_big.append((name, consts, options, compiled.metadata.shared))
+    # registers and spills as ptxas reports them for the PTX Triton made (the same ptxas Triton runs)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", ptx.name,
+                              "-o", "/dev/null"], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\\d+) registers", log).group(1))
+    spill = int(re.search(r"(\\d+) bytes spill stores", log).group(1))
+    print(name, dict(options=options, registers=regs, spill_bytes=spill, shared=compiled.metadata.shared,
+                     consts={k: v for k, v in consts if k.isupper() and not k.startswith("BLOCK")}))
+    if spill and options[2] is not None:
+        spilled.append((name, consts, options, regs, spill))
+assert not too_big, (f"more shared memory than sm_{arch} has ({shared_limit} bytes)", too_big)
+assert not spilled, ("a register cap (maxnreg) makes these launches spill: slower than without it", spilled)
 print(f"compiled {len(launches)} launches for sm_{arch}")
 """
 
@@ -198,8 +245,7 @@ print(f"compiled {len(launches)} launches for sm_{arch}")
 def test_every_launch_compiles_for_the_gpu(launches, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # real JIT functions, not interpreted
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH", "")])
-    if arch < 90:      # TMA descriptors are for sm_90+ only (gmm_config turns them on there)
-        launches = [launch for launch in launches if not any(t.startswith("tensordesc") for t in launch[1])]
+    launches = launches[arch]
     proc = subprocess.run([sys.executable, "-c", COMPILE, str(arch), str(SHARED_MEMORY[arch])],
                           input=json.dumps(launches), capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

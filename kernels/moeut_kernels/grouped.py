@@ -127,6 +127,30 @@ def _window_order(device: torch.device, a_group: int, w: torch.Tensor, ndim: int
 
 
 @functools.cache
+def _shared_memory(device: Optional[torch.device]) -> int:
+    """Shared memory one program may use on this GPU, asked once per device (Hopper's 227 KB when there is no CUDA
+    device: the configs a benchmark or test reads without one)."""
+    if device is None or device.type != "cuda":
+        return 232448
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _fit_shared_memory(cfg: TileConfig, block_m: int, itemsize: int, masked: bool,
+                       device: Optional[torch.device]) -> TileConfig:
+    """cfg with fewer pipeline stages where its buffers would not fit the GPU's shared memory: a resident A tile
+    and three W stages take 128 KB in bf16, which an A100 has and an L40S or RTX 4090 (99 KB) has not. A resident
+    A tile loaded by TMA with its ReLU mask holds the mask tile too."""
+    tile = block_m * cfg.block_k * itemsize
+    fixed = tile * (2 if masked and cfg.tma else 1) if cfg.a_resident else 0
+    per_stage = cfg.block_k * cfg.block_n * itemsize + (0 if cfg.a_resident else tile)
+    stages = cfg.num_stages
+    while stages > 1 and fixed + stages * per_stage > _shared_memory(device):
+        stages -= 1
+    return replace(cfg, num_stages=stages)
+
+
+@functools.cache
 def _l2_bytes(device: torch.device) -> int:
     """The GPU's L2 size (asked once per device: _window_order runs on every launch)."""
     return torch.cuda.get_device_properties(device).L2_cache_size
@@ -154,7 +178,8 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
     ReLU mask (masked), whose tile leaves room for only one program per SM either way; on Hopper, the Gluon
     kernel where the call allows (TileConfig.gluon; 2 stages, two programs per SM). Otherwise one 128-wide slice
     per program, 64-deep K steps (32 for fp32 to fit shared memory), 3 stages; in bf16 on sm_90+ W comes by TMA.
-    The interpreter uses tiny blocks so tests cross every boundary."""
+    Fewer stages where the GPU's shared memory is smaller (_fit_shared_memory). The interpreter uses tiny blocks so
+    tests cross every boundary."""
     big = dtype != torch.float32
     if INTERPRET:
         if triton.next_power_of_2(k) <= 32 and not gate_grad:
@@ -174,6 +199,8 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
         cfg = TileConfig(_pow2_clamp(n, 16, 128), 64 if big else 32, warps, 3 if big else 2)
         if big and _has_tma(device):    # W by descriptor (H200 sweep: 1-9% faster than pointer loads)
             cfg = replace(cfg, tma=True)
+    if not INTERPRET:
+        cfg = _fit_shared_memory(cfg, block_m, dtype.itemsize, masked, device)
     return replace(cfg, **OVERRIDES.get("gmm", {}))
 
 
