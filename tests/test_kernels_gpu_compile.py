@@ -3,10 +3,10 @@
 The interpreter tests check what the kernels compute; they do not compile them. This test records each distinct
 launch (kernel, argument types, constexprs, warps, stages) of a tiny MoEUT's forward and backward, of the
 explicit-rows path of expert parallelism, and of the weight gradient with and without row chunks, all with the
-configurations chosen for GPUs (also with TMA loads, compiled for sm_90 only), then compiles each one with
-Triton's bundled ptxas for sm_90 (H100/H200), sm_80 (A100) and sm_89 (L40S, RTX 4090: 99 KB of shared memory per
-block) and checks its shared memory fits the chip, and that no launch with a register cap (`TileConfig.maxnreg`)
-spills. Each launch is specialised as Triton's JIT would on a GPU (pointers and integers that are multiples of 16
+configurations chosen for each GPU (its shared memory, TMA loads on sm_90+, Hopper's register caps), then
+compiles each one with Triton's bundled ptxas for sm_90 (H100/H200), sm_80 (A100), sm_89 (L40S, RTX 4090: 99 KB of
+shared memory per block) and sm_120 (RTX 5090: TMA, no wgmma, 99 KB), and checks its shared memory fits the chip
+and that no launch with a register cap (`TileConfig.maxnreg`) spills. Each launch is specialised as Triton's JIT would on a GPU (pointers and integers that are multiples of 16
 marked divisible by 16, integers equal to 1 constant): without that, register counts and spills are far from the
 GPU's. `pytest -s` prints each launch's registers, spilled bytes and shared memory (ptxas -v).
 The tiny model has the real expert widths (d_e = d_h = 128), so the tile configs and their shared memory are the
@@ -38,7 +38,7 @@ KERNELS = ("gmm_kernel", "wgrad_kernel", "group_sum_kernel", "segment_sum_kernel
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
                 torch.int32: "i32", torch.int16: "i16"}
 GMM_PARAMS = list(inspect.signature(K.gmm_kernel.fn).parameters)
-SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376}     # max dynamic shared memory per block (bytes)
+SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376, 120: 101376}    # max dynamic shared memory per block (bytes)
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = ("num_warps", "num_stages", "maxnreg")      # launch options, not kernel arguments
 
@@ -123,16 +123,19 @@ def _relu_projection() -> None:
     tb.matmul(x, w, routing_, in_group=2, out_group=None, activation="relu").float().sum().backward()
 
 
-def _record(shared_memory: int, tma: bool) -> list:
-    """The distinct launches of the steps above with the configs gmm_config and wgrad_config choose for a GPU with
-    this much shared memory per program, and also with TMA loads (sm_90+) when tma."""
+def _record(arch: int) -> list:
+    """The distinct launches of the steps above with the configs gmm_config and wgrad_config choose for this arch:
+    its shared memory per program; without TMA loads, and also with them on sm_90+ (the configs of a Triton without
+    host descriptors, then the real ones)."""
     seen: set = set()
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(grouped, "INTERPRET", False)      # GPU tile configs; the interpreter still runs the kernels
         mp.setattr(routing, "INTERPRET", False)
         mp.setattr(pair_tiles, "INTERPRET", False)
-        mp.setattr(grouped, "_shared_memory", lambda device: shared_memory)
+        mp.setattr(grouped, "_shared_memory", lambda device: SHARED_MEMORY[arch])
+        mp.setattr(grouped, "_is_hopper", lambda device: arch == 90)
+        mp.setattr(grouped, "_has_wgmma", lambda device: False)     # no interpreter: tests/test_kernels_gluon.py
         for name in KERNELS:
             mp.setattr(K, name, _Recorder(name, getattr(K, name), seen))
         for splits in (1, 4):                        # weight gradients with and without row chunks
@@ -140,7 +143,7 @@ def _record(shared_memory: int, tma: bool) -> list:
             _tiny_moeut_step()
             _explicit_rows()
         _relu_projection()
-        if tma:
+        if arch >= 90:
             mp.setattr(grouped, "_has_tma", lambda device: True)    # the configs of an sm_90+ GPU: TMA loads
             _tiny_moeut_step()
             _relu_projection()
@@ -151,8 +154,9 @@ def _record(shared_memory: int, tma: bool) -> list:
 
 @pytest.fixture(scope="module")
 def launches() -> dict[int, list]:
-    """arch -> its launches (sm_80 and sm_89 have no TMA)."""
-    return {arch: _record(shared, arch >= 90) for arch, shared in SHARED_MEMORY.items()}
+    """arch -> its launches: sm_90 (H100/H200), sm_80 (A100), sm_89 (L40S, RTX 4090: no TMA, 99 KB of shared memory
+    per block), sm_120 (RTX 5090: TMA without wgmma, 99 KB)."""
+    return {arch: _record(arch) for arch in SHARED_MEMORY}
 
 
 def test_every_kernel_is_launched(launches):
@@ -226,7 +230,7 @@ for name, types, consts, options, divisible, ones in launches:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", ptx.name,
+        log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", ptx.name,
                               "-o", "/dev/null"], capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\\d+) registers", log).group(1))
     spill = int(re.search(r"(\\d+) bytes spill stores", log).group(1))
@@ -241,7 +245,7 @@ print(f"compiled {len(launches)} launches for sm_{arch}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [90, 80, 89])
+@pytest.mark.parametrize("arch", [90, 80, 89, 120])
 def test_every_launch_compiles_for_the_gpu(launches, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # real JIT functions, not interpreted
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH", "")])

@@ -101,13 +101,17 @@ def _has_tma(device: Optional[torch.device]) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _is_hopper(device: Optional[torch.device]) -> bool:
+    """sm_90 (H100, H200): wgmma, whose accumulators the configs measured there are sized for."""
+    return device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def _has_wgmma(device: Optional[torch.device]) -> bool:
     """Whether the Gluon kernel runs here: a Hopper GPU (its wgmma is sm_90 only), a Triton with Gluon, and not
     turned off (MOEUT_GLUON=0 in the environment: Gluon is an experimental Triton API, so this is the way out if a
     Triton release breaks it; OVERRIDES["gluon"] = False for benchmarks' A/B runs)."""
     enabled = OVERRIDES.get("gluon", os.environ.get("MOEUT_GLUON", "1") != "0")
-    return (enabled and GL is not None and device is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] == 9)
+    return enabled and GL is not None and _is_hopper(device)
 
 
 def _window_order(device: torch.device, a_group: int, w: torch.Tensor, ndim: int, cfg: TileConfig) -> bool:
@@ -206,9 +210,9 @@ def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool
 
 def wgrad_config(k: int, n: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> TileConfig:
     """block_n x block_k tiles of W[e]; the row step is _wgrad_block_r. In bf16 on sm_90+ the sorted operand comes
-    by TMA, at 4 warps capped at 168 registers: three programs per SM (3 x 66 KB of shared memory, 3 x 4 x 32 x 168
-    registers of 64K) instead of two 8-warp ones, -3 to -13% per call on an H200 (docs/KERNELS.md, "Three
-    weight-gradient programs per SM")."""
+    by TMA; on Hopper at 4 warps capped at 168 registers: three programs per SM (3 x 66 KB of shared memory, 3 x 4 x
+    32 x 168 registers of 64K) instead of two 8-warp ones, -3 to -13% per call on an H200 (docs/KERNELS.md, "Three
+    weight-gradient programs per SM"); at 8 warps on later GPUs, where the cap spills (sm_120: 532-732 bytes)."""
     if INTERPRET:
         cfg = TileConfig(_pow2_clamp(n, 16, 64), _pow2_clamp(k, 16, 64), 4, 1)
     else:
@@ -216,7 +220,7 @@ def wgrad_config(k: int, n: int, dtype: torch.dtype, device: Optional[torch.devi
         # H200 sweep: with pointer loads 4 warps beat 8 by ~1.45x on both FF weight gradients (docs/KERNELS.md)
         cfg = TileConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(k, 16, 128), 4, 3 if big else 2)
         if big and _has_tma(device):
-            cfg = replace(cfg, tma=True, maxnreg=168)
+            cfg = replace(cfg, tma=True, **(dict(maxnreg=168) if _is_hopper(device) else dict(num_warps=8)))
     return replace(cfg, **OVERRIDES.get("wgrad", {}))
 
 
