@@ -6,9 +6,10 @@ explicit-rows path of expert parallelism, and of the weight gradient with and wi
 configurations chosen for each GPU (its shared memory, TMA loads on sm_90+, Hopper's register caps), then
 compiles each one with Triton's bundled ptxas for sm_90 (H100/H200), sm_80 (A100), sm_89 (L40S, RTX 4090: 99 KB of
 shared memory per block) and sm_120 (RTX 5090: TMA, no wgmma, 99 KB), and checks its shared memory fits the chip
-and that no launch with a register cap (`TileConfig.maxnreg`) spills. Each launch is specialised as Triton's JIT would on a GPU (pointers and integers that are multiples of 16
-marked divisible by 16, integers equal to 1 constant): without that, register counts and spills are far from the
-GPU's. `pytest -s` prints each launch's registers, spilled bytes and shared memory (ptxas -v).
+and that no launch with a register cap (`TileConfig.maxnreg`) spills. Each launch is specialised as Triton's JIT
+would on a GPU (pointers and integers that are multiples of 16 marked divisible by 16, integers equal to 1
+constant): without that, register counts, spills and pipelined shared memory are far from the GPU's. `pytest -s`
+prints each launch's registers, spilled bytes and shared memory (ptxas -v).
 The tiny model has the real expert widths (d_e = d_h = 128), so the tile configs and their shared memory are the
 ones real models get. A kernel edit that only a GPU would reject fails here.
 """

@@ -67,8 +67,8 @@ class TileConfig:
     gate gradient or output mask, and a per-pair scale only with gathered A (the FF down forward and up
     input-gradient, a ReLU projection's input gradient with its mask and side output, the attention O forward and
     V input-gradient) run the Gluon kernel (moeut_kernels/_gluon.py), num_stages being its W ring's depth.
-    maxnreg: a cap on registers per thread, so that more programs share an SM (the default for the weight
-    gradient on sm_90+; benchmarks may set it for the others)."""
+    maxnreg: a cap on registers per thread, so that more programs share an SM (the weight gradient's default on
+    Hopper; benchmarks may set it for the others)."""
     block_n: int
     block_k: int
     num_warps: int
