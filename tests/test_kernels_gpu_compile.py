@@ -88,12 +88,12 @@ class _Recorder:
         return launch
 
 
-def _tiny_moeut_step() -> None:
+def _tiny_moeut_step(dtype: torch.dtype = torch.bfloat16) -> None:
     from moeut_ds.experts.triton_backend import TritonBackend
 
     # d_model > 128: the long-K calls take the looping-K path, the short-K ones (K = 128) keep A resident
     model, tokens = tiny_moeut(TritonBackend(block_m=128), d_model=160, n_layers=2, d_head=128, ff_expert_size=128)
-    out = model.to(torch.bfloat16)(tokens)
+    out = model.to(dtype)(tokens)
     (out.logits.float().square().mean() + out.reg_loss).backward()
 
 
@@ -145,6 +145,8 @@ def _record(arch: int) -> list:
             _tiny_moeut_step()
             _explicit_rows()
         _relu_projection()
+        if arch < 90:      # fp32 training's configs (no TMA or cap in fp32: sm_90's are sm_80's, sm_120's sm_89's)
+            _tiny_moeut_step(torch.float32)
     finally:
         mp.undo()
     return sorted(seen, key=repr)

@@ -166,12 +166,14 @@ def _pair_tiles(in_group: int, out_group: int, weight: torch.Tensor, experts: Op
     (SwitchHead's K_A = 2), their gated products summed in fixed groups of pairs, an output row wider than the
     gathered one (d_in <= 128: one resident A tile), the pairs' experts given, no ReLU, explicit rows or remote
     pairs: the attention O forward. H200, 1B shape (KERNELS.md): matmul + sum 0.94 + 0.61 -> 0.89 + 0.34 ms per
-    call, compiled 1B step -9.8 kernel-ms before the pair kernel's tuning. OVERRIDES["pair_tiles"] = False keeps
-    the per-pair launch."""
+    call, compiled 1B step -9.8 kernel-ms before the pair kernel's tuning. In fp32 only on GPUs with 160 KB of
+    shared memory per program or more: there the pair kernel takes 128-144 KB (compile test), more than an L40S
+    or RTX 5090 has. OVERRIDES["pair_tiles"] = False keeps the per-pair launch."""
     d_in, d_out = weight.shape[1], weight.shape[2]
     return (OVERRIDES.get("pair_tiles", True) and experts is not None and gate is not None and not relu
             and not explicit and in_group == 2 and out_group % 2 == 0 and weight.shape[0] % (out_group // 2) == 0
-            and d_in < d_out and d_in <= 128)
+            and d_in < d_out and d_in <= 128
+            and (weight.element_size() < 4 or _shared_memory(weight.device) >= 160 * 1024))
 
 
 def gmm_config(n: int, k: int, dtype: torch.dtype, block_m: int, gate_grad: bool = False, masked: bool = False,
