@@ -8,13 +8,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _release_deepspeed_shm():
+_SHM_BEFORE = pytest.StashKey[set]()
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not _is_xdist_worker(session.config):
+        session.config.stash[_SHM_BEFORE] = set(glob.glob(_SHM))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
     """DeepSpeed's CPU shared-memory all-reduce never unlinks its ~66 MB /dev/shm segment per rank. The trainer and
     tests/dist_harness.py remove theirs; this removes any a crashed test process left, so that a test run never
-    fills the machine's RAM (only segments that appeared during this session are touched)."""
-    before = set(glob.glob(_SHM))
-    yield
+    fills the machine's RAM (only segments that appeared during this run are touched). Under pytest-xdist only the
+    controller does it, after every worker has finished: a worker that finishes early would otherwise unlink the
+    segment of a rank that another worker's test is still starting."""
+    before = session.config.stash.get(_SHM_BEFORE, None)
+    if before is None:
+        return
     for f in set(glob.glob(_SHM)) - before:
         try:
             os.unlink(f)

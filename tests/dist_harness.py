@@ -160,15 +160,22 @@ def prepared_data(base: Path) -> Path:
 import pytest  # noqa: E402
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test run's shared folder (dataset, trained run). pytest-xdist gives each worker its own base temp under
+    one parent; the workers share the parent's folder, so the locked builds above run once per test run."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trainer-shared"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    return prepared_data(tmp_path_factory.getbasetemp() / "trainer-shared")
+    return prepared_data(shared_dir(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir) -> Path:
     """A finished 2-rank ZeRO-2 tiny-MoEUT run (validation, expert stats, checkpoint), built once per session."""
-    base = tmp_path_factory.getbasetemp() / "trainer-shared"
+    base = shared_dir(tmp_path_factory)
     run = base / "run-zero2"
     done = base / "run-zero2.done"
     with open(base / ".run.lock", "w") as lf:
