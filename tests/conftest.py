@@ -15,6 +15,13 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort). tests/run.sh hands whole files to its pytest-xdist workers in this order
+    (--dist loadfile --no-loadscope-reorder), so the long files start first and the quick ones fill in at the end,
+    instead of one long file running alone after the other worker has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not _is_xdist_worker(session.config):
         session.config.stash[_SHM_BEFORE] = set(glob.glob(_SHM))

@@ -28,6 +28,7 @@ def tiny(monkeypatch):
         monkeypatch.setattr(B, "count_syncs", lambda fn: (fn(), 0)[1])    # torch's sync debug mode is CUDA-only
 
 
+@pytest.mark.slow
 def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
     rows: list = []
     B.sweep(FF, rows, defaults_only=True)
@@ -60,6 +61,7 @@ def tiny_1b(tiny, monkeypatch):
     monkeypatch.setitem(B.ATT_SHAPES, "1B", dict(ATT, d=48, heads=3))
 
 
+@pytest.mark.slow
 def test_tma_sweep_runs_and_matches_pointer_loads(tiny_1b):
     """--sweep-tma: every row a time, every TMA call's output equal to the pointer-load call's (to bf16 rounding)."""
     rows: list = []
@@ -92,6 +94,7 @@ def test_floor_sweep_runs_and_its_one_expert_call_matches_the_dense_matmul(tiny)
     assert "down_fwd one expert" in one["what"] and one["max_abs_diff_vs_cublas"] < 2e-2
 
 
+@pytest.mark.slow
 def test_host_overhead_runs(tiny):
     """--host-overhead: a host time and a GPU time for every op, and the module's token count restored."""
     rows: list = []

@@ -103,6 +103,7 @@ def test_opcheck_gated_mlp(need_x):
     _check(torch.ops.moeut.gated_mlp_backward.default, bargs)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_tiny_moeut_matches_eager():
     """torch.compile(fullgraph=True) traces the whole model (routing + all four expert projections, the expert
     counts) in one graph, and gives the eager loss, gradients and counts."""
