@@ -6,13 +6,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
-
-
 _SHM_BEFORE = pytest.StashKey[set]()
-
-
-def _is_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,7 +17,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if not _is_xdist_worker(session.config):
+    if not hasattr(session.config, "workerinput"):      # the pytest-xdist controller or a plain run
         session.config.stash[_SHM_BEFORE] = set(glob.glob(_SHM))
 
 
