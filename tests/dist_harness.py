@@ -167,9 +167,14 @@ def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trainer-shared"
 
 
+def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test run's dataset, prepared once in shared_dir (also for the launcher and Slurm tests)."""
+    return prepared_data(shared_dir(tmp_path_factory))
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    return prepared_data(shared_dir(tmp_path_factory))
+    return shared_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

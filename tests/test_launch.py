@@ -118,9 +118,9 @@ def test_local_sigterm_checkpoints_and_resume_matches(tmp_path):
 def test_local_two_cpu_processes_real_trainer(tmp_path, tmp_path_factory):
     """The real trainer: 2 CPU ranks under torchrun, tiny MoEUT with ZeRO-2, metrics and a checkpoint."""
     pytest.importorskip("deepspeed")
-    from dist_harness import prepared_data, read_jsonl, shared_dir, tiny_overrides
+    from dist_harness import read_jsonl, shared_data, tiny_overrides
 
-    data = prepared_data(shared_dir(tmp_path_factory))   # shared with the trainer tests
+    data = shared_data(tmp_path_factory)   # shared with the trainer tests
     run_dir = tmp_path / "run"
     over = tiny_overrides(data, run_dir, **{"train.steps": 6, "checkpoint.every": 6})
     proc = subprocess.run(["bash", "launch/local.sh", "--cpu", "--nproc", "2", "configs/smoke.yaml", *over], cwd=ROOT,

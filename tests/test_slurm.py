@@ -217,9 +217,9 @@ def _trainer_overrides(data_dir, run_dir, **extra):
 @pytest.fixture(scope="module")
 def trainer_data(tmp_path_factory):
     pytest.importorskip("deepspeed")
-    from dist_harness import prepared_data, shared_dir
+    from dist_harness import shared_data
 
-    return prepared_data(shared_dir(tmp_path_factory))
+    return shared_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
