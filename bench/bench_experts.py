@@ -6,6 +6,7 @@
 
 Prints: the measured bf16 matmul peak (8192^3), a correctness check at the real shape (Triton bf16 vs the
 reference backend in fp32 on the same routing), fwd+bwd times with achieved TFLOP/s on the active expert FLOPs and
+fraction of peak, the Triton layer's kernel time by category with the expert matmul kernels' own rate and
 fraction of peak, the dense comparisons, host syncs per step (torch.cuda sync debug mode); with --sweep the
 per-kernel tile-config sweep of the FF layer used to pick the heuristics in moeut_kernels/grouped.py, with
 --sweep-att the time of each kernel call of the SwitchHead layer, with --sweep-tma the kernel calls and the
@@ -48,7 +49,7 @@ from moeut_ds.experts.triton_backend import TritonBackend  # noqa: E402
 from moeut_ds.model.sigma_moe import router_logits  # noqa: E402
 from moeut_kernels import grouped as GM  # noqa: E402
 
-from bench_utils import count_syncs  # noqa: E402
+from bench_utils import CATEGORIES, count_syncs, device_kernels, time_by_category  # noqa: E402
 from moeut_kernels.grouped import TileConfig  # noqa: E402
 from moeut_kernels.pair_tiles import pair_matmul, pair_plan  # noqa: E402
 from moeut_kernels.routing import RoutingPlan, plan_from_expert_index  # noqa: E402
@@ -95,6 +96,23 @@ def ff_inputs(shape: dict, seed: int = 0):
 def rel_errs(got, want) -> list[float]:
     """Relative L2 error of each tensor in got against its fp32 counterpart in want."""
     return [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+
+
+def kernel_split(what: str, step: Callable, flops: int, peak: float, rows: list, steps: int = 5) -> None:
+    """Device time per fwd+bwd of `step` by profile category (bench_utils.CATEGORIES), and the rate of the expert
+    matmul kernels alone on the active FLOPs: the layer's figure counts routing, group sums and the router too."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    by_cat = {label: us / steps / 1e3 for label, us in time_by_category(device_kernels(prof)).items() if us}
+    matmul_ms = by_cat.get(CATEGORIES[0][0], float("nan"))
+    rows.append(dict(what=f"{what} kernels", split_ms=by_cat, matmul_tflops=flops / matmul_ms / 1e9,
+                     matmul_frac_peak=flops / matmul_ms / 1e9 / peak))
+    print(rows[-1], flush=True)
 
 
 def optional_backends() -> list:
@@ -144,6 +162,8 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
         rows.append(dict(what=f"FF {name} {label}", fwd_ms=fwd, fwdbwd_ms=step, tflops=flops / step / 1e9,
                          frac_peak=flops / step / 1e9 / peak, syncs=syncs))
         print(rows[-1], flush=True)
+    kernel_split(f"FF {name} triton", lambda: torch.autograd.grad(ff_layer(tb, x, w_s, w1, w2, k), params, gy),
+                 flops, peak, rows)
     # dense FFNs (bias + ReLU, bf16): equal active FLOPs (d_ff = K d_e) and equal total params (d_ff = N_E d_e)
     for label, d_ff in (("dense equal-active", k * d_e), ("dense equal-params", E * d_e)):
         W1 = (torch.randn(d_ff, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
@@ -230,6 +250,7 @@ def bench_att(name: str, s: dict, peak: float, rows: list, check: bool) -> None:
         rows.append(dict(what=f"att V+O {name} {label}", fwd_ms=fwd, fwdbwd_ms=step, tflops=flops / step / 1e9,
                          frac_peak=flops / step / 1e9 / peak, syncs=count_syncs(lambda: att_step(backend, t, s))))
         print(rows[-1], flush=True)
+    kernel_split(f"att V+O {name} triton", lambda: att_step(TritonBackend(), t, s), flops, peak, rows)
     Wv = (torch.randn(d, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
     Wo = (torch.randn(d, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
     a2 = torch.randn(TOKENS, d, device=DEV, dtype=BF16, requires_grad=True)
@@ -880,6 +901,14 @@ def main() -> None:
         if "fwdbwd_ms" in r:
             print(f"| {r['what']} | {r.get('fwd_ms', float('nan')):.2f} | {r['fwdbwd_ms']:.2f} | {r['tflops']:.0f} | "
                   f"{r['frac_peak']:.0%} | {r.get('syncs', '')} |")
+    splits = [r for r in rows if "split_ms" in r]
+    if splits:
+        labels = [label for label, _ in CATEGORIES if any(label in r["split_ms"] for r in splits)]
+        print(f"\n| kernel time per fwd+bwd, ms | {' | '.join(labels)} | expert matmuls alone: TFLOP/s | of peak |")
+        print("|---" * (len(labels) + 3) + "|")
+        for r in splits:
+            cells = " | ".join(f"{r['split_ms'].get(label, 0.0):.2f}" for label in labels)
+            print(f"| {r['what']} | {cells} | {r['matmul_tflops']:.0f} | {r['matmul_frac_peak']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from moeut_ds import LanguageModel, get_preset  # noqa: E402
 from moeut_kernels import grouped  # noqa: E402
 
-from bench_utils import count_syncs, own_grad_buffers  # noqa: E402
+from bench_utils import count_syncs, device_kernels, own_grad_buffers, time_by_category  # noqa: E402
 
 BATCH, SEQ = 64, 1024
 DEV = "cuda"
@@ -175,29 +175,6 @@ def check(preset: str) -> dict:
     return dict(loss_triton=lt, loss_reference=lr)
 
 
-# Our kernels by the names they launch under: every *_kernel of moeut_kernels' kernel modules, so that a new one
-# lands in its category of the profile table, not in "other" (window_tiles_kernel and pair_key_kernel did).
-OURS = sorted({name for module in (grouped.K, grouped.GL) if module is not None for name in dir(module)
-               if name.endswith("_kernel")})
-MATMULS = tuple(name for name in OURS if "gmm" in name or "wgrad" in name)
-# Kernel-name substrings per category of the profile table (first match wins).
-CATEGORIES = (
-    ("expert matmuls (ours)", MATMULS),
-    ("expert sums and routing (ours)", tuple(name for name in OURS if name not in MATMULS)),
-    ("attention core", ("flash", "fmha", "attention", "Attention")),
-    ("cuBLAS matmuls", ("gemm", "nvjet", "xmma", "cutlass")),
-    ("sorts", ("radix", "Radix", "sort", "Sort")),
-    ("optimizer", ("multi_tensor", "adam", "Adam")),
-    ("inductor-generated (norms, elementwise, loss)", ("triton_",)),
-    ("other", ("",)),
-)
-
-
-def category(kernel: str) -> str:
-    """The profile table's category of a kernel name (CATEGORIES' first match)."""
-    return next(label for label, keys in CATEGORIES if any(k in kernel for k in keys))
-
-
 def kernel_table(tr: "Trainer", title: str, top: int = 15) -> str:
     """Kernel time of one steady step of a warmed-up Trainer, by category and top kernels (self CUDA time), and
     the step's wall time (the difference is GPU idle time or host overhead)."""
@@ -212,15 +189,9 @@ def kernel_table(tr: "Trainer", title: str, top: int = 15) -> str:
         TRACE_DIR.mkdir(parents=True, exist_ok=True)
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in title)
         prof.export_chrome_trace(str(TRACE_DIR / f"trace_{name}.json"))
-    avgs = prof.key_averages()
-    events = [e for e in avgs if "CUDA" in str(getattr(e, "device_type", "")) and e.self_device_time_total > 0]
-    if not events:   # older profilers: no device_type on the averages
-        events = [e for e in avgs if getattr(e, "self_device_time_total", 0) > 0]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    events = device_kernels(prof)
     total = max(sum(e.self_device_time_total for e in events), 1e-9)
-    by_cat = {label: 0.0 for label, _ in CATEGORIES}
-    for e in events:
-        by_cat[category(e.key)] += e.self_device_time_total
+    by_cat = time_by_category(events)
     lines = [f"{title}: kernel time {total / 1e3:.1f} ms, wall {wall:.1f} ms (profiled, self CUDA time)",
              "| category | ms | % |", "|---|---|---|"]
     lines += [f"| {lab} | {v / 1e3:.2f} | {100 * v / total:.1f} |" for lab, v in by_cat.items() if v]

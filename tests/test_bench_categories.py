@@ -1,11 +1,11 @@
-"""bench/bench_step.py's profile categories: every kernel of ours is counted as ours, in the right category."""
+"""bench_utils' profile categories: every kernel of ours is counted as ours, in the right category."""
 import sys
 from pathlib import Path
 
 from kernel_testing import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before the kernels are imported)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_step as B  # noqa: E402
+import bench_utils as B  # noqa: E402
 
 
 def test_every_kernel_of_ours_is_in_an_expert_category():
