@@ -52,6 +52,10 @@ def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
         assert what in names, what
     checks = [r for r in rows if r["what"].startswith("check")]
     assert checks and all(max(r["err"]) < 2e-2 for r in checks)     # bf16 kernels vs the fp32 reference
+    splits = {r["what"]: r["split_ms"] for r in rows if "split_ms" in r}
+    assert set(splits) == {"FF tiny triton kernels", "att V+O tiny triton kernels"}
+    if DEVICE == "cuda":
+        assert all(split["expert matmuls (ours)"] > 0 for split in splits.values())
 
 
 @pytest.fixture
