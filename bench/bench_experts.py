@@ -99,10 +99,10 @@ def rel_errs(got, want) -> list[float]:
 
 
 def kernel_split(what: str, step: Callable, flops: int, peak: float, rows: list, steps: int = 5) -> None:
-    """Device time per fwd+bwd of `step` by profile category (bench_utils.CATEGORIES), and the rate of the expert
-    matmul kernels alone on the active FLOPs: the layer's figure counts routing, group sums and the router too."""
+    """Device time per fwd+bwd of `step` (already warm: the layer tables time it first) by profile category
+    (bench_utils.CATEGORIES), and the rate of the expert matmul kernels alone on the active FLOPs: the layer's
+    figure counts routing, group sums and the router too."""
     from torch.profiler import ProfilerActivity, profile
-    step()
     torch.cuda.synchronize()
     # On CPU (the tests: Triton's interpreter) nothing has device time and the split stays empty.
     on_gpu = torch.device(DEV).type == "cuda"
@@ -157,15 +157,17 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
             print(f"[check {name} FF {label}] rel err vs fp32 reference: {['%.2e' % e for e in err]}", flush=True)
             rows.append(dict(what=f"check FF {name} {label}", err=err))
         del y, grads, y_r, grads_r, leaves
+    def fwd_bwd(backend) -> Callable:
+        return lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy)
+
     for label, backend in (("triton", tb), ("reference", ref), *extra):
         fwd = ms(lambda: ff_layer(backend, x, w_s, w1, w2, k))
-        step = ms(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))
-        syncs = count_syncs(lambda: torch.autograd.grad(ff_layer(backend, x, w_s, w1, w2, k), params, gy))
+        step = ms(fwd_bwd(backend))
+        syncs = count_syncs(fwd_bwd(backend))
         rows.append(dict(what=f"FF {name} {label}", fwd_ms=fwd, fwdbwd_ms=step, tflops=flops / step / 1e9,
                          frac_peak=flops / step / 1e9 / peak, syncs=syncs))
         print(rows[-1], flush=True)
-    kernel_split(f"FF {name} triton", lambda: torch.autograd.grad(ff_layer(tb, x, w_s, w1, w2, k), params, gy),
-                 flops, peak, rows)
+    kernel_split(f"FF {name} triton", fwd_bwd(tb), flops, peak, rows)
     # dense FFNs (bias + ReLU, bf16): equal active FLOPs (d_ff = K d_e) and equal total params (d_ff = N_E d_e)
     for label, d_ff in (("dense equal-active", k * d_e), ("dense equal-params", E * d_e)):
         W1 = (torch.randn(d_ff, d, device=DEV) * d ** -0.5).to(BF16).requires_grad_()
