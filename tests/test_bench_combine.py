@@ -1,0 +1,29 @@
+"""bench_combine's ways of combining a token's K rows all give the per-token sums (so its timings compare like with
+like): the buffer + group_sum and the reductions in every tile order, at a shape with uneven tiles, an expert
+without pairs and a width that is not a multiple of the column block. The interpreter has no bf16 atomics, so on
+CPU the bf16 reductions are left out (the same kernel as the fp32 ones; the GPU run checks them too)."""
+import sys
+from pathlib import Path
+
+import torch
+
+from kernel_testing import DEVICE, INTERPRET  # sets TRITON_INTERPRET before the kernels are imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_combine as C  # noqa: E402
+
+
+def test_every_way_gives_the_per_token_sums():
+    torch.manual_seed(0)
+    tokens, k, n_experts, d = 50, 3, 6, 160
+    expert_index = torch.stack([torch.randperm(n_experts - 1)[:k] for _ in range(tokens)])   # the last: none
+    plan = C.routing.plan_from_expert_index(expert_index.reshape(-1).to(DEVICE), n_experts, C.BLOCK_M)
+    ref = C.reference(plan, tokens, d)
+    ways = C.variants(plan, tokens, d)
+    assert len(ways) == 7
+    if INTERPRET:
+        ways = {name: run for name, run in ways.items() if not name.startswith("bf16 reductions")}
+    for name, run in ways.items():
+        out = run().double()
+        assert out.shape == (tokens, d), name
+        assert (out - ref).abs().max() <= 1e-2 * ref.abs().max(), name
