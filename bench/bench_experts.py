@@ -135,7 +135,11 @@ def bench_ff(name: str, shape: dict, peak: float, rows: list, check: bool) -> No
     k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
     flops = 12 * TOKENS * k * d * d_e            # expert matmuls, fwd (2 GEMMs) + bwd (4 GEMMs)
     params = [x, w_s, w1, w2]
-    tb, ref, extra = TritonBackend(), ReferenceBackend(), optional_backends()
+    tb, ref = TritonBackend(), ReferenceBackend()
+    # the opt-in atomic combine of the MLP's two summed launches (bf16 atomics: not in the CPU tests' interpreter),
+    # then MegaBlocks if it is built
+    atomic = [] if GM.INTERPRET else [("triton combine=atomic", TritonBackend(combine="atomic"))]
+    extra = atomic + optional_backends()
     if check:
         logits = F.linear(x.detach(), w_s).float().view(-1, 1, E)   # router path left out of dx on both sides
         r = tb.route(logits, k)

@@ -294,26 +294,48 @@ def test_unaligned_widths_reach_the_kernels_padded(layout):
         assert not unaligned, unaligned
 
 
-def test_mlp_matches_reference():
-    for dtype, seed in ((torch.float32, 5), (torch.bfloat16, 6)):
-        gen = torch.Generator().manual_seed(seed)
-        n_rows, n, k, d, d_e = 53, 9, 3, 40, 24
-        logits = make_logits(n_rows, 1, n, "uneven", gen).requires_grad_()
-        x = torch.randn(n_rows, d, generator=gen).to(DEVICE, dtype).requires_grad_()
-        w1 = (torch.randn(n, d, d_e, generator=gen) / d ** 0.5).to(DEVICE, dtype).requires_grad_()
-        w2 = (torch.randn(n, d_e, d, generator=gen) / d_e ** 0.5).to(DEVICE, dtype).requires_grad_()
-        tb = TritonBackend()
-        routing = tb.route(logits, k)
-        y = tb.mlp(x, w1, w2, routing)
-        gy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
-        grads = torch.autograd.grad(y, [x, w1, w2, logits], gy)
-        logits_r = logits.detach().clone().requires_grad_()
-        leaves = [t.detach().float().requires_grad_() for t in (x, w1, w2)]
-        y_r = REF.mlp(*leaves, reference_routing(logits_r, routing.expert_index))
-        grads_r = torch.autograd.grad(y_r, leaves + [logits_r], gy.float())
-        assert rel_err(y, y_r) < TOL[dtype]
-        for a, b in zip(grads, grads_r):
-            assert rel_err(a, b) < TOL[dtype]
+# bf16 atomics exist on GPUs only (the interpreter has none): tests/test_kernels_gpu_compile.py runs that case.
+MLP_CASES = [(torch.float32, "buffer"), (torch.bfloat16, "buffer"), (torch.float32, "atomic")]
+
+
+@pytest.mark.parametrize("dtype,combine", MLP_CASES)
+def test_mlp_matches_reference(dtype, combine):
+    """The σ-MoE MLP and its gradients, with either way of summing a row's pairs (the atomic one adds into the
+    output rows), uneven loads, experts spanning several tiles and a row count no tile size divides."""
+    gen = torch.Generator().manual_seed(5 if dtype == torch.float32 else 6)
+    n_rows, n, k, d, d_e = 53, 9, 3, 40, 24
+    logits = make_logits(n_rows, 1, n, "uneven", gen).requires_grad_()
+    x = torch.randn(n_rows, d, generator=gen).to(DEVICE, dtype).requires_grad_()
+    w1 = (torch.randn(n, d, d_e, generator=gen) / d ** 0.5).to(DEVICE, dtype).requires_grad_()
+    w2 = (torch.randn(n, d_e, d, generator=gen) / d_e ** 0.5).to(DEVICE, dtype).requires_grad_()
+    tb = TritonBackend(combine=combine)
+    routing = tb.route(logits, k)
+    y = tb.mlp(x, w1, w2, routing)
+    gy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
+    grads = torch.autograd.grad(y, [x, w1, w2, logits], gy)
+    logits_r = logits.detach().clone().requires_grad_()
+    leaves = [t.detach().float().requires_grad_() for t in (x, w1, w2)]
+    y_r = REF.mlp(*leaves, reference_routing(logits_r, routing.expert_index))
+    grads_r = torch.autograd.grad(y_r, leaves + [logits_r], gy.float())
+    assert rel_err(y, y_r) < TOL[dtype]
+    for a, b in zip(grads, grads_r):
+        assert rel_err(a, b) < TOL[dtype]
+
+
+def test_atomic_combine_needs_fixed_groups():
+    """The atomic combines add into row pair // group: explicit rows or remote pairs are refused early."""
+    from moeut_kernels import gated_mlp
+
+    logits = make_logits(12, 1, 5)
+    tb = TritonBackend()
+    routing = tb.route(logits, 2)
+    x, w1, w2 = torch.randn(12, 16), torch.randn(5, 16, 16), torch.randn(5, 16, 16)
+    plan = tb._plan(routing)
+    with pytest.raises(ValueError, match="fixed groups"):
+        gated_mlp(x, w1, w2, plan, routing.gate, in_group=2, out_group=2, combine="atomic",
+                  local=torch.ones(24, dtype=torch.bool))
+    with pytest.raises(ValueError, match="use one of"):
+        gated_mlp(x, w1, w2, plan, routing.gate, in_group=2, out_group=2, combine="atomics")
 
 
 def test_routing_from_reference_backend_is_accepted():

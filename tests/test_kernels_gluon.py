@@ -26,16 +26,19 @@ from moeut_kernels import _gluon as GL
 BLOCK_M = 128
 layout = lambda block: gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
 # (K, block_n, stages, by pair, relu, W transposed, masked A with side output, A gathered by group, per-pair scale
-# with the scaled A as side output); K 64 and 16: fewer column chunks than 4
-for K, block_n, stages, by_pair, relu, trans, masked, group, scaled in (
-        (128, 128, 2, True, False, False, False, 0, False),
-        (128, 64, 3, False, True, False, False, 0, False),
-        (128, 128, 2, True, False, True, False, 0, False),
-        (128, 128, 2, True, False, True, True, 0, False),
-        (128, 128, 2, True, False, False, False, 2, False),
-        (128, 128, 2, True, False, True, False, 2, True),
-        (16, 128, 2, True, False, True, True, 0, False),
-        (64, 128, 2, True, False, True, False, 3, True)):
+# with the scaled A as side output, rows added into sums of this many pairs); K 64 and 16: fewer column chunks
+# than 4
+for K, block_n, stages, by_pair, relu, trans, masked, group, scaled, sum_group in (
+        (128, 128, 2, True, False, False, False, 0, False, 0),
+        (128, 64, 3, False, True, False, False, 0, False, 0),
+        (128, 128, 2, True, False, True, False, 0, False, 0),
+        (128, 128, 2, True, False, True, True, 0, False, 0),
+        (128, 128, 2, True, False, False, False, 2, False, 0),
+        (128, 128, 2, True, False, True, False, 2, True, 0),
+        (16, 128, 2, True, False, True, True, 0, False, 0),
+        (64, 128, 2, True, False, True, False, 3, True, 0),
+        (128, 128, 2, True, False, False, False, 0, False, 16),
+        (128, 128, 2, True, False, True, False, 0, False, 24)):
     w_block = [block_n, K] if trans else [K, block_n]
     signature = dict(
         a_desc=f"tensordesc<bf16[{BLOCK_M}, {K}],{layout([BLOCK_M, K])!r}>" if group == 0 else "constexpr",
@@ -44,10 +47,10 @@ for K, block_n, stages, by_pair, relu, trans, masked, group, scaled in (
         amask_ptr="*bf16", scale_ptr="*bf16", side_ptr="*bf16",
         N="i32", K="i32", E="i32", n_per_prog="i32", s_am="i32", s_cm="i32", s_mm="i32", s_om="i32",
         **{name: "constexpr" for name in ("A_GROUP", "OUT_BY_PAIR", "RELU_OUT", "TRANS_W", "MASK_A", "HAS_SCALE",
-                                          "STORE_SIDE", "BLOCK_M", "BLOCK_K", "NUM_STAGES",
+                                          "STORE_SIDE", "SUM_GROUP", "BLOCK_M", "BLOCK_K", "NUM_STAGES",
                                           "num_warps")})
     consts = dict(A_GROUP=group, OUT_BY_PAIR=by_pair, RELU_OUT=relu, TRANS_W=trans, MASK_A=masked,
-                  HAS_SCALE=scaled, STORE_SIDE=masked or scaled, BLOCK_M=BLOCK_M, BLOCK_K=K,
+                  HAS_SCALE=scaled, STORE_SIDE=masked or scaled, SUM_GROUP=sum_group, BLOCK_M=BLOCK_M, BLOCK_K=K,
                   NUM_STAGES=stages, num_warps=4)
     if group:
         consts["a_desc"] = None
@@ -67,7 +70,7 @@ def test_gluon_kernel_compiles_for_hopper():
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.strip().split("\n")) == 8, proc.stdout
+    assert len(proc.stdout.strip().split("\n")) == 10, proc.stdout
 
 
 def test_gluon_can_be_turned_off(monkeypatch):
@@ -178,3 +181,31 @@ def test_gluon_scaled_gathered_input_grad_equals_gmm_kernel(n, group):
     got, want = run(cfg), run(replace(cfg, gluon=False))
     assert not any(t.isnan().any() for t in want)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@hopper_only
+@pytest.mark.parametrize("n, trans", [(1024, False), (1000, True)])
+def test_gluon_atomic_sums(n, trans):
+    """The σ-MoE MLP's summed launches with the atomic combine (grouped.atomic_sums: the Gluon kernel adds each row
+    into its token's sum by bf16 atomics): the FF down forward (W plain) and up input-gradient (W transposed, a
+    partial last slice), K distinct random experts per token, ragged tiles. Against float64 sums of the same bf16
+    operands, a bound for bf16 sums rounded at each of the K adds; a row added twice or into another token's sum
+    is off by O(1)."""
+    from moeut_kernels import grouped as GM
+    from moeut_kernels.routing import plan_from_expert_index
+
+    torch.manual_seed(3)
+    tokens, k, d_k = 1500, 6, 128
+    plan = plan_from_expert_index(torch.rand(tokens, E, device="cuda").topk(k, dim=1).indices.reshape(-1), E, 128)
+    a = torch.randn(plan.n_pairs, d_k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, *((n, d_k) if trans else (d_k, n)), device="cuda", dtype=torch.bfloat16) * d_k ** -0.5
+    assert GM.gmm_config(n, d_k, torch.bfloat16, plan.block_m, device=a.device).gluon
+    got = GM.atomic_sums(a, w, trans, plan, k)
+    want = torch.zeros(tokens, n, device="cuda", dtype=torch.float64)
+    bounds = plan.offsets.tolist()
+    for e in range(E):
+        seg = slice(bounds[e], bounds[e + 1])
+        w_e = w[e].double().T if trans else w[e].double()
+        want.index_add_(0, plan.order[seg] // k, a[seg].double() @ w_e)
+    err = ((got.double() - want).abs().max() / want.abs().max()).item()
+    assert got.dtype == torch.bfloat16 and err < 2e-2, err

@@ -88,11 +88,12 @@ class _Recorder:
         return launch
 
 
-def _tiny_moeut_step(dtype: torch.dtype = torch.bfloat16) -> None:
+def _tiny_moeut_step(dtype: torch.dtype = torch.bfloat16, combine: str = "buffer") -> None:
     from moeut_ds.experts.triton_backend import TritonBackend
 
     # d_model > 128: the long-K calls take the looping-K path, the short-K ones (K = 128) keep A resident
-    model, tokens = tiny_moeut(TritonBackend(block_m=128), d_model=160, n_layers=2, d_head=128, ff_expert_size=128)
+    model, tokens = tiny_moeut(TritonBackend(block_m=128, combine=combine), d_model=160, n_layers=2, d_head=128,
+                               ff_expert_size=128)
     out = model.to(dtype)(tokens)
     (out.logits.float().square().mean() + out.reg_loss).backward()
 
@@ -145,6 +146,8 @@ def _record(arch: int) -> list:
             _tiny_moeut_step()
             _explicit_rows()
         _relu_projection()
+        # the MLP's atomic combine (in fp32: the interpreter has no bf16 atomics; on Hopper, bf16 ones are Gluon's)
+        _tiny_moeut_step(torch.float32, combine="atomic")
         if arch < 90:      # fp32 training's configs (no TMA or cap in fp32: sm_90's are sm_80's, sm_120's sm_89's)
             _tiny_moeut_step(torch.float32)
     finally:
@@ -173,6 +176,7 @@ def test_every_kernel_is_launched(launches):
     assert {(c["A_RESIDENT"], c["MASK_OUT"], c["HAS_SCALE"]) for c in gmm if c["SCALE_GRAD"]} == {
         (False, True, True), (True, True, True)}
     assert {c["A_RESIDENT"] for c in gmm if c["MASK_A"]} == {True}          # the ReLU projection's input gradient
+    assert {c["TRANS_W"] for c in gmm if c["SUM_GROUP"]} == {True, False}   # atomic sums: down fwd, up input grad
     # TMA: W plain and transposed (in resident and looping-K launches), with the sorted A tile and its ReLU mask
     descs = {"w": set(), "a": set(), "m": set()}
     w_by_desc = set()      # A_RESIDENT of the launches that load W by descriptor

@@ -56,10 +56,11 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
                         amask_ptr, scale_ptr, side_ptr, N, K, E, n_per_prog, s_am, s_cm, s_mm, s_om,
                         A_GROUP: gl.constexpr, OUT_BY_PAIR: gl.constexpr, RELU_OUT: gl.constexpr,
                         TRANS_W: gl.constexpr, MASK_A: gl.constexpr, HAS_SCALE: gl.constexpr,
-                        STORE_SIDE: gl.constexpr, BLOCK_M: gl.constexpr,
+                        STORE_SIDE: gl.constexpr, SUM_GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """C[rows] = (relu)(A'[A rows] @ W[e][:, program's columns]) for one tile and n_per_prog columns; rows at the
-    pair id (OUT_BY_PAIR) or the sorted position. A rows: the sorted positions, the [BLOCK_M, BLOCK_K] tile by TMA
+    pair id (OUT_BY_PAIR) or the sorted position, or added by relaxed atomics into row pair // SUM_GROUP (SUM_GROUP > 0,
+    with OUT_BY_PAIR; C zeroed by the caller). A rows: the sorted positions, the [BLOCK_M, BLOCK_K] tile by TMA
     through a_desc (A_GROUP == 0), or pair // A_GROUP, gathered from a_ptr by pointer loads (A_GROUP > 0; a_desc
     None). w_desc: W viewed as [E*K, N] in [K, BLOCK_N] tiles, or with TRANS_W (C = A W[e]^T) as [E*N, K] in
     [BLOCK_N, K] tiles. Rows the A tile takes past the expert's end are computed and not stored.
@@ -69,6 +70,7 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
     (after the ReLU), and STORE_SIDE stores A * scale (the attention V input-gradient), as gmm_kernel does."""
     gl.static_assert(A_GROUP == 0 or not MASK_A)
     gl.static_assert(not HAS_SCALE or A_GROUP > 0)
+    gl.static_assert(SUM_GROUP == 0 or OUT_BY_PAIR)
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0 if TRANS_W else 1]
     acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, num_warps)
     out_layout: gl.constexpr = row_store_layout(BLOCK_N, num_warps)
@@ -100,6 +102,8 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
         rmask = pos < end
         if OUT_BY_PAIR:
             rows = gl.load(order_ptr + pos, mask=rmask, other=0).to(gl.int64)
+            if SUM_GROUP > 0:
+                rows = rows // SUM_GROUP
         else:
             rows = pos.to(gl.int64)
         if HAS_SCALE:
@@ -133,7 +137,11 @@ def resident_gmm_kernel(a_desc, a_ptr, w_desc, c_ptr, order_ptr, tile_expert_ptr
                 acc = acc * scale[:, None]
             out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
             cols = n_lo + i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
-            gl.store(c_ptr + rows[:, None] * s_cm + cols[None, :], out, mask=rmask[:, None] & (cols < N)[None, :])
+            ptrs = c_ptr + rows[:, None] * s_cm + cols[None, :]
+            if SUM_GROUP > 0:
+                gl.atomic_add(ptrs, out, mask=rmask[:, None] & (cols < N)[None, :], sem="relaxed")
+            else:
+                gl.store(ptrs, out, mask=rmask[:, None] & (cols < N)[None, :])
         mbarrier.invalidate(a_bar)
         for s in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(w_bars.index(s))

@@ -214,7 +214,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
                MASK_A: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, GATE_GRAD: tl.constexpr,
                SCALE_GRAD: tl.constexpr,
                A_RESIDENT: tl.constexpr, STORE_SIDE: tl.constexpr, TRANS_W: tl.constexpr,
-               FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+               SUM_GROUP: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows] = epilogue(A[rows] @ W[e]) for one tile of one expert and n_per_prog columns of the output.
 
@@ -223,7 +223,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
     (GATE_GRAD) likewise with D_GROUP / didx. MASK_A: A *= (amask[pos] > 0) (ReLU backward). GATE_GRAD: writes
     gpart[pair, program's column chunk] = sum over its columns of acc * D[rows] (the gate's gradient for this
     chunk, no atomics). Then optional ReLU, optional per-pair scale (the gate), and a store at the sorted position
-    or at the pair id (OUT_BY_PAIR).
+    or at the pair id (OUT_BY_PAIR). SUM_GROUP > 0 (with OUT_BY_PAIR): added instead, by relaxed atomics, into row
+    pair // SUM_GROUP of the summed output C (zeroed by the caller), in a run-dependent order.
     A_RESIDENT (K <= BLOCK_K, the short-K calls K = d_e that write wide [P, d] outputs; not with GATE_GRAD): the
     tile's A rows (and mask) are loaded once and reused for every BLOCK_N slice of the program's columns, instead
     of once per slice by separate programs; otherwise n_per_prog == BLOCK_N and the program loops over K.
@@ -253,7 +254,10 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
         d_row = _source_rows(pair, pos, didx_ptr, rmask, D_GROUP)
     else:
         d_row = pair
-    if OUT_BY_PAIR:
+    tl.static_assert(SUM_GROUP == 0 or OUT_BY_PAIR)
+    if SUM_GROUP > 0:
+        c_row = pair // SUM_GROUP
+    elif OUT_BY_PAIR:
         c_row = pair
     else:
         c_row = pos
@@ -290,7 +294,8 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = _load_w(w_desc, w_base, e, 0, n0, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_DOT, PRECISION)
             gs = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, amask_ptr, s_cm, s_cn,
-                           s_dm, s_dk, s_mm, s_mk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
+                           s_dm, s_dk, s_mm, s_mk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, SUM_GROUP,
+                           BLOCK_M)
             if SCALE_GRAD:
                 g += gs
         if SCALE_GRAD:
@@ -314,7 +319,7 @@ def gmm_kernel(a_ptr, w_ptr, c_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, 
             w = _load_w(w_desc, w_base, e, k0, n_lo, ks, cols, kmask, nmask, s_wk, s_wn, N, K, TRANS_W)
             acc = _dot(a, w, acc, FP32_DOT, PRECISION)
         g = _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, amask_ptr, s_cm, s_cn, s_dm,
-                      s_dk, s_mm, s_mk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, BLOCK_M)
+                      s_dk, s_mm, s_mk, RELU_OUT, MASK_OUT, HAS_SCALE, GATE_GRAD, SCALE_GRAD, SUM_GROUP, BLOCK_M)
         if GATE_GRAD or SCALE_GRAD:
             tl.store(gpart_ptr + pair * s_gp + chunk, g, mask=rmask)
 
@@ -370,11 +375,11 @@ def _pair_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr, BLOCK_M: tl.con
 @triton.jit
 def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, amask_ptr, s_cm, s_cn, s_dm, s_dk,
               s_mm, s_mk, RELU_OUT: tl.constexpr, MASK_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-              GATE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Stores epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows' _pair_scale) with HAS_SCALE and
-    zeroed where the output mask (amask at the sorted positions, loaded here, after the K loop: before it, its
-    registers spill) is not positive with MASK_OUT; returns this slice's gate-gradient partial:
-    sum_n acc * D[d_row] (GATE_GRAD), sum_n out * mask / s^2 (SCALE_GRAD), zeros otherwise."""
+              GATE_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr, SUM_GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Stores (adds, with SUM_GROUP) epilogue(acc) for one [BLOCK_M, BLOCK_N] slice, scaled by s (the rows'
+    _pair_scale) with HAS_SCALE and zeroed where the output mask (amask at the sorted positions, loaded here, after
+    the K loop: before it, its registers spill) is not positive with MASK_OUT; returns this slice's gate-gradient
+    partial: sum_n acc * D[d_row] (GATE_GRAD), sum_n out * mask / s^2 (SCALE_GRAD), zeros otherwise."""
     if MASK_OUT:
         om = _load_mask(amask_ptr, pos, cols, rmask, nmask, s_mm, s_mk)
     omask = rmask[:, None] & nmask[None, :]
@@ -393,7 +398,10 @@ def _epilogue(acc, s, pos, c_row, d_row, rmask, cols, nmask, c_ptr, dsrc_ptr, am
             s2 = s * s     # 0 also where it underflows (s < ~1e-19): then s(1-s), the logit's factor, is ~0
             dots = tl.sum(out.to(tl.float32) * om.to(tl.float32), axis=1)
             g = tl.where(s2 > 0.0, dots / tl.where(s2 > 0.0, s2, 1.0), 0.0)
-    tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, out, mask=omask)
+    if SUM_GROUP > 0:
+        tl.atomic_add(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, out, mask=omask, sem="relaxed")
+    else:
+        tl.store(c_ptr + c_row[:, None] * s_cm + cols[None, :] * s_cn, out, mask=omask)
     return g
 
 

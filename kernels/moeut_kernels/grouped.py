@@ -284,11 +284,13 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
          gpart: Optional[torch.Tensor] = None, cfg: Optional[TileConfig] = None,
          a_index: Optional[torch.Tensor] = None, d_index: Optional[torch.Tensor] = None,
          side_out: Optional[torch.Tensor] = None, out_mask: Optional[torch.Tensor] = None,
-         scale_grad: Optional[torch.Tensor] = None) -> None:
+         scale_grad: Optional[torch.Tensor] = None, sum_group: int = 0) -> None:
     """Launch gmm_kernel, or the Gluon kernel where cfg.gluon and the call allow (same outputs): out[rows] =
-    epilogue(a[rows] @ (W[e] or W[e]^T)). a_index / d_index (int64, by pair id) replace a_group / d_group when
-    given. side_out [P, K] (resident-A configs) or [P, N] (with gpart and scale):
-    also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's gated operand.
+    epilogue(a[rows] @ (W[e] or W[e]^T)). sum_group > 0 (out_by_pair): out is [P // sum_group, N], zeroed, and each
+    pair's row is added into row pair // sum_group by atomics, tiles in window order (atomic_sums). a_index / d_index
+    (int64, by pair id) replace a_group / d_group when given. side_out [P, K] (resident-A configs) or [P, N] (with
+    gpart and scale): also receives, at the sorted positions, A * mask * scale or D * scale, the weight gradient's
+    gated operand.
     out_mask [P, N] (sorted pair layout; not with amask): out is zero where out_mask <= 0 (MASK_OUT). scale_grad
     [P] fp32 (with out_mask and scale) receives sum_n out * out_mask / scale^2 by pair id (SCALE_GRAD): with
     out_mask = scale * relu(.) a gated output and `a` its output gradient, the gradient of the gate."""
@@ -311,7 +313,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     chunks = triton.cdiv(ndim, cols)
     if scale_grad is not None:      # the kernel writes one partial sum per column chunk
         gpart = scale_grad.view(-1, 1) if chunks == 1 else scale_grad.new_empty(scale_grad.shape[0], chunks)
-    if a_index is None and _window_order(a.device, a_group, w, ndim, cfg):
+    if sum_group and not out_by_pair:
+        raise ValueError("sum_group adds rows by pair id: it needs out_by_pair")
+    if sum_group or (a_index is None and _window_order(a.device, a_group, w, ndim, cfg)):
         plan = window_tiles(plan)
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:
@@ -343,8 +347,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
                 side_out.stride(0) if side_out is not None else 0,
                 A_GROUP=a_group, OUT_BY_PAIR=out_by_pair, RELU_OUT=relu_out, TRANS_W=transpose_w,
                 MASK_A=amask is not None, HAS_SCALE=scale is not None, STORE_SIDE=side_out is not None,
-                BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-                maxnreg=cfg.maxnreg)
+                SUM_GROUP=sum_group, BLOCK_M=plan.block_m, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
+                num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
             return
     a_desc = m_desc = w_desc = None
     if cfg.tma:
@@ -368,7 +372,8 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         MASK_OUT=out_mask is not None, HAS_SCALE=scale is not None,
         GATE_GRAD=gpart is not None and scale_grad is None, SCALE_GRAD=scale_grad is not None,
         A_RESIDENT=cfg.a_resident,
-        STORE_SIDE=side_out is not None, TRANS_W=transpose_w, FP32_DOT=INTERPRET, PRECISION=_precision(a.dtype),
+        STORE_SIDE=side_out is not None, TRANS_W=transpose_w, SUM_GROUP=sum_group, FP32_DOT=INTERPRET,
+        PRECISION=_precision(a.dtype),
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     if scale_grad is not None and chunks > 1:
@@ -444,6 +449,21 @@ def group_sum(buf: torch.Tensor, group: int, scale: Optional[torch.Tensor] = Non
                              buf.stride(0), buf.stride(1), out.stride(0), out.stride(1),
                              GROUP=group, HAS_SCALE=scale is not None, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
     return out
+
+
+COMBINES = ("buffer", "atomic")     # how a summed MLP launch adds each row's pairs: gated_mlp's combine
+
+
+def atomic_sums(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, plan: RoutingPlan, group: int) -> torch.Tensor:
+    """[P // group, N] in a's dtype: each group of `group` consecutive pair ids summed, with a in sorted pair layout
+    and every pair's row a[pos] @ W[e] (W[e]^T) added into its sum by atomics in a's dtype where the matmul makes it,
+    tiles in window order. The opt-in alternative to the [P, N] buffer by pair id + group_sum (bitwise repeatable);
+    this one is not: the order of the adds changes from run to run, and bf16 sums round at each of the `group` adds
+    (docs/KERNELS.md, "The atomic combine")."""
+    n = w.shape[1] if transpose_w else w.shape[2]
+    sums = torch.zeros(plan.n_pairs // group, n, device=a.device, dtype=a.dtype)
+    _gmm(a, 0, w, transpose_w, plan, sums, True, sum_group=group)
+    return sums
 
 
 def segment_sum(buf: torch.Tensor, seg_offsets: torch.Tensor, scale: Optional[torch.Tensor] = None,

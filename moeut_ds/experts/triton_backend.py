@@ -28,10 +28,12 @@ class TritonRouting(Routing):
 class TritonBackend(ExpertBackend):
     name = "triton"
 
-    def __init__(self, block_m: Optional[int] = None):
+    def __init__(self, block_m: Optional[int] = None, combine: str = "buffer"):
         # 128-row tiles on the GPU (pads each expert by < 128 rows in the tile list only); small in the interpreter
         # so that tests cross tile boundaries with tiny shapes.
         self.block_m = block_m or (16 if _INTERPRET else 128)
+        # How the σ-MoE MLP sums each token's K expert outputs (and its input gradient): moeut_kernels.gated_mlp.
+        self.combine = combine
         self._casts: Optional[dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor, int]]] = None
 
     @contextlib.contextmanager
@@ -105,7 +107,8 @@ class TritonBackend(ExpertBackend):
         (mlp.py's docstring)."""
         x, w1, w2 = self._operands(x, w1, w2)
         return gated_mlp(x, w1, w2, self._plan(routing), routing.gate, in_group=in_group, out_group=out_group,
-                         in_index=in_index, out_offsets=out_offsets, local=routing.local)
+                         in_index=in_index, out_offsets=out_offsets, local=routing.local,
+                         combine=self.combine)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, routing: Routing, *, in_group: Optional[int],
                out_group: Optional[int], activation: Optional[str] = None, in_index: Optional[torch.Tensor] = None,

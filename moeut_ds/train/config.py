@@ -87,6 +87,10 @@ class RunConfig:
     seed: int = 0
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "moeut-tiny"})
     expert_backend: str = "auto"
+    # how the σ-MoE MLP sums each token's K expert outputs: buffer (per-pair rows, then a fixed-order sum: bitwise
+    # repeatable) | atomic (added into the token rows by atomics: faster, no [P, d] buffer, not repeatable;
+    # triton backend, no expert parallelism); docs/KERNELS.md, "The atomic combine"
+    expert_combine: str = "buffer"
     expert_parallel_size: int = 1       # ranks that split each σ-MoE layer's experts (needs ZeRO-1/2; 1 = off)
     expert_dispatch: str = "auto"       # allgather | alltoall | auto (allgather for ep <= 2); docs/PARALLEL.md
     deepspeed_config: str = "ds_configs/zero2.json"
@@ -155,6 +159,13 @@ class RunConfig:
 
         backends = ["auto", *available_backends()]
         need(self.expert_backend in backends, f"expert_backend={self.expert_backend!r}: use one of {', '.join(backends)}")
+        need(self.expert_combine in ("buffer", "atomic"),
+             f"expert_combine={self.expert_combine!r}: use buffer (default, bitwise repeatable) or atomic")
+        need(self.expert_combine == "buffer" or self.expert_backend in ("auto", "triton"),
+             f"expert_combine={self.expert_combine} needs the triton expert backend, not {self.expert_backend}")
+        need(self.expert_combine == "buffer" or self.expert_parallel_size == 1,
+             f"expert_combine={self.expert_combine} with expert_parallel_size={self.expert_parallel_size}: the "
+             f"expert-parallel path sums received rows in segments, not fixed groups; use expert_combine=buffer")
         need(isinstance(self.expert_parallel_size, int) and self.expert_parallel_size >= 1,
              f"expert_parallel_size={self.expert_parallel_size!r}: must be a positive integer (1 = no expert "
              f"parallelism)")

@@ -23,6 +23,7 @@ import yaml
 
 from moeut_ds.accounting import forward_macs_per_token
 from moeut_ds.config import ConfigError
+from moeut_ds.experts import get_backend
 from moeut_ds.train import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from moeut_ds.train import checkpoint as ckpt
 from moeut_ds.parallel.expert_checkpoint import has_expert_shards
@@ -194,11 +195,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)                  # identical initial weights on every rank (ZeRO-3 needs it)
         # Built where it trains: on a GPU the init takes seconds even at 8B, and no rank holds an fp32 copy in host
         # RAM (CPU init runs at ~80 M parameters/s on 2 cores: ~100 s and 32 GB of RAM per rank for MoEUT-8B).
+        backend = get_backend(cfg.expert_backend)
+        if cfg.expert_combine != "buffer":
+            if backend.name != "triton":
+                raise ConfigError(f"expert_combine={cfg.expert_combine} needs the triton expert backend, and "
+                                  f"expert_backend={cfg.expert_backend} gave {backend.name} (no CUDA GPU?): set "
+                                  f"expert_combine=buffer")
+            backend.combine = cfg.expert_combine
         with d.device:
-            model = LanguageModel(self.mcfg, expert_backend=cfg.expert_backend)
+            model = LanguageModel(self.mcfg, expert_backend=backend)
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.log(f"model: {self.mcfg.arch}, {model.num_parameters():,} parameters, expert backend "
                  f"{type(model.expert_backend).__name__}"
+                 + (f" (combine={model.expert_backend.combine})" if model.expert_backend.name == "triton" else "")
                  + (", activation checkpointing" if cfg.train.activation_checkpointing else ""))
         self.ckpt_dir = cfg.checkpoint_dir()
         start = ckpt.resolve_resume(self.resume, self.ckpt_dir)
