@@ -84,22 +84,23 @@ def test_opcheck_grouped_matmul_expert_pair_tiles():
     _check(torch.ops.moeut.grouped_matmul.default, args)
 
 
-@pytest.mark.parametrize("need_x", [True, False])
-def test_opcheck_gated_mlp(need_x):
-    """The σ-MoE MLP op and its backward (without the input gradient: the gate's gradient by a torch pass)."""
+@pytest.mark.parametrize("need_x,combine", [(True, "buffer"), (False, "buffer"), (True, "atomic")])
+def test_opcheck_gated_mlp(need_x, combine):
+    """The σ-MoE MLP op and its backward (without the input gradient: the gate's gradient by a torch pass), with
+    either combine (atomic: fp32 atomics in the interpreter)."""
     gate, plan, _ = _plan(n_groups=1)
     ptensors = (plan.order, plan.offsets, plan.tile_expert, plan.tile_start, BLOCK_M)
     n_rows, S = gate.shape
     x = torch.randn(n_rows, 24, device=DEVICE, requires_grad=need_x)
     w1 = torch.randn(plan.n_experts, 24, 20, device=DEVICE, requires_grad=True)
     w2 = torch.randn(plan.n_experts, 20, 24, device=DEVICE, requires_grad=True)
-    args = (x, w1, w2, gate.reshape(-1).clone().requires_grad_(), *ptensors, S, S)
+    args = (x, w1, w2, gate.reshape(-1).clone().requires_grad_(), *ptensors, S, S, None, None, None, combine)
     _check(torch.ops.moeut.gated_mlp.default, args)
     out, h = torch.ops.moeut.gated_mlp(*args)
     assert h.shape == (plan.n_pairs, 20)
     g = torch.randn(out.shape, device=DEVICE)
     bargs = (g, x.detach(), w1.detach(), w2.detach(), args[3].detach(), h.detach(), *ptensors, S, S, need_x, True,
-             True, True)
+             True, True, None, None, None, combine)
     _check(torch.ops.moeut.gated_mlp_backward.default, bargs)
 
 

@@ -13,7 +13,10 @@ units h = gate * relu(x W1), so the down projection sums plainly. Backward:
   launch (the Gluon kernel on Hopper, as the down forward's). Before (fifteenth session), the up input gradient
   masked its A tile itself, stored the masked rows for the weight gradient and wrote the gate's gradient: 1.06 ms
   at 244M on an H200 against 0.74-0.78 for the down forward of the same shape (docs/KERNELS.md).
-Rows, remote pairs (local) and determinism as in grouped.py: every kernel is a grouped.py launch.
+Rows, remote pairs (local) and determinism as in grouped.py: every kernel is a grouped.py launch. The one
+exception is opt-in: combine="atomic" makes the two summed launches (the down forward and the up input-gradient)
+add each pair's row into its token's sum by atomics (grouped.atomic_sums) instead of storing [P, d] rows for a
+fixed-order group_sum: faster, not bitwise repeatable (docs/KERNELS.md, "The atomic combine").
 """
 from __future__ import annotations
 
