@@ -712,6 +712,34 @@ def sweep_order(rows: list) -> None:
                        lambda: calls[what](None), flop=t.flop1)
 
 
+def sweep_combine(rows: list) -> None:
+    """The σ-MoE MLP's two summed calls (down forward, up input-gradient) at 244M and 1B: the per-pair buffer +
+    group_sum against the atomic combine (grouped.atomic_sums), whose window order runs over all experts at once or
+    over groups of experts one after the other (OVERRIDES["window_experts"]): with all experts every tile reads
+    its expert's weights from DRAM; a group's weights can stay in L2, at the price of re-reading the token rows
+    once per group (KERNELS.md, "The atomic combine"). fp32 operands in Triton's interpreter (no bf16 atomics)."""
+    dtype = torch.float32 if GM.INTERPRET else BF16
+    for size in LARGE:
+        shape = FF_SHAPES[size]
+        x, w_s, w1, w2, _ = ff_inputs(shape, seed=4)
+        k, d, d_e, E = shape["k"], shape["d"], shape["d_e"], shape["n_experts"]
+        plan = TritonBackend().route(F.linear(x, w_s).float().view(-1, 1, E).detach(), k).plan
+        a = torch.randn(TOKENS * k, d_e, device=DEV, dtype=dtype)
+        w1, w2 = w1.detach().to(dtype), w2.detach().to(dtype)
+        flop = 2 * TOKENS * k * d * d_e
+        for what, w, trans in (("down fwd", w2, False), ("up dx", w1, True)):
+            def buffered(w=w, trans=trans) -> torch.Tensor:
+                buf = torch.empty(TOKENS * k, d, device=DEV, dtype=dtype)
+                GM._gmm(a, 0, w, trans, plan, buf, True)
+                return GM.group_sum(buf, k)
+            _timed(rows, f"combine FF {size} {what} buffer + group_sum", buffered, flop=flop)
+            for parts in (1, 2, 3, 4, 6, 8):
+                GM.OVERRIDES["window_experts"] = triton.cdiv(E, parts)
+                _timed(rows, f"combine FF {size} {what} atomic, window order in {parts} group(s) of experts",
+                       lambda w=w, trans=trans: GM.atomic_sums(a, w, trans, plan, k), flop=flop)
+            GM.OVERRIDES.pop("window_experts")
+
+
 def sweep_route(rows: list) -> None:
     """Time the routing's parts at the FF 244M and SwitchHead 244M shapes: the whole route (fp32- and bf16-valued
     logits, the latter at several top-k row blocks and warp counts), torch.topk for comparison, the stable sort, the
@@ -830,6 +858,8 @@ def main() -> None:
     ap.add_argument("--sweep-att", choices=sorted(ATT_SHAPES), default=None,
                     help="per-call times of the SwitchHead V/O layer at this shape")
     ap.add_argument("--sweep-route", action="store_true", help="time the routing's parts (244M shapes)")
+    ap.add_argument("--sweep-combine", action="store_true",
+                    help="the MLP's summed calls: buffer + group_sum vs atomic sums by window groups (244M, 1B)")
     ap.add_argument("--sweep-wgrad", action="store_true",
                     help="the four weight gradients under several tile configs (244M, 1B)")
     ap.add_argument("--sweep-tma", action="store_true",
@@ -875,6 +905,8 @@ def main() -> None:
         sweep_att(args.sweep_att, ATT_SHAPES[args.sweep_att], rows)
     if args.sweep_route:
         sweep_route(rows)
+    if args.sweep_combine:
+        sweep_combine(rows)
     if args.sweep_order:
         sweep_order(rows)
     if args.sweep_wgrad:
@@ -886,7 +918,7 @@ def main() -> None:
     if args.host_overhead:
         host_overhead(rows)
     sweeping = bool(args.sweep or args.sweep_att or args.sweep_route or args.sweep_order or args.sweep_tma
-                    or args.sweep_wgrad or args.sweep_floor or args.host_overhead)
+                    or args.sweep_wgrad or args.sweep_floor or args.host_overhead or args.sweep_combine)
     if sweeping and args.json:     # keep the sweeps if a layer table below fails
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     tables = {"ff": (bench_ff, FF_SHAPES), "att": (bench_att, ATT_SHAPES)}

@@ -34,6 +34,7 @@ def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
     B.sweep(FF, rows, defaults_only=True)
     B.sweep_att("244M", ATT, rows)
     B.sweep_order(rows)
+    B.sweep_combine(rows)
     B.sweep_route(rows)
     B.bench_ff("tiny", FF, 1.0, rows, check=True)
     B.bench_att("tiny", ATT, 1.0, rows, check=True)
@@ -47,7 +48,8 @@ def test_sweeps_and_layer_tables_run(tiny_1b, monkeypatch):
                  "up_dx_nomask", "V dx + gated store",
                  "order FF 1B down_dx + mask + gate grad window order",
                  "order att 1B O dx (+gate grad) + gated store window order",
-                 "order L2 W", "V wgrad on gathered operands", "O fwd pair tiles",
+                 "order L2 W", "combine FF 1B up dx atomic, window order in 8 group(s)",
+                 "V wgrad on gathered operands", "O fwd pair tiles",
                  "top-k rows", "route FF 244M: expert offsets", "FF tiny triton", "att V+O tiny triton"):
         assert what in names, what
     checks = [r for r in rows if r["what"].startswith("check")]

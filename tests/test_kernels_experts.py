@@ -322,6 +322,32 @@ def test_mlp_matches_reference(dtype, combine):
         assert rel_err(a, b) < TOL[dtype]
 
 
+@pytest.mark.parametrize("window_experts", [None, 4])
+def test_atomic_sums_in_any_window_order(window_experts, monkeypatch):
+    """grouped.atomic_sums adds every pair's row into its token's sum whatever the tiles' window order (all experts
+    at once, or groups of experts: OVERRIDES["window_experts"], the benchmark's knob, which reaches window_tiles):
+    against the buffer + group_sum, W plain and transposed (fp32: the interpreter has no bf16 atomics)."""
+    from moeut_kernels import grouped
+    from moeut_kernels.routing import plan_from_expert_index
+
+    groups = []
+    window_tiles = grouped.window_tiles
+    monkeypatch.setattr(grouped, "window_tiles", lambda plan, g=None: (groups.append(g), window_tiles(plan, g))[1])
+    if window_experts:
+        monkeypatch.setitem(grouped.OVERRIDES, "window_experts", window_experts)
+    gen = torch.Generator().manual_seed(11)
+    tokens, k, n_experts, d_k, n = 83, 3, 10, 24, 40
+    plan = plan_from_expert_index(torch.rand(tokens, n_experts, generator=gen).topk(k, dim=1).indices.reshape(-1)
+                                  .to(DEVICE), n_experts, 16)
+    a = torch.randn(plan.n_pairs, d_k, generator=gen).to(DEVICE)
+    for trans in (False, True):
+        w = torch.randn(n_experts, *((n, d_k) if trans else (d_k, n)), generator=gen).to(DEVICE)
+        buf = torch.empty(plan.n_pairs, n, device=DEVICE)
+        grouped._gmm(a, 0, w, trans, plan, buf, True)
+        torch.testing.assert_close(grouped.atomic_sums(a, w, trans, plan, k), grouped.group_sum(buf, k))
+    assert groups == [window_experts] * 2
+
+
 def test_atomic_combine_needs_fixed_groups():
     """The atomic combines add into row pair // group: explicit rows or remote pairs are refused early."""
     from moeut_kernels import gated_mlp
@@ -361,9 +387,11 @@ def test_routing_from_given_experts_matches_route():
 
 
 @pytest.mark.parametrize("bias", ["none", "uneven", "empty"])
-def test_window_tiles_orders_by_first_pair(bias):
-    """routing.window_tiles: the same tiles sorted by their first pair id, unused tiles (and remote pairs, which no
-    tile covers) last: against an argsort of the tile list."""
+@pytest.mark.parametrize("group_experts", [None, 2, 5])
+def test_window_tiles_orders_by_first_pair(bias, group_experts):
+    """routing.window_tiles: the same tiles sorted by their group of experts (all experts by default), then by
+    their first pair id, unused tiles (and remote pairs, which no tile covers) last: against an argsort of the tile
+    list."""
     from moeut_kernels.routing import plan_from_expert_index, window_tiles
 
     gen = torch.Generator().manual_seed(len(bias))
@@ -373,12 +401,14 @@ def test_window_tiles_orders_by_first_pair(bias):
         E = n_groups * n
         expert_index[expert_index == 1] = E             # pairs held by another rank
         plan = plan_from_expert_index(expert_index, E, 16)
-        got = window_tiles(plan)
+        got = window_tiles(plan, group_experts)
         first = plan.order[plan.tile_start.clamp(0, plan.n_pairs - 1).long()]
-        perm = torch.argsort(torch.where(plan.tile_expert < E, first, plan.n_pairs), stable=True)
+        key = first + (plan.tile_expert // (group_experts or E)) * plan.n_pairs
+        perm = torch.argsort(torch.where(plan.tile_expert < E, key, E * plan.n_pairs), stable=True)
         assert torch.equal(got.tile_expert, plan.tile_expert[perm])
         assert torch.equal(got.tile_start, plan.tile_start[perm])
-        assert not torch.equal(got.tile_start, plan.tile_start)        # the order did change
+        if group_experts is None:          # (with groups, 'empty' leaves one used expert per group: no change)
+            assert not torch.equal(got.tile_start, plan.tile_start)    # the order did change
         assert got.order is plan.order and got.offsets is plan.offsets
 
 

@@ -132,33 +132,38 @@ def plan_kernel(offsets_ptr, tile_expert_ptr, tile_start_ptr, E, n_tiles,
 
 @triton.jit
 def window_tiles_kernel(order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, win_expert_ptr, win_start_ptr,
-                        E, n_tiles, search_steps, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                        E, n_tiles, search_steps, group_experts, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_E: tl.constexpr):
-    """The tile list in window order: sorted by each tile's first pair id, so that tile j of every expert runs
-    together over a narrow window of tokens, unused tiles (expert E) left at the tail. No sort: a tile's rank is
-    the number of tiles of every expert whose first pair id is smaller, found by a binary search over that
-    expert's tiles (pair ids ascend within an expert), all experts of BLOCK_E at once, search_steps deep."""
+    """The tile list in window order: sorted by each tile's group of experts (e // group_experts), then by its first
+    pair id, so that tile j of every expert of a group runs together over a narrow window of tokens, unused tiles
+    (expert E) left at the tail. No sort: a tile's rank is the number of tiles of the earlier groups' experts plus
+    the number of tiles of its own group's experts whose first pair id is smaller, found by a binary search over
+    that expert's tiles (pair ids ascend within an expert), all experts of BLOCK_E at once, search_steps deep."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < n_tiles
     e = tl.load(tile_expert_ptr + t, mask=tmask, other=E)
     start = tl.load(tile_start_ptr + t, mask=tmask, other=0)
     valid = tmask & (e < E)
     key = tl.load(order_ptr + start, mask=valid, other=0)[:, None]
+    group = (e // group_experts)[:, None]
     rank = tl.zeros([BLOCK_T], dtype=tl.int64)
     for e0 in range(0, E, BLOCK_E):
         others = e0 + tl.arange(0, BLOCK_E)
         omask = others < E
         first = tl.load(offsets_ptr + others, mask=omask, other=0)
         count = tl.load(offsets_ptr + others + 1, mask=omask, other=0) - first
+        tiles = ((count + BLOCK_M - 1) // BLOCK_M)[None, :]
+        other_group = (others // group_experts)[None, :]
+        same = valid[:, None] & (other_group == group)
         lo = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int64)               # lower bound of key among the first
-        hi = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int64) + ((count + BLOCK_M - 1) // BLOCK_M)[None, :]
-        for _ in range(0, search_steps):                                  # pair ids of the expert's tiles
+        hi = tl.where(same, tiles, 0).to(tl.int64)                      # pair ids of the group's experts' tiles
+        for _ in range(0, search_steps):
             open_ = lo < hi
             mid = (lo + hi) // 2
-            below = tl.load(order_ptr + first[None, :] + mid * BLOCK_M, mask=valid[:, None] & open_, other=0) < key
+            below = tl.load(order_ptr + first[None, :] + mid * BLOCK_M, mask=open_, other=0) < key
             lo = tl.where(open_ & below, mid + 1, lo)
             hi = tl.where(open_ & ~below, mid, hi)
-        rank += tl.sum(lo, axis=1)
+        rank += tl.sum(tl.where(other_group < group, tiles, lo), axis=1)     # all tiles of an earlier group
     dest = tl.where(valid, rank, t)
     tl.store(win_expert_ptr + dest, e, mask=tmask)
     tl.store(win_start_ptr + dest, start, mask=tmask)

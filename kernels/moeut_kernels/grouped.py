@@ -85,7 +85,8 @@ class TileConfig:
 
 # Benchmarks and tests may override these (keys: "gmm", "wgrad", "wgrad_block_r", "wgrad_splits", "sum",
 # "gluon": False for the configs chosen as without the Gluon kernel, "window_order": True / False for every
-# launch with gathered A instead of _window_order's choice).
+# launch with gathered A instead of _window_order's choice, "window_experts": the atomic sums' window order in
+# groups of that many experts, routing.window_tiles' group_experts).
 OVERRIDES: dict[str, dict] = {}
 
 
@@ -315,7 +316,9 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
         gpart = scale_grad.view(-1, 1) if chunks == 1 else scale_grad.new_empty(scale_grad.shape[0], chunks)
     if sum_group and not out_by_pair:
         raise ValueError("sum_group adds rows by pair id: it needs out_by_pair")
-    if sum_group or (a_index is None and _window_order(a.device, a_group, w, ndim, cfg)):
+    if sum_group:
+        plan = window_tiles(plan, OVERRIDES.get("window_experts"))
+    elif a_index is None and _window_order(a.device, a_group, w, ndim, cfg):
         plan = window_tiles(plan)
     n_tiles = plan.tile_expert.numel()
     if n_tiles == 0:

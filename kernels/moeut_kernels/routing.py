@@ -90,10 +90,12 @@ def plan_from_sorted(order: torch.Tensor, offsets: torch.Tensor, block_m: int) -
     return RoutingPlan(order, offsets, tile_expert, tile_start, offsets.numel() - 1, block_m)
 
 
-def window_tiles(plan: RoutingPlan) -> RoutingPlan:
+def window_tiles(plan: RoutingPlan, group_experts: Optional[int] = None) -> RoutingPlan:
     """The plan with its tiles in window order (each tile's first pair id ascending, unused tiles last): tile j of
     every expert runs together over a narrow window of tokens, so a token's gathered rows are reused from L2 by
     its experts' tiles instead of read from DRAM once per expert. Same tiles, so the same outputs in any launch.
+    group_experts: window order within consecutive groups of that many experts, one group after the other, so
+    that only one group's weights need L2 at a time (default: one group of all experts).
     One launch of ~log2(tiles) dependent loads, no sort, no sync (docs/KERNELS.md, "Window tile order for the
     attention's narrow gathers"). It relies on the plan's stable order (pair ids ascending within an expert,
     as every constructor here makes it): the ranks come from binary searches of those runs."""
@@ -104,7 +106,8 @@ def window_tiles(plan: RoutingPlan) -> RoutingPlan:
         block_e = min(triton.next_power_of_2(plan.n_experts), 16 if INTERPRET else 32)
         K.window_tiles_kernel[(triton.cdiv(n_tiles, block_t),)](
             plan.order, plan.offsets, plan.tile_expert, plan.tile_start, win_expert, win_start, plan.n_experts,
-            n_tiles, n_tiles.bit_length(), BLOCK_M=plan.block_m, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+            n_tiles, n_tiles.bit_length(), group_experts or plan.n_experts, BLOCK_M=plan.block_m, BLOCK_T=block_t,
+            BLOCK_E=block_e, num_warps=4)
     return RoutingPlan(plan.order, plan.offsets, win_expert, win_start, plan.n_experts, plan.block_m)
 
 
