@@ -165,7 +165,8 @@ class RunConfig:
              f"expert_combine={self.expert_combine} needs the triton expert backend, not {self.expert_backend}")
         need(self.expert_combine == "buffer" or self.expert_parallel_size == 1,
              f"expert_combine={self.expert_combine} with expert_parallel_size={self.expert_parallel_size}: the "
-             f"expert-parallel path sums received rows in segments, not fixed groups; use expert_combine=buffer")
+             f"expert-parallel dispatches sum local pairs or variable segments, not the fixed groups the atomic "
+             f"sums add; use expert_combine=buffer")
         need(isinstance(self.expert_parallel_size, int) and self.expert_parallel_size >= 1,
              f"expert_parallel_size={self.expert_parallel_size!r}: must be a positive integer (1 = no expert "
              f"parallelism)")
