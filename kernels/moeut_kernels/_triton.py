@@ -156,7 +156,7 @@ def window_tiles_kernel(order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr,
         other_group = (others // group_experts)[None, :]
         same = valid[:, None] & (other_group == group)
         lo = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int64)               # lower bound of key among the first
-        hi = tl.where(same, tiles, 0).to(tl.int64)                      # pair ids of the group's experts' tiles
+        hi = tl.where(same, tiles, 0)                                   # pair ids of the group's experts' tiles
         for _ in range(0, search_steps):
             open_ = lo < hi
             mid = (lo + hi) // 2
