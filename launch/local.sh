@@ -113,9 +113,9 @@ forward() {
 }
 trap 'forward TERM' TERM
 trap 'forward USR1' USR1
-while true; do
-    rc=0
-    wait "$pid" || rc=$?
-    kill -0 "$pid" 2>/dev/null || break
-done
+# Poll rather than `wait` in a loop, as launch/slurm.sbatch does: a trapped signal makes `wait` return early, and
+# if the launcher exits at that moment bash loses its status.
+while kill -0 "$pid" 2>/dev/null; do sleep 1 || true; done
+rc=0
+wait "$pid" || rc=$?
 exit "$rc"

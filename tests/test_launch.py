@@ -39,6 +39,36 @@ def test_slurm_sbatch_outside_a_job_names_the_problem():
     assert proc.returncode == 1 and "not inside a Slurm job" in proc.stderr and "sbatch" in proc.stderr
 
 
+def test_slurm_sbatch_survives_a_signal_after_the_tasks_ended(tmp_path):
+    """Slurm's time-limit warning can land after the tasks exited but before the batch shell does (it checks limits
+    every ~30 s, so a short last round ends right at it). That must not kill the shell and fail a finished job.
+    srun is replaced by a script that exits 0 while SIGUSR1 keeps hitting the batch shell; test_slurm.py covers the
+    real signal path on a real cluster."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        "trap '' USR1 TERM\n"
+        "batch=$PPID\n"
+        # Signal the batch shell until it has exited (a zombie still accepts kill), at most ~2 s.
+        "( for _ in $(seq 1000); do [[ $(cut -d' ' -f3 /proc/$batch/stat 2>/dev/null) == [RSD] ]] || exit 0\n"
+        "    kill -USR1 $batch 2>/dev/null; sleep 0.002; done ) >/dev/null 2>&1 &\n"
+        "sleep 0.3\n"
+        "exit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("steps: 1\n")
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=7, SLURM_JOB_NAME="moeut",
+               SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES=1, SLURM_NTASKS=1, MOEUT_ROOT=ROOT,
+               MOEUT_MASTER_ADDR="127.0.0.1")
+    for attempt in range(5):   # the window is milliseconds wide; the storm of signals covers it every time
+        proc = subprocess.run(["bash", "launch/slurm.sbatch", str(cfg)], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 0, f"attempt {attempt}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        assert "training finished (exit 0)" in proc.stdout
+        assert "after the tasks ended" in proc.stdout
+
+
 def test_hostfile_errors_name_the_problem(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("steps: 1\n")
