@@ -47,6 +47,8 @@ config=$1; shift
 [[ -z $nproc || $nproc =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, not '$nproc'"
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+log() { echo "local.sh: $*" >&2; }
+source "$root/launch/signals.sh"   # from here on SIGTERM/SIGUSR1 are kept for the ranks
 python=${MOEUT_PYTHON:-python}
 command -v "$python" >/dev/null || die "'$python' not found: activate the project's environment or set MOEUT_PYTHON=/path/to/venv/bin/python"
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
@@ -86,14 +88,12 @@ case $launcher in
 esac
 echo "local.sh: $launcher, $device, MASTER_PORT=$MASTER_PORT: ${cmd[*]}" >&2
 
-"${cmd[@]}" &
-pid=$!
 # The ranks themselves get SIGTERM/SIGUSR1, not the launcher: torchrun ignores SIGUSR1 and dies of it, and both
 # launchers answer SIGTERM by terminating their children on a timer, which could cut a checkpoint save short.
 # The ranks are the launcher's children (torchrun) or grandchildren (deepspeed: runner -> launch.py -> ranks).
-ranks() {
-    local level=$1 depth=1; shift
-    local pids=("$@") next=()
+signal_targets() {
+    local depth=1 level=1 pids=("$1") next=() p c
+    [[ $launcher == deepspeed ]] && level=2
     while (( depth <= level )); do
         next=()
         for p in "${pids[@]}"; do
@@ -104,18 +104,5 @@ ranks() {
     done
     echo "${pids[@]}"
 }
-forward() {
-    local level=1 targets
-    [[ $launcher == deepspeed ]] && level=2
-    targets=$(ranks "$level" "$pid")
-    echo "local.sh: received SIG$1, forwarding to the ranks (pids ${targets:-none yet})" >&2
-    [[ -z $targets ]] || kill -s "$1" $targets 2>/dev/null || true
-}
-trap 'forward TERM' TERM
-trap 'forward USR1' USR1
-# Poll rather than `wait` in a loop, as launch/slurm.sbatch does: a trapped signal makes `wait` return early, and
-# if the launcher exits at that moment bash loses its status.
-while kill -0 "$pid" 2>/dev/null; do sleep 1 || true; done
-rc=0
-wait "$pid" || rc=$?
-exit "$rc"
+run_forwarding_signals "${cmd[@]}"
+exit "$command_status"

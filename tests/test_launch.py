@@ -49,7 +49,9 @@ def test_slurm_sbatch_survives_a_signal_after_the_tasks_ended(tmp_path):
     (bin_dir / "srun").write_text(
         "#!/usr/bin/env bash\n"
         "trap '' USR1 TERM\n"
-        "batch=$PPID\n"
+        # The batch shell: the oldest ancestor running slurm.sbatch (launch/signals.sh runs srun from a subshell).
+        "batch=$PPID; while up=$(ps -o ppid= -p $batch | tr -d ' '); grep -q slurm.sbatch /proc/$up/cmdline; do\n"
+        "    batch=$up; done\n"
         # Signal the batch shell until it has exited (a zombie still accepts kill), at most ~2 s.
         "( for _ in $(seq 1000); do [[ $(cut -d' ' -f3 /proc/$batch/stat 2>/dev/null) == [RSD] ]] || exit 0\n"
         "    kill -USR1 $batch 2>/dev/null; sleep 0.002; done ) >/dev/null 2>&1 &\n"
