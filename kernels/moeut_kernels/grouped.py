@@ -314,8 +314,6 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     chunks = triton.cdiv(ndim, cols)
     if scale_grad is not None:      # the kernel writes one partial sum per column chunk
         gpart = scale_grad.view(-1, 1) if chunks == 1 else scale_grad.new_empty(scale_grad.shape[0], chunks)
-    if sum_group and not out_by_pair:
-        raise ValueError("sum_group adds rows by pair id: it needs out_by_pair")
     if sum_group:
         plan = window_tiles(plan, OVERRIDES.get("window_experts"))
     elif a_index is None and _window_order(a.device, a_group, w, ndim, cfg):
