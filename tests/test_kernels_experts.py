@@ -536,6 +536,26 @@ def test_window_order_policy(monkeypatch):
     assert not grouped._window_order(gpu, 8, att_244m, 128, cfg)
 
 
+def test_atomic_window_groups_policy(monkeypatch):
+    """The atomic sums' window order: all experts at once while their weights fit half of L2 or exceed twice L2,
+    else the fewest groups of experts whose weights fit half of L2 (the FF 244M: 4 groups of 97 experts; the FF
+    1B's 212 MiB stays one group, where the H200 sweep found 8 groups slower); never groups off CUDA."""
+    from moeut_kernels import grouped
+
+    monkeypatch.setattr(grouped, "_l2_bytes", lambda device: 60 * 2 ** 20)        # the H200's
+    gpu = torch.device("cuda", 0)
+    ff_244m = torch.empty(387, 128, 1024, dtype=torch.bfloat16, device="meta")       # 97 MiB
+    ff_1b = torch.empty(565, 128, 1536, dtype=torch.bfloat16, device="meta")         # 212 MiB
+    att_1b = torch.empty(6 * 12, 1536, 128, dtype=torch.bfloat16, device="meta")     # 27 MiB
+    assert grouped._window_experts(gpu, ff_244m) == 97
+    assert grouped._window_experts(gpu, ff_244m.float()) is None                     # 194 MiB > twice L2
+    assert grouped._window_experts(gpu, ff_1b) is None
+    assert grouped._window_experts(gpu, att_1b) is None
+    assert grouped._window_experts(torch.device("cpu"), ff_244m) is None
+    monkeypatch.setitem(grouped.OVERRIDES, "window_experts", 50)
+    assert grouped._window_experts(gpu, ff_1b) == 50
+
+
 def test_deterministic_bitwise():
     """Every kernel (no atomics on floats) repeats bitwise, gradients included."""
     runs = [check_against_reference("att_v", torch.bfloat16, 45, bias="uneven", seed=9) for _ in range(2)]

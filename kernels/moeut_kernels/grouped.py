@@ -86,7 +86,7 @@ class TileConfig:
 # Benchmarks and tests may override these (keys: "gmm", "wgrad", "wgrad_block_r", "wgrad_splits", "sum",
 # "gluon": False for the configs chosen as without the Gluon kernel, "window_order": True / False for every
 # launch with gathered A instead of _window_order's choice, "window_experts": the atomic sums' window order in
-# groups of that many experts, routing.window_tiles' group_experts).
+# groups of that many experts, or None for all at once, instead of _window_experts' choice).
 OVERRIDES: dict[str, dict] = {}
 
 
@@ -129,6 +129,23 @@ def _window_order(device: torch.device, a_group: int, w: torch.Tensor, ndim: int
     if device.type != "cuda" or ndim > cfg.block_n:
         return False
     return w.numel() * w.element_size() <= _l2_bytes(device) // 2
+
+
+def _window_experts(device: torch.device, w: torch.Tensor) -> Optional[int]:
+    """Experts per group of the atomic sums' window order (routing.window_tiles' group_experts; None: all experts
+    at once). Weights over half of L2 but within twice L2 run in the fewest groups whose weights fit half of L2:
+    each group's weights then stay in L2 while every token's sum is read and written once per group. H200, bf16
+    atomics per call (PERFORMANCE.md, thirty-second session): FF 244M (97 MiB of weights) 1.19 -> 1.05 ms in 4
+    groups; FF 1B (212 MiB) no better in 2-6 groups (2.54-2.62 ms against 2.58) and slower in the 8 this rule
+    would give (2.79), its wider sums (d 1536) costing more per group, so beyond twice L2: all experts."""
+    if "window_experts" in OVERRIDES:
+        return OVERRIDES["window_experts"]
+    if device.type != "cuda":
+        return None
+    w_bytes, half = w.numel() * w.element_size(), _l2_bytes(device) // 2
+    if w_bytes <= half or w_bytes > 4 * half:
+        return None
+    return triton.cdiv(w.shape[0], triton.cdiv(w_bytes, half))
 
 
 @functools.cache
@@ -315,7 +332,7 @@ def _gmm(a: torch.Tensor, a_group: int, w: torch.Tensor, transpose_w: bool, plan
     if scale_grad is not None:      # the kernel writes one partial sum per column chunk
         gpart = scale_grad.view(-1, 1) if chunks == 1 else scale_grad.new_empty(scale_grad.shape[0], chunks)
     if sum_group:
-        plan = window_tiles(plan, OVERRIDES.get("window_experts"))
+        plan = window_tiles(plan, _window_experts(a.device, w))
     elif a_index is None and _window_order(a.device, a_group, w, ndim, cfg):
         plan = window_tiles(plan)
     n_tiles = plan.tile_expert.numel()
