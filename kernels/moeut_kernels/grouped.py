@@ -136,8 +136,8 @@ def _window_experts(device: torch.device, w: torch.Tensor) -> Optional[int]:
     at once). Weights over half of L2 but within twice L2 run in the fewest groups whose weights fit half of L2:
     each group's weights then stay in L2 while every token's sum is read and written once per group. H200, bf16
     atomics per call (PERFORMANCE.md, thirty-second session): FF 244M (97 MiB of weights) 1.19 -> 1.05 ms in 4
-    groups; FF 1B (212 MiB) no better in 2-6 groups (2.54-2.62 ms against 2.58) and slower in the 8 this rule
-    would give (2.79), its wider sums (d 1536) costing more per group, so beyond twice L2: all experts."""
+    groups; FF 1B (212 MiB) no better in 2-6 groups (2.54-2.62 ms against 2.58) and slower in the 8 that half of
+    L2 per group would give (2.79), so beyond twice L2: all experts (why is not understood: KERNELS.md)."""
     if "window_experts" in OVERRIDES:
         return OVERRIDES["window_experts"]
     if device.type != "cuda":
@@ -475,9 +475,9 @@ COMBINES = ("buffer", "atomic")     # how a summed MLP launch adds each row's pa
 def atomic_sums(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, plan: RoutingPlan, group: int) -> torch.Tensor:
     """[P // group, N] in a's dtype: each group of `group` consecutive pair ids summed, with a in sorted pair layout
     and every pair's row a[pos] @ W[e] (W[e]^T) added into its sum by atomics in a's dtype where the matmul makes it,
-    tiles in window order. The opt-in alternative to the [P, N] buffer by pair id + group_sum (bitwise repeatable);
-    this one is not: the order of the adds changes from run to run, and bf16 sums round at each of the `group` adds
-    (docs/KERNELS.md, "The atomic combine")."""
+    tiles in window order (in groups of experts: _window_experts). The opt-in alternative to the [P, N] buffer by
+    pair id + group_sum (bitwise repeatable); this one is not: the order of the adds changes from run to run, and
+    bf16 sums round at each of the `group` adds (docs/KERNELS.md, "The atomic combine")."""
     n = w.shape[1] if transpose_w else w.shape[2]
     sums = torch.zeros(plan.n_pairs // group, n, device=a.device, dtype=a.dtype)
     _gmm(a, 0, w, transpose_w, plan, sums, True, sum_group=group)
