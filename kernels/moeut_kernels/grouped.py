@@ -128,7 +128,12 @@ def _window_order(device: torch.device, a_group: int, w: torch.Tensor, ndim: int
         return OVERRIDES["window_order"]
     if device.type != "cuda" or ndim > cfg.block_n:
         return False
-    return w.numel() * w.element_size() <= _l2_bytes(device) // 2
+    return _l2_halves(device, w) <= 1
+
+
+def _l2_halves(device: torch.device, w: torch.Tensor) -> int:
+    """How many halves of the GPU's L2 the weights w fill, rounded up: the unit of both window-order rules."""
+    return triton.cdiv(w.numel() * w.element_size(), _l2_bytes(device) // 2)
 
 
 def _window_experts(device: torch.device, w: torch.Tensor) -> Optional[int]:
@@ -142,10 +147,8 @@ def _window_experts(device: torch.device, w: torch.Tensor) -> Optional[int]:
         return OVERRIDES["window_experts"]
     if device.type != "cuda":
         return None
-    w_bytes, half = w.numel() * w.element_size(), _l2_bytes(device) // 2
-    if w_bytes <= half or w_bytes > 4 * half:
-        return None
-    return triton.cdiv(w.shape[0], triton.cdiv(w_bytes, half))
+    groups = _l2_halves(device, w)
+    return triton.cdiv(w.shape[0], groups) if 1 < groups <= 4 else None
 
 
 @functools.cache
