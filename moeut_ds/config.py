@@ -6,12 +6,44 @@ field and the fix, before any weights are allocated.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 
 class ConfigError(ValueError):
     """An invalid model or run configuration; the message names the field and how to fix it."""
+
+
+def typed_value(name: str, hint: Any, value: Any) -> Any:
+    """value checked against a config field's type annotation, so that a wrong type is refused by name here rather
+    than failing later as a TypeError deep in a comparison: None only for Optional fields, ints accepted (and
+    converted) for floats, floats finite, lists for tuples of the right length (each item checked), Literal
+    choices. Returns the value in the field's type."""
+    if typing.get_origin(hint) in (Union, types.UnionType):             # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and len(value) != len(args):
+            raise ConfigError(f"{name}={value!r}: expected a list of {len(args)} values")
+        return origin(typed_value(f"{name}[{i}]", args[0] if origin is list else args[i], v)
+                      for i, v in enumerate(value))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), str: isinstance(value, str),
+          float: number and math.isfinite(value), dict: isinstance(value, dict)}.get(origin, hint is Any)
+    if not ok:
+        what = {float: "a finite number", int: "an integer", bool: "true or false", str: "a string",
+                dict: "a mapping", list: "a list", tuple: "a list"}.get(origin, str(hint))
+        raise ConfigError(f"{name}={value!r}: expected {what}")
+    return float(value) if origin is float else value
 
 
 @dataclass(frozen=True)
@@ -116,7 +148,13 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d).validate()
+        return cls().replace(**d)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes).validate()
+        """A copy with `changes` (each checked against its field's type first), validated."""
+        hints = typing.get_type_hints(ModelConfig)
+        unknown = sorted(set(changes) - set(hints))
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(hints)}")
+        typed = {k: typed_value(k, hints[k], v) for k, v in changes.items()}
+        return dataclasses.replace(self, **typed).validate()

@@ -14,7 +14,19 @@ OK = ["data.path=/some/data"]
     ([], "data.path is empty"),
     (OK + ["train.stepz=3"], "unknown config key 'train.stepz'"),
     (OK + ["bogus=1"], "unknown config key 'bogus'"),
-    (OK + ["train.steps=ten"], "train.steps='ten': expected int"),
+    (OK + ["train.steps=ten"], "train.steps='ten': expected an integer"),
+    (OK + ["train.steps=true"], "train.steps=True: expected an integer"),
+    (OK + ["optim.lr=null"], "optim.lr=None: expected a finite number"),
+    (OK + ["optim.lr=.inf"], "optim.lr=inf: expected a finite number"),
+    (OK + ["optim.betas=[a, b]"], "optim.betas\\[0\\]='a': expected a finite number"),
+    (OK + ["optim.betas=[0.9]"], "optim.betas=\\[0.9\\]: expected a list of 2 values"),
+    (OK + ["checkpoint.keep_last=null"], "checkpoint.keep_last=None: expected an integer"),
+    (OK + ["checkpoint.dir=5"], "checkpoint.dir=5: expected a string"),
+    (OK + ["run_dir=null"], "run_dir=None: expected a string"),
+    (OK + ["log.peak_tflops=abc"], "log.peak_tflops='abc': expected a finite number"),
+    (OK + ["debug.nan_steps=[1, x]"], "debug.nan_steps\\[1\\]='x': expected an integer"),
+    (OK + ["model.rope_base=abc"], "model: rope_base='abc': expected a finite number"),
+    (OK + ["model.norm=mid"], "model: norm='mid': must be one of 'peri', 'pre', 'post'"),
     (OK + ["train.steps=0"], "train.steps=0: must be a positive integer"),
     (OK + ["train.micro_batch=128"], "train.micro_batch=128 > train.global_batch=64"),
     (OK + ["optim.betas=[0.9, 1.5]"], "optim.betas"),
@@ -36,6 +48,20 @@ OK = ["data.path=/some/data"]
 def test_invalid_config_messages(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, overrides)
+
+
+def test_optional_and_number_fields_take_their_types():
+    """null where the field is optional, ints for floats (converted), lists for tuples."""
+    cfg = load_run_config(None, OK + ["eval.max_windows=null", "log.peak_tflops=100", "optim.betas=[0, 0.5]",
+                                      "model.rope_base=500"])
+    assert cfg.eval.max_windows is None and cfg.log.peak_tflops == 100.0 and type(cfg.log.peak_tflops) is float
+    assert cfg.optim.betas == (0.0, 0.5) and cfg.model_config().rope_base == 500.0
+
+
+def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
+    (tmp_path / "list.yaml").write_text("- train.steps: 3\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping of config keys .*got a list"):
+        load_run_config(str(tmp_path / "list.yaml"), OK)
 
 
 def test_accumulation_must_divide(tmp_path):

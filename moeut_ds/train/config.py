@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from moeut_ds.config import ConfigError, ModelConfig
+from moeut_ds.config import ConfigError, ModelConfig, typed_value
 from moeut_ds.presets import get_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -110,8 +111,6 @@ class RunConfig:
         try:
             base = get_preset(preset) if preset else ModelConfig()
             return base.replace(**fields) if fields else base.validate()
-        except TypeError as e:  # dataclasses.replace on an unknown field
-            raise ConfigError(f"model: {e}; known fields: {[f.name for f in dataclasses.fields(ModelConfig)]}")
         except ConfigError as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -211,44 +210,18 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     """Build a (nested) dataclass, refusing unknown keys with the list of known ones."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
-        if key not in known:
+        if key not in hints:
             raise ConfigError(f"unknown config key {name!r}; known keys{' of ' + where if where else ''}: "
-                              f"{sorted(known)}")
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _from_dict(type(default), value, name)
+                              f"{sorted(hints)}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _from_dict(hints[key], value, name)
         else:
-            kwargs[key] = _coerce(name, default, value)
+            kwargs[key] = typed_value(name, hints[key], value)
     return cls(**kwargs)
-
-
-def _coerce(name: str, default: Any, value: Any) -> Any:
-    """Check a leaf value against its default's type (ints accepted for floats; None where the default is None)."""
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-        value = type(default)(value) if ok else value
-    elif isinstance(default, dict):
-        ok = isinstance(value, dict)
-    else:
-        ok = True
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: expected {type(default).__name__} (like the default {default!r})")
-    return value
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -283,6 +256,9 @@ def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys (like configs/*.yaml), got a "
+                              f"{type(tree).__name__}")
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
