@@ -132,14 +132,40 @@ def test_damaged_and_stale_checkpoints_are_refused_with_the_fix(tmp_path, traine
     ckpt.verify_files(s10, state)                                     # intact: passes
     optim = sorted(s10.glob("*optim_states.pt"))
     assert len(optim) == 2
+    assert sorted(state[ckpt.DIGESTS]) == sorted(str(f.relative_to(s10)) for f in s10.rglob("*")
+                                                 if f.is_file() and f.name != ckpt.STATE_FILE)
+    good = optim[1].read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2:len(good) // 2 + 64] = bytes(b ^ 0xFF for b in flipped[len(good) // 2:len(good) // 2 + 64])
+    optim[1].write_bytes(bytes(flipped))                              # same size, a zip directory that still opens
+    with pytest.raises(Exception, match=f"{s10} is damaged .*{optim[1].name} does not match the sha256 .*move "
+                                        f"step00000010 out of .*{s5}, is then the newest"):
+        ckpt.verify_files(s10, state)
+    # two ranks share the hashing: exactly one of them hashes this file and finds it (no process group here, so
+    # each sees only its own findings)
+    found = []
+    for rank in (0, 1):
+        try:
+            ckpt.verify_files(s10, state, rank, 2)
+        except Exception as e:
+            found.append((rank, str(e)))
+    assert len(found) == 1 and optim[1].name in found[0][1], found
+    optim[1].write_bytes(good)
+    rng = s10 / "rng_rank1.json"
+    rng_good = rng.read_text()
+    rng.write_text(rng_good[:-20])                                    # a corrupt RNG file: refused up front too
+    with pytest.raises(Exception, match="damaged \\(rng_rank1.json: "):
+        ckpt.verify_files(s10, state)
+    rng.write_text(rng_good)
+    ckpt.verify_files(s10, state)
     optim[1].write_bytes(optim[1].read_bytes()[:1000])                # truncated
-    with pytest.raises(Exception, match=f"{s10} is damaged .*{optim[1].name}.*--resume {s5}"):
+    with pytest.raises(Exception, match=f"{s10} is damaged .*{optim[1].name}.*{s5}"):
         ckpt.verify_files(s10, state)
     optim[1].unlink()                                                 # missing
     with pytest.raises(Exception, match="1 DeepSpeed optimizer-state files for the 2 ranks"):
         ckpt.verify_files(s10, state)
     (s10 / ckpt.STATE_FILE).write_text('{"step": 10, "wor')
-    with pytest.raises(Exception, match=f"damaged \\({ckpt.STATE_FILE}: .*--resume {s5}"):
+    with pytest.raises(Exception, match=f"damaged \\({ckpt.STATE_FILE}: .*{s5}"):
         ckpt.read_state(s10)
     # resuming step 5 where step 10 exists would overwrite or prune step 10
     with pytest.raises(Exception, match="step00000005 is older than step00000010 .*new run_dir"):
@@ -166,7 +192,8 @@ def test_damaged_newest_checkpoint_stops_every_rank_with_exit_2(tmp_path, data_d
     with Ranks(train_argv(None, *over), 2, tmp_path / "logs") as job:
         rcs = job.wait(120)
         assert rcs == [2, 2], job.report(rcs, 2)
-        assert "mp_rank_00_model_states.pt" in job.output() and "--resume " + str(cdir / "step00000005") in job.output()
+        assert "mp_rank_00_model_states.pt" in job.output() and f"{cdir / 'step00000005'}, is then the newest" \
+            in job.output()
         # the refused ranks released DeepSpeed's CPU all-reduce segments themselves (before the harness cleans up)
         assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{job.port}_*")
 
@@ -199,6 +226,34 @@ def test_rank_outside_the_world_is_refused_before_the_rendezvous(tmp_path, data_
                            env={**os.environ, "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
                                 "CUDA_VISIBLE_DEVICES": "", **env}, capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_incomplete_step_directories_are_refused_and_pruning_leaves_none(tmp_path, monkeypatch):
+    """A stepNNNNNNNN without trainer_state.json (a copy cut short) would be skipped by --resume auto and collide
+    with the save of its step: refused, named. The trainer's own pruning deletes through a .tmp- name, so a kill
+    in the middle of it leaves nothing that looks like a step."""
+    import shutil
+
+    cdir = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (cdir / ckpt.tag_for(step)).mkdir(parents=True)
+        (cdir / ckpt.tag_for(step) / ckpt.STATE_FILE).write_text("{}")
+    (cdir / ckpt.LATEST).write_bytes(b"\xff\xfe not utf-8")                 # unreadable: counts as stale
+    assert ckpt.newest_checkpoint(cdir).name == "step00000003"
+    (cdir / "step00000003" / ckpt.STATE_FILE).unlink()
+    for resume in ("auto", "none", str(cdir)):
+        with pytest.raises(Exception, match=f"{cdir} holds step00000003 without {ckpt.STATE_FILE}: .*Move it out"):
+            ckpt.resolve_resume(resume, cdir)
+    assert ckpt.resolve_resume(str(cdir / "step00000002"), tmp_path / "elsewhere").name == "step00000002"
+    shutil.rmtree(cdir / "step00000003")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt                                          # a kill in the middle of the delete
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune(cdir, keep_last=1, keep_every=0)
+    assert ckpt.incomplete_checkpoints(cdir) == [] and (cdir / ".tmp-pruned-step00000001").is_dir()
+    assert ckpt.resolve_resume("auto", cdir).name == "step00000002"
 
 
 def test_verify_files_wants_every_partition_and_expert_shard(tmp_path):

@@ -131,6 +131,24 @@ def test_step_time_leaves_out_saves_and_validation(tmp_path, data_dir):
     assert "val/loss" in rows[2] and rows[3]["perf/step_time_s"] < 10, rows[3]
 
 
+def test_unusable_validation_split_and_checkpoint_dir_stop_the_run_before_its_first_step(tmp_path, data_dir):
+    """Found at setup, not at the first validation or save: those come after training steps (and validation runs
+    before the save of its step, so a late error there would lose every step on every retry)."""
+    from moeut_ds.data import open_dataset
+
+    n_val = open_dataset(str(data_dir), "val").num_tokens            # one window needs context + 1 tokens
+    job = run_train(tmp_path, 1, *tiny_overrides(data_dir, tmp_path / "run", **{"data.context": n_val,
+                                                                                  "eval.every": 2}), expect=2)
+    assert f"split 'val' of {data_dir} has {n_val} tokens, fewer than one window" in job.output()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_jsonl(tmp_path / "run")
+    (tmp_path / "file").write_text("keep me")
+    job = run_train(tmp_path, 1, *tiny_overrides(data_dir, tmp_path / "run2", **{"checkpoint.dir": str(tmp_path / "file"),
+                                                                                  "checkpoint.every": 2}),
+                    expect=2, name="logs2")
+    assert f"checkpoint.dir='{tmp_path / 'file'}' is a file, not a directory" in job.output()
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
 def test_fresh_start_supersedes_a_run_killed_before_its_first_checkpoint(tmp_path, data_dir):
     """Such a run leaves scalars and no checkpoint; a new run there starts from scratch, and its steps replace the
     old ones in TensorBoard (purge) and in metrics.jsonl (a start event), also the steps it never reaches."""

@@ -9,8 +9,10 @@ Layout of `<checkpoint dir>`::
         rng_rank<r>.json        every RNG state of rank r (python, numpy, torch CPU, CUDA)
     .tmp-step00002000/          a save in progress (or killed mid-way): never read, removed by the next save
 
-A save writes everything into the `.tmp-` directory, fsyncs it, renames it to `stepNNNNNNNN` (atomic on POSIX) and
-then replaces `latest`. A kill at any moment leaves the previous checkpoint complete and `latest` pointing at one.
+A save writes everything into the `.tmp-` directory, records every file's sha256 in trainer_state.json (the ranks
+share the hashing), fsyncs it, renames it to `stepNNNNNNNN` (atomic on POSIX) and then replaces `latest`. A kill at
+any moment leaves the previous checkpoint complete and `latest` pointing at one. A resume checks the sha256s before
+DeepSpeed reads anything, so bytes changed on disk are refused instead of loaded (torch.load checks no checksum).
 The trainer's own files are JSON; DeepSpeed's `.pt` files are read by DeepSpeed with torch.load, which unpickles:
 only resume from checkpoints you trust (docs/TRAINING.md).
 """
@@ -31,6 +33,7 @@ import torch
 from moeut_ds.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
+DIGESTS = "file_sha256"             # trainer_state.json's key: {path relative to the checkpoint: sha256}
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TAG_RE = re.compile(r"^step(\d{8,})$")
@@ -75,21 +78,43 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """stepNNNNNNNN directories without trainer_state.json. The trainer never leaves one (it renames complete
+    directories into place and deletes through a temporary name), so they come from elsewhere: a copy cut short, a
+    file removed by hand."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name) and not is_complete(p)),
+                  key=step_of)
+
+
 def newest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     """The checkpoint `latest` names when it is complete, else the highest complete step (covers a kill between
-    the rename and the rewrite of `latest`)."""
+    the rename and the rewrite of `latest`; a `latest` that cannot be read counts as stale too)."""
     found = complete_checkpoints(ckpt_dir)
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        named = ckpt_dir / latest.read_text().strip()
-        if named.is_dir() and is_complete(named) and (not found or found[-1] == named):
-            return named
+    try:
+        named = ckpt_dir / (ckpt_dir / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named is not None and named.is_dir() and is_complete(named) and (not found or found[-1] == named):
+        return named
     return found[-1] if found else None
+
+
+def _refuse_incomplete(ckpt_dir: Path) -> None:
+    bad = incomplete_checkpoints(ckpt_dir)
+    if bad:
+        raise ConfigError(f"{ckpt_dir} holds {', '.join(p.name for p in bad)} without {STATE_FILE}: not a "
+                          f"checkpoint this trainer finished writing (a copy cut short?). Move "
+                          f"{'it' if len(bad) == 1 else 'them'} out of {ckpt_dir}: a resume would skip "
+                          f"{'it' if len(bad) == 1 else 'them'}, and a save of the same step would collide")
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
     """'auto' -> newest complete checkpoint or None; 'none' -> None (refused if checkpoints exist); else a path to a
-    checkpoint directory (with `latest`) or to one checkpoint."""
+    checkpoint directory (with `latest`) or to one checkpoint. Incomplete step directories (incomplete_checkpoints)
+    are refused in ckpt_dir, where this run saves, and in a directory given to search."""
+    _refuse_incomplete(ckpt_dir)
     if resume == "none":
         if complete_checkpoints(ckpt_dir):
             raise ConfigError(f"--resume none but {ckpt_dir} already holds checkpoints that a new run would overwrite "
@@ -102,6 +127,7 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
     if (p / STATE_FILE).is_file():
         return p
     if p.is_dir():
+        _refuse_incomplete(p)
         found = newest_checkpoint(p)
         if found is not None:
             return found
@@ -147,9 +173,10 @@ def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: 
 def _unreadable(tag_dir: Path, what: str) -> ConfigError:
     """The error for a damaged checkpoint, pointing at the complete one before it."""
     older = [p for p in complete_checkpoints(tag_dir.parent) if step_of(p) < step_of(tag_dir)]
-    fix = (f"resume from the previous one (--resume {older[-1]})" if older else "start the run again")
-    return ConfigError(f"checkpoint {tag_dir} is damaged ({what}): {fix}, and move {tag_dir.name} out of "
-                       f"{tag_dir.parent} so that --resume auto does not pick it")
+    then = (f"the previous checkpoint, {older[-1]}, is then the newest one (what --resume auto, export and evaluate "
+            f"of the directory take)" if older else "then start the run again")
+    return ConfigError(f"checkpoint {tag_dir} is damaged ({what}): move {tag_dir.name} out of {tag_dir.parent}; "
+                       f"{then}")
 
 
 def read_state(tag_dir: Path) -> dict:
@@ -163,11 +190,17 @@ def read_state(tag_dir: Path) -> dict:
     return state
 
 
-def verify_files(tag_dir: Path, state: dict) -> None:
-    """Before DeepSpeed reads anything: its files are all there and none is truncated (a torch .pt file is a zip
-    whose directory sits at the end; safetensors headers give their data size). Every rank checks every file, so
-    all ranks refuse together instead of one failing inside a collective load while the others wait."""
+def verify_files(tag_dir: Path, state: dict, rank: int = 0, world_size: int = 1) -> None:
+    """Collective where world_size > 1. Before DeepSpeed reads anything: its files are all there, none is truncated
+    (a torch .pt file is a zip whose directory sits at the end; safetensors headers give their data size; the RNG
+    files parse), and every file has the sha256 the save recorded (rank r hashes every world_size-th file; the ranks
+    then share what they found). Every rank raises the same error, so all refuse together instead of one failing
+    inside a collective load while the others wait. Checkpoints saved before the sha256s (2026-12-02) get the
+    other checks only."""
     import zipfile
+
+    from moeut_ds.data.format import sha256_file
+    from moeut_ds.train.distributed import all_gather_objects
 
     from safetensors import safe_open
 
@@ -196,6 +229,35 @@ def verify_files(tag_dir: Path, state: dict) -> None:
                 pass
         except Exception as e:            # safetensors raises its own SafetensorError (and OSError)
             raise _unreadable(tag_dir, f"experts/{f.name}: {e}") from None
+    for f in sorted(tag_dir.glob("rng_rank*.json")):
+        try:
+            json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _unreadable(tag_dir, f"{f.name}: {e}") from None
+    digests = state.get(DIGESTS, {})
+    problems = []
+    for name in sorted(digests)[rank::world_size]:
+        f = tag_dir / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(str(f)) != digests[name]:
+            problems.append(f"{name} does not match the sha256 recorded when it was saved (its bytes changed)")
+    problems = [p for found in all_gather_objects(problems) for p in found]
+    if problems:
+        raise _unreadable(tag_dir, "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else ""))
+
+
+def _shared_digests(tag_dir: Path, rank: int) -> dict[str, str]:
+    """Collective (after a barrier: every rank's files written): sha256 of every file under tag_dir except
+    trainer_state.json, by path relative to tag_dir. Rank 0 lists them; each rank hashes every world-th one."""
+    from moeut_ds.data.format import sha256_file
+    from moeut_ds.train.distributed import all_gather_objects
+
+    listing = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file() and f.name != STATE_FILE)
+    gathered = all_gather_objects(listing if rank == 0 else None)
+    names, world = gathered[0], len(gathered)
+    mine = {name: sha256_file(str(tag_dir / name)) for name in names[rank::world]}
+    return {k: v for part in all_gather_objects(mine) for k, v in part.items()}
 
 
 def check_no_newer(start: Path, ckpt_dir: Path) -> None:
@@ -253,8 +315,10 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
     write_json_durable(tmp / f"rng_rank{rank}.json", rng_state())
     if extra is not None:
         extra(tmp)
+    barrier()
+    digests = _shared_digests(tmp, rank)
     if rank == 0:
-        write_json_durable(tmp / STATE_FILE, state)
+        write_json_durable(tmp / STATE_FILE, {**state, DIGESTS: digests})
     if pause_s:
         import time
         time.sleep(pause_s)                          # test hook: a window in which to kill the save
@@ -285,8 +349,10 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     if keep_every:
         keep |= {p for p in found if step_of(p) % keep_every == 0}
     removed = [p for p in found if p not in keep]
-    for p in removed:
-        shutil.rmtree(p)
+    for p in removed:       # renamed first: a kill mid-delete leaves a .tmp- directory, not an incomplete step
+        doomed = p.with_name(f"{TMP_PREFIX}pruned-{p.name}")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed)
     return removed
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -89,6 +90,15 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         red = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
         torch.distributed.all_reduce(t, op=red)
     return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable obj in rank order (a list of one in a world of one)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def barrier() -> None:

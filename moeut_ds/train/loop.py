@@ -189,6 +189,8 @@ class Trainer:
         self.train_ds.check_vocab(self.mcfg.vocab_size)
         self.tokenizer_sha256 = self.train_ds.meta["tokenizer"]["sha256"]
         self.val_ds = open_dataset(cfg.data.path, cfg.data.val_split) if (cfg.eval.every or cfg.eval.at_end) else None
+        if self.val_ds is not None:     # now, not at the first validation: that runs before the save of its step
+            self.val_ds.require_windows(cfg.data.context)
         self.loader = WindowLoader(self.train_ds, cfg.data.context, cfg.train.micro_batch, d.rank, d.world_size,
                                    seed=cfg.seed, shuffle=cfg.data.shuffle)
 
@@ -210,6 +212,9 @@ class Trainer:
                  + (f" (combine={model.expert_backend.combine})" if model.expert_backend.name == "triton" else "")
                  + (", activation checkpointing" if cfg.train.activation_checkpointing else ""))
         self.ckpt_dir = cfg.checkpoint_dir()
+        for key, where in (("run_dir", Path(cfg.run_dir)), ("checkpoint.dir", self.ckpt_dir)):
+            if where.exists() and not where.is_dir():    # else the first save would fail, after the steps before it
+                raise ConfigError(f"{key}={str(where)!r} is a file, not a directory: point {key} at a directory")
         start = ckpt.resolve_resume(self.resume, self.ckpt_dir)
         # Expert shards are owned outside DeepSpeed when ep > 1, and also at ep = 1 when resuming such a run.
         sharded = cfg.expert_parallel_size > 1 or (start is not None and has_expert_shards(start))
@@ -222,7 +227,7 @@ class Trainer:
         if saved is not None:
             ckpt.check_compatible(saved, self.mcfg.to_dict(), d.world_size, self.zero_stage, start,
                                   experts_sharded=sharded, tokenizer_sha256=self.tokenizer_sha256)
-            ckpt.verify_files(start, saved)
+            ckpt.verify_files(start, saved, d.rank, d.world_size)
             ckpt.check_no_newer(start, self.ckpt_dir)
         # Another number of ranks: read DeepSpeed's state through its universal checkpoint format (ZeRO-1/2).
         self.universal = saved is not None and saved["world_size"] != d.world_size
@@ -288,7 +293,7 @@ class Trainer:
         """The configured optimizer and schedule win over the checkpoint's (log what changed)."""
         now = self.cfg.to_dict()
         keys = [("optim", k) for k in ("lr", "betas", "eps", "weight_decay", "warmup_steps", "min_lr_ratio",
-                                       "grad_clip")] + [("train", "steps")]
+                                       "grad_clip")] + [("train", "steps"), ("train", "global_batch")]
         changed = [f"{sec}.{k} {saved_run[sec][k]} -> {now[sec][k]}" for sec, k in keys
                    if saved_run[sec][k] != now[sec][k]]
         if changed:
