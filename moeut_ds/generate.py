@@ -41,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         vocab_size = read_config(args.model)["model"]["vocab_size"]   # the model dir first, then its tokenizer
-        tok = Path(args.tokenizer or Path(args.model) / "tokenizer.model")
+        own = Path(args.model) / "tokenizer.model"
+        tok = Path(args.tokenizer) if args.tokenizer else own
         if not tok.is_file():
             raise FileNotFoundError(f"tokenizer {tok} not found: export with `python -m moeut_ds.export` (it copies "
                                     f"the tokenizer) or pass --tokenizer")
         sp = load_tokenizer(tok, vocab_size)
+        if own.is_file() and tok.read_bytes() != own.read_bytes():
+            raise ValueError(f"--tokenizer {tok} is not the model's own {own}: another tokenizer of the same size "
+                             f"would turn the ids into other text; leave --tokenizer out")
         model = load_model(args.model, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -203,6 +203,17 @@ def test_generate_bad_model_dir_and_tokenizer(tmp_path, tokenizer, capsys):
     assert main([str(model), "--prompt", "x", "--tokenizer", str(tmp_path / "bad.model")]) == 2
     err = capsys.readouterr().err
     assert f"error: tokenizer {tmp_path / 'bad.model'} cannot be loaded" in err and "Traceback" not in err
+    # another tokenizer of the same size loads, and would print other text: refused when the model has its own
+    import sentencepiece as spm
+    (tmp_path / "text.txt").write_text("\n".join(f"line {i} of some other text, with other words {i * 7}"
+                                                 for i in range(400)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=200, model_type="bpe", eos_id=1, bos_id=-1, minloglevel=2)
+    model = _model_dir(tmp_path / "model200", 200, tokenizer)
+    assert main([str(model), "--prompt", "x", "--tokenizer", str(tmp_path / "other.model")]) == 2
+    assert f"--tokenizer {tmp_path / 'other.model'} is not the model's own {model / 'tokenizer.model'}" in \
+        capsys.readouterr().err
+    assert main([str(model), "--prompt", "x", "--tokenizer", tokenizer, "--max-new-tokens", "0"]) == 0
 
 
 def test_export_checks_out_and_tokenizer_before_the_checkpoint(tmp_path, capsys):
