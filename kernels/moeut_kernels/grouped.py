@@ -142,7 +142,8 @@ def _window_experts(device: torch.device, w: torch.Tensor) -> Optional[int]:
     each group's weights then stay in L2 while every token's sum is read and written once per group. H200, bf16
     atomics per call (PERFORMANCE.md, thirty-second session): FF 244M (97 MiB of weights) 1.19 -> 1.05 ms in 4
     groups; FF 1B (212 MiB) no better in 2-6 groups (2.54-2.62 ms against 2.58) and slower in the 8 that half of
-    L2 per group would give (2.79), so beyond twice L2: all experts (why is not understood: KERNELS.md)."""
+    L2 per group would give (2.79), so beyond twice L2: all experts. Both sizes then add at ~2 TB/s of bf16
+    payload, the rate this kernel's atomics reach (KERNELS.md, "What bounds the sums now")."""
     if "window_experts" in OVERRIDES:
         return OVERRIDES["window_experts"]
     if device.type != "cuda":
