@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     from moeut_ds.data import DataError
     from moeut_ds.model_io import load_tokenizer
 
+    if args.blimp == "none" and not args.data:
+        p.error("--blimp none without --data leaves nothing to evaluate: pass --data DIR (perplexity) or a BLiMP set")
     try:
         pairs = None if args.blimp == "none" else read_blimp(args.blimp, args.blimp_max_pairs)  # before model work
         model, tok = load_any(args.model, device=args.device)

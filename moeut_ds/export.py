@@ -28,6 +28,9 @@ def find_checkpoint(path: str | Path) -> Path:
     from moeut_ds.train import checkpoint as ckpt
 
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory, its checkpoints/ directory or one "
+                                f"stepNNNNNNNN checkpoint")
     if (p / ckpt.STATE_FILE).is_file():
         return p
     for cand in (p, p / "checkpoints"):

@@ -63,6 +63,8 @@ def read_config(path: Union[str, Path]) -> dict:
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{cfg_file}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
                          f"{FORMAT!r} <= v{FORMAT_VERSION}; upgrade moeut-ds or re-export the model")
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{cfg_file} has no \"model\" settings: {REEXPORT}")
     return meta
 
 

@@ -216,6 +216,30 @@ def test_generate_bad_model_dir_and_tokenizer(tmp_path, tokenizer, capsys):
     assert main([str(model), "--prompt", "x", "--tokenizer", tokenizer, "--max-new-tokens", "0"]) == 0
 
 
+def test_evaluate_without_anything_to_do_or_a_path_is_refused(tmp_path, capsys):
+    """--blimp none without --data would exit 0 having done nothing; a path that does not exist says so."""
+    from moeut_ds.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--blimp", "none"])
+    assert e.value.code == 2 and "--blimp none without --data leaves nothing to evaluate" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), "--blimp", "none", "--data", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'nope'} does not exist: pass a run directory" in capsys.readouterr().err
+
+
+def test_model_config_without_model_settings_is_refused(tmp_path, tokenizer):
+    import json
+
+    from moeut_ds.model_io import read_config
+
+    model = _model_dir(tmp_path / "model", 200, tokenizer)
+    meta = json.loads((model / "config.json").read_text())
+    del meta["model"]
+    (model / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='config.json has no "model" settings'):
+        read_config(model)
+
+
 def test_export_checks_out_and_tokenizer_before_the_checkpoint(tmp_path, capsys):
     """--tokenizer and --out are the user's; they are checked before the (long) consolidation, here before the
     missing checkpoint is even looked for."""

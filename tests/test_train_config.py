@@ -120,3 +120,12 @@ def test_ds_config_timer_off_and_cuda_graphs_checks():
         build_ds_config(load_run_config(None, split), 1)
     ds = build_ds_config(load_run_config(None, split[:-1] + [split[-1].replace("=false", "=true")]), 1)
     assert ds["zero_optimization"]["contiguous_gradients"] is True
+
+
+def test_ds_config_zero_stage_must_exist():
+    from moeut_ds.train.loop import build_ds_config
+
+    with pytest.raises(ConfigError, match="zero_optimization.stage=7: use 0, 1, 2 or 3"):
+        build_ds_config(load_run_config(None, OK + ["deepspeed_overrides.zero_optimization.stage=7"]), 1)
+    assert build_ds_config(load_run_config(None, OK + ["deepspeed_overrides.zero_optimization.stage=1"]),
+                           1)["zero_optimization"]["stage"] == 1

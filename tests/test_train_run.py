@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dist_harness import data_dir, read_jsonl, run_train, tiny_overrides, trained_run  # noqa: F401
+from dist_harness import Ranks, data_dir, read_jsonl, run_train, tiny_overrides, train_argv, trained_run  # noqa: F401
 
 from moeut_ds import get_preset
 from moeut_ds.accounting import forward_macs_per_token
@@ -142,11 +142,17 @@ def test_unusable_validation_split_and_checkpoint_dir_stop_the_run_before_its_fi
     assert f"split 'val' of {data_dir} has {n_val} tokens, fewer than one window" in job.output()
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_jsonl(tmp_path / "run")
     (tmp_path / "file").write_text("keep me")
-    job = run_train(tmp_path, 1, *tiny_overrides(data_dir, tmp_path / "run2", **{"checkpoint.dir": str(tmp_path / "file"),
-                                                                                  "checkpoint.every": 2}),
-                    expect=2, name="logs2")
+    over = tiny_overrides(data_dir, tmp_path / "run2", **{"checkpoint.dir": str(tmp_path / "file"),
+                                                           "checkpoint.every": 2})
+    job = run_train(tmp_path, 1, *over, expect=2, name="logs2")
     assert f"checkpoint.dir='{tmp_path / 'file'}' is a file, not a directory" in job.output()
     assert (tmp_path / "file").read_text() == "keep me"
+    # on CPU without the interpreter (kernel test files set TRITON_INTERPRET=1 in the worker's environment)
+    over = tiny_overrides(data_dir, tmp_path / "run3", **{"expert_backend": "triton"})
+    with Ranks(train_argv(None, *over), 1, tmp_path / "logs3", {"TRITON_INTERPRET": "0"}) as job:
+        rcs = job.wait(120)
+        assert rcs == [2], job.report(rcs, 2)
+    assert "expert_backend=triton needs a CUDA GPU (this run has none)" in job.output()
 
 
 def test_fresh_start_supersedes_a_run_killed_before_its_first_checkpoint(tmp_path, data_dir):

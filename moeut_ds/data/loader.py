@@ -92,7 +92,7 @@ class WindowLoader:
             if state.get(key) != value:
                 raise DataError(f"loader state has {key}={state.get(key)!r} but this loader has {key}={value!r}: "
                                 f"resume with the same dataset, context, seed and shuffle setting as the saved "
-                                f"run (or start the data order afresh without loading the loader state)")
+                                f"run, or start a new run_dir from its weights (python -m moeut_ds.export)")
         seen = state.get("windows_seen")
         if not isinstance(seen, int) or seen < 0:
             raise DataError(f"loader state windows_seen={seen!r} is invalid: the checkpoint is damaged")

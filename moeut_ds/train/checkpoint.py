@@ -162,9 +162,8 @@ def check_compatible(state: dict, model_cfg: dict, world_size: int, zero_stage: 
                           f"(python -m moeut_ds.export) and start a new run from its weights")
     if state["world_size"] != world_size and zero_stage not in (1, 2):
         raise ConfigError(f"cannot resume from {where}: it was saved with world size {state['world_size']}, this run "
-                          f"has {world_size}. The ZeRO optimizer state is partitioned per rank: resume with "
-                          f"{state['world_size']} ranks (ZeRO-1/2 checkpoints can change the number of ranks; ZeRO-0/3 "
-                          f"ones cannot)")
+                          f"has {world_size}, and only ZeRO-1/2 checkpoints are converted for another number of ranks "
+                          f"(DeepSpeed's universal format): resume with {state['world_size']} ranks")
     if state["zero_stage"] != zero_stage:
         raise ConfigError(f"cannot resume from {where}: it was saved with ZeRO stage {state['zero_stage']}, this run "
                           f"uses stage {zero_stage}: resume with the same ds config")

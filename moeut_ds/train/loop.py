@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -57,6 +58,10 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         if key in ds:
             raise ConfigError(f"deepspeed_config {path} sets {key!r}, which the run config owns ({owner}): remove it "
                               f"from the JSON and set {owner} in the run config")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed_config {path}: zero_optimization.stage={stage!r}: use 0, 1, 2 or 3 "
+                          f"(ds_configs/zero*.json)")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"deepspeed_config {path} enables fp16: MoEUT trains in bf16 (torch_autocast) or fp32; use "
                           f"ds_configs/*_bf16.json")
@@ -198,6 +203,9 @@ class Trainer:
         # Built where it trains: on a GPU the init takes seconds even at 8B, and no rank holds an fp32 copy in host
         # RAM (CPU init runs at ~80 M parameters/s on 2 cores: ~100 s and 32 GB of RAM per rank for MoEUT-8B).
         backend = get_backend(cfg.expert_backend)
+        if backend.name == "triton" and d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("expert_backend=triton needs a CUDA GPU (this run has none): use expert_backend=auto "
+                              "or reference")
         if cfg.expert_combine != "buffer":
             if backend.name != "triton":
                 raise ConfigError(f"expert_combine={cfg.expert_combine} needs the triton expert backend, and "
