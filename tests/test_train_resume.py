@@ -277,3 +277,12 @@ def test_verify_files_wants_every_partition_and_expert_shard(tmp_path):
     (tag / "experts" / "shard0-of-2.safetensors").write_bytes(b"")
     with pytest.raises(Exception, match="expert shard file\\(s\\) missing: shard1-of-2.safetensors"):
         ckpt.verify_files(tag, {**state, "experts_sharded": True, "expert_parallel_size": 2})
+
+
+def test_world_size_change_is_refused_outside_zero_1_and_2(tmp_path):
+    state = {"model_config": {"d_model": 8}, "world_size": 2, "zero_stage": 0, "run_config": {}}
+    for stage in (0, 3):
+        with pytest.raises(Exception, match="saved with world size 2, this run has 1, and only ZeRO-1/2 checkpoints "
+                                            "are converted .*resume with 2 ranks"):
+            ckpt.check_compatible({**state, "zero_stage": stage}, {"d_model": 8}, 1, stage, tmp_path)
+    ckpt.check_compatible({**state, "zero_stage": 2}, {"d_model": 8}, 1, 2, tmp_path)
