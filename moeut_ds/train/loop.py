@@ -469,6 +469,7 @@ class Trainer:
         return status
 
     def save(self) -> None:
+        t0 = time.time()
         state = {"step": self.step, "counters": self.counters, "loader": self.loader.state_dict(),
                  "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
                  "tokenizer_sha256": self.tokenizer_sha256,
@@ -478,7 +479,7 @@ class Trainer:
                          self.cfg.checkpoint.keep_every,
                          pause_s=30.0 if self.step == self.cfg.debug.save_pause_step else 0.0,
                          extra=self.experts.save if self.experts else None)
-        self.log(f"checkpoint {path}")
+        self.log(f"checkpoint {path} ({time.time() - t0:.1f} s)")
 
     def log_step(self, loss: float, reg: float, gnorm: float, elapsed: float, steps: int) -> None:
         tokens = self.tokens_per_step * steps
