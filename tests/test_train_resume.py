@@ -176,7 +176,7 @@ def test_damaged_and_stale_checkpoints_are_refused_with_the_fix(tmp_path, traine
     import sys
     from dist_harness import REPO
     for tool in (["moeut_ds.export", str(s10), "--out", str(tmp_path / "exported")],
-                 ["moeut_ds.evaluate", str(s10), "--blimp", "none"]):
+                 ["moeut_ds.evaluate", str(s10), "--blimp", "none", "--data", str(tmp_path)]):
         r = subprocess.run([sys.executable, "-m", *tool], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "is damaged" in r.stderr and "Traceback" not in r.stderr, (tool, r.stderr)
 
@@ -286,3 +286,18 @@ def test_world_size_change_is_refused_outside_zero_1_and_2(tmp_path):
                                             "are converted .*resume with 2 ranks"):
             ckpt.check_compatible({**state, "zero_stage": stage}, {"d_model": 8}, 1, stage, tmp_path)
     ckpt.check_compatible({**state, "zero_stage": 2}, {"d_model": 8}, 1, 2, tmp_path)
+
+
+def test_file_digest_hashes_blocks_and_sees_every_byte(tmp_path):
+    """The checkpoint digest: sha256 over the sha256s of fixed-size blocks (hashed in threads), the last one short."""
+    import hashlib
+    import os
+
+    data = os.urandom(1000)
+    f = tmp_path / "f.bin"
+    f.write_bytes(data)
+    blocks = [hashlib.sha256(data[i:i + 64]).digest() for i in range(0, 1000, 64)]
+    assert ckpt.file_digest(f, block=64) == hashlib.sha256(b"".join(blocks)).hexdigest()
+    for i in (0, 500, 999):
+        f.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1:])
+        assert ckpt.file_digest(f, block=64) != hashlib.sha256(b"".join(blocks)).hexdigest(), i
