@@ -34,7 +34,7 @@ import torch
 from moeut_ds.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
-DIGESTS = "file_sha256"             # trainer_state.json's key: {path relative to the checkpoint: sha256}
+DIGESTS = "file_sha256"             # trainer_state.json's key: {path relative to the checkpoint: file_digest}
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TAG_RE = re.compile(r"^step(\d{8,})$")
@@ -199,9 +199,9 @@ def verify_files(tag_dir: Path, state: dict, rank: int = 0, world_size: int = 1)
     other checks only."""
     import zipfile
 
-    from moeut_ds.train.distributed import all_gather_objects
-
     from safetensors import safe_open
+
+    from moeut_ds.train.distributed import all_gather_objects
 
     pts = sorted(tag_dir.glob("*.pt"))
     if not any(p.name.endswith("model_states.pt") for p in pts):
@@ -236,14 +236,15 @@ def verify_files(tag_dir: Path, state: dict, rank: int = 0, world_size: int = 1)
     digests = state.get(DIGESTS, {})
     problems = []
     for name in sorted(digests)[rank::world_size]:
-        f = tag_dir / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-        elif file_digest(f) != digests[name]:
-            problems.append(f"{name} does not match the sha256 recorded when it was saved (its bytes changed)")
+        try:
+            if file_digest(tag_dir / name) != digests[name]:
+                problems.append(f"{name} does not match the sha256 recorded when it was saved (its bytes changed)")
+        except OSError as e:                 # missing, unreadable
+            problems.append(f"{name}: {e.strerror or e}")
     problems = [p for found in all_gather_objects(problems) for p in found]
     if problems:
-        raise _unreadable(tag_dir, "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else ""))
+        more = f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise _unreadable(tag_dir, "; ".join(problems[:3]) + more)
 
 
 def file_digest(path: Path, block: int = 64 << 20) -> str:
