@@ -15,7 +15,7 @@ backward / optimizer GPU time (CUDA events, no extra syncs) and the (token, expe
 step: at each exchange the ranks of a group wait for the busiest. `--sync-each-application` adds, on any run, the
 host sync that an expert-parallel dispatch makes once per σ-MoE application (to size its all-to-all buffers), to
 price that sync on one GPU. `--trace DIR` profiles one
-more step on every rank (torch.profiler: DIR/step<N>_rank<r>.json/.txt) and prints bench/trace_gaps.py's summary
+more step on every rank (torch.profiler: DIR/step<NNNNNN>_rank<r>.json/.txt) and prints bench/trace_gaps.py's summary
 of each rank's trace (device busy vs idle, syncs, the longest idle gaps): where an expert-parallel step waits.
 """
 from __future__ import annotations

@@ -64,7 +64,9 @@ cat <<MSG
 Done.
   TensorBoard logs : $RUN/tensorboard   (tensorboard --logdir $RUN/tensorboard)
   scalars (JSONL)  : $RUN/metrics.jsonl
-  checkpoints      : $RUN/checkpoints   (resume: re-run, or python -m moeut_ds.train --config $CONFIG --resume auto)
+  checkpoints      : $RUN/checkpoints
+                     (resume: re-run this script, or $PY -m moeut_ds.train --config $CONFIG --resume auto
+                      run_dir=$RUN data.path=$DATA ${EXTRA[*]})
   evaluation       : $RUN/eval.json
   exported model   : $RUN/model         (moeut_ds.load_model("$RUN/model"))
   sample           : $RUN/sample.txt

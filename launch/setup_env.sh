@@ -5,6 +5,7 @@
 # pinned requirements with DeepSpeed's CPU shared-memory op built ahead (DS_BUILD_SHM_COMM=1, ~2.5 min once), then
 # this project in editable mode.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${1:-$root/.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
