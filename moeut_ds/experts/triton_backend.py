@@ -60,8 +60,13 @@ class TritonBackend(ExpertBackend):
         self._casts[key] = (weight, cast, weight._version)
         return cast
 
+    @staticmethod
+    def runs_on(device: torch.device) -> bool:
+        """CUDA, or any device under Triton's interpreter (TRITON_INTERPRET=1: CPU tests)."""
+        return device.type == "cuda" or _INTERPRET
+
     def _check_device(self, t: torch.Tensor) -> None:
-        if t.device.type != "cuda" and not _INTERPRET:
+        if not self.runs_on(t.device):
             raise RuntimeError("the triton expert backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
 
     def route(self, logits: torch.Tensor, k: int) -> Routing:

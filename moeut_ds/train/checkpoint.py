@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from moeut_ds.config import ConfigError
+from moeut_ds.train.distributed import all_gather_objects, barrier
 
 STATE_FILE = "trainer_state.json"
 DIGESTS = "file_sha256"             # trainer_state.json's key: {path relative to the checkpoint: file_digest}
@@ -201,8 +202,6 @@ def verify_files(tag_dir: Path, state: dict, rank: int = 0, world_size: int = 1)
 
     from safetensors import safe_open
 
-    from moeut_ds.train.distributed import all_gather_objects
-
     pts = sorted(tag_dir.glob("*.pt"))
     if not any(p.name.endswith("model_states.pt") for p in pts):
         raise _unreadable(tag_dir, "no DeepSpeed *model_states.pt file")
@@ -266,8 +265,6 @@ def file_digest(path: Path, block: int = 64 << 20) -> str:
 def _shared_digests(tag_dir: Path, rank: int) -> dict[str, str]:
     """Collective (after a barrier: every rank's files written): sha256 of every file under tag_dir except
     trainer_state.json, by path relative to tag_dir. Rank 0 lists them; each rank hashes every world-th one."""
-    from moeut_ds.train.distributed import all_gather_objects
-
     listing = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file() and f.name != STATE_FILE)
     gathered = all_gather_objects(listing if rank == 0 else None)
     names, world = gathered[0], len(gathered)
@@ -314,8 +311,6 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
          pause_s: float = 0.0, extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective: every rank calls it; `extra(tmp_dir)` writes more files (expert shards) before the commit.
     Returns the committed checkpoint directory."""
-    from moeut_ds.train.distributed import barrier
-
     final = ckpt_dir / tag_for(step)
     if final.is_dir() and is_complete(final):       # e.g. a preemption right after a periodic save
         return final
@@ -378,8 +373,6 @@ def universal_checkpoint(tag_dir: Path, rank: int) -> Path:
     """Collective. DeepSpeed's files of `tag_dir` in its universal format (per-parameter, any number of ranks),
     converted once by rank 0 into `tag_dir/universal` (atomically: a temporary name, then a rename)."""
     import subprocess
-
-    from moeut_ds.train.distributed import barrier
 
     out = tag_dir / UNIVERSAL
     if rank == 0 and not out.is_dir():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -203,7 +202,7 @@ class Trainer:
         # Built where it trains: on a GPU the init takes seconds even at 8B, and no rank holds an fp32 copy in host
         # RAM (CPU init runs at ~80 M parameters/s on 2 cores: ~100 s and 32 GB of RAM per rank for MoEUT-8B).
         backend = get_backend(cfg.expert_backend)
-        if backend.name == "triton" and d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if backend.name == "triton" and not backend.runs_on(d.device):
             raise ConfigError("expert_backend=triton needs a CUDA GPU (this run has none): use expert_backend=auto "
                               "or reference")
         if cfg.expert_combine != "buffer":
