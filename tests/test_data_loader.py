@@ -145,3 +145,15 @@ def test_bad_arguments(tmp_path):
         WindowLoader(ds, 4, 1, rank=2, world_size=2)
     with pytest.raises(DataError, match="batch_size"):
         ds.eval_windows(4, 0)
+
+
+def test_token_id_outside_the_vocabulary_is_named_with_its_shard(tmp_path):
+    """A shard edited after preparation (its sha256 updated too) can hold ids >= vocab_size: the batch that reads
+    one raises DataError naming the shard and the position, instead of an embedding assert on the device."""
+    ds = synthetic(tmp_path)
+    ds.vocab_size = 150                      # stream positions 150.. (shard 2, from position 87 of it) are too large
+    loader = WindowLoader(ds, 10, 2, shuffle=False)
+    for _ in range(7):                       # windows 0..13: tokens 0..140
+        next(loader)
+    with pytest.raises(DataError, match=r"train-00002\.bin holds token id 150 >= vocab_size 150 .*position 150"):
+        next(loader)                         # windows 14, 15: tokens 140..160

@@ -274,6 +274,11 @@ def test_dataset_damage_is_reported(tmp_path, dataset, capsys):
         open_dataset(str(tmp_path / "nowhere"))
     assert validate_main([str(dataset), "--model-vocab-size", "8000"]) == 2
     assert "does not match" in capsys.readouterr().err
+    val_tokens = json.load(open(dataset / "metadata.json"))["splits"]["val"]["num_tokens"]
+    assert validate_main([str(dataset), "--context", str(val_tokens - 1)]) == 0
+    capsys.readouterr()
+    assert validate_main([str(dataset), "--context", str(val_tokens)]) == 2
+    assert "split 'val'" in capsys.readouterr().err
 
 
 def test_rerun_resumes_and_skips_finished_shards(tmp_path, files, capsys):

@@ -135,6 +135,18 @@ def test_rope_rotates_only_the_first_n_rot_dims_with_slice_frequencies():
         torch.testing.assert_close(y[0, 0, :, i + 2], x2 * ang.cos() + x1 * ang.sin())
 
 
+def test_rope_in_bf16_rotates_in_fp32_and_rounds_once():
+    """A bf16 input is rotated against the fp32 tables and rounded once (the authors' numerics under autocast):
+    bitwise the fp32 rotation of the same values, cast to bf16. Rounding the tables to bf16 first differs."""
+    x = torch.randn(2, 3, 64, 16).to(torch.bfloat16)
+    tables = rope_tables(8, 10000.0, 64)
+    got = apply_rope(x, tables)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, apply_rope(x.float(), tables).to(torch.bfloat16))
+    rounded = apply_rope(x.float(), tuple(t.to(torch.bfloat16).float() for t in tables)).to(torch.bfloat16)
+    assert not torch.equal(got, rounded)
+
+
 def test_model_rope_tables_are_buffers_sliced_by_position():
     """The model's rotary tables: slices of non-persistent buffers (not in checkpoints), equal to the tables
     computed for those positions, and computed per call past the buffers' length (long generation)."""

@@ -30,7 +30,8 @@ class TokenDataset:
         self.eod_id: int = int(meta["eod_id"])
         self.tokenizer_path: str = tokenizer_path
         self.dtype = dtype
-        self._arrays = [np.memmap(os.path.join(root, s["file"]), dtype=dtype, mode="r") for s in shards]
+        self._files = [os.path.join(root, s["file"]) for s in shards]
+        self._arrays = [np.memmap(f, dtype=dtype, mode="r") for f in self._files]
         sizes = np.array([a.size for a in self._arrays], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])  # start offset of each shard in the stream
         self.num_tokens: int = int(self._starts[-1])
@@ -76,11 +77,21 @@ class TokenDataset:
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
 
     def windows(self, indices: np.ndarray, context: int) -> torch.Tensor:
-        """A LongTensor [len(indices), context+1] holding the given windows."""
+        """A LongTensor [len(indices), context+1] holding the given windows. Ids >= vocab_size raise DataError
+        here (a max over the batch, ~20 us per 64k tokens): the sha256 check passes a shard edited with its
+        metadata updated, and such an id would otherwise fail inside the embedding as a device-side assert."""
         out = np.empty((len(indices), context + 1), dtype=np.int64)
         for row, w in enumerate(indices):
             start = int(w) * context
             out[row] = self.tokens(start, start + context + 1)
+        if out.size and int(out.max()) >= self.vocab_size:
+            row, col = (int(i) for i in np.argwhere(out >= self.vocab_size)[0])
+            pos = int(indices[row]) * context + col
+            shard = self._files[int(np.searchsorted(self._starts, pos, "right")) - 1]
+            raise DataError(f"shard {shard} holds token id {int(out[row, col])} >= "
+                            f"vocab_size {self.vocab_size} (split {self.split!r}, stream position {pos}): it was "
+                            f"changed after preparation; `python -m data_prep.validate {self.root}` scans every "
+                            f"shard, and {checks.REPREPARE}")
         return torch.from_numpy(out)
 
     def eval_windows(self, context: int, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -34,13 +34,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, tables: Optional[RopeTables]) -> torch.Tensor:
     """x [B, H, T, d_h]: rotate dims [:n_rot] by position with rope_tables(n_rot, ..., seq=T) (None: unchanged).
-    Any layout whose dims broadcast against the tables works: x [B, T, H, d_h] with tables [T, 1, n_rot]."""
+    Any layout whose dims broadcast against the tables works: x [B, T, H, d_h] with tables [T, 1, n_rot].
+    The rotation runs against the fp32 tables and rounds once to x's dtype, as the authors' code does under bf16
+    autocast (its fp32 result is cast once, by attention); rounding the tables to bf16 first would add ~2^-9
+    relative error per product."""
     if tables is None:
         return x
-    cos, sin = (t.to(x.dtype) for t in tables)
+    cos, sin = tables
     n_rot = cos.shape[-1]
-    rot, keep = x[..., :n_rot], x[..., n_rot:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+    rot, keep = x[..., :n_rot].float(), x[..., n_rot:]
+    return torch.cat(((rot * cos + rotate_half(rot) * sin).to(x.dtype), keep), dim=-1)
 
 
 def rotated_heads(t: torch.Tensor, n_heads: int, scale: float, tables: Optional[RopeTables]) -> torch.Tensor:
