@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -123,12 +124,17 @@ def test_nan_loss_skips_step_then_stops(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_step_time_leaves_out_saves_and_validation(tmp_path, data_dir):
-    """perf/step_time_s (and tokens/s, MFU) time training only: the save of step 2 pauses 30 s, step 3 stays fast."""
+    """perf/step_time_s (and tokens/s, MFU) time training only: the save of step 2 pauses 30 s, step 3 stays fast.
+    The save's log line splits its time into phases; the test pause sits between them, in none."""
     over = tiny_overrides(data_dir, tmp_path / "run", **{"train.steps": 4, "checkpoint.every": 2, "eval.every": 2,
                                                          "debug.save_pause_step": 2, "log.expert_stats_every": 2})
-    run_train(tmp_path, 1, *over, timeout=200)
+    job = run_train(tmp_path, 1, *over, timeout=200)
     rows = read_jsonl(tmp_path / "run")
     assert "val/loss" in rows[2] and rows[3]["perf/step_time_s"] < 10, rows[3]
+    m = re.search(r"step00000002 \(([\d.]+) s, write ([\d.]+), digests ([\d.]+), commit ([\d.]+)\)", job.output())
+    assert m, job.output()[-3000:]
+    total, *phases = (float(g) for g in m.groups())
+    assert total >= 30 and sum(phases) < total - 29, m.group(0)
 
 
 def test_unusable_validation_split_and_checkpoint_dir_stop_the_run_before_its_first_step(tmp_path, data_dir):

@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -308,12 +309,15 @@ def set_rng_state(s: dict) -> None:
 # ---- save / load ----
 
 def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: int, keep_every: int,
-         pause_s: float = 0.0, extra: Optional[Callable[[Path], None]] = None) -> Path:
+         pause_s: float = 0.0, extra: Optional[Callable[[Path], None]] = None) -> tuple[Path, dict[str, float]]:
     """Collective: every rank calls it; `extra(tmp_dir)` writes more files (expert shards) before the commit.
-    Returns the committed checkpoint directory."""
+    Returns the committed checkpoint directory and the seconds of each phase on this rank ("write": DeepSpeed's
+    files, RNG states and extras of all ranks; "digests"; "commit": fsync, renames, pruning), so that a slow save
+    says where its time went (empty when the step was already saved)."""
     final = ckpt_dir / tag_for(step)
     if final.is_dir() and is_complete(final):       # e.g. a preemption right after a periodic save
-        return final
+        return final, {}
+    t0 = time.perf_counter()
     tmp_tag = TMP_PREFIX + tag_for(step)
     tmp = ckpt_dir / tmp_tag
     if rank == 0:
@@ -326,13 +330,15 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
     if extra is not None:
         extra(tmp)
     barrier()
+    t1 = time.perf_counter()
     digests = _shared_digests(tmp, rank)
     if rank == 0:
         write_json_durable(tmp / STATE_FILE, {**state, DIGESTS: digests})
+    t2 = time.perf_counter()
     if pause_s:
-        import time
         time.sleep(pause_s)                          # test hook: a window in which to kill the save
     barrier()
+    t3 = time.perf_counter()
     if rank == 0:
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -349,7 +355,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
         _fsync_path(ckpt_dir)
         prune(ckpt_dir, keep_last, keep_every)
     barrier()
-    return final
+    return final, {"write": t1 - t0, "digests": t2 - t1, "commit": time.perf_counter() - t3}
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:

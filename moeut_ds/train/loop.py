@@ -474,11 +474,12 @@ class Trainer:
                  "tokenizer_sha256": self.tokenizer_sha256,
                  "experts_sharded": self.experts is not None, "expert_parallel_size": self.cfg.expert_parallel_size,
                  "model_config": self.mcfg.to_dict(), "run_config": self.cfg.to_dict(), "time": time.time()}
-        path = ckpt.save(self.engine, self.ckpt_dir, self.step, state, self.dist.rank, self.cfg.checkpoint.keep_last,
-                         self.cfg.checkpoint.keep_every,
-                         pause_s=30.0 if self.step == self.cfg.debug.save_pause_step else 0.0,
-                         extra=self.experts.save if self.experts else None)
-        self.log(f"checkpoint {path} ({time.time() - t0:.1f} s)")
+        path, phases = ckpt.save(self.engine, self.ckpt_dir, self.step, state, self.dist.rank,
+                                 self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every,
+                                 pause_s=30.0 if self.step == self.cfg.debug.save_pause_step else 0.0,
+                                 extra=self.experts.save if self.experts else None)
+        detail = "".join(f", {name} {sec:.1f}" for name, sec in phases.items())
+        self.log(f"checkpoint {path} ({time.time() - t0:.1f} s{detail})")
 
     def log_step(self, loss: float, reg: float, gnorm: float, elapsed: float, steps: int) -> None:
         tokens = self.tokens_per_step * steps
