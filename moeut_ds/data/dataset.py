@@ -88,10 +88,10 @@ class TokenDataset:
             row, col = (int(i) for i in np.argwhere(out >= self.vocab_size)[0])
             pos = int(indices[row]) * context + col
             shard = self._files[int(np.searchsorted(self._starts, pos, "right")) - 1]
-            raise DataError(f"shard {shard} holds token id {int(out[row, col])} >= "
-                            f"vocab_size {self.vocab_size} (split {self.split!r}, stream position {pos}): it was "
-                            f"changed after preparation; `python -m data_prep.validate {self.root}` scans every "
-                            f"shard, and {checks.REPREPARE}")
+            raise DataError(f"shard {shard} holds token id {int(out[row, col])} >= vocab_size {self.vocab_size} "
+                            f"(split {self.split!r}, stream position {pos}): it was changed after preparation, its "
+                            f"recorded sha256 too; prepare the data again into a new directory "
+                            f"(`python -m data_prep.validate {self.root}` finds every such shard)")
         return torch.from_numpy(out)
 
     def eval_windows(self, context: int, batch_size: int, rank: int = 0, world_size: int = 1,
