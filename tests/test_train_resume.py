@@ -301,3 +301,22 @@ def test_file_digest_hashes_blocks_and_sees_every_byte(tmp_path):
     for i in (0, 500, 999):
         f.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1:])
         assert ckpt.file_digest(f, block=64) != hashlib.sha256(b"".join(blocks)).hexdigest(), i
+
+
+def test_every_rank_fsyncs_the_files_it_may_have_written(tmp_path, monkeypatch):
+    """On a file system shared by nodes only the writer's node can flush a file: a rank other than 0 fsyncs the
+    checkpoint's files (its own among them) before rank 0 commits the rename, which it leaves to rank 0."""
+    from pathlib import Path
+
+    synced = []
+    monkeypatch.setattr(ckpt, "_fsync_path", lambda p: synced.append(Path(p).name))
+    monkeypatch.setattr(ckpt, "_shared_digests", lambda tag_dir, rank: {})
+
+    class Engine:                                   # writes what DeepSpeed's rank 1 writes under ZeRO-1
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            (Path(save_dir) / tag).mkdir(parents=True)
+            (Path(save_dir) / tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"partition")
+
+    path, phases = ckpt.save(Engine(), tmp_path, 4, {"step": 4}, rank=1, keep_last=2, keep_every=0)
+    assert sorted(synced) == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.json"]
+    assert not path.exists() and sorted(phases) == ["commit", "digests", "write"]

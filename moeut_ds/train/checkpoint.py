@@ -10,7 +10,8 @@ Layout of `<checkpoint dir>`::
     .tmp-step00002000/          a save in progress (or killed mid-way): never read, removed by the next save
 
 A save writes everything into the `.tmp-` directory, records every file's sha256 in trainer_state.json (the ranks
-share the hashing), fsyncs it, renames it to `stepNNNNNNNN` (atomic on POSIX) and then replaces `latest`. A kill at
+share the hashing), fsyncs it (every rank every file: on a file system shared by nodes only the writer's node can
+flush a file), renames it to `stepNNNNNNNN` (atomic on POSIX) and then replaces `latest`. A kill at
 any moment leaves the previous checkpoint complete and `latest` pointing at one. A resume checks the sha256s before
 DeepSpeed reads anything, so bytes changed on disk are refused instead of loaded (torch.load checks no checksum).
 The trainer's own files are JSON; DeepSpeed's `.pt` files are read by DeepSpeed with torch.load, which unpickles:
@@ -339,10 +340,11 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
         time.sleep(pause_s)                          # test hook: a window in which to kill the save
     barrier()
     t3 = time.perf_counter()
+    for f in tmp.rglob("*"):     # every rank: on a file system shared by nodes, a file's dirty pages are in the
+        if f.is_file():          # page cache of the node that wrote it, and only an fsync there makes them durable
+            _fsync_path(f)
+    barrier()
     if rank == 0:
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_path(f)
         _fsync_path(tmp)
         os.replace(tmp, final)
         _fsync_path(ckpt_dir)
