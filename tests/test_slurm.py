@@ -280,7 +280,8 @@ def test_preempted_training_resumes_to_same_loss(slurm_cluster, trainer_data, un
     assert "training finished (exit 0)" in log
     assert slurm_cluster.job_field(job, "Restarts") == "1"
     assert slurm_cluster.job_field(job, "JobState") == "COMPLETED"
-    m = re.search(r"checkpoint \S*/checkpoints/step0*(\d+) \([\d.]+ s[^)\n]*\)\n(?:.*\n)*?slurm\.sbatch \[[^]]*\] trainer saved", log)
+    m = re.search(r"checkpoint \S*/checkpoints/step0*(\d+) \([\d.]+ s[^)\n]*\)\n"
+                  r"(?:.*\n)*?slurm\.sbatch \[[^]]*\] trainer saved", log)
     assert m and 3 <= int(m.group(1)) < 12, "no preemption checkpoint before the requeue"
     rows, ref = read_jsonl(run_dir), read_jsonl(ref_dir)
     assert sorted(rows) == list(range(1, 13))

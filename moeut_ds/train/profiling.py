@@ -10,9 +10,9 @@ import torch
 
 @contextlib.contextmanager
 def profile_step(out_dir: Path, step: int, rank: int, device: torch.device) -> Iterator[None]:
-    """Profile the enclosed code (CPU ops, and CUDA kernels on a GPU); write `step<NNNNNN>_rank<r>.json` (N zero-padded to six
-    digits; Chrome trace: chrome://tracing or ui.perfetto.dev) and `step<NNNNNN>_rank<r>.txt` (the 40 most expensive ops by self time on the
-    device, or on the CPU without a GPU) into out_dir."""
+    """Profile the enclosed code (CPU ops, and CUDA kernels on a GPU); write `step<NNNNNN>_rank<r>.json` (the step
+    zero-padded to six digits; Chrome trace: chrome://tracing or ui.perfetto.dev) and `step<NNNNNN>_rank<r>.txt` (the
+    40 most expensive ops by self time on the device, or on the CPU without a GPU) into out_dir."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
