@@ -38,6 +38,13 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 [[ $# -gt 0 ]] || die "no command given. Usage: srun bash launch/slurm_task.sh COMMAND [ARGS...]"
 
+# SIGUSR1 (the checkpoint-and-requeue request) is ignored from here until the trainer installs its handler: an
+# ignored signal stays ignored across exec, where its default action would kill a rank still importing torch (Slurm
+# may send the time-limit warning seconds after the start). A rank that missed it learns of the stop from the others
+# through the stop flag that every step all-reduces. SIGTERM keeps its default: before the rendezvous it should
+# still end a rank that waits for its peers.
+trap '' USR1
+
 # Tasks on this node: SLURM_STEP_TASKS_PER_NODE (or the job's SLURM_TASKS_PER_NODE) looks like "2(x3),1",
 # one entry per node in node order; take entry number SLURM_NODEID.
 tasks_on_this_node() {

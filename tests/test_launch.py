@@ -33,6 +33,20 @@ def test_slurm_task_outside_a_job_names_the_problem():
     assert "sbatch launch/slurm.sbatch" in proc.stderr and "launch/local.sh" in proc.stderr
 
 
+def test_slurm_task_ignores_sigusr1_until_the_trainer_handles_it():
+    """A SIGUSR1 that reaches a task before its trainer installs the handler must not kill it (the default action):
+    slurm_task.sh execs the command with SIGUSR1 ignored; a handler installed later replaces that."""
+    env = _env(SLURM_JOB_ID=7, SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_LOCALID=0, SLURM_NODEID=0,
+               SLURM_JOB_NODELIST="localhost", MOEUT_MASTER_ADDR="127.0.0.1")
+    body = ("import os, signal; os.kill(os.getpid(), signal.SIGUSR1); print('survived'); "
+            "got = []; signal.signal(signal.SIGUSR1, lambda *a: got.append(1)); os.kill(os.getpid(), signal.SIGUSR1); "
+            "print('handled', len(got))")
+    proc = subprocess.run(["bash", "launch/slurm_task.sh", sys.executable, "-c", body], cwd=ROOT, env=env,
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["survived", "handled", "1"], (proc.returncode,
+                                                                                          proc.stdout, proc.stderr)
+
+
 def test_slurm_sbatch_outside_a_job_names_the_problem():
     proc = subprocess.run(["bash", "launch/slurm.sbatch", "cfg.yaml"], cwd=ROOT, env=_env(), text=True,
                           capture_output=True, timeout=30)
