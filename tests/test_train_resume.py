@@ -1,6 +1,7 @@
 """Exact resume after kill -9 (also during a save), SIGTERM -> checkpoint + exit 75, resume refusals."""
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -52,6 +53,36 @@ def test_kill9_mid_save_then_resume_reproduces_losses_bitwise(tmp_path, data_dir
     assert "resumed from" in (tmp_path / "b" / "rank0.log").read_text()
     assert [p.name for p in ckpt.complete_checkpoints(cdir)] == ["step00000003", "step00000006", "step00000009",
                                                                  "step00000010"]
+
+
+@pytest.mark.slow
+def test_background_saves_survive_kill9_and_hold_the_state_of_their_step(tmp_path, data_dir):
+    """checkpoint.async_save with DeepSpeed (ZeRO-2, 2 ranks): the step-6 save waits 30 s before its threads write
+    (test hook) while training goes on. kill -9 then leaves step 3 the newest; the resume (saving in the background
+    again, step 6 again deferred past steps 7-8) and a run from that step-6 checkpoint both reproduce the
+    uninterrupted run's losses bitwise, so the deferred files hold step 6's state, not a later one."""
+    run_train(tmp_path, 2, *_over(data_dir, tmp_path / "ref"), name="ref")
+    ref = read_jsonl(tmp_path / "ref")
+
+    run = tmp_path / "run"
+    cdir = run / "checkpoints"
+    over = _over(data_dir, run, **{"checkpoint.async_save": True, "debug.save_pause_step": 6})
+    with Ranks(train_argv(None, *over), 2, tmp_path / "a") as job:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and max(read_jsonl(run), default=0) >= 8, job)
+        job.kill()                                    # kill -9 every rank while the step-6 save is pending
+    assert (cdir / ".tmp-step00000006").is_dir() and not (cdir / "step00000006").exists()
+    assert ckpt.newest_checkpoint(cdir).name == "step00000003"
+    job = run_train(tmp_path, 2, *over, name="b")                    # --resume auto, from step 3
+    assert "state copied to host memory" in job.output()
+    assert [p.name for p in ckpt.complete_checkpoints(cdir)] == ["step00000003", "step00000006", "step00000009",
+                                                                 "step00000010"]
+    seed_run_from(cdir / "step00000006", tmp_path / "from6")
+    run_train(tmp_path, 2, *_over(data_dir, tmp_path / "from6"), name="c")
+    for got, first in ((read_jsonl(run), 1), (read_jsonl(tmp_path / "from6"), 7)):
+        assert sorted(got) == list(range(first, STEPS + 1))
+        for step in range(first, STEPS + 1):
+            assert got[step]["train/loss"] == ref[step]["train/loss"], step        # bitwise (fp32 CPU)
+            assert got[step]["train/grad_norm"] == ref[step]["train/grad_norm"], step
 
 
 @pytest.mark.slow
@@ -303,20 +334,80 @@ def test_file_digest_hashes_blocks_and_sees_every_byte(tmp_path):
         assert ckpt.file_digest(f, block=64) != hashlib.sha256(b"".join(blocks)).hexdigest(), i
 
 
-def test_every_rank_fsyncs_the_files_it_may_have_written(tmp_path, monkeypatch):
-    """On a file system shared by nodes only the writer's node can flush a file: a rank other than 0 fsyncs the
-    checkpoint's files (its own among them) before rank 0 commits the rename, which it leaves to rank 0."""
+class _Engine:
+    """What DeepSpeed's engine does in save_checkpoint on one rank: its files through its checkpoint engine."""
+
+    def __init__(self, rank: int, weights):
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        self.checkpoint_engine, self.rank, self.weights = TorchCheckpointEngine(), rank, weights
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        from pathlib import Path
+
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        self.checkpoint_engine.save({"optimizer_state_dict": {"fp32": [self.weights]}},
+                                    str(Path(save_dir) / tag / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"))
+
+
+def test_every_rank_fsyncs_the_files_it_wrote(tmp_path, monkeypatch):
+    """On a file system shared by nodes only the writer's node can flush a file: rank 1 fsyncs its own files and
+    leaves the rename to rank 0. DeepSpeed's own checkpoint engine is back in place after the save."""
     from pathlib import Path
 
-    synced = []
-    monkeypatch.setattr(ckpt, "_fsync_path", lambda p: synced.append(Path(p).name))
-    monkeypatch.setattr(ckpt, "_shared_digests", lambda tag_dir, rank: {})
+    import torch
 
-    class Engine:                                   # writes what DeepSpeed's rank 1 writes under ZeRO-1
-        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-            (Path(save_dir) / tag).mkdir(parents=True)
-            (Path(save_dir) / tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"partition")
+    synced, fsync = [], ckpt._fsync_path
+    monkeypatch.setattr(ckpt, "_fsync_path", lambda p: (synced.append(Path(p).name), fsync(p)))
+    engine = _Engine(1, torch.zeros(3))
+    default = engine.checkpoint_engine
+    saver = ckpt.Saver(engine, tmp_path, rank=1, keep_last=2, keep_every=0)
+    assert saver.start(4, {"step": 4}) and not saver.writing()
+    path, total, phases = saver.commit()
+    assert sorted(synced) == ["rng_rank1.json", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert not path.exists() and sorted(phases) == ["commit", "digests", "fsync", "write"]
+    assert engine.checkpoint_engine is default
 
-    path, phases = ckpt.save(Engine(), tmp_path, 4, {"step": 4}, rank=1, keep_last=2, keep_every=0)
-    assert sorted(synced) == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.json"]
-    assert not path.exists() and sorted(phases) == ["commit", "digests", "write"]
+
+def test_background_save_writes_the_state_of_its_step_and_commits_after_the_thread(tmp_path, monkeypatch):
+    """async_save: start() copies the state; the thread writes it later (after the test hook's pause here), so
+    weights changed in the meantime must not reach the file. Until the commit the previous checkpoint is the
+    newest. A failed write is reported by commit() and leaves the previous checkpoint in place."""
+    import torch
+
+    weights = torch.zeros(3)
+    saver = ckpt.Saver(_Engine(0, weights), tmp_path, rank=0, keep_last=5, keep_every=0, background=True)
+    optim = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    for step in (2, 4):
+        assert saver.start(step, {"step": step}, pause_s=0.5 if step == 4 else 0.0)
+        assert saver.writing() or step == 2
+        weights += 1                                          # training goes on
+        if step == 4:
+            assert ckpt.newest_checkpoint(tmp_path).name == "step00000002"
+            assert not (tmp_path / ".tmp-step00000004" / optim).exists()
+        path, total, phases = saver.commit()
+        assert sorted(phases) == ["commit", "copy", "digests", "fsync", "write"] and path.name == ckpt.tag_for(step)
+    assert (tmp_path / ckpt.LATEST).read_text() == "step00000004"
+    saved = torch.load(tmp_path / "step00000004" / optim)["optimizer_state_dict"]["fp32"][0]
+    assert torch.equal(saved, torch.ones(3))                  # step 4's weights, not the later 2s
+    state = json.loads((tmp_path / "step00000004" / ckpt.STATE_FILE).read_text())
+    assert sorted(state[ckpt.DIGESTS]) == ["rng_rank0.json", optim]
+    assert state[ckpt.DIGESTS][optim] == ckpt.file_digest(tmp_path / "step00000004" / optim)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    assert saver.start(6, {"step": 6})
+    with pytest.raises(RuntimeError, match="step00000006 was not saved .*rank 0: OSError: .*No space left on device"
+                                           ".*previous checkpoint is still the newest"):
+        saver.commit()
+    assert ckpt.newest_checkpoint(tmp_path).name == "step00000004" and saver.pending is None
+
+
+def test_a_deepspeed_checkpoint_writer_in_the_ds_config_is_refused(tmp_path):
+    import torch
+
+    engine = _Engine(0, torch.zeros(1))
+    engine.checkpoint_engine = object()
+    with pytest.raises(Exception, match="selects DeepSpeed's object: moeut_ds writes checkpoints itself"):
+        ckpt.Saver(engine, tmp_path, rank=0, keep_last=1, keep_every=0).start(1, {"step": 1})

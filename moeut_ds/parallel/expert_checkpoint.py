@@ -24,10 +24,11 @@ EXPERT_DIR = "experts"
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def save_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
-    """Collective-free; call on every rank (ranks that are not the shard's first replica write nothing)."""
+def save_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, checkpoint: Path) -> list[Path]:
+    """Collective-free; call on every rank. Returns the files written (none on ranks that are not the shard's first
+    replica)."""
     if shards.groups.rank >= shards.groups.ep_size:          # expert-data-parallel replica of ranks 0..ep-1
-        return
+        return []
     tensors, step = {}, 0.0
     for name, p in shards.params.items():
         tensors[name] = p.detach().float().cpu().contiguous()
@@ -39,7 +40,9 @@ def save_expert_shards(shards: ExpertShards, optimizer: torch.optim.Optimizer, c
     meta = {"bounds": json.dumps({n: list(b) for n, b in shards.bounds.items()}), "step": repr(step)}
     out = Path(checkpoint) / EXPERT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / f"shard{shards.groups.ep_rank}-of-{shards.groups.ep_size}.safetensors"), meta)
+    path = out / f"shard{shards.groups.ep_rank}-of-{shards.groups.ep_size}.safetensors"
+    save_file(tensors, str(path), meta)
+    return [path]
 
 
 def has_expert_shards(checkpoint: Path) -> bool:

@@ -9,10 +9,12 @@ Layout of `<checkpoint dir>`::
         rng_rank<r>.json        every RNG state of rank r (python, numpy, torch CPU, CUDA)
     .tmp-step00002000/          a save in progress (or killed mid-way): never read, removed by the next save
 
-A save writes everything into the `.tmp-` directory, records every file's sha256 in trainer_state.json (the ranks
-share the hashing), fsyncs it (every rank every file: on a file system shared by nodes only the writer's node can
-flush a file), renames it to `stepNNNNNNNN` (atomic on POSIX) and then replaces `latest`. A kill at
-any moment leaves the previous checkpoint complete and `latest` pointing at one. A resume checks the sha256s before
+A save (`Saver`) writes everything into the `.tmp-` directory; every rank hashes (sha256) and fsyncs the files it
+wrote (on a file system shared by nodes only the writer's node can flush a file); rank 0 records the hashes in
+trainer_state.json, renames the directory to `stepNNNNNNNN` (atomic on POSIX) and then replaces `latest`. With
+checkpoint.async_save the writing, hashing and fsyncs run in a thread while training goes on, from a copy of the
+state in host memory, and the rename waits for every rank's thread. A kill at any moment leaves the previous
+checkpoint complete and `latest` pointing at one. A resume checks the sha256s before
 DeepSpeed reads anything, so bytes changed on disk are refused instead of loaded (torch.load checks no checksum).
 The trainer's own files are JSON; DeepSpeed's `.pt` files are read by DeepSpeed with torch.load, which unpickles:
 only resume from checkpoints you trust (docs/TRAINING.md).
@@ -26,6 +28,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -264,16 +267,6 @@ def file_digest(path: Path, block: int = 64 << 20) -> str:
         os.close(fd)
 
 
-def _shared_digests(tag_dir: Path, rank: int) -> dict[str, str]:
-    """Collective (after a barrier: every rank's files written): sha256 of every file under tag_dir except
-    trainer_state.json, by path relative to tag_dir. Rank 0 lists them; each rank hashes every world-th one."""
-    listing = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file() and f.name != STATE_FILE)
-    gathered = all_gather_objects(listing if rank == 0 else None)
-    names, world = gathered[0], len(gathered)
-    mine = {name: file_digest(tag_dir / name) for name in names[rank::world]}
-    return {k: v for part in all_gather_objects(mine) for k, v in part.items()}
-
-
 def check_no_newer(start: Path, ckpt_dir: Path) -> None:
     """Resuming from an older step into a checkpoint directory that holds newer ones would overwrite or prune them
     (saves of the same step are skipped as done, pruning keeps the highest steps): refuse."""
@@ -309,55 +302,169 @@ def set_rng_state(s: dict) -> None:
 
 # ---- save / load ----
 
-def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: int, keep_every: int,
-         pause_s: float = 0.0, extra: Optional[Callable[[Path], None]] = None) -> tuple[Path, dict[str, float]]:
-    """Collective: every rank calls it; `extra(tmp_dir)` writes more files (expert shards) before the commit.
-    Returns the committed checkpoint directory and the seconds of each phase on this rank ("write": DeepSpeed's
-    files, RNG states and extras of all ranks; "digests"; "commit": fsync, renames, pruning), so that a slow save
-    says where its time went (empty when the step was already saved)."""
-    final = ckpt_dir / tag_for(step)
-    if final.is_dir() and is_complete(final):       # e.g. a preemption right after a periodic save
-        return final, {}
-    t0 = time.perf_counter()
-    tmp_tag = TMP_PREFIX + tag_for(step)
-    tmp = ckpt_dir / tmp_tag
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(TMP_PREFIX + "*"):   # left by a save that was killed: incomplete by design
-            shutil.rmtree(stale, ignore_errors=True)
-    barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={}, save_latest=False)
-    write_json_durable(tmp / f"rng_rank{rank}.json", rng_state())
-    if extra is not None:
-        extra(tmp)
-    barrier()
-    t1 = time.perf_counter()
-    digests = _shared_digests(tmp, rank)
-    if rank == 0:
-        write_json_durable(tmp / STATE_FILE, {**state, DIGESTS: digests})
-    t2 = time.perf_counter()
-    if pause_s:
-        time.sleep(pause_s)                          # test hook: a window in which to kill the save
-    barrier()
-    t3 = time.perf_counter()
-    for f in tmp.rglob("*"):     # every rank: on a file system shared by nodes, a file's dirty pages are in the
-        if f.is_file():          # page cache of the node that wrote it, and only an fsync there makes them durable
-            _fsync_path(f)
-    barrier()
-    if rank == 0:
-        _fsync_path(tmp)
-        os.replace(tmp, final)
-        _fsync_path(ckpt_dir)
-        latest_tmp = ckpt_dir / f"{LATEST}.tmp{os.getpid()}"
-        with open(latest_tmp, "w") as f:
-            f.write(final.name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, ckpt_dir / LATEST)
-        _fsync_path(ckpt_dir)
-        prune(ckpt_dir, keep_last, keep_every)
-    barrier()
-    return final, {"write": t1 - t0, "digests": t2 - t1, "commit": time.perf_counter() - t3}
+def _to_host(obj: Any) -> Any:
+    """A copy of a state dict whose tensors live in host memory and no longer alias the training state (DeepSpeed's
+    ZeRO optimizer state dict holds the live fp32 partitions and AdamW moments). Containers are rebuilt as
+    DeepSpeed's clone_tensors_for_torch_save does."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)({k: _to_host(v) for k, v in obj.items()})
+    if isinstance(obj, list):
+        return [_to_host(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_host(v) for v in obj)
+    return obj
+
+
+def _recording_engine(engine, background: bool):
+    """DeepSpeed's torch.save checkpoint engine, changed in two ways: it records the files this rank writes (the
+    rank then hashes and fsyncs exactly those), and with `background` it copies each state dict to host memory and
+    leaves the torch.save to the save's thread. DeepSpeed's own asynchronous engines (Fast, Decoupled) need its
+    async_io op (libaio), which the pip wheel does not build."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    old = engine.checkpoint_engine
+    if type(old) is not TorchCheckpointEngine:
+        raise ConfigError(f"the ds config selects DeepSpeed's {type(old).__name__}: moeut_ds writes checkpoints "
+                          f"itself (atomically; checkpoint.async_save writes in the background): remove the ds "
+                          f"config's checkpoint writer / datastates settings")
+
+    class Recording(TorchCheckpointEngine):
+        def __init__(self) -> None:
+            self.name = "moeut_ds"
+            self.zipfile_serialization = old.zipfile_serialization
+            self.writes: list[tuple[Any, str]] = []       # (host copy, path) left to the thread
+            self.files: list[str] = []                    # every file this rank wrote or will write
+
+        def preserves_storage_sharing(self) -> bool:   # True: DeepSpeed clones model states to the host first,
+            return not background                      # which _to_host does anyway
+
+        def save(self, state_dict, path: str) -> None:
+            self.files.append(path)
+            if background:
+                self.writes.append((_to_host(state_dict), path))
+            else:
+                super().save(state_dict, path)
+
+    return Recording()
+
+
+class Saver:
+    """Saves checkpoints: every rank writes into `.tmp-stepN`, hashes and fsyncs the files it wrote; then rank 0
+    records the hashes in trainer_state.json, renames the directory into place and rewrites `latest` (commit).
+
+    With background=True, `start` only copies the state to host memory (seconds) and a thread writes, hashes and
+    fsyncs the files while training goes on; `commit` runs at a step where every rank's thread has finished (the
+    trainer learns that from its per-step all-reduce), or waits for them. Until the commit the previous checkpoint is
+    the newest, so a kill at any moment loses nothing that was committed. The host copy costs as much host memory
+    as this rank's share of the checkpoint."""
+
+    def __init__(self, engine, ckpt_dir: Path, rank: int, keep_last: int, keep_every: int, background: bool = False,
+                 extra: Optional[Callable[[Path], list[Path]]] = None) -> None:
+        self.engine, self.ckpt_dir, self.rank = engine, ckpt_dir, rank
+        self.keep_last, self.keep_every, self.background, self.extra = keep_last, keep_every, background, extra
+        self.pending: Optional[dict] = None
+
+    def writing(self) -> bool:
+        """This rank's thread of the pending save has not finished."""
+        return self.pending is not None and not self.pending["done"].is_set()
+
+    def start(self, step: int, state: dict, pause_s: float = 0.0) -> bool:
+        """Collective. Returns False when the step is already saved (e.g. a preemption right after a periodic save).
+        `extra(tmp_dir)` writes more files (expert shards) and returns them. pause_s: a test hook, a window in which
+        to kill the save (after trainer_state.json is written, or before a background thread writes)."""
+        assert self.pending is None, "commit the pending save first"
+        final = self.ckpt_dir / tag_for(step)
+        if final.is_dir() and is_complete(final):
+            return False
+        t0 = time.perf_counter()
+        tmp = self.ckpt_dir / (TMP_PREFIX + tag_for(step))
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.ckpt_dir.glob(TMP_PREFIX + "*"):   # left by a save that was killed: incomplete
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+        recorder = _recording_engine(self.engine, self.background)
+        default, self.engine.checkpoint_engine = self.engine.checkpoint_engine, recorder
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp.name, client_state={}, save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = default
+        rng = tmp / f"rng_rank{self.rank}.json"
+        write_json_durable(rng, rng_state())
+        files = [Path(f) for f in recorder.files] + [rng] + (self.extra(tmp) if self.extra is not None else [])
+        p = {"tmp": tmp, "final": final, "state": state, "files": files, "done": threading.Event(), "t0": t0,
+             "result": None, "phases": {"copy" if self.background else "write": time.perf_counter() - t0},
+             "pause_s": 0.0 if self.background else pause_s}
+        self.pending = p
+        if self.background:
+            threading.Thread(target=self._write_hash_sync, args=(p, recorder.writes, pause_s),
+                             name=f"save-{tmp.name}", daemon=True).start()
+        else:
+            self._write_hash_sync(p, [], 0.0)
+        return True
+
+    def _write_hash_sync(self, p: dict, writes: list[tuple[Any, str]], pause_s: float) -> None:
+        """This rank's part of the save `p`, without collectives (it may run in a thread): write what is left, hash
+        and fsync this rank's files. Sets p["result"] to {relative path: digest} or to the error's text."""
+        try:
+            time.sleep(pause_s)
+            t0 = time.perf_counter()
+            for state_dict, path in writes:
+                torch.save(state_dict, path)
+            writes.clear()
+            t1 = time.perf_counter()
+            digests = {str(f.relative_to(p["tmp"])): file_digest(f) for f in p["files"]}
+            t2 = time.perf_counter()
+            for f in p["files"]:
+                _fsync_path(f)
+            if self.background:
+                p["phases"]["write"] = t1 - t0
+            p["phases"].update(digests=t2 - t1, fsync=time.perf_counter() - t2)
+            p["result"] = digests
+        except Exception as e:          # reported by commit() on every rank, not lost in the thread
+            p["result"] = f"rank {self.rank}: {type(e).__name__}: {e}"
+        finally:
+            p["done"].set()
+
+    def commit(self) -> tuple[Path, float, dict[str, float]]:
+        """Collective: wait for every rank's files, then rank 0 makes the save the newest checkpoint. Returns the
+        checkpoint, the seconds since its start and this rank's seconds per phase: "copy" to host memory (in the
+        background; training waits for it), "write", "digests", "fsync" (in the thread, in the background) and
+        "commit" (training waits for it; it includes waiting for a thread that has not finished)."""
+        p, self.pending = self.pending, None
+        t0 = time.perf_counter()
+        p["done"].wait()
+        results = all_gather_objects(p["result"])
+        errors = [r for r in results if isinstance(r, str)]
+        if errors:
+            raise RuntimeError(f"checkpoint {p['final']} was not saved ({'; '.join(errors)}); the previous "
+                               f"checkpoint is still the newest. Free disk space or fix {self.ckpt_dir}, then "
+                               f"resume with --resume auto")
+        if self.rank == 0:
+            digests = {k: v for r in results for k, v in r.items()}
+            for f in sorted(p["tmp"].rglob("*")):    # written outside DeepSpeed's checkpoint engine: none today
+                name = str(f.relative_to(p["tmp"]))
+                if f.is_file() and name not in digests and name != STATE_FILE:
+                    digests[name] = file_digest(f)
+                    _fsync_path(f)
+            write_json_durable(p["tmp"] / STATE_FILE, {**p["state"], DIGESTS: digests})
+            time.sleep(p["pause_s"])                # test hook: a window in which to kill the save
+            _fsync_path(p["tmp"])
+            os.replace(p["tmp"], p["final"])
+            _fsync_path(self.ckpt_dir)
+            latest_tmp = self.ckpt_dir / f"{LATEST}.tmp{os.getpid()}"
+            with open(latest_tmp, "w") as f:
+                f.write(p["final"].name)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(latest_tmp, self.ckpt_dir / LATEST)
+            _fsync_path(self.ckpt_dir)
+            prune(self.ckpt_dir, self.keep_last, self.keep_every)
+        barrier()
+        now = time.perf_counter()
+        return p["final"], now - p["t0"], {**p["phases"], "commit": now - t0 - p["pause_s"]}
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:

@@ -73,6 +73,9 @@ class CheckpointSection:
     keep_last: int = 3
     keep_every: int = 0                 # also keep every M-th step forever (0 = off)
     dir: Optional[str] = None           # default: <run_dir>/checkpoints
+    # write, hash and fsync in a thread while training goes on, from a copy of the state in host memory (as much
+    # host RAM as this rank's share of a checkpoint); docs/TRAINING.md, "Checkpoints and resume"
+    async_save: bool = False
 
 
 @dataclass

@@ -81,8 +81,8 @@ class ExpertTraining:
         self.optimizer.zero_grad(set_to_none=True)
         self._expert_norm_sq = None
 
-    def save(self, checkpoint_dir: Path) -> None:
-        save_expert_shards(self.shards, self.optimizer, checkpoint_dir)
+    def save(self, checkpoint_dir: Path) -> list[Path]:
+        return save_expert_shards(self.shards, self.optimizer, checkpoint_dir)
 
     def load(self, checkpoint_dir: Path, step: int) -> None:
         load_expert_shards(self.shards, self.optimizer, checkpoint_dir)

@@ -269,6 +269,9 @@ class Trainer:
         self.device = self.engine.device if hasattr(self.engine, "device") else d.device
         if self.experts:
             self.experts.attach(self.engine)
+        self.saver = ckpt.Saver(self.engine, self.ckpt_dir, d.rank, cfg.checkpoint.keep_last,
+                                cfg.checkpoint.keep_every, background=cfg.checkpoint.async_save,
+                                extra=self.experts.save if self.experts else None)
 
         self.step = 0
         self.counters = {"samples": 0, "tokens": 0, "fwd_macs": 0.0, "bad_in_row": 0, "skipped": 0}
@@ -312,8 +315,9 @@ class Trainer:
 
     # ---- one optimizer step ----
 
-    def train_step(self) -> tuple[float, float, bool, bool]:
-        """Returns (loss, reg, non-finite?, stop requested?), identical on every rank."""
+    def train_step(self) -> tuple[float, float, bool, bool, bool]:
+        """Returns (loss, reg, non-finite?, stop requested?, a background save still writing?), identical on every
+        rank."""
         engine, cfg = self.engine, self.cfg
         engine.train()
         ce_sum = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -344,13 +348,14 @@ class Trainer:
                 self.usage.update(out.expert_counts)
         flags = torch.stack([ce_sum / self.accum, reg_sum / self.accum,
                              (~torch.isfinite(ce_sum)).float(),
-                             torch.tensor(float(self.stop.signum is not None), device=self.device)])
+                             torch.tensor(float(self.stop.signum is not None), device=self.device),
+                             torch.tensor(float(self.saver.writing()), device=self.device)])
         flags = torch.where(torch.isfinite(flags), flags, torch.full_like(flags, float("inf")))
         all_reduce_(flags)
         world = self.dist.world_size
         loss, reg = float(flags[0]) / world, float(flags[1]) / world
         bad = flags[2].item() > 0 or not math.isfinite(loss)
-        return loss, reg, bad, flags[3].item() > 0
+        return loss, reg, bad, flags[3].item() > 0, flags[4].item() > 0
 
     def _new_graph_generation(self, micro: int) -> None:
         """Before each micro-batch under CUDA graphs: a new graph generation (the graphs may now overwrite the last
@@ -408,7 +413,7 @@ class Trainer:
                 profiled = self.step + 1 == cfg.log.profile_step
                 with profile_step(profile_dir, self.step + 1, self.dist.rank, self.device) if profiled \
                         else contextlib.nullcontext():
-                    loss, reg, bad, stop = self.train_step()
+                    loss, reg, bad, stop, writing = self.train_step()
                 if profiled:
                     self.log(f"profile of step {self.step + 1}: {profile_dir}")
                 self.step += 1
@@ -442,6 +447,8 @@ class Trainer:
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                     self.validate()
                 bar.update(1)
+                if self.saver.pending and not writing:      # every rank's thread has finished: same step everywhere
+                    self.commit()
                 if stop:
                     self.log(f"signal received: saving a checkpoint at step {self.step} and exiting with "
                              f"{PREEMPTED_EXIT_CODE} (requeue and resume with --resume auto)")
@@ -464,22 +471,35 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+        if self.saver.pending:          # the last save, or a background one still writing (its step was good)
+            self.commit()
         barrier()                       # peers map each other's all-reduce segments until the last collective
         return status
 
     def save(self) -> None:
-        t0 = time.time()
+        """Collective. Synchronous: the checkpoint is committed on return. checkpoint.async_save: a copy of the state
+        is taken and written in the background (a previous save still writing is committed first)."""
+        if self.saver.pending:
+            self.commit()
+        t0 = time.perf_counter()
         state = {"step": self.step, "counters": self.counters, "loader": self.loader.state_dict(),
                  "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
                  "tokenizer_sha256": self.tokenizer_sha256,
                  "experts_sharded": self.experts is not None, "expert_parallel_size": self.cfg.expert_parallel_size,
                  "model_config": self.mcfg.to_dict(), "run_config": self.cfg.to_dict(), "time": time.time()}
-        path, phases = ckpt.save(self.engine, self.ckpt_dir, self.step, state, self.dist.rank,
-                                 self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every,
-                                 pause_s=30.0 if self.step == self.cfg.debug.save_pause_step else 0.0,
-                                 extra=self.experts.save if self.experts else None)
+        if not self.saver.start(self.step, state, pause_s=30.0 if self.step == self.cfg.debug.save_pause_step
+                                else 0.0):
+            return                                          # this step is saved already
+        if self.saver.background:
+            self.log(f"checkpoint of step {self.step}: state copied to host memory in "
+                     f"{time.perf_counter() - t0:.1f} s, writing in the background")
+        else:
+            self.commit()
+
+    def commit(self) -> None:
+        path, total, phases = self.saver.commit()
         detail = "".join(f", {name} {sec:.1f}" for name, sec in phases.items())
-        self.log(f"checkpoint {path} ({time.time() - t0:.1f} s{detail})")
+        self.log(f"checkpoint {path} ({total:.1f} s{detail})")
 
     def log_step(self, loss: float, reg: float, gnorm: float, elapsed: float, steps: int) -> None:
         tokens = self.tokens_per_step * steps
