@@ -2,8 +2,8 @@
 
 One optimizer step = `accumulation` micro-batches per rank; DeepSpeed scales each micro-batch loss by
 1/accumulation, reduces gradients over the data-parallel ranks, clips the global norm and steps AdamW. One
-all-reduce per step carries the loss, the regulariser and the stop/bad flags to every rank, so all ranks take the
-same decisions (stop, skip, save) at the same step.
+all-reduce per step carries the loss, the regulariser, the stop/bad flags and whether a background save is still
+writing to every rank, so all ranks take the same decisions (stop, skip, save, commit a save) at the same step.
 """
 from __future__ import annotations
 
