@@ -30,6 +30,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -63,14 +64,18 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_durable(path: Path, obj: Any) -> None:
+def write_text_durable(path: Path, text: str) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_durable(path: Path, obj: Any) -> None:
+    write_text_durable(path, json.dumps(obj, indent=1))
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -350,6 +355,20 @@ def _recording_engine(engine, background: bool):
     return Recording()
 
 
+@dataclass
+class _PendingSave:
+    """A save between `Saver.start` and `Saver.commit`."""
+    tmp: Path                           # .tmp-stepN, renamed to `final` by the commit
+    final: Path
+    state: dict                         # trainer_state.json without the digests
+    files: list[Path]                   # the files this rank wrote (or its thread will write)
+    t0: float
+    pause_s: float                      # test hook of the commit (synchronous saves)
+    phases: dict[str, float]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None                  # {path relative to tmp: digest}, or the error's text
+
+
 class Saver:
     """Saves checkpoints: every rank writes into `.tmp-stepN`, hashes and fsyncs the files it wrote; then rank 0
     records the hashes in trainer_state.json, renames the directory into place and rewrites `latest` (commit).
@@ -364,11 +383,11 @@ class Saver:
                  extra: Optional[Callable[[Path], list[Path]]] = None) -> None:
         self.engine, self.ckpt_dir, self.rank = engine, ckpt_dir, rank
         self.keep_last, self.keep_every, self.background, self.extra = keep_last, keep_every, background, extra
-        self.pending: Optional[dict] = None
+        self.pending: Optional[_PendingSave] = None
 
     def writing(self) -> bool:
         """This rank's thread of the pending save has not finished."""
-        return self.pending is not None and not self.pending["done"].is_set()
+        return self.pending is not None and not self.pending.done.is_set()
 
     def start(self, step: int, state: dict, pause_s: float = 0.0) -> bool:
         """Collective. Returns False when the step is already saved (e.g. a preemption right after a periodic save).
@@ -394,10 +413,8 @@ class Saver:
         rng = tmp / f"rng_rank{self.rank}.json"
         write_json_durable(rng, rng_state())
         files = [Path(f) for f in recorder.files] + [rng] + (self.extra(tmp) if self.extra is not None else [])
-        p = {"tmp": tmp, "final": final, "state": state, "files": files, "done": threading.Event(), "t0": t0,
-             "result": None, "phases": {"copy" if self.background else "write": time.perf_counter() - t0},
-             "pause_s": 0.0 if self.background else pause_s}
-        self.pending = p
+        p = self.pending = _PendingSave(tmp, final, state, files, t0, pause_s=0.0 if self.background else pause_s,
+                                        phases={"copy" if self.background else "write": time.perf_counter() - t0})
         if self.background:
             threading.Thread(target=self._write_hash_sync, args=(p, recorder.writes, pause_s),
                              name=f"save-{tmp.name}", daemon=True).start()
@@ -405,9 +422,9 @@ class Saver:
             self._write_hash_sync(p, [], 0.0)
         return True
 
-    def _write_hash_sync(self, p: dict, writes: list[tuple[Any, str]], pause_s: float) -> None:
+    def _write_hash_sync(self, p: _PendingSave, writes: list[tuple[Any, str]], pause_s: float) -> None:
         """This rank's part of the save `p`, without collectives (it may run in a thread): write what is left, hash
-        and fsync this rank's files. Sets p["result"] to {relative path: digest} or to the error's text."""
+        and fsync this rank's files. Sets p.result to {relative path: digest} or to the error's text."""
         try:
             time.sleep(pause_s)
             t0 = time.perf_counter()
@@ -415,18 +432,18 @@ class Saver:
                 torch.save(state_dict, path)
             writes.clear()
             t1 = time.perf_counter()
-            digests = {str(f.relative_to(p["tmp"])): file_digest(f) for f in p["files"]}
+            digests = {str(f.relative_to(p.tmp)): file_digest(f) for f in p.files}
             t2 = time.perf_counter()
-            for f in p["files"]:
+            for f in p.files:
                 _fsync_path(f)
             if self.background:
-                p["phases"]["write"] = t1 - t0
-            p["phases"].update(digests=t2 - t1, fsync=time.perf_counter() - t2)
-            p["result"] = digests
+                p.phases["write"] = t1 - t0
+            p.phases.update(digests=t2 - t1, fsync=time.perf_counter() - t2)
+            p.result = digests
         except Exception as e:          # reported by commit() on every rank, not lost in the thread
-            p["result"] = f"rank {self.rank}: {type(e).__name__}: {e}"
+            p.result = f"rank {self.rank}: {type(e).__name__}: {e}"
         finally:
-            p["done"].set()
+            p.done.set()
 
     def commit(self) -> tuple[Path, float, dict[str, float]]:
         """Collective: wait for every rank's files, then rank 0 makes the save the newest checkpoint. Returns the
@@ -435,36 +452,31 @@ class Saver:
         "commit" (training waits for it; it includes waiting for a thread that has not finished)."""
         p, self.pending = self.pending, None
         t0 = time.perf_counter()
-        p["done"].wait()
-        results = all_gather_objects(p["result"])
+        p.done.wait()
+        results = all_gather_objects(p.result)
         errors = [r for r in results if isinstance(r, str)]
         if errors:
-            raise RuntimeError(f"checkpoint {p['final']} was not saved ({'; '.join(errors)}); the previous "
+            raise RuntimeError(f"checkpoint {p.final} was not saved ({'; '.join(errors)}); the previous "
                                f"checkpoint is still the newest. Free disk space or fix {self.ckpt_dir}, then "
                                f"resume with --resume auto")
         if self.rank == 0:
             digests = {k: v for r in results for k, v in r.items()}
-            for f in sorted(p["tmp"].rglob("*")):    # written outside DeepSpeed's checkpoint engine: none today
-                name = str(f.relative_to(p["tmp"]))
+            for f in sorted(p.tmp.rglob("*")):      # written outside DeepSpeed's checkpoint engine: none today
+                name = str(f.relative_to(p.tmp))
                 if f.is_file() and name not in digests and name != STATE_FILE:
                     digests[name] = file_digest(f)
                     _fsync_path(f)
-            write_json_durable(p["tmp"] / STATE_FILE, {**p["state"], DIGESTS: digests})
-            time.sleep(p["pause_s"])                # test hook: a window in which to kill the save
-            _fsync_path(p["tmp"])
-            os.replace(p["tmp"], p["final"])
+            write_json_durable(p.tmp / STATE_FILE, {**p.state, DIGESTS: digests})
+            time.sleep(p.pause_s)                   # test hook: a window in which to kill the save
+            _fsync_path(p.tmp)
+            os.replace(p.tmp, p.final)
             _fsync_path(self.ckpt_dir)
-            latest_tmp = self.ckpt_dir / f"{LATEST}.tmp{os.getpid()}"
-            with open(latest_tmp, "w") as f:
-                f.write(p["final"].name)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(latest_tmp, self.ckpt_dir / LATEST)
+            write_text_durable(self.ckpt_dir / LATEST, p.final.name)
             _fsync_path(self.ckpt_dir)
             prune(self.ckpt_dir, self.keep_last, self.keep_every)
         barrier()
         now = time.perf_counter()
-        return p["final"], now - p["t0"], {**p["phases"], "commit": now - t0 - p["pause_s"]}
+        return p.final, now - p.t0, {**p.phases, "commit": now - t0 - p.pause_s}
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:

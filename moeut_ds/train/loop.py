@@ -481,7 +481,6 @@ class Trainer:
         is taken and written in the background (a previous save still writing is committed first)."""
         if self.saver.pending:
             self.commit()
-        t0 = time.perf_counter()
         state = {"step": self.step, "counters": self.counters, "loader": self.loader.state_dict(),
                  "world_size": self.dist.world_size, "zero_stage": self.zero_stage,
                  "tokenizer_sha256": self.tokenizer_sha256,
@@ -492,7 +491,7 @@ class Trainer:
             return                                          # this step is saved already
         if self.saver.background:
             self.log(f"checkpoint of step {self.step}: state copied to host memory in "
-                     f"{time.perf_counter() - t0:.1f} s, writing in the background")
+                     f"{self.saver.pending.phases['copy']:.1f} s, writing in the background")
         else:
             self.commit()
 
