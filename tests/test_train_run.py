@@ -131,7 +131,8 @@ def test_step_time_leaves_out_saves_and_validation(tmp_path, data_dir):
     job = run_train(tmp_path, 1, *over, timeout=200)
     rows = read_jsonl(tmp_path / "run")
     assert "val/loss" in rows[2] and rows[3]["perf/step_time_s"] < 10, rows[3]
-    m = re.search(r"step00000002 \(([\d.]+) s, write ([\d.]+), digests ([\d.]+), fsync ([\d.]+), commit ([\d.]+)\)", job.output())
+    m = re.search(r"step00000002 \(([\d.]+) s, write ([\d.]+), digests ([\d.]+), fsync ([\d.]+), "
+                  r"commit ([\d.]+)\)", job.output())
     assert m, job.output()[-3000:]
     total, *phases = (float(g) for g in m.groups())
     assert total >= 30 and sum(phases) < total - 29, m.group(0)
